@@ -1,0 +1,29 @@
+# cocoef — make targets. `make demo` and `make test` do the whole set-up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.13.0
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+# torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m cocoef_cli.demo --out results/demo
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/python -m compileall -q cocoef_cli
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,2 @@
+"""cocoef: COCO-EF simulator."""
+__version__ = "0.1.0"

@@ -1,0 +1,255 @@
+"""Models (losses) and the objective F split into batched partition gradients.
+
+F(θ) = (1/n) Σ_s ℓ(θ; x_s, y_s) + (λ/2)‖θ‖²,   g_j(θ) = (1/n) Σ_{s∈P_j} ∇ℓ_s(θ) + (|P_j|/n) λ θ,
+so Σ_j g_j = ∇F exactly. θ is one flat vector of D parameters per replicate: shape (R, D).
+
+Generalised linear models have closed-form gradients: with logits Z = X̃W (X̃ = [X, 1] when
+``model.bias``), ∇ℓ_s = x̃_s (μ(z_s) − y_s)ᵀ where μ is the identity (``linear``), the sigmoid
+(``logistic``) or the softmax (``softmax``). All N partition gradients of all R replicates are two
+batched matrix products over a padded (R, N, B, f) layout of the partitions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as Fn
+
+from cocoef_cli.data import Dataset
+from cocoef_cli.errors import ConfigError
+from cocoef_cli.registry import Registry
+from cocoef_cli.sim.rng import SeedRNG
+
+MODELS: Registry[type] = Registry("model")
+
+
+class GLM:
+    """Base of the closed-form models: logits Z = X̃ W with W of shape (f̃, C), θ = vec(W)."""
+
+    task = "classification"
+    inits = ("zeros", "normal")
+
+    def __init__(self, cfg: Mapping, data: Dataset):
+        self.bias = bool(cfg.get("bias", True))
+        self.init_name = cfg.get("init", "zeros")
+        if self.init_name not in self.inits:
+            raise ConfigError("model.init", self.init_name, self.inits, "unknown initialisation")
+        self.init_scale = float(cfg.get("init_scale", 0.01))
+        self.f = data.features + int(self.bias)
+        self.C = self.outputs(data)
+        self.D = self.f * self.C
+
+    def outputs(self, data: Dataset) -> int:
+        raise NotImplementedError
+
+    def features(self, X: torch.Tensor) -> torch.Tensor:
+        """X̃ = [X, 1] (bias) or X."""
+        return torch.cat([X, torch.ones(*X.shape[:-1], 1, dtype=X.dtype, device=X.device)], -1) if self.bias else X
+
+    def init(self, rng: SeedRNG, dtype: torch.dtype) -> torch.Tensor:
+        """θ⁰ = 0 (``zeros``) or N(0, init_scale²) per coordinate (``normal``), shape (R, D)."""
+        if self.init_name == "zeros":
+            return torch.zeros(rng.R, self.D, dtype=dtype, device=rng.device)
+        return self.init_scale * rng.randn(self.D, dtype=dtype)
+
+    def logits(self, theta: torch.Tensor, Xf: torch.Tensor) -> torch.Tensor:
+        """Z for features Xf of shape (n, f̃) shared by replicates, or (R, ..., f̃) per replicate."""
+        W = theta.view(-1, self.f, self.C)
+        if Xf.dim() == 2:
+            return torch.matmul(Xf, W)  # (R, n, C)
+        R = W.shape[0]
+        return torch.bmm(Xf.reshape(R, -1, self.f), W).view(*Xf.shape[:-1], self.C)
+
+    def residual(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """μ(Z) − Y, the derivative of ℓ with respect to the logits."""
+        raise NotImplementedError
+
+    def losses(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """Per-sample ℓ."""
+        raise NotImplementedError
+
+    def correct(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample 0/1 correctness (None for regression)."""
+        return None
+
+    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor) -> torch.Tensor:
+        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}) for features Xp (R, N, B, f̃), targets Yp and weights Wp (R, N, B):
+        returns (R, N, D). Two batched products: Z = XpW, then Xpᵀ (w ⊙ (μ(Z) − Y))."""
+        R, N, Bsz, f = Xp.shape
+        Z = self.logits(theta, Xp)
+        E = self.residual(Z, Yp) * Wp.unsqueeze(-1)  # (R, N, B, C)
+        G = torch.bmm(Xp.reshape(R * N, Bsz, f).transpose(1, 2), E.reshape(R * N, Bsz, self.C))
+        return G.view(R, N, self.D)
+
+    def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """(1/n) Σ_s ∇ℓ_s(θ) for shared features Xf (n, f̃): shape (R, D)."""
+        E = self.residual(self.logits(theta, Xf), Y) / Xf.shape[0]
+        return torch.matmul(Xf.T, E).reshape(theta.shape[0], self.D)
+
+
+@MODELS.register("linear")
+class Linear(GLM):
+    """Least squares ℓ = ½(xᵀw + b − y)² (regression)."""
+
+    task = "regression"
+
+    def outputs(self, data: Dataset) -> int:
+        return 1
+
+    def residual(self, Z, Y):
+        return Z - Y.unsqueeze(-1)
+
+    def losses(self, Z, Y):
+        return 0.5 * (Z.squeeze(-1) - Y) ** 2
+
+
+@MODELS.register("logistic")
+class Logistic(GLM):
+    """Binary logistic regression ℓ = log(1 + e^z) − y z, y ∈ {0, 1}."""
+
+    def outputs(self, data: Dataset) -> int:
+        if data.n_classes != 2:
+            raise ConfigError("model", "logistic", "softmax for this dataset", f"needs 2 classes, {data.name} has {data.n_classes}")
+        return 1
+
+    def residual(self, Z, Y):
+        return torch.sigmoid(Z) - Y.unsqueeze(-1).to(Z.dtype)
+
+    def losses(self, Z, Y):
+        z = Z.squeeze(-1)
+        return Fn.softplus(z) - Y.to(z.dtype) * z
+
+    def correct(self, Z, Y):
+        return ((Z.squeeze(-1) > 0).long() == Y).to(Z.dtype)
+
+
+@MODELS.register("softmax")
+class Softmax(GLM):
+    """Multinomial logistic regression ℓ = logsumexp(z) − z_y."""
+
+    def outputs(self, data: Dataset) -> int:
+        return data.n_classes
+
+    def residual(self, Z, Y):
+        P = torch.softmax(Z, -1)
+        return P - Fn.one_hot(Y, self.C).to(Z.dtype)
+
+    def losses(self, Z, Y):
+        return torch.logsumexp(Z, -1) - Z.gather(-1, Y.expand(Z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+    def correct(self, Z, Y):
+        return (Z.argmax(-1) == Y).to(Z.dtype)
+
+
+def build_model(cfg: Mapping, data: Dataset) -> GLM:
+    """Instantiate ``model.name`` for ``data`` (checks the model suits the dataset's task)."""
+    cls = MODELS.get(cfg.get("name"))
+    if cls.task == "regression" and data.task != "regression":
+        raise ConfigError("model", cfg.get("name"), "logistic, softmax", f"dataset {data.name} is a classification task")
+    if cls.task == "classification" and data.task != "classification":
+        raise ConfigError("model", cfg.get("name"), "linear", f"dataset {data.name} is a regression task")
+    return cls(cfg, data)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Metrics:
+    """Per-replicate evaluation of θ, each of shape (R,) (None where it does not apply)."""
+
+    train_loss: torch.Tensor
+    grad_norm: torch.Tensor
+    test_loss: torch.Tensor | None
+    test_acc: torch.Tensor | None
+
+
+class Objective:
+    """F and its partition gradients for one model, dataset and per-replicate partitioning.
+
+    ``parts`` (R, N, B) holds training indices padded with n; ``batch_size`` = b draws per
+    partition a uniform minibatch of min(b, |P_j|) samples without replacement, rescaled by
+    |P_j|/min(b, |P_j|) so that g_j stays unbiased.
+    """
+
+    def __init__(self, model: GLM, data: Dataset, parts: np.ndarray, l2: float, dtype: torch.dtype,
+                 device: torch.device, batch_size: int | None = None, batch_rng: SeedRNG | None = None):
+        self.model, self.l2, self.batch_size, self.batch_rng = model, float(l2), batch_size, batch_rng
+        self.n = data.n
+        ydtype = torch.int64 if data.task == "classification" else dtype
+        t = lambda a, dt=dtype: torch.as_tensor(a, dtype=dt, device=device)
+        self.X = model.features(t(data.X_train))  # (n, f̃)
+        self.Y = t(data.y_train, ydtype)
+        self.Xte = model.features(t(data.X_test)) if len(data.y_test) else None
+        self.Yte = t(data.y_test, ydtype) if len(data.y_test) else None
+        idx = torch.as_tensor(parts, device=device)  # (R, N, B), pad = n
+        valid = idx < self.n
+        Xpad = torch.cat([self.X, torch.zeros(1, self.X.shape[1], dtype=dtype, device=device)])
+        Ypad = torch.cat([self.Y, torch.zeros(1, dtype=ydtype, device=device)])
+        self.Xp, self.Yp = Xpad[idx], Ypad[idx]  # (R, N, B, f̃), (R, N, B)
+        self.valid = valid
+        self.sizes = valid.sum(-1).to(dtype)  # |P_j|, (R, N)
+        self.Wp = valid.to(dtype) / self.n  # full-partition weights 1/n
+
+    @property
+    def R(self) -> int:
+        return self.Xp.shape[0]
+
+    @property
+    def N(self) -> int:
+        return self.Xp.shape[1]
+
+    def partition_grads(self, theta: torch.Tensor) -> torch.Tensor:
+        """G with G[r, j] = g_j(θ_r), shape (R, N, D); each partition gradient computed once."""
+        if self.batch_size is None:
+            G = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp)
+        else:
+            G = self.model.weighted_grads(theta, *self._minibatch())
+        if self.l2:
+            G = G + (self.l2 / self.n) * self.sizes.unsqueeze(-1) * theta.unsqueeze(1)
+        return G
+
+    def _minibatch(self):
+        """Per replicate and partition, min(b, |P_j|) distinct valid positions with weight |P_j|/(b_j n)."""
+        b = min(self.batch_size, self.Xp.shape[2])
+        keys = self.batch_rng.rand(*self.valid.shape[1:], dtype=self.Xp.dtype)
+        keys = keys.masked_fill(~self.valid, 2.0)  # padding sorts last
+        pos = keys.topk(b, dim=-1, largest=False, sorted=False).indices  # (R, N, b)
+        vb = self.valid.gather(-1, pos)
+        bj = self.sizes.clamp(max=b).clamp(min=1).unsqueeze(-1)
+        W = vb.to(self.Xp.dtype) * self.sizes.unsqueeze(-1) / (bj * self.n)
+        Xb = self.Xp.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, self.Xp.shape[-1]))
+        return Xb, self.Yp.gather(-1, pos), W
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """F(θ) per replicate, (R,)."""
+        Z = self.model.logits(theta, self.X)
+        F = self.model.losses(Z, self.Y).mean(-1)
+        return F + 0.5 * self.l2 * (theta * theta).sum(-1) if self.l2 else F
+
+    def grad(self, theta: torch.Tensor) -> torch.Tensor:
+        """∇F(θ), (R, D)."""
+        g = self.model.full_grad(theta, self.X, self.Y)
+        return g + self.l2 * theta if self.l2 else g
+
+    def evaluate(self, theta: torch.Tensor) -> Metrics:
+        """Training objective, ‖∇F‖, and held-out mean loss / accuracy."""
+        te_loss = te_acc = None
+        if self.Xte is not None:
+            Z = self.model.logits(theta, self.Xte)
+            te_loss = self.model.losses(Z, self.Yte).mean(-1)
+            c = self.model.correct(Z, self.Yte)
+            te_acc = None if c is None else c.mean(-1)
+        return Metrics(self.loss(theta), self.grad(theta).norm(dim=-1), te_loss, te_acc)
+
+    def f_star(self) -> float | None:
+        """min F in closed form (ridge normal equations, float64) for least squares; else None."""
+        if self.model.task != "regression":
+            return None
+        X, y = self.X.double().cpu().numpy(), self.Y.double().cpu().numpy()
+        n, f = X.shape
+        A = X.T @ X / n + self.l2 * np.eye(f)
+        w = np.linalg.lstsq(A, X.T @ y / n, rcond=None)[0]
+        return float(0.5 * np.mean((X @ w - y) ** 2) + 0.5 * self.l2 * w @ w)

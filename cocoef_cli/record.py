@@ -1,0 +1,76 @@
+"""Run records: atomic ``metrics.csv`` / ``run.json`` writers and the provenance they carry."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync, then rename: a reader sees the old
+    file or the complete new one, never a half-written file under the final name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def git_info() -> dict[str, Any] | None:
+    """Commit and dirty flag of the checkout the package runs from, when it is a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if commit.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from cocoef_cli import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "cocoef": __version__}
+
+
+def run_record(config: dict, status: str, wall_s: float, **extra: Any) -> dict[str, Any]:
+    """The ``run.json`` payload (DESIGN §8)."""
+    return {"config": config, "status": status, "wall_s": round(float(wall_s), 3), "versions": versions(),
+            "git": git_info(), "command": " ".join(sys.argv), **extra}
+
+
+def write_run(out: Path, metrics: pd.DataFrame | None, record: dict[str, Any]) -> None:
+    """Write ``metrics.csv`` (if any) then ``run.json`` (last: its presence marks the run done)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if metrics is not None:
+        atomic_write(out / "metrics.csv", metrics.to_csv(index=False))
+    atomic_write(out / "run.json", json.dumps(record, indent=2, default=str) + "\n")
+
+
+def run_id(config: dict) -> str:
+    """A short stable id of a resolved config (same config ⇒ same id)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]

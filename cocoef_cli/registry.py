@@ -1,0 +1,45 @@
+"""A tiny name → factory registry, one per kind of component (codes, compressors, ...)."""
+from __future__ import annotations
+
+from typing import Callable, Generic, TypeVar
+
+from cocoef_cli.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps a config name (e.g. ``topk``) to a factory; ``cocoef list`` prints :meth:`describe`."""
+
+    def __init__(self, kind: str):
+        self.kind = kind  # the config group, e.g. "compressor"
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise RuntimeError(f"{self.kind} {name!r} registered twice")
+            self._items[name] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise ConfigError(self.kind, name, self.names(), f"unknown {self.kind}") from None
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, first docstring line) for every entry, in registration order."""
+        out = []
+        for name, obj in self._items.items():
+            doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            out.append((name, doc[0] if doc else ""))
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items

@@ -1,0 +1,1 @@
+"""The vectorized simulator: codes, stragglers, compressors, methods and the engine."""

@@ -1,0 +1,536 @@
+"""Gradient codes: allocation S, encoding matrix B and decoders, batched over R replicates.
+
+Shapes: R replicates, M devices, N partitions, D parameters.
+
+- ``S`` (R, M, N) bool: ``S[r, i, j]`` = device i stores partition j.
+- ``B`` (R, M, N): encoding matrix with the support of S; device i sends ``u_i = Σ_j B_ij g_j``,
+  i.e. ``U = B G`` (:meth:`Code.encode`, computed sparsely from an ELL layout).
+- ``z`` (R, M) bool: True = the device answered in time. :meth:`Code.decode` returns the decoding
+  weights ``a`` (R, M) (zero on stragglers) and the residual ``‖aᵀB − 1ᵀ‖₂`` (R,) in float64, or
+  ``None`` for the fixed-weight codes (``uncoded``, ``sgc``), which are unbiased only in expectation.
+
+Public API: :data:`CODES` (the registry, one entry per code with the math in its docstring),
+:func:`num_partitions`, :func:`allocate`, :func:`build_code`, :class:`Code` (also
+:meth:`Code.from_matrix` for an explicit B), :data:`RESIDUAL_TOL`.
+
+Decoder names: ``fixed`` (a = z), ``rescale`` / ``unbiased`` (uncoded), ``exact`` and ``optimal``.
+``optimal`` is always the minimum-norm least-squares solution ``a = pinv(B_Fᵀ) 1`` of
+``min ‖B_Fᵀ a − 1‖₂`` (B_F = B with straggler rows zeroed), computed in float64 as one batched
+``torch.linalg.pinv`` over replicates. ``exact`` is the code's exact decoder; for ``crc`` it *is*
+that least-squares solution (exact whenever the pattern is decodable, the optimal fallback
+otherwise); for ``frc`` it puts weight 1 on the lowest-index survivor of each group.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from cocoef_cli.errors import ConfigError
+from cocoef_cli.registry import Registry
+from cocoef_cli.sim.rng import SeedRNG
+
+#: Residuals ‖aᵀB − 1ᵀ‖₂ below this are floating-point noise of an exactly decodable pattern and
+#: are reported as exactly 0.0.
+RESIDUAL_TOL = 1e-9
+
+#: Iterative-refinement steps a ← a + pinv(B_Fᵀ)(1 − B_Fᵀa) after the least-squares solve.
+LSTSQ_REFINE = 2
+
+Decoder = Callable[["Code", torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+# ----------------------------------------------------------------------------- config helpers
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _is_int(v: Any) -> bool:
+    """True for Python / numpy integers, False for bools, floats and strings."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _int_in(key: str, value: Any, lo: int, hi: int | None, accepted: str | None = None) -> int:
+    """Validate an integer in [lo, hi] (hi=None: unbounded)."""
+    acc = accepted or (f"integers {lo}..{hi}" if hi is not None else f"integers >= {lo}")
+    if not _is_int(value):
+        raise ConfigError(key, value, acc, "must be an integer")
+    v = int(value)
+    if v < lo or (hi is not None and v > hi):
+        raise ConfigError(key, value, acc, "out of range")
+    return v
+
+
+def _code_name(cfg: Any) -> str:
+    name = _get(cfg, "name")
+    if name is None:
+        raise ConfigError("code", None, CODES.names(), "no code name given")
+    return str(name)
+
+
+def _scheme(cfg: Any) -> type["CodeScheme"]:
+    return CODES.get(_code_name(cfg))
+
+
+# ----------------------------------------------------------------------------- decoders
+def _residual(code: "Code", a64: torch.Tensor) -> torch.Tensor:
+    """‖aᵀB − 1ᵀ‖₂ per replicate in float64, with values below RESIDUAL_TOL set to 0.0."""
+    res = torch.linalg.vector_norm(torch.einsum("rm,rmn->rn", a64, code._B64) - 1.0, dim=-1)
+    return torch.where(res < RESIDUAL_TOL, torch.zeros_like(res), res)
+
+
+def _decode_fixed(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """a_i = z_i (the unbiasedness lives in B)."""
+    return z.to(code.B.dtype), None
+
+
+def _decode_rescale(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """a_i = z_i · M / Σ_k z_k (all zero when nobody answers)."""
+    zf = z.to(torch.float64)
+    n = zf.sum(-1, keepdim=True)
+    a = torch.where(n > 0, zf * code.M / n.clamp_min(1.0), torch.zeros_like(zf))
+    return a.to(code.B.dtype), None
+
+
+def _decode_unbiased(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """a_i = z_i / (1 − p_i), so E[a_i] = 1."""
+    if code.p is None:
+        raise ValueError("decode=unbiased needs the straggler marginals p")
+    return (z.to(torch.float64) / (1.0 - code.p)).to(code.B.dtype), None
+
+
+def _decode_lstsq(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-norm least squares a = pinv(B_Fᵀ) 1, B_F = B with straggler rows zeroed (float64)."""
+    zf = z.to(torch.float64)
+    BmT = (code._B64 * zf[..., None]).transpose(1, 2)  # (R, N, M)
+    ones = torch.ones(BmT.shape[0], BmT.shape[1], 1, dtype=torch.float64, device=BmT.device)
+    P = torch.linalg.pinv(BmT)  # (R, M, N), one batched SVD
+    a = P @ ones
+    for _ in range(LSTSQ_REFINE):  # iterative refinement: Tandon's B is badly conditioned (cond ~ 1e10)
+        a = a + P @ (ones - BmT @ a)
+    a64 = a[..., 0] * zf  # (R, M); exact zeros on stragglers
+    return a64.to(code.B.dtype), _residual(code, a64)
+
+
+def _decode_frc_groups(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight 1 on the lowest-index survivor of each group of d devices (0 if none survives)."""
+    R, M, d = z.shape[0], code.M, code.d
+    zg = z.reshape(R, M // d, d)
+    first = zg.to(torch.int8).argmax(-1)  # first maximal index = lowest-index survivor
+    alive = zg.any(-1)
+    a64 = torch.nn.functional.one_hot(first, d).to(torch.float64) * alive[..., None].to(torch.float64)
+    a64 = a64.reshape(R, M)
+    return a64.to(code.B.dtype), _residual(code, a64)
+
+
+DECODERS: dict[str, Decoder] = {
+    "fixed": _decode_fixed,
+    "rescale": _decode_rescale,
+    "unbiased": _decode_unbiased,
+    "optimal": _decode_lstsq,
+    "exact": _decode_lstsq,  # generic exact decoder (min-norm solve); frc overrides it
+}
+
+
+# ----------------------------------------------------------------------------- the Code object
+class Code:
+    """A built gradient code: S, B (R, M, N), a sparse encoder and a decoder.
+
+    Attributes: ``name, M, N, d, S, B, fixed_weights, decode_name`` and ``p`` (the straggler
+    marginals it was built for, (R, M) float64, or None). Nothing is mutated by encode/decode.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        S: torch.Tensor,
+        B: torch.Tensor,
+        d: int,
+        decode_name: str,
+        decoder: Decoder,
+        fixed_weights: bool,
+        p: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """``B`` is kept in float64 for decoding and stored as ``self.B`` in ``dtype`` (default: B's)."""
+        if S.dim() != 3 or B.shape != S.shape:
+            raise ValueError(f"S and B must both be (R, M, N); got {tuple(S.shape)} and {tuple(B.shape)}")
+        self.name, self.d, self.decode_name = name, int(d), decode_name
+        self.S = S.to(torch.bool)
+        self._B64 = B.to(torch.float64)  # decoding and residuals always use the float64 matrix
+        self.B = B.to(dtype or B.dtype)
+        B = self.B
+        self.R, self.M, self.N = (int(s) for s in S.shape)
+        self.fixed_weights = bool(fixed_weights)
+        self.p = None if p is None else p.to(torch.float64)
+        self._decoder = decoder
+        # ELL layout: the K ≤ max row degree nonzero columns of each row, padded with zero values.
+        nz = self._B64 != 0
+        K = max(int(nz.sum(-1).max()) if nz.numel() else 0, 1)
+        self._cols = torch.argsort((~nz).to(torch.int8), dim=-1, stable=True)[..., :K].contiguous()  # (R,M,K)
+        self._vals = B.gather(-1, self._cols)  # padded slots point at zero entries of B → value 0
+        self.K = K
+
+    # -- construction from an explicit matrix (tests, check-code)
+    @classmethod
+    def from_matrix(
+        cls,
+        B: torch.Tensor | Sequence[Sequence[float]],
+        decode: str = "exact",
+        p: torch.Tensor | None = None,
+        name: str = "matrix",
+        dtype: torch.dtype = torch.float64,
+    ) -> "Code":
+        """A Code from an explicit B ((M, N) or (R, M, N)); S = support of B.
+
+        ``decode``: ``exact`` / ``optimal`` (both the min-norm least-squares decoder) or ``fixed``.
+        ``d`` is the largest number of devices holding one partition.
+        """
+        B = torch.as_tensor(B, dtype=dtype)
+        if B.dim() == 2:
+            B = B[None]
+        if decode not in ("exact", "optimal", "fixed"):
+            raise ConfigError("code.decode", decode, ["exact", "optimal", "fixed"], "unknown decoder for an explicit B")
+        S = B != 0
+        d = int(S.sum(1).max()) if S.numel() else 1
+        return cls(name, S, B, d, decode, DECODERS[decode], decode == "fixed", p)
+
+    def encode(self, G: torch.Tensor) -> torch.Tensor:
+        """U = B G for G (R, N, D) → (R, M, D), accumulated over the K ELL slots (no dense B)."""
+        if G.dim() != 3 or G.shape[0] != self.R or G.shape[1] != self.N:
+            raise ValueError(f"G must be (R={self.R}, N={self.N}, D); got {tuple(G.shape)}")
+        D = G.shape[2]
+        vals = self._vals if self._vals.dtype == G.dtype and self._vals.device == G.device else self._vals.to(G)
+        cols = self._cols if self._cols.device == G.device else self._cols.to(G.device)
+        U = torch.zeros(self.R, self.M, D, dtype=G.dtype, device=G.device)
+        for k in range(self.K):
+            idx = cols[:, :, k, None].expand(self.R, self.M, D)
+            U.add_(vals[:, :, k, None] * torch.gather(G, 1, idx))
+        return U
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoding weights a (R, M) in B's dtype (0 on stragglers) and the residual (R,) or None."""
+        if z.shape != (self.R, self.M):
+            raise ValueError(f"z must be (R={self.R}, M={self.M}); got {tuple(z.shape)}")
+        return self._decoder(self, z.to(torch.bool))
+
+    def __repr__(self) -> str:
+        return f"Code({self.name}, R={self.R}, M={self.M}, N={self.N}, d={self.d}, decode={self.decode_name})"
+
+
+# ----------------------------------------------------------------------------- allocations
+def _cyclic(M: int, N: int, offsets: Sequence[int], device: torch.device | str, stride: int = 1) -> torch.Tensor:
+    """(M, N) bool: device i holds (stride·i + o) mod N for every o in offsets."""
+    i = stride * torch.arange(M, device=device)[:, None]
+    o = torch.as_tensor(list(offsets), dtype=torch.long, device=device)[None, :]
+    S = torch.zeros(M, N, dtype=torch.bool, device=device)
+    S.scatter_(1, (i + o) % N, True)
+    return S
+
+
+def _permuted(S0: torch.Tensor, rng: SeedRNG) -> torch.Tensor:
+    """Independent random row and column permutations of S0 per replicate: (R, M, N)."""
+    M, N = S0.shape
+    rows, cols = rng.randperm(M), rng.randperm(N)  # (R, M), (R, N)
+    S = S0[rows]  # (R, M, N)
+    return torch.gather(S, 2, cols[:, None, :].expand(-1, M, N))
+
+
+def _n_candidates(M: int, k: int) -> int:
+    """Candidate permutations drawn per step (fixed, so every replicate consumes the same draws)."""
+    want = math.ceil(16 * math.exp(min(k, 30)))
+    cap = max(32, (1 << 22) // (M * k))
+    return int(min(want, cap))
+
+
+def _random_regular(M: int, d: int, rng: SeedRNG) -> torch.Tensor:
+    """Random d-regular bipartite allocation (M = N): union of d disjoint random permutations.
+
+    The k-th permutation is the first of a fixed batch of candidates that avoids the k earlier
+    ones on every row; a replicate for which some batch has no such candidate falls back to a
+    randomly row/column-permuted cyclic allocation (also d-regular). The number of draws per
+    replicate does not depend on acceptance, so results are replicate-independent.
+    """
+    R, dev = rng.R, rng.device
+    cols = torch.empty(R, M, d, dtype=torch.long, device=dev)
+    cols[:, :, 0] = rng.randperm(M)
+    failed = torch.zeros(R, dtype=torch.bool, device=dev)
+    ar = torch.arange(R, device=dev)
+    for k in range(1, d):
+        cand = rng.rand(_n_candidates(M, k), M, dtype=torch.float64).argsort(-1)  # (R, T, M)
+        clash = (cand[..., None] == cols[:, None, :, :k]).any(-1).any(-1)  # (R, T)
+        ok = ~clash
+        cols[:, :, k] = cand[ar, ok.to(torch.int8).argmax(-1)]
+        failed |= ~ok.any(-1)
+    fallback = _permuted(_cyclic(M, M, range(d), dev), rng)
+    S = torch.zeros(R, M, M, dtype=torch.bool, device=dev)
+    S.scatter_(2, cols, True)
+    return torch.where(failed[:, None, None], fallback, S)
+
+
+# ----------------------------------------------------------------------------- code schemes
+CODES: Registry[type["CodeScheme"]] = Registry("code")
+
+
+class CodeScheme:
+    """Base of the registry entries: allocation, encoding and accepted decoders of one code."""
+
+    name: ClassVar[str]
+    decoders: ClassVar[dict[str, Decoder]]  # first = default
+    fixed_weights: ClassVar[bool] = False
+    square: ClassVar[bool] = False  # requires N == M
+
+    @classmethod
+    def redundancy(cls, cfg: Any, M: int, N: int) -> int:
+        hi = min(M, N)
+        return _int_in("code.d", _get(cfg, "d", 1), 1, hi)
+
+    @classmethod
+    def decode_name(cls, cfg: Any) -> str:
+        name = _get(cfg, "decode")
+        if name is None:
+            return next(iter(cls.decoders))
+        if name not in cls.decoders:
+            raise ConfigError("code.decode", name, list(cls.decoders), f"not a decoder of code {cls.name}")
+        return str(name)
+
+    @classmethod
+    def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def encoding(cls, cfg: Any, S: torch.Tensor, p: torch.Tensor, d: int, rng: SeedRNG) -> torch.Tensor:
+        """B in float64, (R, M, N)."""
+        return S.to(torch.float64)
+
+
+@CODES.register("uncoded")
+class Uncoded(CodeScheme):
+    """No redundancy (d = 1): device i holds partition i and sends g_i.
+
+    S = B = I (N = M; ``code.d`` is ignored). Decoders: ``rescale`` (default) a_i = z_i·M/Σ_k z_k
+    (all zero when nobody answers, i.e. stragglers are ignored) or ``unbiased`` a_i = z_i/(1−p_i),
+    so E[Σ_i a_i g_i] = Σ_i g_i = ∇F.
+    """
+
+    name = "uncoded"
+    decoders = {"rescale": _decode_rescale, "unbiased": _decode_unbiased}
+    fixed_weights = True
+    square = True
+
+    @classmethod
+    def redundancy(cls, cfg: Any, M: int, N: int) -> int:
+        return 1
+
+    @classmethod
+    def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:
+        return torch.eye(M, dtype=torch.bool, device=rng.device).expand(rng.R, M, M).clone()
+
+
+@CODES.register("sgc")
+class SGC(CodeScheme):
+    """Stochastic gradient coding: d partitions per device, B_ij = S_ij/(c_j(1−p_i)), a_i = z_i.
+
+    Allocation ``code.allocation``: ``cyclic`` (device i holds (i+o) mod N for o in
+    ``code.offsets``, default 0..d−1; offsets [0,1,3] with M = N = 7 is the Fano plane) or
+    ``random`` (M = N: a uniformly drawn union of d disjoint permutation matrices, falling back to a
+    randomly permuted cyclic allocation; M ≠ N: the strided layout "device i holds (i·d+o) mod N,
+    o < d" under random row and column permutations, needing M·d ≥ N).
+    c_j = Σ_i S_ij is the number of devices holding partition j (= d for the regular allocations
+    with M = N). With the ``fixed`` decoder a_i = z_i and z_i ~ Bernoulli(1−p_i),
+    E[Σ_i a_i B_ij] = Σ_i S_ij/c_j = 1, so E[ĝ] = Σ_j g_j = ∇F (no residual is reported).
+    """
+
+    name = "sgc"
+    decoders = {"fixed": _decode_fixed}
+    fixed_weights = True
+
+    @classmethod
+    def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:
+        allocation = _get(cfg, "allocation", "cyclic") or "cyclic"
+        if allocation not in ("cyclic", "random"):
+            raise ConfigError("code.allocation", allocation, ["cyclic", "random"], "unknown allocation")
+        offsets = _get(cfg, "offsets")
+        if offsets is not None and allocation != "cyclic":
+            raise ConfigError("code.offsets", offsets, "null (offsets apply to allocation=cyclic only)",
+                              "offsets given with allocation=random")
+        if offsets is None:
+            offsets = list(range(d))
+        else:
+            acc = f"a list of {d} integers, distinct mod {N} (one per unit of code.d)"
+            if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__iter__"):
+                raise ConfigError("code.offsets", offsets, acc, "must be a list")
+            offsets = list(offsets)
+            if len(offsets) != d or not all(_is_int(o) for o in offsets):
+                raise ConfigError("code.offsets", offsets, acc, f"need exactly d={d} integers")
+            if len({int(o) % N for o in offsets}) != d:
+                raise ConfigError("code.offsets", offsets, acc, "offsets collide mod N")
+            offsets = [int(o) % N for o in offsets]
+        if allocation == "cyclic":
+            S0 = _cyclic(M, N, offsets, rng.device)
+            empty = (~S0.any(0)).nonzero().flatten().tolist()
+            if empty:
+                raise ConfigError("code.partitions", N, f"null or integers 1..{M + max(offsets)} (with these offsets)",
+                                  f"cyclic allocation leaves partitions {empty[:5]} on no device")
+            return S0.expand(rng.R, M, N).clone()
+        if M == N:
+            return _random_regular(M, d, rng)
+        if M * d < N:
+            raise ConfigError("code.partitions", N, f"null or integers 1..{M * d} (devices × d)",
+                              "random allocation cannot store every partition")
+        # strided layout: device i holds (i·d + o) mod N, o < d (rows d, columns ⌊Md/N⌋ or ⌈Md/N⌉)
+        return _permuted(_cyclic(M, N, range(d), rng.device, stride=d), rng)
+
+    @classmethod
+    def encoding(cls, cfg: Any, S: torch.Tensor, p: torch.Tensor, d: int, rng: SeedRNG) -> torch.Tensor:
+        Sf = S.to(torch.float64)
+        c = Sf.sum(1, keepdim=True)  # (R, 1, N)
+        if bool((c == 0).any()):
+            raise ValueError("sgc: some partition is stored on no device")
+        return Sf / (c * (1.0 - p)[:, :, None])
+
+
+@CODES.register("frc")
+class FRC(CodeScheme):
+    """Fractional repetition code (Tandon et al. 2017): groups of d devices replicate d partitions.
+
+    Requires d | M and N = M. Group g = devices gd..gd+d−1 all hold partitions gd..gd+d−1 and
+    B = S (block-diagonal ones). ``exact``: weight 1 on the lowest-index survivor of each group, so
+    aᵀB = 1ᵀ whenever every group has a survivor (any ≤ d−1 stragglers); a group with no survivor
+    contributes nothing, which is also its least-squares optimum. ``optimal``: min-norm least
+    squares (1/k on each of a group's k survivors).
+    """
+
+    name = "frc"
+    decoders = {"exact": _decode_frc_groups, "optimal": _decode_lstsq}
+    square = True
+
+    @classmethod
+    def redundancy(cls, cfg: Any, M: int, N: int) -> int:
+        d = _int_in("code.d", _get(cfg, "d", 1), 1, M)
+        if M % d:
+            divs = [k for k in range(1, M + 1) if M % k == 0]
+            raise ConfigError("code.d", d, divs, f"frc needs d to divide devices={M}")
+        return d
+
+    @classmethod
+    def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:
+        g = torch.arange(M, device=rng.device) // d
+        return (g[:, None] == g[None, :]).expand(rng.R, M, M).clone()
+
+    @classmethod
+    def encoding(cls, cfg: Any, S: torch.Tensor, p: torch.Tensor, d: int, rng: SeedRNG) -> torch.Tensor:
+        g = torch.arange(S.shape[1], device=S.device) // d
+        if not bool((S == (g[:, None] == g[None, :])).all()):
+            raise ValueError("frc: S is not the fractional-repetition allocation")
+        return S.to(torch.float64)
+
+
+@CODES.register("crc")
+class CRC(CodeScheme):
+    """Cyclic repetition code (Tandon et al. 2017, Algorithm 2): device i holds i..i+d−1 mod M.
+
+    Draw H ∈ ℝ^{(d−1)×M} with i.i.d. N(0,1) entries, then set its last column to minus the sum of
+    the others so H·1 = 0. Row i of B is supported on i..i+d−1 mod M with B_ii = 1 and the other
+    d−1 entries x solving H_{:,supp∖i} x = −H_{:,i}, so every row of B lies in null(H) and 1ᵀ lies
+    in the row span of any M−(d−1) rows. Requires N = M. ``exact``: a solving aᵀB_F = 1ᵀ on the
+    survivors F — the min-norm least squares a = pinv(B_Fᵀ)1 in float64, which is also the
+    ``optimal`` fallback when more than d−1 devices straggle.
+    """
+
+    name = "crc"
+    decoders = {"exact": _decode_lstsq, "optimal": _decode_lstsq}
+    square = True
+
+    @classmethod
+    def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:
+        return _cyclic(M, M, range(d), rng.device).expand(rng.R, M, M).clone()
+
+    @classmethod
+    def encoding(cls, cfg: Any, S: torch.Tensor, p: torch.Tensor, d: int, rng: SeedRNG) -> torch.Tensor:
+        R, M, _ = S.shape
+        if not bool((S == _cyclic(M, M, range(d), S.device)).all()):
+            raise ValueError("crc: S is not the cyclic allocation")
+        B = torch.zeros(R, M, M, dtype=torch.float64, device=S.device)
+        i = torch.arange(M, device=S.device)
+        B[:, i, i] = 1.0
+        if d == 1:
+            return B
+        H = rng.randn(d - 1, M, dtype=torch.float64)  # (R, d−1, M)
+        H[:, :, -1] = -H[:, :, :-1].sum(-1)
+        others = (i[:, None] + torch.arange(1, d, device=S.device)[None, :]) % M  # (M, d−1)
+        A = H[:, :, others].permute(0, 2, 1, 3)  # (R, M, d−1 rows of H, d−1 unknowns)
+        rhs = -H.transpose(1, 2)  # (R, M, d−1): −H_{:, i}
+        x = torch.linalg.solve(A, rhs)  # (R, M, d−1), batched over replicates and devices
+        B.scatter_(2, others[None].expand(R, M, d - 1), x)
+        return B
+
+
+@CODES.register("bgc")
+class BGC(CodeScheme):
+    """Bernoulli gradient code: S_ij ~ Bernoulli(d/N) i.i.d., every partition on ≥ 1 device.
+
+    Each empty partition column gets one device drawn uniformly. B = S. ``optimal``:
+    a = argmin ‖B_Fᵀa − 1‖₂, the min-norm least squares pinv(B_Fᵀ)1 in float64.
+    """
+
+    name = "bgc"
+    decoders = {"optimal": _decode_lstsq}
+
+    @classmethod
+    def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:
+        S = rng.rand(M, N, dtype=torch.float64) < d / N  # (R, M, N)
+        pick = (rng.rand(N, dtype=torch.float64) * M).long().clamp_max(M - 1)  # (R, N), always drawn
+        empty = ~S.any(1)  # (R, N)
+        fix = torch.zeros_like(S)
+        fix.scatter_(1, pick[:, None, :], empty[:, None, :])
+        return S | fix
+
+
+# ----------------------------------------------------------------------------- entry points
+def num_partitions(cfg: Any, M: int) -> int:
+    """N = ``code.partitions`` if set, else M; ``uncoded``, ``frc`` and ``crc`` require N = M."""
+    scheme = _scheme(cfg)
+    N = _get(cfg, "partitions")
+    if N is None:
+        return int(M)
+    N = _int_in("code.partitions", N, 1, None, accepted="null or integers >= 1")
+    if scheme.square and N != M:
+        raise ConfigError("code.partitions", N, f"null or {M}", f"code {scheme.name} needs partitions = devices")
+    return N
+
+
+def allocate(cfg: Any, M: int, rng: SeedRNG) -> torch.Tensor:
+    """The allocation S (R, M, N) bool, one per replicate, drawn from ``rng`` (the code stream)."""
+    scheme = _scheme(cfg)
+    N = num_partitions(cfg, M)
+    d = scheme.redundancy(cfg, M, N)
+    scheme.decode_name(cfg)  # fail early on a bad decoder
+    return scheme.allocate(cfg, M, N, d, rng)
+
+
+def build_code(cfg: Any, S: torch.Tensor, p: torch.Tensor, rng: SeedRNG, dtype: torch.dtype) -> Code:
+    """The Code for allocation S (R, M, N) and straggler marginals p (R, M) float64.
+
+    ``rng`` is consumed only by ``crc`` (the random H). B is stored in ``dtype``; decoding is done
+    in float64 and cast back.
+    """
+    scheme = _scheme(cfg)
+    R, M, N = S.shape
+    d = scheme.redundancy(cfg, M, N)
+    decode = scheme.decode_name(cfg)
+    p = torch.as_tensor(p, dtype=torch.float64, device=S.device)
+    if p.shape != (R, M):
+        raise ValueError(f"p must be (R={R}, M={M}); got {tuple(p.shape)}")
+    needs_p = scheme is SGC or decode == "unbiased"
+    if needs_p and bool((p >= 1).any() | (p < 0).any()):
+        raise ValueError(f"code {scheme.name}/{decode} needs straggler marginals p_i in [0, 1)")
+    B = scheme.encoding(cfg, S, p, d, rng)
+    return Code(scheme.name, S, B, d, decode, scheme.decoders[decode], scheme.fixed_weights, p, dtype=dtype)

@@ -1,0 +1,535 @@
+"""Compressors: the dense vector the server reconstructs from one message, and its cost in bits.
+
+Every compressor maps a batch ``v`` of shape ``(R, M, D)`` (R replicates, M devices; any number of
+middle dims works) to a tensor of the same shape and dtype: row ``v[r, i]`` is one message, and all
+norms / scales are taken per message, over the last dimension. Randomised compressors draw only
+from the ``rng`` argument (a :class:`~cocoef_cli.sim.rng.SeedRNG` with ``rng.R == R``), with one
+draw of shape ``v.shape[1:]`` (a leading R is added by the rng) per call, so a run with seeds
+``[0, 1]`` compresses exactly like two runs with seeds ``[0]`` and ``[1]``. Nothing loops over
+devices or coordinates.
+
+:meth:`Compressor.bits` is the cost of ONE message, a deterministic formula of D, k, ... (DESIGN
+§4), with ``value_bits`` (default 32) bits per transmitted float. ``value_bits`` only changes the
+accounting: values are not quantised to that precision.
+
+Notation: x ∈ ℝ^D one message, sign(0) = +1, ω the variance constant of an unbiased compressor:
+E[C(x)] = x and E‖C(x) − x‖² ≤ ω‖x‖².
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+
+from cocoef_cli.errors import ConfigError
+from cocoef_cli.registry import Registry
+from cocoef_cli.sim.rng import SeedRNG
+
+COMPRESSORS: Registry[type["Compressor"]] = Registry("compressor")
+
+INDEX_BITS = ("log2", "32", "bitmap")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def ceil_log2(n: int) -> int:
+    """ceil(log2 n) for an integer n ≥ 1, exactly (no float rounding): 1 → 0, 2 → 1, 5 → 3."""
+    if n < 1:
+        raise ValueError(f"ceil_log2 needs n >= 1, got {n}")
+    return (n - 1).bit_length()
+
+
+def sign_pm1(v: Tensor) -> Tensor:
+    """Elementwise sign with sign(0) = +1 (values ±1, dtype of ``v``)."""
+    one = torch.ones((), dtype=v.dtype, device=v.device)
+    return torch.where(v < 0, -one, one)
+
+
+def topk_mask(v: Tensor, k: int) -> Tensor:
+    """Boolean mask of the k largest |v_j| of every row (last dim); ties go to the lower index.
+
+    No full sort: t = the k-th largest magnitude of the row (``torch.topk(sorted=False)``), keep
+    every |v_j| > t, then among |v_j| == t the lowest indices until exactly k are kept
+    (a cumulative count along the row). Exactly k entries per row are True, zeros included.
+    """
+    D = v.shape[-1]
+    if k >= D:
+        return torch.ones_like(v, dtype=torch.bool)
+    a = v.abs()
+    t = torch.topk(a, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    gt = a > t
+    eq = a == t
+    room = k - gt.sum(dim=-1, keepdim=True)  # how many of the tied entries fit
+    return gt | (eq & (torch.cumsum(eq, dim=-1) <= room))
+
+
+def _uniform(rng: SeedRNG | None, v: Tensor, name: str) -> Tensor:
+    """One U[0,1) draw per entry of ``v`` from ``rng`` (shape (R, ...) with R = rng.R)."""
+    if rng is None:
+        raise ValueError(f"compressor {name!r} is randomised: pass a SeedRNG")
+    if v.dim() < 1 or v.shape[0] != rng.R:
+        raise ValueError(f"compressor {name!r}: leading dim of v {tuple(v.shape)} must be rng.R = {rng.R}")
+    return rng.rand(*v.shape[1:], dtype=v.dtype).to(v.device)
+
+
+def _cfg_get(cfg: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if cfg is not None else default
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_int(key: str, value: Any, lo: int, hi: int | None = None) -> int:
+    accepted = f"integers {lo}..{hi}" if hi is not None else f"integers >= {lo}"
+    if not _is_int(value):
+        raise ConfigError(key, value, accepted, "not an integer")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        raise ConfigError(key, value, accepted, "out of range")
+    return value
+
+
+def resolve_k(cfg: Mapping[str, Any] | Any, D: int) -> int:
+    """k = ``compressor.k`` if set, else max(1, ceil(``compressor.ratio``·D)); validated in 1..D.
+
+    ratio·D is rounded to 9 decimals before the ceiling, so that e.g. ratio 0.07 with D = 100 gives
+    k = 7 and not 8 (0.07·100 = 7.000000000000001 in floating point).
+    """
+    k = _cfg_get(cfg, "k")
+    if k is not None:
+        return _check_int("compressor.k", k, 1, D)
+    ratio = _cfg_get(cfg, "ratio", 0.1)
+    if ratio is None:
+        raise ConfigError("compressor.ratio", ratio, "a number in (0, 1] (or set compressor.k)", "k and ratio both null")
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
+        raise ConfigError("compressor.ratio", ratio, "numbers in (0, 1]", "not a number")
+    ratio = float(ratio)
+    if not (0.0 < ratio <= 1.0):
+        raise ConfigError("compressor.ratio", ratio, "numbers in (0, 1]", "out of range")
+    return max(1, min(D, math.ceil(round(ratio * D, 9))))
+
+
+# ---------------------------------------------------------------------------------------------
+# base class
+# ---------------------------------------------------------------------------------------------
+
+
+class Compressor:
+    """Base class: ``compress`` returns the server's dense reconstruction, ``bits`` one message's cost."""
+
+    name: ClassVar[str] = ""
+    unbiased: ClassVar[bool] = False
+    randomized: ClassVar[bool] = False
+
+    def __init__(self, D: int, value_bits: int = 32):
+        self.D = _check_int("D", D, 1)
+        self.value_bits = _check_int("compressor.value_bits", value_bits, 1)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+        """Build from a config mapping; subclasses add their own keys."""
+        return cls(D, value_bits=_cfg_get(cfg, "value_bits", 32))
+
+    def omega(self) -> float | None:
+        """ω with E‖C(x) − x‖² ≤ ω‖x‖² (unbiased compressors), None for biased ones."""
+        return None
+
+    def compress(self, v: Tensor, rng: SeedRNG | None = None) -> Tensor:
+        """Dense reconstruction C(v) of every message (last dim D); same shape and dtype; v unchanged."""
+        if v.shape[-1] != self.D:
+            raise ValueError(f"{self.name}: last dim of v is {v.shape[-1]}, compressor built for D={self.D}")
+        return self._compress(v, rng)
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, v: Tensor, rng: SeedRNG | None = None) -> Tensor:
+        return self.compress(v, rng)
+
+    def bits(self) -> int:
+        """Bits of one message (DESIGN §4)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        extra = self._extra_repr()
+        return f"{type(self).__name__}(D={self.D}{', ' + extra if extra else ''}, value_bits={self.value_bits})"
+
+
+class _KSparse(Compressor):
+    """Keeps k of the D coordinates; k from ``compressor.k`` or ``compressor.ratio``."""
+
+    def __init__(self, D: int, k: int, value_bits: int = 32):
+        super().__init__(D, value_bits)
+        self.k = _check_int("compressor.k", k, 1, self.D)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+        D = _check_int("D", D, 1)
+        return cls(D, resolve_k(cfg, D), value_bits=_cfg_get(cfg, "value_bits", 32))
+
+    def _random_mask(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        """k coordinates per message, uniform without replacement: the k largest of iid U[0,1) keys."""
+        keys = _uniform(rng, v, self.name)
+        if self.k >= self.D:
+            return torch.ones_like(v, dtype=torch.bool)
+        idx = torch.topk(keys, self.k, dim=-1, sorted=False).indices
+        return torch.zeros_like(v, dtype=torch.bool).scatter_(-1, idx, True)
+
+    def _extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the compressors
+# ---------------------------------------------------------------------------------------------
+
+
+@COMPRESSORS.register("identity")
+class Identity(Compressor):
+    """No compression: the full-precision vector.
+
+    C(x) = x. Unbiased, ω = 0. Bits: value_bits·D.
+    """
+
+    name = "identity"
+    unbiased = True
+
+    def omega(self) -> float:
+        return 0.0
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        return v.clone()
+
+    def bits(self) -> int:
+        return self.value_bits * self.D
+
+
+@COMPRESSORS.register("topk")
+class TopK(_KSparse):
+    """Top-k sparsification: keep the k largest-magnitude coordinates (biased, δ = k/D).
+
+    C(x)_j = x_j if j is among the k largest |x_j| (ties → lower index), else 0.
+    Biased; contraction ‖C(x) − x‖² ≤ (1 − k/D)‖x‖². Deterministic.
+    Bits (``compressor.index_bits``): ``log2`` k·(vb + ceil(log2 D)); ``32`` k·(vb + 32);
+    ``bitmap`` vb·k + D; vb = value_bits.
+    """
+
+    name = "topk"
+
+    def __init__(self, D: int, k: int, value_bits: int = 32, index_bits: str | int = "log2"):
+        super().__init__(D, k, value_bits)
+        ib = str(index_bits) if _is_int(index_bits) or isinstance(index_bits, str) else None
+        if ib not in INDEX_BITS:
+            raise ConfigError("compressor.index_bits", index_bits, INDEX_BITS, "unknown index encoding")
+        self.index_bits = ib
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+        D = _check_int("D", D, 1)
+        return cls(
+            D,
+            resolve_k(cfg, D),
+            value_bits=_cfg_get(cfg, "value_bits", 32),
+            index_bits=_cfg_get(cfg, "index_bits", "log2"),
+        )
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        return torch.where(topk_mask(v, self.k), v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+    def bits(self) -> int:
+        vb, k, D = self.value_bits, self.k, self.D
+        if self.index_bits == "log2":
+            return k * (vb + ceil_log2(D))
+        if self.index_bits == "32":
+            return k * (vb + 32)
+        return vb * k + D  # bitmap
+
+    def _extra_repr(self) -> str:
+        return f"k={self.k}, index_bits={self.index_bits!r}"
+
+
+@COMPRESSORS.register("randk")
+class RandK(_KSparse):
+    """Random-k sparsification: keep k uniformly random coordinates, unscaled (biased).
+
+    C(x)_j = x_j for j ∈ S, else 0; S ⊂ {1..D}, |S| = k, uniform without replacement, drawn
+    independently per device (and per replicate) from the compressor stream.
+    Biased: E[C(x)] = (k/D)·x; E‖C(x) − x‖² = (1 − k/D)‖x‖². Bits: value_bits·k (the indices
+    follow from the shared seed).
+    """
+
+    name = "randk"
+    randomized = True
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        return torch.where(self._random_mask(v, rng), v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+    def bits(self) -> int:
+        return self.value_bits * self.k
+
+
+@COMPRESSORS.register("randk_unbiased")
+class RandKUnbiased(_KSparse):
+    """Random-k sparsification rescaled by D/k (unbiased).
+
+    C(x)_j = (D/k)·x_j for j ∈ S, else 0; S uniform k-subset per device, as in ``randk``.
+    Unbiased, E‖C(x) − x‖² = (D/k − 1)‖x‖², so ω = D/k − 1. Bits: value_bits·k.
+    """
+
+    name = "randk_unbiased"
+    unbiased = True
+    randomized = True
+
+    def omega(self) -> float:
+        return self.D / self.k - 1.0
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        mask = self._random_mask(v, rng)
+        return torch.where(mask, v * (self.D / self.k), torch.zeros((), dtype=v.dtype, device=v.device))
+
+    def bits(self) -> int:
+        return self.value_bits * self.k
+
+
+@COMPRESSORS.register("sign")
+class Sign(Compressor):
+    """Sign compression: one bit per coordinate, no scale (biased).
+
+    C(x)_j = sign(x_j) ∈ {−1, +1}, sign(0) = +1. Biased, not scale-preserving. Bits: D.
+    """
+
+    name = "sign"
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        return sign_pm1(v)
+
+    def bits(self) -> int:
+        return self.D
+
+
+@COMPRESSORS.register("scaled_sign")
+class ScaledSign(Compressor):
+    """Scaled sign: signs times the mean magnitude ‖x‖₁/D (biased).
+
+    C(x) = (‖x‖₁/D)·sign(x), sign(0) = +1. Biased; ‖C(x) − x‖² = ‖x‖² − ‖x‖₁²/D
+    (contraction with δ = ‖x‖₁²/(D‖x‖²) ≥ 1/D). Bits: D + value_bits.
+    """
+
+    name = "scaled_sign"
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        scale = v.abs().sum(dim=-1, keepdim=True) / self.D
+        return scale * sign_pm1(v)
+
+    def bits(self) -> int:
+        return self.D + self.value_bits
+
+
+@COMPRESSORS.register("grouped_sign")
+class GroupedSign(Compressor):
+    """Grouped (block-wise) scaled sign: scaled sign per block of `group` coordinates (biased).
+
+    Coordinates are cut into B = ceil(D/g) consecutive blocks G_1..G_B of g = ``group``
+    coordinates (the last one has D − (B−1)·g); C(x)_j = (‖x_{G_b}‖₁/|G_b|)·sign(x_j) for j ∈ G_b,
+    sign(0) = +1. Biased; g ≥ D is ``scaled_sign``, g = 1 is the identity.
+    Bits: D + value_bits·ceil(D/g).
+    """
+
+    name = "grouped_sign"
+
+    def __init__(self, D: int, group: int = 64, value_bits: int = 32):
+        super().__init__(D, value_bits)
+        self.group = _check_int("compressor.group", group, 1)
+        self.n_blocks = -(-self.D // self.group)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+        return cls(D, group=_cfg_get(cfg, "group", 64), value_bits=_cfg_get(cfg, "value_bits", 32))
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        D, g, B = self.D, min(self.group, self.D), self.n_blocks
+        pad = B * g - D
+        a = torch.nn.functional.pad(v.abs(), (0, pad)) if pad else v.abs()
+        sums = a.reshape(*v.shape[:-1], B, g).sum(dim=-1)  # (..., B) block ℓ1 norms
+        lengths = torch.full((B,), float(g), dtype=v.dtype, device=v.device)
+        lengths[-1] = D - (B - 1) * g
+        scale = (sums / lengths).repeat_interleave(g, dim=-1)[..., :D]
+        return scale * sign_pm1(v)
+
+    def bits(self) -> int:
+        return self.D + self.value_bits * self.n_blocks
+
+    def _extra_repr(self) -> str:
+        return f"group={self.group}"
+
+
+@COMPRESSORS.register("qsgd")
+class QSGD(Compressor):
+    """QSGD: stochastic rounding of |x_j|/‖x‖₂ to s = `levels` levels (unbiased).
+
+    C(x)_j = ‖x‖₂·sign(x_j)·ξ_j/s, ξ_j = l + Bernoulli(s|x_j|/‖x‖₂ − l), l = floor(s|x_j|/‖x‖₂);
+    C(0) = 0. Unbiased, ω = min(D/s², √D/s) (Alistarh et al. 2017, Lemma 3.1).
+    Bits: D·(1 + ceil(log2(s+1))) + value_bits.
+    """
+
+    name = "qsgd"
+    unbiased = True
+    randomized = True
+
+    def __init__(self, D: int, levels: int = 4, value_bits: int = 32):
+        super().__init__(D, value_bits)
+        self.levels = _check_int("compressor.levels", levels, 1)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+        return cls(D, levels=_cfg_get(cfg, "levels", 4), value_bits=_cfg_get(cfg, "value_bits", 32))
+
+    def omega(self) -> float:
+        s, D = self.levels, self.D
+        return min(D / s**2, math.sqrt(D) / s)
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        u = _uniform(rng, v, self.name)
+        s = self.levels
+        norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+        y = (s / safe) * v.abs()  # in [0, s]; 0 everywhere when ‖v‖ = 0
+        low = torch.floor(y)
+        xi = low + (u < (y - low)).to(v.dtype)
+        return (norm / s) * sign_pm1(v) * xi
+
+    def bits(self) -> int:
+        return self.D * (1 + ceil_log2(self.levels + 1)) + self.value_bits
+
+    def _extra_repr(self) -> str:
+        return f"levels={self.levels}"
+
+
+@COMPRESSORS.register("onebit")
+class OneBit(Compressor):
+    """Unbiased stochastic 1-bit: each coordinate becomes ±‖x‖_∞ (unbiased).
+
+    With R = ‖x‖_∞: C(x)_j = +R with probability (1 + x_j/R)/2, else −R; C(0) = 0.
+    Unbiased; E‖C(x) − x‖² = D·R² − ‖x‖² ≤ (D − 1)‖x‖², ω = D − 1. Bits: D + value_bits.
+    """
+
+    name = "onebit"
+    unbiased = True
+    randomized = True
+
+    def omega(self) -> float:
+        return float(self.D - 1)
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        u = _uniform(rng, v, self.name)
+        R = v.abs().amax(dim=-1, keepdim=True)
+        safe = torch.where(R > 0, R, torch.ones_like(R))
+        p_up = 0.5 * (1.0 + v / safe)
+        one = torch.ones((), dtype=v.dtype, device=v.device)
+        return R * torch.where(u < p_up, one, -one)
+
+    def bits(self) -> int:
+        return self.D + self.value_bits
+
+
+@COMPRESSORS.register("terngrad")
+class TernGrad(Compressor):
+    """TernGrad: ternarise to {−s, 0, +s} with s = ‖x‖_∞ (unbiased).
+
+    C(x)_j = s·sign(x_j)·b_j, b_j ~ Bernoulli(|x_j|/s), s = ‖x‖_∞; C(0) = 0 (Wen et al. 2017).
+    Unbiased; E‖C(x) − x‖² = s‖x‖₁ − ‖x‖² ≤ (√D − 1)‖x‖², ω = √D − 1. Bits: 2·D + value_bits.
+    """
+
+    name = "terngrad"
+    unbiased = True
+    randomized = True
+
+    def omega(self) -> float:
+        return math.sqrt(self.D) - 1.0
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        u = _uniform(rng, v, self.name)
+        s = v.abs().amax(dim=-1, keepdim=True)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        keep = u < v.abs() / safe
+        return torch.where(keep, s * sign_pm1(v), torch.zeros((), dtype=v.dtype, device=v.device))
+
+    def bits(self) -> int:
+        return 2 * self.D + self.value_bits
+
+
+@COMPRESSORS.register("natural")
+class Natural(Compressor):
+    """Natural compression: stochastic rounding of every coordinate to a power of two (unbiased).
+
+    For x_j ≠ 0 with a = floor(log2|x_j|): C(x)_j = sign(x_j)·2^(a+1) with probability
+    (|x_j| − 2^a)/2^a, else sign(x_j)·2^a; 0 stays 0 (Horváth et al. 2019).
+    Unbiased, ω = 1/8. Bits: 9·D (sign + 8-bit exponent; independent of value_bits).
+    """
+
+    name = "natural"
+    unbiased = True
+    randomized = True
+
+    def omega(self) -> float:
+        return 1.0 / 8.0
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        u = _uniform(rng, v, self.name)
+        a = v.abs()
+        mant, expo = torch.frexp(a)  # a = mant·2^expo, mant ∈ [0.5, 1): 2^floor(log2 a) = 2^(expo−1)
+        low = torch.ldexp(torch.full_like(a, 0.5), expo)
+        p_up = 2.0 * mant - 1.0  # = (a − low)/low, exactly
+        mag = torch.where(u < p_up, 2.0 * low, low)
+        return torch.where(a > 0, sign_pm1(v) * mag, torch.zeros((), dtype=v.dtype, device=v.device))
+
+    def bits(self) -> int:
+        return 9 * self.D
+
+
+# ---------------------------------------------------------------------------------------------
+# factory
+# ---------------------------------------------------------------------------------------------
+
+
+def build_compressor(cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
+    """The compressor named by ``cfg.name`` for messages of dimension D, validated.
+
+    ``cfg`` is the ``compressor`` config group (dict or OmegaConf DictConfig). Bad values raise
+    :class:`ConfigError` naming the dotted key (``compressor.k``, ``compressor.ratio``, ...).
+    """
+    name = _cfg_get(cfg, "name")
+    cls = COMPRESSORS.get(name)  # ConfigError("compressor", name, names, ...) when unknown
+    return cls.from_config(cfg, D)
+
+
+__all__ = [
+    "COMPRESSORS",
+    "Compressor",
+    "Identity",
+    "TopK",
+    "RandK",
+    "RandKUnbiased",
+    "Sign",
+    "ScaledSign",
+    "GroupedSign",
+    "QSGD",
+    "OneBit",
+    "TernGrad",
+    "Natural",
+    "build_compressor",
+    "resolve_k",
+    "topk_mask",
+    "sign_pm1",
+    "ceil_log2",
+]

@@ -1,0 +1,193 @@
+"""The iteration loop, vectorised over replicates (R) and devices (M).
+
+Per update t = 1..T, for all replicates at once:
+  G = [g_j(θ)]_j (R, N, D), each partition gradient once   U = B G (R, M, D)
+  z ~ straggler model (R, M)      a, residual = decode(z)    ĝ = method.step(U, z, a)
+  θ ← θ − η_t ĝ   (heavy-ball buffer when optim.momentum > 0)
+and every ``eval_every`` updates a row per replicate (DESIGN §8). A replicate whose loss or
+parameters stop being finite is marked diverged at that evaluation and records no further rows.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cocoef_cli.data import Dataset, load_dataset, partition_indices
+from cocoef_cli.errors import ConfigError
+from cocoef_cli.models import Objective, build_model
+from cocoef_cli.sim.codes import allocate, build_code
+from cocoef_cli.sim.compressors import build_compressor
+from cocoef_cli.sim.methods import METHODS, Method
+from cocoef_cli.sim.rng import SeedRNG
+from cocoef_cli.sim.stragglers import build_straggler
+
+COLUMNS = ["run_id", "method", "code", "compressor", "straggler", "dataset", "model", "devices", "d", "p",
+           "seed", "iter", "train_loss", "test_loss", "test_acc", "grad_norm", "bits_up", "n_received",
+           "decode_residual", "ef_norm", "sim_time"]
+EXTRA_COLUMNS = ["opt_gap"]  # F(θ) − F* where F* is known in closed form (least squares)
+SCHEDULES = ("const", "inv_sqrt", "step")
+
+
+def step_size(optim: Mapping, t: int) -> float:
+    """η_t for update t ≥ 1: ``const`` η; ``inv_sqrt`` η/√t; ``step`` η·γ^⌊(t−1)/step_size⌋."""
+    lr, sched = float(optim["lr"]), optim.get("schedule", "const")
+    if sched == "const":
+        return lr
+    if sched == "inv_sqrt":
+        return lr / math.sqrt(t)
+    return lr * float(optim.get("gamma", 0.1)) ** ((t - 1) // int(optim.get("step_size", 100)))
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built and validated before anything is written."""
+
+    cfg: Mapping
+    seeds: list[int]
+    data: Dataset
+    objective: Objective
+    method: Method
+    labels: dict[str, Any]  # fixed CSV columns: method, code, ..., d, p
+    code: Any = None  # None for centralised methods
+    straggler: Any = None
+    bits_per_message: int = 0
+    f_star: float | None = None
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "cpu, auto (no CUDA device is available here)", "unavailable")
+    return torch.device(name)
+
+
+def build_experiment(cfg: Mapping) -> Experiment:
+    """Load data, build model, code, stragglers, compressor and method for ``cfg`` (validated)."""
+    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["precision"]]
+    device = resolve_device(cfg["device"])
+    R, M = int(cfg["seeds"]), int(cfg["devices"])
+    seeds = [int(cfg["seed"]) + r for r in range(R)]
+    method_cls = METHODS.get(cfg["method"]["name"])
+
+    data = load_dataset(cfg["dataset"])
+    model = build_model(cfg["model"], data)
+    code_cfg = cfg["code"]
+    comp_cfg = cfg["compressor"] if method_cls.compresses else {"name": "identity"}
+    compressor = build_compressor(comp_cfg, model.D)
+    if method_cls.needs_unbiased and not compressor.unbiased and not cfg["method"].get("allow_biased", False):
+        raise ConfigError("compressor", comp_cfg["name"], "randk_unbiased, qsgd, onebit, terngrad, natural, identity",
+                          f"method {cfg['method']['name']} needs an unbiased compressor (or method.allow_biased=true)")
+
+    labels: dict[str, Any] = {"method": cfg["method"]["name"], "dataset": data.name, "model": cfg["model"]["name"],
+                              "devices": M, "compressor": comp_cfg["name"]}
+    if method_cls.centralized:
+        objective = Objective(model, data, partition_indices(data.y_train, 1, {"partition": "iid"}, seeds),
+                              cfg["model"].get("l2", 0.0), dtype, device)
+        method = method_cls(cfg["method"], compressor, R, 1, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
+        labels.update(code="none", compressor="none", straggler="none", d=None, p=0.0)
+        return Experiment(cfg, seeds, data, objective, method, labels, f_star=objective.f_star(), dtype=dtype,
+                          device=device)
+
+    if method_cls.code is not None:
+        code_cfg = {"name": method_cls.code, "d": 1, "decode": "rescale"}
+    code_rng = SeedRNG(seeds, "code", device)
+    S = allocate(code_cfg, M, code_rng)
+    straggler = build_straggler(cfg["straggler"], S.sum(-1), SeedRNG(seeds, "straggler", device))
+    code = build_code(code_cfg, S, straggler.p, code_rng, dtype)
+    batch = cfg.get("batch_size")
+    objective = Objective(model, data, partition_indices(data.y_train, code.N, cfg["dataset"], seeds),
+                          cfg["model"].get("l2", 0.0), dtype, device, batch_size=batch,
+                          batch_rng=SeedRNG(seeds, "batch", device) if batch else None)
+    method = method_cls(cfg["method"], compressor, R, M, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
+    labels.update(code=code.name, straggler=cfg["straggler"]["name"], d=code.d, p=straggler.mean_p())
+    return Experiment(cfg, seeds, data, objective, method, labels, code, straggler, compressor.bits(),
+                      objective.f_star(), dtype, device)
+
+
+@dataclass
+class RunResult:
+    metrics: pd.DataFrame
+    status: str  # completed | diverged
+    diverged: dict[int, int]  # seed -> iteration at which it diverged
+    wall_s: float
+
+
+def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] | None = None) -> RunResult:
+    """Run T updates for all replicates and return the metrics rows (DESIGN §8)."""
+    cfg, obj, method = exp.cfg, exp.objective, exp.method
+    T, every, R = int(cfg["iters"]), int(cfg["eval_every"]), len(exp.seeds)
+    optim, momentum = cfg["optim"], float(cfg["optim"].get("momentum", 0.0))
+    bandwidth = cfg.get("network", {}).get("bandwidth_bps")
+    t0 = time.perf_counter()
+
+    theta = obj.model.init(SeedRNG(exp.seeds, "init", exp.device), exp.dtype)
+    buf = torch.zeros_like(theta) if momentum else None
+    bits = torch.zeros(R, dtype=torch.int64, device=exp.device)
+    sim_time = torch.zeros(R, dtype=torch.float64, device=exp.device)
+    alive = np.ones(R, dtype=bool)
+    diverged: dict[int, int] = {}
+    rows: list[pd.DataFrame] = []
+    last_n = last_res = None
+    has_time = exp.straggler is not None and exp.straggler.timed
+
+    def record(t: int) -> None:
+        m = obj.evaluate(theta)
+        finite = torch.isfinite(m.train_loss) & torch.isfinite(theta).all(-1)
+        bad = alive & ~finite.cpu().numpy()
+        for r in np.flatnonzero(bad):
+            diverged[exp.seeds[r]] = t
+        alive[bad] = False
+        cols: dict[str, Any] = {"seed": exp.seeds, "iter": t, "train_loss": m.train_loss, "test_loss": m.test_loss,
+                                "test_acc": m.test_acc, "grad_norm": m.grad_norm,
+                                "bits_up": None if exp.code is None else bits,
+                                "n_received": last_n if t > 0 else None,
+                                "decode_residual": last_res if t > 0 else None,
+                                "ef_norm": method.state_norm(), "sim_time": sim_time if has_time else None,
+                                "opt_gap": None if exp.f_star is None else m.train_loss.double() - exp.f_star}
+        frame = pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else
+                                  [v] * R if not isinstance(v, list) else v) for k, v in cols.items()})
+        rows.append(frame[alive])
+
+    record(0)
+    for t in range(1, T + 1):
+        if not alive.any():
+            break
+        if exp.code is None:  # centralised gradient descent
+            g = obj.grad(theta)
+        else:
+            G = obj.partition_grads(theta)
+            U = exp.code.encode(G)
+            z = exp.straggler.draw()
+            a, res = exp.code.decode(z)
+            g = method.step(U, z, a)
+            n = z.sum(-1)
+            bits += n * exp.bits_per_message
+            last_n, last_res = n, res
+            if has_time:
+                sim_time += exp.straggler.last_time
+                if bandwidth:
+                    sim_time += exp.bits_per_message / float(bandwidth)
+        if buf is not None:
+            g = buf.mul_(momentum).add_(g)
+        theta = theta - step_size(optim, t) * g
+        if t % every == 0 or t == T:
+            record(t)
+        if progress is not None:
+            progress(t)
+
+    df = pd.concat(rows, ignore_index=True)
+    for k, v in exp.labels.items():
+        df[k] = v
+    df["run_id"] = run_id
+    df = df[COLUMNS + EXTRA_COLUMNS].sort_values(["seed", "iter"], kind="stable").reset_index(drop=True)
+    status = "diverged" if diverged else "completed"
+    return RunResult(df, status, diverged, time.perf_counter() - t0)

@@ -1,0 +1,158 @@
+"""COCO-EF and the baselines: per-device state and one step, batched over (R, M, D).
+
+Notation per iteration: U (R, M, D) encoded gradients u_i = Σ_j B_ij g_j, z (R, M) the devices
+that answer, a (R, M) the decoding weights (zero for stragglers), C the compressor. A step returns
+the server aggregate ĝ (R, D). Stragglers compute and send nothing; their state is left unchanged
+(``straggler_state=freeze``) or zeroed (``reset``).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+import torch
+
+from cocoef_cli.errors import ConfigError
+from cocoef_cli.registry import Registry
+from cocoef_cli.sim.compressors import Compressor
+from cocoef_cli.sim.rng import SeedRNG
+
+METHODS: Registry[type["Method"]] = Registry("method")
+STRAGGLER_STATES = ("freeze", "reset")
+
+
+def aggregate(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """ĝ = Σ_i a_i m_i: (R, M) × (R, M, D) → (R, D) as one batched product."""
+    return torch.bmm(a.unsqueeze(1), m).squeeze(1)
+
+
+class Method:
+    """Base: no state. Subclasses set the class flags below and implement :meth:`step`."""
+
+    code: ClassVar[str | None] = None  # forces this code (e.g. "uncoded") whatever `code=` says
+    compresses: ClassVar[bool] = True  # False: messages are full precision (compressor = identity)
+    centralized: ClassVar[bool] = False  # True: no devices at all (plain gradient descent)
+    needs_unbiased: ClassVar[bool] = False  # rejects biased compressors unless method.allow_biased
+    state_names: ClassVar[tuple[str, ...]] = ()  # per-device (R, M, D) states, reported as ef_norm
+
+    def __init__(self, cfg: Mapping, compressor: Compressor, R: int, M: int, D: int, dtype: torch.dtype,
+                 device: torch.device, rng: SeedRNG):
+        self.C, self.rng = compressor, rng
+        self.reset = cfg.get("straggler_state", "freeze")
+        if self.reset not in STRAGGLER_STATES:
+            raise ConfigError("method.straggler_state", self.reset, STRAGGLER_STATES)
+        self.reset = self.reset == "reset"
+        for name in self.state_names:
+            setattr(self, name, torch.zeros(R, M, D, dtype=dtype, device=device))
+
+    def step(self, U: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _keep(self, z: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """The state after the step: ``new`` for devices that answered, old (or 0) for stragglers."""
+        return torch.where(z.unsqueeze(-1), new, torch.zeros((), dtype=old.dtype) if self.reset else old)
+
+    def state_norm(self) -> torch.Tensor | None:
+        """‖state‖_F per replicate, (R,), or None for stateless methods."""
+        if not self.state_names:
+            return None
+        return getattr(self, self.state_names[0]).flatten(1).norm(dim=-1)
+
+
+@METHODS.register("coco_ef")
+class CocoEF(Method):
+    """COCO-EF (the paper): compressed coded gradients with error feedback.
+
+    v_i = u_i + e_i,  m_i = C(v_i),  e_i ← v_i − m_i;   ĝ = Σ_i a_i m_i.
+    Invariant for each device: Σ_t m_i^t + e_i^T = Σ_t u_i^t over the iterations it answered.
+    """
+
+    state_names = ("e",)
+
+    def step(self, U, z, a):
+        v = U + self.e
+        m = self.C.compress(v, self.rng)
+        self.e = self._keep(z, v.sub_(m), self.e)
+        return aggregate(a, m)
+
+
+@METHODS.register("coco")
+class Coco(Method):
+    """COCO without error feedback: m_i = C(u_i), ĝ = Σ_i a_i m_i (with an unbiased C: the
+    "unbiased compression in gradient coding" baseline)."""
+
+    def step(self, U, z, a):
+        return aggregate(a, self.C.compress(U, self.rng))
+
+
+@METHODS.register("coco_diana")
+class CocoDiana(Method):
+    """Unbiased compression of gradient differences (DIANA shifts) under gradient coding.
+
+    Δ_i = C(u_i − h_i),  ĝ = Σ_i a_i (h_i + Δ_i),  h_i ← h_i + α Δ_i,  α = 1/(ω + 1) by default.
+    """
+
+    state_names = ("h",)
+    needs_unbiased = True
+
+    def __init__(self, cfg, compressor, R, M, D, dtype, device, rng):
+        super().__init__(cfg, compressor, R, M, D, dtype, device, rng)
+        alpha = cfg.get("alpha")
+        if alpha is None:
+            omega = compressor.omega()
+            alpha = 1.0 if omega is None else 1.0 / (omega + 1.0)
+        if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise ConfigError("method.alpha", alpha, "numbers in (0, 1] or null (1/(ω+1))", "out of range")
+        self.alpha = float(alpha)
+
+    def step(self, U, z, a):
+        delta = self.C.compress(U - self.h, self.rng)
+        g = aggregate(a, self.h + delta)
+        self.h = self._keep(z, self.h + self.alpha * delta, self.h)
+        return g
+
+
+@METHODS.register("coco_ef21")
+class CocoEF21(Method):
+    """EF21 shifts under gradient coding (an extension): Δ_i = C(u_i − h_i), h_i ← h_i + Δ_i,
+    ĝ = Σ_i a_i h_i over the devices that answered."""
+
+    state_names = ("h",)
+
+    def step(self, U, z, a):
+        self.h = self._keep(z, self.h + self.C.compress(U - self.h, self.rng), self.h)
+        return aggregate(a, self.h)
+
+
+@METHODS.register("gc")
+class GC(Method):
+    """Gradient coding in full precision: m_i = u_i, ĝ = Σ_i a_i u_i (compressor ignored)."""
+
+    compresses = False
+
+    def step(self, U, z, a):
+        return aggregate(a, U)
+
+
+@METHODS.register("ef_sgd")
+class EFSGD(CocoEF):
+    """Uncoded error feedback (d = 1, rescaled by M/Σz): COCO-EF with code=uncoded."""
+
+    code = "uncoded"
+
+
+@METHODS.register("ignore_stragglers")
+class IgnoreStragglers(GC):
+    """Uncoded full precision, stragglers ignored and the sum rescaled by M/Σz."""
+
+    code = "uncoded"
+
+
+@METHODS.register("gd")
+class GD(Method):
+    """Centralised full gradient descent: ĝ = ∇F, no devices, no communication."""
+
+    compresses = False
+    centralized = True
+
+    def step(self, U, z, a):  # never called: the engine uses ∇F directly
+        raise RuntimeError("gd has no device step")

@@ -1,0 +1,100 @@
+"""The `cocoef` command line through Typer's CliRunner and as a real subprocess."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cocoef_cli.cli import app
+from cocoef_cli.sim.engine import COLUMNS
+
+runner = CliRunner()
+TINY = ["dataset.n=200", "dataset.dim=4", "devices=5", "iters=6", "eval_every=3", "code.d=2"]
+
+
+def test_run_writes_csv_and_json(tmp_path):
+    out = tmp_path / "r"
+    res = runner.invoke(app, ["run", *TINY, "seeds=2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out / "metrics.csv")
+    assert list(df.columns[: len(COLUMNS)]) == COLUMNS
+    assert len(df) == 2 * 3 and set(df.seed) == {0, 1}
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "completed" and rec["config"]["devices"] == 5
+    assert set(rec["versions"]) >= {"python", "torch", "numpy", "cocoef"} and rec["wall_s"] >= 0
+    assert "command" in rec and "git" in rec
+    assert "metrics.csv" in res.stdout and "train_loss" in res.stdout
+    # a finished run is not overwritten without --force
+    again = runner.invoke(app, ["run", *TINY, "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.stderr
+    assert runner.invoke(app, ["run", *TINY, "--out", str(out), "--force"]).exit_code == 0
+
+
+BAD = [
+    (["compressor=foo"], "compressor"),
+    (["method=nope"], "method"),
+    (["straggler.p=1.0"], "straggler.p"),
+    (["straggler.p=-0.1"], "straggler.p"),
+    (["compressor.k=0"], "compressor.k"),
+    (["compressor.k=10"], "compressor.k"),  # D = 5 here
+    (["devices=0"], "devices"),
+    (["code.d=9"], "code.d"),
+    (["code=frc", "code.d=2"], "code.d"),  # 2 does not divide 5
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["iters=2.5"], "iters"),
+    (["iters=abc"], "iters"),
+    (["dataset=csv"], "dataset.path"),
+    (["dataset=csv", "dataset.path=/nonexistent/x.csv"], "dataset.path"),
+    (["compressor.kk=3"], "compressor.kk"),
+    (["devicez=3"], "devicez"),
+    (["method=coco_diana", "compressor=topk"], "compressor"),
+    (["model=softmax"], "model"),
+    (["precision=float16"], "precision"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_exits_2_with_one_line(tmp_path, overrides, key):
+    out = tmp_path / "never"
+    base = [o for o in TINY if not o.startswith("dataset.")] if "dataset=csv" in overrides else TINY
+    res = runner.invoke(app, ["run", *base, *overrides, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}=") and "accepted:" in lines[0]
+    assert "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_bad_input_as_a_process_has_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "cocoef_cli.cli", "run", "straggler.p=1.5", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "straggler.p=1.5" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
+
+
+def test_list():
+    res = runner.invoke(app, ["list"])
+    assert res.exit_code == 0
+    for name in ["coco_ef", "coco_diana", "topk", "grouped_sign", "sgc", "crc", "markov", "delay", "digits", "softmax"]:
+        assert name in res.stdout
+    res = runner.invoke(app, ["list", "compressors"])
+    assert res.exit_code == 0 and "topk" in res.stdout and "sgc" not in res.stdout
+    assert runner.invoke(app, ["list", "bogus"]).exit_code == 2
+
+
+@pytest.mark.parametrize("code,d,devices,exact", [("crc", 3, 8, True), ("frc", 2, 6, True), ("sgc", 3, 6, False)])
+def test_check_code(code, d, devices, exact):
+    res = runner.invoke(app, ["check-code", f"code={code}", f"code.d={d}", f"devices={devices}"])
+    assert res.exit_code == 0, res.output
+    worst = float(res.stdout.split()[-1])
+    assert "e" in res.stdout.split()[-1]  # scientific notation
+    assert (worst < 1e-9) == exact
+
+
+def test_help_of_every_verb():
+    for verb in ["run", "list", "check-code"]:
+        res = runner.invoke(app, [verb, "--help"])
+        assert res.exit_code == 0 and "Usage" in res.stdout

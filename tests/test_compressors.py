@@ -1,0 +1,414 @@
+"""Compressors (DESIGN §4): reconstructions, conventions, unbiasedness, ω, bits, config errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cocoef_cli.errors import ConfigError
+from cocoef_cli.sim.compressors import COMPRESSORS, Compressor, build_compressor, topk_mask
+from cocoef_cli.sim.rng import SeedRNG
+
+ALL = ["identity", "topk", "randk", "randk_unbiased", "sign", "scaled_sign", "grouped_sign", "qsgd", "onebit",
+       "terngrad", "natural"]
+UNBIASED = ["randk_unbiased", "qsgd", "onebit", "terngrad", "natural"]
+F64 = torch.float64
+
+
+def make(name: str, D: int, **kw) -> Compressor:
+    return build_compressor({"name": name, **kw}, D)
+
+
+def rng(*seeds: int) -> SeedRNG:
+    return SeedRNG(list(seeds), "compressor")
+
+
+def row(*xs: float, dtype=F64) -> torch.Tensor:
+    """One message as shape (R=1, M=1, D)."""
+    return torch.tensor(xs, dtype=dtype).reshape(1, 1, -1)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_has_exactly_the_design_names_with_descriptions():
+    assert COMPRESSORS.names() == ALL
+    for name, line in COMPRESSORS.describe():
+        assert line and "\n" not in line, name
+        cls = COMPRESSORS.get(name)
+        assert isinstance(cls.unbiased, bool)
+    for name in ALL:
+        c = make(name, 10, k=3)
+        assert (c.omega() is None) == (not c.unbiased), name
+        assert c.D == 10 and c.value_bits == 32
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("R,M,D", [(1, 1, 1), (2, 3, 5), (3, 4, 64), (1, 2, 130)])
+def test_shape_dtype_preserved_and_input_untouched(name, dtype, R, M, D):
+    c = make(name, D, ratio=0.3, group=16)
+    v = torch.randn(R, M, D, dtype=dtype, generator=torch.Generator().manual_seed(R * 100 + D))
+    v0 = v.clone()
+    out = c.compress(v, rng(*range(R)))
+    assert out.shape == v.shape and out.dtype == dtype
+    assert torch.equal(v, v0)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_vector_maps_to_zero_except_sign(name):
+    c = make(name, 6, k=2)
+    out = c.compress(torch.zeros(2, 3, 6, dtype=F64), rng(0, 1))
+    if name == "sign":
+        assert torch.equal(out, torch.ones_like(out))  # sign(0) = +1
+    else:
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+# --------------------------------------------------------------------------------------------- topk
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    xs=st.lists(st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False), min_size=1, max_size=40),
+    data=st.data(),
+)
+def test_topk_contraction_and_exactly_k_kept(xs, data):
+    D = len(xs)
+    k = data.draw(st.integers(1, D))
+    x = row(*xs)
+    c = make("topk", D, k=k)
+    out = c.compress(x, None)
+    err = ((out - x) ** 2).sum().item()
+    assert err <= (1 - k / D) * (x**2).sum().item() + 1e-9
+    mask = topk_mask(x, k)
+    assert mask.sum().item() == k
+    # kept values are the input values, the rest zero
+    assert torch.equal(out, torch.where(mask, x, torch.zeros_like(x)))
+    # every kept magnitude is >= every dropped magnitude
+    if k < D:
+        assert x.abs()[mask].min() >= x.abs()[~mask].max()
+
+
+def test_topk_contraction_many_random_rows_with_ties():
+    g = torch.Generator().manual_seed(0)
+    D = 37
+    x = torch.randint(-4, 5, (3, 500, D), generator=g).to(F64)  # many ties and zeros
+    for k in (1, 5, 18, 36, 37):
+        out = make("topk", D, k=k).compress(x, None)
+        err = ((out - x) ** 2).sum(-1)
+        assert (err <= (1 - k / D) * (x**2).sum(-1) + 1e-12).all()
+        assert (topk_mask(x, k).sum(-1) == k).all()
+
+
+def test_topk_tie_break_lower_index():
+    x = row(1, 3, 3, 3, 2)
+    out = make("topk", 5, k=2).compress(x, None)
+    assert out.flatten().tolist() == [0, 3, 3, 0, 0]
+    assert topk_mask(x, 2).flatten().tolist() == [False, True, True, False, False]
+    # negative ties count by magnitude; lower index wins
+    out = make("topk", 5, k=3).compress(row(-2, 5, 2, -2, 1), None)
+    assert out.flatten().tolist() == [-2, 5, 2, 0, 0]
+
+
+def test_topk_exactly_k_with_zeros_and_ties():
+    x = row(0, 0, 7, 0, 0, 0)
+    mask = topk_mask(x, 3)
+    assert mask.flatten().tolist() == [True, True, True, False, False, False]
+    out = make("topk", 6, k=3).compress(x, None)
+    assert out.flatten().tolist() == [0, 0, 7, 0, 0, 0]
+    x = torch.ones(2, 4, 9, dtype=torch.float32)
+    out = make("topk", 9, k=4).compress(x, None)
+    assert (out != 0).sum(-1).eq(4).all()
+    assert torch.equal(out[..., :4], torch.ones(2, 4, 4)) and not out[..., 4:].any()
+
+
+# --------------------------------------------------------------------------------------------- signs
+
+
+@pytest.mark.parametrize("name", ["sign", "scaled_sign", "grouped_sign"])
+def test_sign_of_zero_is_plus_one(name):
+    x = row(0.0, -2.0, 0.0, 3.0, -0.0, 1.0)  # every block of 2 has a nonzero scale
+    out = make(name, 6, group=2).compress(x, None).flatten()
+    assert out[0] > 0 and out[2] > 0 and out[4] > 0 and out[1] < 0 and out[3] > 0 and out[5] > 0
+
+
+def test_sign_values():
+    assert make("sign", 4).compress(row(-0.5, 0, 2, -3), None).flatten().tolist() == [-1, 1, 1, -1]
+
+
+def test_scaled_sign_error_identity():
+    g = torch.Generator().manual_seed(1)
+    for D in (1, 2, 7, 50):
+        x = torch.randn(2, 20, D, dtype=F64, generator=g)
+        x[..., 0] = 0.0  # include zeros
+        out = make("scaled_sign", D).compress(x, None)
+        err = ((out - x) ** 2).sum(-1)
+        expect = (x**2).sum(-1) - x.abs().sum(-1) ** 2 / D
+        torch.testing.assert_close(err, expect, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_sign_limits_and_short_last_block():
+    g = torch.Generator().manual_seed(2)
+    for D in (1, 5, 10, 64, 100):
+        x = torch.randn(2, 3, D, dtype=F64, generator=g)
+        torch.testing.assert_close(make("grouped_sign", D, group=D).compress(x, None),
+                                   make("scaled_sign", D).compress(x, None), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(make("grouped_sign", D, group=D + 7).compress(x, None),
+                                   make("scaled_sign", D).compress(x, None), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(make("grouped_sign", D, group=1).compress(x, None), x, rtol=1e-12, atol=1e-12)
+    # D = 10, group = 4: blocks [0:4], [4:8], [8:10]; the last one is scaled by its own length 2
+    x = torch.arange(1.0, 11.0, dtype=F64) * torch.tensor([1, -1] * 5, dtype=F64)
+    out = make("grouped_sign", 10, group=4).compress(x.reshape(1, 1, 10), None).flatten()
+    scales = [x[0:4].abs().mean(), x[4:8].abs().mean(), x[8:10].abs().mean()]
+    expect = torch.cat([scales[0].repeat(4), scales[1].repeat(4), scales[2].repeat(2)]) * torch.sign(x)
+    torch.testing.assert_close(out, expect)
+    assert scales[2].item() == 9.5
+
+
+# --------------------------------------------------------------------------------------------- randomised
+
+
+def test_value_sets_of_random_quantisers():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 50, 13, dtype=F64, generator=g)
+    r = rng(4, 5)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    inf = x.abs().amax(-1, keepdim=True)
+    s = 3
+    q = make("qsgd", 13, levels=s).compress(x, r)
+    lv = q.abs() * s / norm
+    assert torch.allclose(lv, lv.round(), atol=1e-9) and (lv.round() <= s).all()
+    assert ((q == 0) | (torch.sign(q) == torch.sign(x))).all()
+    o = make("onebit", 13).compress(x, r)
+    assert torch.allclose(o.abs(), inf.expand_as(o))
+    t = make("terngrad", 13).compress(x, r)
+    assert ((t == 0) | (t.abs() == inf)).all() and ((t == 0) | (torch.sign(t) == torch.sign(x))).all()
+    n = make("natural", 13).compress(x, r)
+    lo = 2.0 ** torch.floor(torch.log2(x.abs()))
+    assert ((n.abs() == lo) | (n.abs() == 2 * lo)).all() and (torch.sign(n) == torch.sign(x)).all()
+    # powers of two are kept exactly by natural compression
+    p2 = row(0.25, -4.0, 1.0, 0.0, 2.0**-40)
+    assert torch.equal(make("natural", 5).compress(p2, rng(0)), p2)
+
+
+@pytest.mark.parametrize("name", ["randk", "randk_unbiased"])
+def test_randk_keeps_k_per_device_and_devices_differ(name):
+    D, k, M = 20, 4, 300
+    x = torch.ones(2, M, D, dtype=F64)
+    out = make(name, D, k=k).compress(x, rng(0, 1))
+    nz = out != 0
+    assert (nz.sum(-1) == k).all()
+    vals = out[nz]
+    assert torch.allclose(vals, torch.full_like(vals, 1.0 if name == "randk" else D / k))
+    # each device draws its own subset: not all masks equal; coverage ~ uniform
+    assert not (nz == nz[:, :1]).all()
+    freq = nz.to(F64).mean(dim=(0, 1))  # per-coordinate inclusion frequency, expectation k/D
+    se = math.sqrt((k / D) * (1 - k / D) / (2 * M))
+    assert ((freq - k / D).abs() < 5 * se).all()
+
+
+X_TEST = torch.tensor([0.9, -2.0, 0.0, 0.3, 1.7, -0.05, 3.1], dtype=F64)
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_unbiased_mean_within_4_standard_errors(name):
+    D, M = X_TEST.numel(), 40_000
+    c = make(name, D, k=2, levels=2)
+    v = X_TEST.expand(1, M, D)
+    out = c.compress(v, rng(11))[0]  # (M, D): M independent draws
+    mean = out.mean(0)
+    se = out.std(0) / math.sqrt(M)
+    assert ((mean - X_TEST).abs() <= 4 * se + 1e-12).all(), (mean, X_TEST, se)
+
+
+def test_randk_is_biased_by_k_over_d():
+    D, M, k = 7, 40_000, 2
+    out = make("randk", D, k=k).compress(X_TEST.expand(1, M, D), rng(12))[0]
+    se = out.std(0) / math.sqrt(M)
+    assert ((out.mean(0) - k / D * X_TEST).abs() <= 4 * se + 1e-12).all()
+
+
+OMEGA_XS = {
+    "gauss": torch.randn(16, dtype=F64, generator=torch.Generator().manual_seed(5)),
+    "onehot": torch.eye(16, dtype=F64)[3] * 2.5,
+    "flat": torch.full((16,), -0.7, dtype=F64),
+}
+
+
+@pytest.mark.parametrize("name,kw", [("randk_unbiased", {"k": 3}), ("qsgd", {"levels": 1}), ("qsgd", {"levels": 2}),
+                                     ("qsgd", {"levels": 8}), ("onebit", {}), ("terngrad", {}), ("natural", {}),
+                                     ("identity", {})])
+@pytest.mark.parametrize("xname", list(OMEGA_XS))
+def test_omega_bound_holds_empirically(name, kw, xname):
+    x = OMEGA_XS[xname]
+    D, M = x.numel(), 20_000
+    c = make(name, D, **kw)
+    expected = {"randk_unbiased": D / 3 - 1, "onebit": D - 1, "terngrad": math.sqrt(D) - 1, "natural": 1 / 8,
+                "identity": 0.0}.get(name)
+    if name == "qsgd":
+        s = kw["levels"]
+        expected = min(D / s**2, math.sqrt(D) / s)
+    assert c.omega() == pytest.approx(expected)
+    out = c.compress(x.expand(1, M, D), rng(21))[0]
+    err = ((out - x) ** 2).sum(-1)  # (M,)
+    bound = c.omega() * (x**2).sum()
+    assert err.mean() <= bound + 4 * err.std() / math.sqrt(M) + 1e-12
+
+
+# --------------------------------------------------------------------------------------------- bits
+
+
+@pytest.mark.parametrize("D", [1, 2, 7, 64, 100, 1000, 1025])
+def test_bits_match_design_formulas(D):
+    k = max(1, math.ceil(0.1 * D))
+    L = math.ceil(math.log2(D))
+    expect = {
+        "identity": 32 * D,
+        "topk": k * (32 + L),
+        "randk": 32 * k,
+        "randk_unbiased": 32 * k,
+        "sign": D,
+        "scaled_sign": D + 32,
+        "grouped_sign": D + 32 * math.ceil(D / 64),
+        "qsgd": D * (1 + math.ceil(math.log2(4 + 1))) + 32,
+        "onebit": D + 32,
+        "terngrad": 2 * D + 32,
+        "natural": 9 * D,
+    }
+    for name in ALL:
+        c = make(name, D, k=None, ratio=0.1, group=64, levels=4)
+        assert c.bits() == expect[name], name
+        assert isinstance(c.bits(), int)
+    assert make("topk", D, k=k, index_bits="32").bits() == k * (32 + 32)
+    assert make("topk", D, k=k, index_bits=32).bits() == k * (32 + 32)
+    assert make("topk", D, k=k, index_bits="bitmap").bits() == 32 * k + D
+    for s in (1, 2, 3, 7, 8, 16):
+        assert make("qsgd", D, levels=s).bits() == D * (1 + math.ceil(math.log2(s + 1))) + 32
+    for g in (1, 3, 10):
+        assert make("grouped_sign", D, group=g).bits() == D + 32 * math.ceil(D / g)
+
+
+def test_value_bits_replace_32():
+    D, k, vb = 100, 10, 16
+    expect = {"identity": vb * D, "topk": k * (vb + 7), "randk": vb * k, "randk_unbiased": vb * k, "sign": D,
+              "scaled_sign": D + vb, "grouped_sign": D + vb * 2, "qsgd": D * 4 + vb, "onebit": D + vb,
+              "terngrad": 2 * D + vb, "natural": 9 * D}
+    for name in ALL:
+        assert make(name, D, k=k, value_bits=vb, group=64, levels=4).bits() == expect[name], name
+    assert make("topk", D, k=k, value_bits=vb, index_bits="bitmap").bits() == vb * k + D
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def test_k_from_ratio():
+    assert make("topk", 100, ratio=0.1).k == 10
+    assert make("topk", 7, ratio=0.1).k == 1
+    assert make("topk", 7, ratio=0.2).k == 2  # ceil(1.4)
+    assert make("randk", 100, ratio=0.07).k == 7  # 0.07*100 = 7.000000000000001 in floats
+    assert make("randk_unbiased", 1000, ratio=1e-6).k == 1
+    assert make("topk", 33, ratio=1.0).k == 33
+    assert make("topk", 100, k=5, ratio=0.5).k == 5  # k wins over ratio
+    assert make("topk", 100).k == 10  # default ratio 0.1
+
+
+def test_omegaconf_config():
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"name": "topk", "k": None, "ratio": 0.25, "index_bits": "bitmap",
+                                      "value_bits": 32})
+    c = build_compressor(cfg, 40)
+    assert c.k == 10 and c.bits() == 32 * 10 + 40
+
+
+@pytest.mark.parametrize(
+    "cfg,key",
+    [
+        ({"name": "topk", "k": 0}, "compressor.k"),
+        ({"name": "topk", "k": 11}, "compressor.k"),
+        ({"name": "randk", "k": -1}, "compressor.k"),
+        ({"name": "randk_unbiased", "k": 2.5}, "compressor.k"),
+        ({"name": "topk", "k": "3"}, "compressor.k"),
+        ({"name": "topk", "ratio": 0.0}, "compressor.ratio"),
+        ({"name": "topk", "ratio": 1.5}, "compressor.ratio"),
+        ({"name": "topk", "ratio": "x"}, "compressor.ratio"),
+        ({"name": "grouped_sign", "group": 0}, "compressor.group"),
+        ({"name": "grouped_sign", "group": 2.0}, "compressor.group"),
+        ({"name": "qsgd", "levels": 0}, "compressor.levels"),
+        ({"name": "topk", "index_bits": "log10"}, "compressor.index_bits"),
+        ({"name": "topk", "index_bits": 16}, "compressor.index_bits"),
+        ({"name": "sign", "value_bits": 0}, "compressor.value_bits"),
+        ({"name": "nope"}, "compressor"),
+    ],
+)
+def test_bad_config_raises_config_error_naming_the_key(cfg, key):
+    with pytest.raises(ConfigError) as ei:
+        build_compressor(cfg, 10)
+    assert ei.value.key == key
+    assert str(ei.value).startswith(f"{key}=")
+
+
+def test_error_messages():
+    with pytest.raises(ConfigError, match=r"compressor\.k=0: out of range; accepted: integers 1\.\.10"):
+        build_compressor({"name": "topk", "k": 0}, 10)
+    with pytest.raises(ConfigError, match=r"compressor\.k=11"):
+        build_compressor({"name": "topk", "k": 11}, 10)
+    with pytest.raises(ConfigError) as ei:
+        build_compressor({"name": "bogus"}, 10)
+    assert "compressor='bogus'" in str(ei.value) and "topk" in str(ei.value)
+
+
+def test_randomised_needs_rng():
+    with pytest.raises(ValueError):
+        make("qsgd", 4).compress(torch.ones(1, 1, 4), None)
+    with pytest.raises(ValueError):
+        make("onebit", 4).compress(torch.ones(2, 1, 4), rng(0))  # R mismatch
+
+
+# --------------------------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_replicates_equal_separate_runs(name):
+    D = 23
+    c = make(name, D, k=5, group=4, levels=3)
+    x = torch.randn(2, 6, D, dtype=F64, generator=torch.Generator().manual_seed(9))
+    both, r0, r1 = rng(0, 1), rng(0), rng(1)
+    for _ in range(3):  # repeated calls consume the streams identically
+        joint = c.compress(x, both)
+        sep = torch.cat([c.compress(x[:1], r0), c.compress(x[1:], r1)])
+        assert torch.equal(joint, sep)
+    # same seed, same draws; different seed, different draws
+    assert torch.equal(c.compress(x, rng(0, 1)), c.compress(x, rng(0, 1)))
+    if c.randomized:
+        a = c.compress(x[:1], rng(0))
+        b = c.compress(x[:1], rng(7))
+        assert not torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------- error feedback
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_error_feedback_invariant(name):
+    R, M, D, T = 2, 4, 17, 25
+    c = make(name, D, k=3, group=5, levels=2)
+    g = torch.Generator().manual_seed(13)
+    r = rng(3, 4)
+    e = torch.zeros(R, M, D, dtype=F64)
+    sum_m = torch.zeros_like(e)
+    sum_u = torch.zeros_like(e)
+    for _ in range(T):
+        u = torch.randn(R, M, D, dtype=F64, generator=g)
+        v = u + e
+        m = c.compress(v, r)
+        e = v - m
+        sum_m += m
+        sum_u += u
+    # EF with a non-contractive compressor (randk_unbiased) lets e grow: 1e-10 relative to its scale
+    scale = max(1.0, e.abs().max().item(), sum_m.abs().max().item())
+    torch.testing.assert_close(sum_m + e, sum_u, rtol=0, atol=1e-10 * scale)
