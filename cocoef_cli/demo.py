@@ -1,6 +1,7 @@
 """``make demo``: COCO-EF against its baselines on a small synthetic linear regression.
 
-100 devices, Bernoulli stragglers with p = 0.2, stochastic gradient coding with d = 3, 3 seeds.
+100 devices, Bernoulli stragglers with p = 0.2, stochastic gradient coding with d = 3, compression
+to 3% of the coordinates, 3 seeds.
 Writes one run folder per method under ``--out``, a figure of the optimality gap F(θ) − F* against
 cumulative uplink bits, and prints the final numbers.
 """
@@ -14,17 +15,18 @@ import pandas as pd
 from cocoef_cli import config
 from cocoef_cli.run import execute
 
-# (label, overrides): each method at a step size from the grid 0.05·2^i that suits it on this task
+# (label, overrides). Each method runs at its best step size from the grid 0.05·2^i (i = 0..5),
+# measured on this task with 3 seeds and 400 updates (final optimality gap).
 DEMO_RUNS = [
-    ("COCO-EF, top-k 10%", ["method=coco_ef", "compressor=topk"]),
-    ("COCO, top-k 10% (no EF)", ["method=coco", "compressor=topk"]),
-    ("COCO, unbiased rand-k 10%", ["method=coco", "compressor=randk_unbiased"]),
-    ("COCO-DIANA, unbiased rand-k 10%", ["method=coco_diana", "compressor=randk_unbiased"]),
-    ("GC, full precision", ["method=gc"]),
-    ("Ignore stragglers, uncoded", ["method=ignore_stragglers"]),
+    ("COCO-EF, top-k 3%", ["method=coco_ef", "compressor=topk", "optim.lr=0.2"]),
+    ("COCO, top-k 3% (no EF)", ["method=coco", "compressor=topk", "optim.lr=0.8"]),
+    ("COCO, unbiased rand-k 3%", ["method=coco", "compressor=randk_unbiased", "optim.lr=0.2"]),
+    ("COCO-DIANA, unbiased rand-k 3%", ["method=coco_diana", "compressor=randk_unbiased", "optim.lr=0.2"]),
+    ("GC, full precision", ["method=gc", "optim.lr=0.2"]),
+    ("Ignore stragglers, uncoded", ["method=ignore_stragglers", "optim.lr=0.2"]),
 ]
-COMMON = ["devices=100", "straggler=bernoulli", "straggler.p=0.2", "code=sgc", "code.d=3", "seeds=3", "iters=300",
-          "eval_every=10"]
+COMMON = ["devices=100", "straggler=bernoulli", "straggler.p=0.2", "code=sgc", "code.d=3", "compressor.ratio=0.03",
+          "seeds=3", "iters=300", "eval_every=10"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     from cocoef_cli.report import line_figure
 
     path = line_figure(data, x="bits_up", y="opt_gap", hue="label", out=args.out / "gap_vs_bits.png",
-                       title="Synthetic least squares, 100 devices, p = 0.2, SGC d = 3 (mean of 3 seeds, 95% CI)")
+                       title="Synthetic least squares, 100 devices, p = 0.2, SGC d = 3, k = 4 of D = 101\n(mean of 3 seeds, 95% CI)")
     table = (data[data.iter == data.iter.max()].groupby("label", sort=False)
              .agg(final_gap=("opt_gap", "mean"), total_bits=("bits_up", "mean")))
     print(table.to_string(float_format=lambda v: f"{v:.3e}"))

@@ -27,7 +27,11 @@ def line_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title: 
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    data = data[data[x].notna() & data[y].notna()]
+    data = data[data[x].notna() & data[y].notna()].copy()
+    if x != "iter" and "iter" in data:
+        # seeds reach different x (bits, time) at the same iteration: align them on the mean x of
+        # each (curve, iteration) so the band is the spread of y across seeds, not across x
+        data[x] = data.groupby([hue, "iter"])[x].transform("mean")
     if x == "bits_up":
         data = data[data[x] > 0]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))

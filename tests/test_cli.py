@@ -98,3 +98,14 @@ def test_help_of_every_verb():
     for verb in ["run", "list", "check-code"]:
         res = runner.invoke(app, [verb, "--help"])
         assert res.exit_code == 0 and "Usage" in res.stdout
+
+
+def test_demo_writes_csvs_and_figure(tmp_path):
+    from cocoef_cli.demo import main
+
+    main(["--out", str(tmp_path), "iters=20", "seeds=2", "devices=20"])
+    csvs = sorted(tmp_path.glob("*/metrics.csv"))
+    assert len(csvs) == 6
+    assert (tmp_path / "gap_vs_bits.png").stat().st_size > 10_000 and (tmp_path / "gap_vs_bits.pdf").exists()
+    df = pd.read_csv(csvs[0])
+    assert df.opt_gap.notna().all() and set(df.seed) == {0, 1}
