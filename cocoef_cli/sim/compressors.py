@@ -142,7 +142,8 @@ class Compressor:
         return None
 
     def compress(self, v: Tensor, rng: SeedRNG | None = None) -> Tensor:
-        """Dense reconstruction C(v) of every message (last dim D); same shape and dtype; v unchanged."""
+        """Dense reconstruction C(v) of every message (last dim D): a new tensor (never v or a view of
+        it: callers may reuse v in place), same shape and dtype; v unchanged."""
         if v.shape[-1] != self.D:
             raise ValueError(f"{self.name}: last dim of v is {v.shape[-1]}, compressor built for D={self.D}")
         return self._compress(v, rng)
