@@ -80,13 +80,14 @@ class GLM:
         R, N, Bsz, f = Xp.shape
         Z = self.logits(theta, Xp)
         E = self.residual(Z, Yp) * Wp.unsqueeze(-1)  # (R, N, B, C)
-        G = torch.bmm(Xp.reshape(R * N, Bsz, f).transpose(1, 2), E.reshape(R * N, Bsz, self.C))
-        return G.view(R, N, self.D)
+        # (Eᵀ Xp)ᵀ: the long dimension f stays contiguous, several times faster than Xpᵀ E on CPU
+        Gt = torch.bmm(E.reshape(R * N, Bsz, self.C).transpose(1, 2), Xp.reshape(R * N, Bsz, f))
+        return Gt.transpose(1, 2).reshape(R, N, self.D)
 
     def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """(1/n) Σ_s ∇ℓ_s(θ) for shared features Xf (n, f̃): shape (R, D)."""
         E = self.residual(self.logits(theta, Xf), Y) / Xf.shape[0]
-        return torch.matmul(Xf.T, E).reshape(theta.shape[0], self.D)
+        return torch.matmul(E.transpose(1, 2), Xf).transpose(1, 2).reshape(theta.shape[0], self.D)
 
 
 @MODELS.register("linear")
