@@ -121,68 +121,83 @@ class RunResult:
     wall_s: float
 
 
+class Simulation:
+    """The mutable state of a run (θ, momentum buffer, counters; the method holds the per-device
+    state) and :meth:`step`, one update for all replicates."""
+
+    def __init__(self, exp: Experiment):
+        self.exp, R = exp, len(exp.seeds)
+        self.t = 0
+        self.theta = exp.objective.model.init(SeedRNG(exp.seeds, "init", exp.device), exp.dtype)
+        self.momentum = float(exp.cfg["optim"].get("momentum", 0.0))
+        self.buf = torch.zeros_like(self.theta) if self.momentum else None
+        self.bits = torch.zeros(R, dtype=torch.int64, device=exp.device)
+        self.sim_time = torch.zeros(R, dtype=torch.float64, device=exp.device)
+        self.timed = exp.straggler is not None and exp.straggler.timed
+        self.upload_s = 0.0
+        bandwidth = (exp.cfg.get("network") or {}).get("bandwidth_bps")
+        if self.timed and bandwidth:
+            self.upload_s = exp.bits_per_message / float(bandwidth)
+        self.n_received: torch.Tensor | None = None  # of the last update
+        self.residual: torch.Tensor | None = None
+
+    def step(self) -> None:
+        """θ ← θ − η_t ĝ for update t = self.t + 1."""
+        exp = self.exp
+        self.t += 1
+        if exp.code is None:  # centralised gradient descent
+            g = exp.objective.grad(self.theta)
+        else:
+            U = exp.code.encode(exp.objective.partition_grads(self.theta))
+            z = exp.straggler.draw()
+            a, self.residual = exp.code.decode(z)
+            g = exp.method.step(U, z, a)
+            self.n_received = z.sum(-1)
+            self.bits += self.n_received * exp.bits_per_message
+            if self.timed:
+                self.sim_time += exp.straggler.last_time + self.upload_s
+        if self.buf is not None:
+            g = self.buf.mul_(self.momentum).add_(g)
+        self.theta = self.theta - step_size(exp.cfg["optim"], self.t) * g
+
+    def row(self) -> dict[str, Any]:
+        """The metrics of θ^t per replicate (DESIGN §8 columns that vary), as tensors or scalars."""
+        exp, m = self.exp, self.exp.objective.evaluate(self.theta)
+        after = self.t > 0
+        return {"seed": exp.seeds, "iter": self.t, "train_loss": m.train_loss, "test_loss": m.test_loss,
+                "test_acc": m.test_acc, "grad_norm": m.grad_norm, "bits_up": None if exp.code is None else self.bits,
+                "n_received": self.n_received if after else None, "decode_residual": self.residual if after else None,
+                "ef_norm": exp.method.state_norm(), "sim_time": self.sim_time if self.timed else None,
+                "opt_gap": None if exp.f_star is None else m.train_loss.double() - exp.f_star}
+
+
 def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] | None = None) -> RunResult:
     """Run T updates for all replicates and return the metrics rows (DESIGN §8)."""
-    cfg, obj, method = exp.cfg, exp.objective, exp.method
-    T, every, R = int(cfg["iters"]), int(cfg["eval_every"]), len(exp.seeds)
-    optim, momentum = cfg["optim"], float(cfg["optim"].get("momentum", 0.0))
-    bandwidth = cfg.get("network", {}).get("bandwidth_bps")
+    T, every, R = int(exp.cfg["iters"]), int(exp.cfg["eval_every"]), len(exp.seeds)
     t0 = time.perf_counter()
-
-    theta = obj.model.init(SeedRNG(exp.seeds, "init", exp.device), exp.dtype)
-    buf = torch.zeros_like(theta) if momentum else None
-    bits = torch.zeros(R, dtype=torch.int64, device=exp.device)
-    sim_time = torch.zeros(R, dtype=torch.float64, device=exp.device)
+    sim = Simulation(exp)
     alive = np.ones(R, dtype=bool)
     diverged: dict[int, int] = {}
     rows: list[pd.DataFrame] = []
-    last_n = last_res = None
-    has_time = exp.straggler is not None and exp.straggler.timed
 
-    def record(t: int) -> None:
-        m = obj.evaluate(theta)
-        finite = torch.isfinite(m.train_loss) & torch.isfinite(theta).all(-1)
+    def record() -> None:
+        cols = sim.row()
+        finite = torch.isfinite(cols["train_loss"]) & torch.isfinite(sim.theta).all(-1)
         bad = alive & ~finite.cpu().numpy()
         for r in np.flatnonzero(bad):
-            diverged[exp.seeds[r]] = t
+            diverged[exp.seeds[r]] = sim.t
         alive[bad] = False
-        cols: dict[str, Any] = {"seed": exp.seeds, "iter": t, "train_loss": m.train_loss, "test_loss": m.test_loss,
-                                "test_acc": m.test_acc, "grad_norm": m.grad_norm,
-                                "bits_up": None if exp.code is None else bits,
-                                "n_received": last_n if t > 0 else None,
-                                "decode_residual": last_res if t > 0 else None,
-                                "ef_norm": method.state_norm(), "sim_time": sim_time if has_time else None,
-                                "opt_gap": None if exp.f_star is None else m.train_loss.double() - exp.f_star}
         frame = pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else
-                                  [v] * R if not isinstance(v, list) else v) for k, v in cols.items()})
+                                  v if isinstance(v, list) else [v] * R) for k, v in cols.items()})
         rows.append(frame[alive])
 
-    record(0)
-    for t in range(1, T + 1):
-        if not alive.any():
-            break
-        if exp.code is None:  # centralised gradient descent
-            g = obj.grad(theta)
-        else:
-            G = obj.partition_grads(theta)
-            U = exp.code.encode(G)
-            z = exp.straggler.draw()
-            a, res = exp.code.decode(z)
-            g = method.step(U, z, a)
-            n = z.sum(-1)
-            bits += n * exp.bits_per_message
-            last_n, last_res = n, res
-            if has_time:
-                sim_time += exp.straggler.last_time
-                if bandwidth:
-                    sim_time += exp.bits_per_message / float(bandwidth)
-        if buf is not None:
-            g = buf.mul_(momentum).add_(g)
-        theta = theta - step_size(optim, t) * g
-        if t % every == 0 or t == T:
-            record(t)
+    record()
+    while sim.t < T and alive.any():
+        sim.step()
+        if sim.t % every == 0 or sim.t == T:
+            record()
         if progress is not None:
-            progress(t)
+            progress(sim.t)
 
     df = pd.concat(rows, ignore_index=True)
     for k, v in exp.labels.items():
