@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test baselines lint clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/python -m cocoef_cli.demo --out results/demo
+
+# every method at the default setting, 3 seeds, as a resumable sweep; prints the final-metrics table
+baselines: install
+	$(BIN)/cocoef sweep baselines --out results/baselines
 
 test: install
 	$(BIN)/python -m pytest

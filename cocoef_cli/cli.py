@@ -72,27 +72,72 @@ def run(overrides: Optional[List[str]] = OverridesArg,
         typer.echo(f"diverged (seed: iteration): {res.diverged}", err=True)
 
 
-KINDS = ("codes", "compressors", "methods", "stragglers", "datasets", "models")
+KINDS = ("codes", "compressors", "methods", "stragglers", "datasets", "models", "experiments")
 
 
 @app.command("list")
 @clean_errors
-def list_(kind: Optional[str] = typer.Argument(None, help="One of: " + ", ".join(KINDS))) -> None:
-    """List the registered components (name and one-line description)."""
-    from cocoef_cli.data import DATASETS
-    from cocoef_cli.models import MODELS
-    from cocoef_cli.sim.codes import CODES
-    from cocoef_cli.sim.compressors import COMPRESSORS
-    from cocoef_cli.sim.methods import METHODS
-    from cocoef_cli.sim.stragglers import STRAGGLERS
-
-    regs = dict(zip(KINDS, (CODES, COMPRESSORS, METHODS, STRAGGLERS, DATASETS, MODELS)))
-    if kind is not None and kind not in regs:
+def list_(kind: Optional[str] = typer.Argument(None, help="One of: " + ", ".join(KINDS)),
+          config_dir: Optional[Path] = ConfigDirOpt) -> None:
+    """List the registered components and the sweep presets (name and one-line description)."""
+    if kind is not None and kind not in KINDS:
         raise ConfigError("kind", kind, KINDS, "unknown kind")
+    if kind == "experiments":  # no torch import needed
+        regs: dict = {}
+    else:
+        from cocoef_cli.data import DATASETS
+        from cocoef_cli.models import MODELS
+        from cocoef_cli.sim.codes import CODES
+        from cocoef_cli.sim.compressors import COMPRESSORS
+        from cocoef_cli.sim.methods import METHODS
+        from cocoef_cli.sim.stragglers import STRAGGLERS
+
+        regs = {k: r.describe() for k, r in zip(KINDS, (CODES, COMPRESSORS, METHODS, STRAGGLERS, DATASETS, MODELS))}
+    if kind in (None, "experiments"):
+        from cocoef_cli import config
+        from cocoef_cli.sweep import experiments
+
+        regs["experiments"] = experiments(config.config_dir(config_dir))
     for k in [kind] if kind else KINDS:
         typer.echo(f"{k}:")
-        for name, doc in regs[k].describe():
+        for name, doc in regs[k]:
             typer.echo(f"  {name:<18} {doc}")
+
+
+@app.command()
+@clean_errors
+def sweep(experiment: str = typer.Argument(..., help="A preset of conf/experiment/ (see `cocoef list experiments`)."),
+          overrides: Optional[List[str]] = typer.Argument(None, help="Hydra overrides and sweeps, e.g. "
+                                                          "straggler.p=0.1,0.3 seed=range(0,3) hydra.launcher.partition=gpu"),
+          out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: runs/sweeps/EXPERIMENT)."),
+          launcher: str = typer.Option("joblib", "--launcher", "-l",
+                                       help="basic | joblib (local processes) | submitit_local | submitit_slurm | ray"),
+          jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel jobs (joblib: n_jobs, default all "
+                                             "cores; submitit_slurm: array_parallelism)."),
+          config_dir: Optional[Path] = ConfigDirOpt,
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table.")) -> None:
+    """A Hydra multirun of a preset: one folder per job (metrics.csv, run.json) and OUT/index.csv.
+    Resumable: rerunning on the same --out skips finished jobs and reruns failed or missing ones."""
+    from cocoef_cli.sweep import SweepError, run_sweep, summary
+
+    try:
+        res = run_sweep(experiment, overrides or [], out, launcher, jobs, config_dir, quiet=quiet,
+                        echo=(lambda m: None) if quiet else typer.echo)
+    except SweepError as e:
+        typer.echo(f"sweep failed: {e}", err=True)
+        raise typer.Exit(1)
+    counts = res.index["status"].value_counts().to_dict()
+    if not quiet:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+            typer.echo(summary(res.out, res.index).to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
+    typer.echo(f"{len(res.jobs)} job(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+               + f" ({res.skipped} skipped as already done) in {res.wall_s:.1f}s → {res.out}/index.csv")
+    if not res.ok:
+        bad = res.index[~res.index["status"].isin(("completed", "diverged"))]
+        typer.echo("failed or missing jobs (rerun the same command to retry): " + ", ".join(bad["job"]), err=True)
+        raise typer.Exit(1)
 
 
 @app.command("check-code")

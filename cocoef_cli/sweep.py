@@ -1,0 +1,438 @@
+"""Experiment sweeps: a real Hydra multirun of a ``conf/experiment/`` preset, resumable.
+
+``run_sweep`` (behind ``cocoef sweep``) works in three steps:
+
+1. **Plan** (nothing written): expand the preset's ``hydra.sweeper.params`` and the command-line
+   overrides into one override list per job exactly as Hydra's basic sweeper does, compose and
+   build every job's config (so a typo costs seconds, not a cluster allocation), and name each
+   job's folder from its own overrides (:func:`job_name`; stable across reruns).
+2. **Launch**: call :func:`_task` through ``hydra.main`` with a temporary ``sys.argv``
+   (``-m``, the overrides, ``hydra.sweep.dir``, ``hydra/launcher=...``). Each job skips itself
+   when its folder already holds a finished run of the same config, else runs through
+   :func:`cocoef_cli.run.execute`, which writes ``metrics.csv`` then ``run.json`` atomically.
+   When every job is already done the launch is skipped altogether.
+3. **Index**: read every job folder's ``run.json`` and write ``DIR/index.csv`` (job, overrides,
+   status, wall_s).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from cocoef_cli.errors import ConfigError
+
+LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm", "ray")
+PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+           "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+           "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+           "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}
+JOBS_KEY = {"joblib": "hydra.launcher.n_jobs", "submitit_slurm": "hydra.launcher.array_parallelism"}
+DONE = ("completed", "diverged")  # finished runs: deterministic, never rerun
+INDEX_COLUMNS = ["job", "overrides", "status", "wall_s"]
+EXCLUDED_FROM_NAME = ("experiment",)  # = hydra.job.config.override_dirname.exclude_keys in conf/hydra/
+_SAFE = re.compile(r"[^A-Za-z0-9._=,+\-]")
+_MAX_NAME = 120
+
+
+def job_name(override_dirname: str) -> str:
+    """Folder name of a job from Hydra's ``override_dirname`` (its overrides, sorted, ``k=v,k=v``).
+
+    Characters outside ``[A-Za-z0-9._=,+-]`` become ``_`` and long names are cut; either way a
+    short hash of the full string is appended so that distinct jobs never share a folder."""
+    if not override_dirname:
+        return "default"
+    safe = _SAFE.sub("_", override_dirname)
+    if safe == override_dirname and len(safe) <= _MAX_NAME:
+        return safe
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    return f"{safe[:_MAX_NAME - 9]}-{digest}"
+
+
+if not OmegaConf.has_resolver("cocoef_job"):  # used by hydra.sweep.subdir in conf/hydra/default.yaml
+    OmegaConf.register_new_resolver("cocoef_job", lambda s="": job_name(str(s)))
+
+
+@dataclass
+class Job:
+    name: str
+    overrides: list[str]  # the job's overrides as Hydra passes them (experiment included)
+    run_id: str
+    cfg: dict = field(default_factory=dict, repr=False)  # the composed, validated config
+
+    @property
+    def label(self) -> str:
+        return " ".join(o for o in self.overrides if o.lstrip("+~").partition("=")[0] not in EXCLUDED_FROM_NAME)
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    jobs: list[Job]
+    index: Any  # pandas DataFrame of index.csv
+    skipped: int
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.index["status"].isin(DONE).all())
+
+
+# ---------------------------------------------------------------------------------------- the task
+def _task(cfg: DictConfig) -> str:
+    """One job of the multirun (runs in the launcher's worker). Skips a finished run of the same
+    config; else runs it via :func:`cocoef_cli.run.execute`. Never raises for a failed run: it
+    records ``status: failed`` in ``run.json`` instead, so the other jobs go on."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cocoef_cli import config
+    from cocoef_cli.record import run_id, run_record, write_run
+    from cocoef_cli.run import execute
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    rid = run_id(plain)
+    rec = read_record(out)
+    if rec.get("status") in DONE and rec.get("run_id") == rid:
+        return "skipped"
+    t0 = time.perf_counter()
+    try:
+        config.validate(plain)
+        _, res = execute(plain, out, progress=False)
+        return res.status
+    except Exception as e:  # noqa: BLE001 — a failed job is recorded, not raised
+        if read_record(out).get("status") != "failed" or read_record(out).get("run_id") != rid:
+            # execute() failed while building (nothing written yet): record the failure here
+            write_run(out, None, run_record(plain, "failed", time.perf_counter() - t0, run_id=rid,
+                                            error=f"{type(e).__name__}: {e}"))
+        return "failed"
+
+
+def read_record(job_dir: Path) -> dict:
+    """``run.json`` of a job folder, or {} when absent or unreadable."""
+    try:
+        rec = json.loads((Path(job_dir) / "run.json").read_text())
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ------------------------------------------------------------------------------------------ plan
+def experiments(root: Path | None = None) -> list[tuple[str, str]]:
+    """(name, one-line description) of every preset: the first comment line after ``@package``."""
+    from cocoef_cli import config
+
+    root = root or config.config_dir()
+    out = []
+    for path in sorted((root / "experiment").glob("*.yaml")):
+        desc = ""
+        for line in path.read_text().splitlines():
+            s = line.strip()
+            if s.startswith("#") and "@package" not in s:
+                desc = s.lstrip("#").strip()
+                break
+        out.append((path.stem, desc))
+    return out
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value that is taken literally (paths with spaces, commas, ...)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(task overrides, hydra overrides); refuses the keys the CLI owns."""
+    task, hyd = [], []
+    for ov in overrides:
+        key = ov.partition("=")[0].lstrip("+~")
+        if key.startswith(("hydra.", "hydra/")) or key == "hydra":
+            if key in ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.run.dir", "hydra/launcher", "hydra.mode") \
+                    or key.startswith("hydra.job.config.override_dirname"):  # job folder names: see conf/hydra/
+                raise ConfigError(key, ov.partition("=")[2], {"hydra.sweep.dir": "--out", "hydra/launcher": "--launcher"}
+                                  .get(key, "the value set by cocoef sweep"), "set by the CLI")
+            hyd.append(ov)
+        elif key in ("experiment",):
+            raise ConfigError(key, ov.partition("=")[2], "the EXPERIMENT argument of cocoef sweep", "set by the CLI")
+        else:
+            task.append(ov)
+    return task, hyd
+
+
+def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib", jobs: int | None = None,
+         root: Path | None = None, check: bool = True) -> tuple[list[Job], list[str]]:
+    """Validate a sweep and expand it into jobs, writing nothing.
+
+    Returns the jobs (in Hydra's order) and the hydra overrides to launch with. Raises
+    :class:`ConfigError` for an unknown preset or launcher, bad override syntax, or a job whose
+    config is invalid (``check`` builds every job's experiment, as ``cocoef run`` would)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cocoef_cli import config
+    from cocoef_cli.record import run_id
+
+    root = config.config_dir(root)
+    names = [n for n, _ in experiments(root)]
+    if experiment not in names:
+        raise ConfigError("experiment", experiment, names or "a preset in conf/experiment/", "unknown experiment")
+    if launcher not in LAUNCHERS:
+        raise ConfigError("--launcher", launcher, LAUNCHERS, "unknown launcher")
+    if launcher in PLUGINS:
+        import importlib.util
+
+        mod, pkg = PLUGINS[launcher]
+        if importlib.util.find_spec(mod) is None:
+            raise ConfigError("--launcher", launcher, f"an installed launcher: pip install {pkg} (or cocoef[cluster])",
+                              "launcher plugin not installed")
+    if jobs is not None:
+        if launcher not in JOBS_KEY:
+            raise ConfigError("--jobs", jobs, "joblib or submitit_slurm launchers (set hydra.launcher.* for others)",
+                              f"not supported by launcher {launcher}")
+        if jobs < 1 and not (launcher == "joblib" and jobs == -1):
+            raise ConfigError("--jobs", jobs, "integers ≥ 1 (-1: all cores, joblib)", "out of range")
+    task_ovs, hydra_ovs = _split_overrides(overrides)
+    hydra_ovs = [f"hydra/launcher={launcher}", *hydra_ovs]
+    if jobs is not None:
+        hydra_ovs.append(f"{JOBS_KEY[launcher]}={jobs}")
+    exp_ov = f"+experiment={experiment}"
+
+    parser = OverridesParser.create()
+    try:
+        parsed_user = parser.parse_overrides([exp_ov, *task_ovs])
+    except Exception as e:  # noqa: BLE001 — Hydra's parse errors: one line
+        bad = next((o for o in task_ovs if not _parses(parser, o)), " ".join(task_ovs))
+        raise ConfigError("overrides", bad, "Hydra override syntax key=value, sweeps key=a,b or key=range(0,3)",
+                          str(e).strip().splitlines()[0]) from None
+    # the preset's hydra.sweeper.params and the hydra overrides, composed once (validates the
+    # latter), then the sweep expanded by Hydra's own basic sweeper code (glob() needs the loader)
+    plain_user = [o.input_line for o in parsed_user if not o.is_sweep_override()]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+            try:
+                hcfg = compose("config", overrides=[*plain_user, *hydra_ovs], return_hydra_config=True)
+            except Exception as e:  # noqa: BLE001
+                raise config._hydra_error(e, [*plain_user, *hydra_ovs], root) from None
+            params = OmegaConf.select(hcfg, "hydra.sweeper.params") or {}
+            swept = [f"{k}={v}" for k, v in params.items()] + [exp_ov, *task_ovs]
+            loader_parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+            try:
+                batches = BasicSweeper.split_arguments(loader_parser.parse_overrides(swept), None)
+            except Exception as e:  # noqa: BLE001
+                raise ConfigError("overrides", " ".join(swept), "Hydra sweep syntax (key=a,b, key=range(0,3), "
+                                  "key=glob(*))", str(e).strip().splitlines()[0]) from None
+    except ConfigError as err:
+        if not err.key.startswith("hydra.launcher."):
+            raise
+        GlobalHydra.instance().clear()
+        raise ConfigError(err.key, err.value, _launcher_keys(root, launcher), f"unknown key of launcher {launcher}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    out: list[Job] = []
+    for job_ovs in batches[0]:
+        cfg = config.load(job_ovs, root)
+        dirname = get_overrides_dirname(parser.parse_overrides(job_ovs), list(EXCLUDED_FROM_NAME), ",", "=")
+        out.append(Job(job_name(dirname), list(job_ovs), run_id(cfg), cfg))
+    if check:
+        check_builds(out)
+    return out, hydra_ovs
+
+
+def _launcher_keys(root: Path, launcher: str) -> list[str]:
+    """The ``hydra.launcher.*`` keys the chosen launcher accepts."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+            cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+        return [f"hydra.launcher.{k}" for k in cfg.hydra.launcher if k != "_target_"]
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _parses(parser: Any, ov: str) -> bool:
+    try:
+        parser.parse_overrides([ov])
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# top-level keys that config.validate checks fully: jobs differing only in them build alike
+_NOT_BUILT = ("seed", "seeds", "iters", "eval_every", "optim", "network")
+
+
+def check_builds(jobs: Sequence[Job]) -> None:
+    """Build each job's experiment as ``cocoef run`` would (components validate their own keys
+    then), once per group of jobs that differ only in keys :func:`config.validate` checks fully."""
+    from cocoef_cli.sim.engine import build_experiment
+
+    built: set[str] = set()
+    for job in jobs:
+        sig = json.dumps({k: v for k, v in job.cfg.items() if k not in _NOT_BUILT}, sort_keys=True, default=str)
+        if sig not in built:
+            build_experiment(job.cfg)
+            built.add(sig)
+
+
+def job_status(out: Path, job: Job) -> tuple[str, float | None]:
+    """(status, wall_s) of a job folder: ``missing`` when it holds no run, ``stale`` when it holds
+    a run of another config (it will be rerun)."""
+    rec = read_record(out / job.name)
+    if not rec:
+        return "missing", None
+    if rec.get("run_id") != job.run_id:
+        return "stale", None
+    return str(rec.get("status", "missing")), rec.get("wall_s")
+
+
+# ---------------------------------------------------------------------------------------- launch
+def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None = None, launcher: str = "joblib",
+              jobs: int | None = None, root: Path | None = None, quiet: bool = False,
+              echo: Any = print) -> SweepResult:
+    """Plan, launch (unless every job is done) and index a sweep. See the module docstring."""
+    import pandas as pd
+
+    from cocoef_cli import config
+    from cocoef_cli.record import atomic_write
+
+    t0 = time.perf_counter()
+    root = config.config_dir(root)
+    job_list, hydra_ovs = plan(experiment, overrides, launcher, jobs, root, check=False)
+    out = Path(out or Path("runs") / "sweeps" / experiment).resolve()
+    before = {j.name: job_status(out, j)[0] for j in job_list}
+    todo = [j for j in job_list if before[j.name] not in DONE]
+    check_builds(todo)  # finished jobs were valid; the others are built once before anything is written
+    skipped = len(job_list) - len(todo)
+    echo(f"sweep {experiment}: {len(job_list)} job(s), {skipped} already done, {len(todo)} to run "
+         f"[launcher {launcher}] → {out}")
+    if todo:
+        out.mkdir(parents=True, exist_ok=True)
+        argv = ["cocoef", "-m", f"+experiment={experiment}", *[o for o in overrides if not _is_hydra(o)],
+                f"hydra.sweep.dir={_quote(str(out))}", *hydra_ovs]
+        with _JobProgress(out, todo, enabled=not quiet):
+            _launch(root, argv)
+    rows = []
+    for j in job_list:
+        status, wall = job_status(out, j)
+        rows.append({"job": j.name, "overrides": j.label, "status": status, "wall_s": wall})
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "index.csv", index.to_csv(index=False))
+    return SweepResult(out, job_list, index, skipped, time.perf_counter() - t0)
+
+
+def _is_hydra(ov: str) -> bool:
+    key = ov.partition("=")[0].lstrip("+~")
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+class SweepError(RuntimeError):
+    """The sweep machinery itself failed (launcher, cluster): not a job's failure."""
+
+
+def _launch(root: Path, argv: list[str]) -> None:
+    """Run the Hydra multirun with a temporary ``sys.argv``; restore argv, logging and Hydra's
+    global state afterwards whatever happens."""
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    saved_argv = sys.argv
+    root_logger = logging.getLogger()
+    saved_handlers, saved_level = list(root_logger.handlers), root_logger.level
+    GlobalHydra.instance().clear()
+    try:
+        sys.argv = argv
+        hydra.main(version_base="1.3", config_path=str(root), config_name="config")(_task)()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise SweepError(f"Hydra multirun exited with status {e.code} (see the message above)") from None
+    finally:
+        sys.argv = saved_argv
+        root_logger.handlers[:] = saved_handlers
+        root_logger.setLevel(saved_level)
+        GlobalHydra.instance().clear()
+
+
+class _JobProgress:
+    """A Rich bar of finished jobs, fed by polling the job folders (works for every launcher,
+    in-process or not); silent when disabled or when stderr is not a terminal."""
+
+    def __init__(self, out: Path, todo: list[Job], enabled: bool):
+        self.out, self.todo = out, todo
+        self.enabled = enabled and sys.stderr.isatty()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = time.time()
+
+    def _finished(self) -> int:
+        n = 0
+        for j in self.todo:
+            p = self.out / j.name / "run.json"
+            try:
+                if p.stat().st_mtime >= self._start - 1:
+                    n += 1
+            except OSError:
+                pass
+        return n
+
+    def _loop(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("jobs", total=len(self.todo))
+            while not self._stop.wait(0.5):
+                bar.update(task, completed=self._finished())
+            bar.update(task, completed=self._finished())
+
+    def __enter__(self) -> "_JobProgress":
+        if self.enabled:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------------------- table
+def summary(out: Path, index: Any | None = None) -> Any:
+    """One row per job: the final metrics (mean over seeds) of its ``metrics.csv``: method,
+    compressor, final train loss, optimality gap, test accuracy (where it applies), total bits."""
+    import pandas as pd
+
+    index = pd.read_csv(Path(out) / "index.csv") if index is None else index
+    rows = []
+    for job in index.itertuples():
+        row: dict[str, Any] = {"job": job.job, "status": job.status}
+        path = Path(out) / str(job.job) / "metrics.csv"
+        if path.exists():
+            df = pd.read_csv(path)
+            last = df[df["iter"] == df.groupby("seed")["iter"].transform("max")]
+            row.update(method=last["method"].iloc[0], compressor=last["compressor"].iloc[0],
+                       seeds=last["seed"].nunique(), train_loss=last["train_loss"].mean())
+            for col in ("opt_gap", "test_acc", "bits_up"):
+                if col in last and last[col].notna().any():
+                    row[col] = last[col].mean()
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.dropna(axis=1, how="all")
