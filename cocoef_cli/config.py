@@ -12,10 +12,10 @@ from typing import Any, Sequence
 
 from cocoef_cli.errors import ConfigError
 
-GROUPS = ("method", "code", "compressor", "straggler", "dataset", "model", "optim", "network")
+GROUPS = ("method", "code", "compressor", "straggler", "dataset", "model", "optim", "network", "runtime")
 PRECISIONS = ("float32", "float64")
 DEVICES = ("cpu", "cuda", "auto")
-RUNTIMES = ("simulator",)
+RUNTIMES = ("simulator", "torch_distributed")
 
 
 def config_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -113,9 +113,15 @@ def validate(cfg: dict) -> dict:
     _int(cfg, "seeds", 1, "integers ≥ 1")
     _int(cfg, "eval_every", 1, "integers ≥ 1")
     _int(cfg, "batch_size", 1, "null or integers ≥ 1", allow_none=True)
-    for key, accepted in (("precision", PRECISIONS), ("device", DEVICES), ("runtime", RUNTIMES)):
+    for key, accepted in (("precision", PRECISIONS), ("device", DEVICES)):
         if cfg.get(key) not in accepted:
             raise ConfigError(key, cfg.get(key), accepted)
+    if cfg["runtime"]["name"] not in RUNTIMES:
+        raise ConfigError("runtime", cfg["runtime"]["name"], RUNTIMES)
+    if cfg["runtime"]["name"] == "torch_distributed":
+        from cocoef_cli.runtime.options import RuntimeOptions
+
+        RuntimeOptions.from_cfg(cfg)  # validates runtime.* (nothing is started)
     optim = cfg["optim"]
     lr = optim.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or lr == float("inf"):

@@ -23,11 +23,14 @@ def execute(cfg: dict, out: Path | None, progress: bool = False) -> tuple[Experi
     exp = build_experiment(cfg)
     rid = run_id(cfg)
     T = int(cfg["iters"])
+    runner = simulate
+    if cfg["runtime"]["name"] == "torch_distributed":  # DESIGN §10: M device processes + a server
+        from cocoef_cli.runtime import run_distributed as runner
     bar = _progress(progress, f"{cfg['method']['name']} [{len(exp.seeds)} seed(s)]", T)
     t0 = time.perf_counter()
     try:
         with bar or nullcontext():
-            result = simulate(exp, rid, progress=(lambda t: bar.update(bar.task_ids[0], completed=t)) if bar else None)
+            result = runner(exp, rid, progress=(lambda t: bar.update(bar.task_ids[0], completed=t)) if bar else None)
     except Exception as e:
         if out is not None:
             write_run(out, None, run_record(cfg, "failed", time.perf_counter() - t0, run_id=rid,
@@ -35,6 +38,8 @@ def execute(cfg: dict, out: Path | None, progress: bool = False) -> tuple[Experi
         raise
     if out is not None:
         extra = {"run_id": rid, "f_star": exp.f_star, "bits_per_message": exp.bits_per_message}
+        if getattr(result, "runtime", None) is not None:
+            extra["runtime"] = result.runtime
         if result.diverged:
             extra["diverged"] = {str(k): v for k, v in result.diverged.items()}
         write_run(out, result.metrics, run_record(cfg, result.status, result.wall_s, **extra))

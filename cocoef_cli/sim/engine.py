@@ -123,7 +123,13 @@ class RunResult:
 
 class Simulation:
     """The mutable state of a run (θ, momentum buffer, counters; the method holds the per-device
-    state) and :meth:`step`, one update for all replicates."""
+    state) and :meth:`step`, one update for all replicates.
+
+    Other runtimes subclass it and override :meth:`coded_step` (and :meth:`state_norm`, :meth:`row`,
+    ``extra_columns``): the loop, step sizes, momentum and bit accounting stay in one place.
+    """
+
+    extra_columns: tuple[str, ...] = ()  # columns a subclass's rows add after COLUMNS + EXTRA_COLUMNS
 
     def __init__(self, exp: Experiment):
         self.exp, R = exp, len(exp.seeds)
@@ -148,10 +154,7 @@ class Simulation:
         if exp.code is None:  # centralised gradient descent
             g = exp.objective.grad(self.theta)
         else:
-            U = exp.code.encode(exp.objective.partition_grads(self.theta))
-            z = exp.straggler.draw()
-            a, self.residual = exp.code.decode(z)
-            g = exp.method.step(U, z, a)
+            g, z = self.coded_step()
             self.n_received = z.sum(-1)
             self.bits += self.n_received * exp.bits_per_message
             if self.timed:
@@ -160,6 +163,19 @@ class Simulation:
             g = self.buf.mul_(self.momentum).add_(g)
         self.theta = self.theta - step_size(exp.cfg["optim"], self.t) * g
 
+    def coded_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ĝ, z) of one coded update: G = [g_j(θ)]_j, U = B G, z ~ stragglers, (a, residual) =
+        decode(z), ĝ = method.step(U, z, a). Sets ``self.residual``; mutates the method state."""
+        exp = self.exp
+        U = exp.code.encode(exp.objective.partition_grads(self.theta))
+        z = exp.straggler.draw()
+        a, self.residual = exp.code.decode(z)
+        return exp.method.step(U, z, a), z
+
+    def state_norm(self) -> torch.Tensor | None:
+        """‖state‖_F per replicate (the ``ef_norm`` column), None for stateless methods."""
+        return self.exp.method.state_norm()
+
     def row(self) -> dict[str, Any]:
         """The metrics of θ^t per replicate (DESIGN §8 columns that vary), as tensors or scalars."""
         exp, m = self.exp, self.exp.objective.evaluate(self.theta)
@@ -167,15 +183,19 @@ class Simulation:
         return {"seed": exp.seeds, "iter": self.t, "train_loss": m.train_loss, "test_loss": m.test_loss,
                 "test_acc": m.test_acc, "grad_norm": m.grad_norm, "bits_up": None if exp.code is None else self.bits,
                 "n_received": self.n_received if after else None, "decode_residual": self.residual if after else None,
-                "ef_norm": exp.method.state_norm(), "sim_time": self.sim_time if self.timed else None,
+                "ef_norm": self.state_norm(), "sim_time": self.sim_time if self.timed else None,
                 "opt_gap": None if exp.f_star is None else m.train_loss.double() - exp.f_star}
 
 
-def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] | None = None) -> RunResult:
-    """Run T updates for all replicates and return the metrics rows (DESIGN §8)."""
+def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] | None = None,
+             sim: Simulation | None = None) -> RunResult:
+    """Run T updates for all replicates and return the metrics rows (DESIGN §8).
+
+    ``sim``: the run state to drive (default ``Simulation(exp)``, the vectorised simulator; the
+    distributed runtime passes its own subclass)."""
     T, every, R = int(exp.cfg["iters"]), int(exp.cfg["eval_every"]), len(exp.seeds)
     t0 = time.perf_counter()
-    sim = Simulation(exp)
+    sim = Simulation(exp) if sim is None else sim
     alive = np.ones(R, dtype=bool)
     diverged: dict[int, int] = {}
     rows: list[pd.DataFrame] = []
@@ -191,18 +211,24 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
                                   v if isinstance(v, list) else [v] * R) for k, v in cols.items()})
         rows.append(frame[alive])
 
-    record()
-    while sim.t < T and alive.any():
-        sim.step()
-        if sim.t % every == 0 or sim.t == T:
-            record()
-        if progress is not None:
-            progress(sim.t)
+    # parameters that decay geometrically become subnormal floats after thousands of updates, and
+    # subnormal arithmetic is ~100x slower on CPUs: flush them to zero during the run (< 1e-38)
+    torch.set_flush_denormal(True)
+    try:
+        record()
+        while sim.t < T and alive.any():
+            sim.step()
+            if sim.t % every == 0 or sim.t == T:
+                record()
+            if progress is not None:
+                progress(sim.t)
+    finally:
+        torch.set_flush_denormal(False)
 
     df = pd.concat(rows, ignore_index=True)
     for k, v in exp.labels.items():
         df[k] = v
     df["run_id"] = run_id
-    df = df[COLUMNS + EXTRA_COLUMNS].sort_values(["seed", "iter"], kind="stable").reset_index(drop=True)
+    df = df[COLUMNS + EXTRA_COLUMNS + list(sim.extra_columns)].sort_values(["seed", "iter"], kind="stable").reset_index(drop=True)
     status = "diverged" if diverged else "completed"
     return RunResult(df, status, diverged, time.perf_counter() - t0)

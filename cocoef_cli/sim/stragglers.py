@@ -258,6 +258,7 @@ class Delay(StragglerModel):
         u = self.rng.rand(self.M, dtype=F64)
         T = self.loads * (self.t0 - torch.log1p(-u) / self.mu)  # Exp(mu) by inversion
         late = T > self.deadline
+        self.last_delays = T  # (R, M) compute times of this draw (the distributed runtime sleeps them)
         self.last_time = torch.where(late.any(-1), torch.full_like(T[:, 0], self.deadline), T.max(-1).values)
         return ~late
 
