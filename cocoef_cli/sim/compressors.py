@@ -54,19 +54,27 @@ def sign_pm1(v: Tensor) -> Tensor:
 def topk_mask(v: Tensor, k: int) -> Tensor:
     """Boolean mask of the k largest |v_j| of every row (last dim); ties go to the lower index.
 
-    No full sort: t = the k-th largest magnitude of the row (``torch.topk(sorted=False)``), keep
-    every |v_j| > t, then among |v_j| == t the lowest indices until exactly k are kept
-    (a cumulative count along the row). Exactly k entries per row are True, zeros included.
+    No full sort: ``torch.topk(sorted=False)`` selects k entries and t, the k-th largest magnitude.
+    torch chooses arbitrarily among entries tied with t; rows where some tied entry was left out
+    are redone by the rule: keep every |v_j| > t, then the lowest-index |v_j| == t until exactly k
+    are kept (a cumulative count along the row). Exactly k entries per row are True, zeros included.
+    On CPU the redo runs only when such a row exists (one check per call); elsewhere always, so
+    that no host synchronisation is needed.
     """
     D = v.shape[-1]
     if k >= D:
         return torch.ones_like(v, dtype=torch.bool)
     a = v.abs()
-    t = torch.topk(a, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    gt = a > t
+    top = torch.topk(a, k, dim=-1, sorted=False)
+    t = top.values.amin(dim=-1, keepdim=True)
+    mask = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, top.indices, True)
     eq = a == t
+    ambiguous = eq.sum(-1, keepdim=True) > (top.values == t).sum(-1, keepdim=True)
+    if a.device.type == "cpu" and not bool(ambiguous.any()):
+        return mask
+    gt = a > t
     room = k - gt.sum(dim=-1, keepdim=True)  # how many of the tied entries fit
-    return gt | (eq & (torch.cumsum(eq, dim=-1) <= room))
+    return torch.where(ambiguous, gt | (eq & (torch.cumsum(eq, dim=-1) <= room)), mask)
 
 
 def _uniform(rng: SeedRNG | None, v: Tensor, name: str) -> Tensor:
