@@ -40,18 +40,23 @@ def _fmt(x: float) -> str:
 def run(overrides: Optional[List[str]] = OverridesArg,
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/<run_id>)."),
         config_dir: Optional[Path] = ConfigDirOpt,
-        force: bool = typer.Option(False, "--force", help="Overwrite a finished run in --out."),
+        force: bool = typer.Option(False, "--force", help="Overwrite a finished run (or another run's "
+                                   "checkpoint) in --out; start afresh instead of resuming a checkpoint."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
-    """One run (all its seeds): writes OUT/metrics.csv and OUT/run.json."""
+    """One run (all its seeds): writes OUT/metrics.csv and OUT/run.json. With checkpoint_every=K it
+    saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
     from cocoef_cli import config
     from cocoef_cli.record import run_id
-    from cocoef_cli.run import check_out_dir, execute
+    from cocoef_cli.run import check_out_dir, execute, resume_point
 
-    cfg = config.load(overrides or [], config_dir)
+    cfg = config.check(config.load(overrides or [], config_dir))  # the whole schema, before any work
     out = out or Path("runs") / run_id(cfg)
-    check_out_dir(out, force)
+    check_out_dir(out, force, run_id(cfg))
+    start = None if force else resume_point(out, run_id(cfg))
+    if start is not None:
+        typer.echo(f"resuming from the checkpoint at update {start} in {out}", err=True)
     try:
-        exp, res = execute(cfg, out, progress=not quiet)
+        exp, res = execute(cfg, out, progress=not quiet, resume=not force)
     except ConfigError:
         raise
     except Exception as e:  # a run that failed: one line, exit 1, run.json says failed
@@ -115,6 +120,8 @@ def sweep(experiment: str = typer.Argument(..., help="A preset of conf/experimen
           jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel jobs (joblib: n_jobs, default all "
                                              "cores; submitit_slurm: array_parallelism)."),
           config_dir: Optional[Path] = ConfigDirOpt,
+          force: bool = typer.Option(False, "--force", help="Overwrite job folders holding finished runs of "
+                                     "another config (the preset changed)."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table.")) -> None:
     """A Hydra multirun of a preset: one folder per job (metrics.csv, run.json) and OUT/index.csv.
     Resumable: rerunning on the same --out skips finished jobs and reruns failed or missing ones."""
@@ -122,7 +129,7 @@ def sweep(experiment: str = typer.Argument(..., help="A preset of conf/experimen
 
     try:
         res = run_sweep(experiment, overrides or [], out, launcher, jobs, config_dir, quiet=quiet,
-                        echo=(lambda m: None) if quiet else typer.echo)
+                        echo=(lambda m: None) if quiet else typer.echo, force=force)
     except SweepError as e:
         typer.echo(f"sweep failed: {e}", err=True)
         raise typer.Exit(1)
@@ -138,6 +145,105 @@ def sweep(experiment: str = typer.Argument(..., help="A preset of conf/experimen
         bad = res.index[~res.index["status"].isin(("completed", "diverged"))]
         typer.echo("failed or missing jobs (rerun the same command to retry): " + ", ".join(bad["job"]), err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def rerun(run_dir: Path = typer.Argument(..., help="A run folder holding run.json (from cocoef run or a sweep job)."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Keep the rerun here (default: a temporary "
+                                             "folder, removed after the comparison)."),
+          force: bool = typer.Option(False, "--force", help="Overwrite a finished run in --out."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """Rerun a recorded run from its run.json (resolved config) and report whether metrics.csv is
+    byte-identical. Exit 0 identical, 1 different (or nothing recorded to compare)."""
+    from cocoef_cli.run import rerun as do_rerun
+
+    rep = do_rerun(run_dir, out, force, progress=not quiet)
+    where = f" → {rep['out']}/metrics.csv" if rep["out"] else ""
+    for field, change in rep["changed"].items():
+        typer.echo(f"note: {field}: {change}", err=True)
+    if rep["identical"]:
+        typer.echo(f"identical: metrics.csv byte-identical ({rep['rows']} rows, status {rep['status']}){where}")
+        return
+    if rep["identical"] is None:
+        typer.echo(f"not compared: {run_dir}/metrics.csv is absent (recorded status {rep['recorded_status']}); "
+                   f"rerun status {rep['status']}{where}")
+    else:
+        typer.echo(f"DIFFERENT: metrics.csv differs from line {rep['first_diff']} (recorded status "
+                   f"{rep['recorded_status']}, rerun {rep['status']}){where}")
+    raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def report(runs_dir: Path = typer.Argument(..., help="A run folder, a `cocoef sweep` output or a figures runs folder."),
+           out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUNS_DIR/report)."),
+           x: Optional[str] = typer.Option(None, "--x", help="x column (default: iter, bits_up and sim_time where present)."),
+           y: Optional[str] = typer.Option(None, "--y", help="y column (default: opt_gap, else test_acc, else train_loss)."),
+           hue: Optional[str] = typer.Option(None, "--hue", help="Curve column (default: the identity columns that vary).")) -> None:
+    """Figures (PNG + PDF, mean over seeds with 95% bands) and summary.md of the runs under RUNS_DIR.
+    Diverged or failed runs are listed in the summary, never plotted."""
+    from cocoef_cli.report import report as make_report
+
+    files = make_report(runs_dir, out, x, y, hue)
+    for f in files:
+        typer.echo(str(f))
+
+
+@app.command()
+@clean_errors
+def figures(quick: bool = typer.Option(False, "--quick", help="Short budgets (≤ 3 min); writes runs/quick/ unless --out."),
+            only: Optional[List[str]] = typer.Option(None, "--only", help="Only this experiment (repeatable), e.g. fig4_vs_p."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Figures + gallery folder (default: results/, "
+                                               "or runs/quick with --quick)."),
+            runs: Optional[Path] = typer.Option(None, "--runs", help="Raw runs folder (default: runs/figures, "
+                                                "or runs/quick/runs with --quick); resumable."),
+            jobs: int = typer.Option(2, "--jobs", "-j", help="Sweeps run at the same time."),
+            tune_first: bool = typer.Option(False, "--tune", help="Run the step-size tuning stage first (records "
+                                            "the best step sizes in experiments/*.yaml unless --quick)."),
+            config_dir: Optional[Path] = ConfigDirOpt) -> None:
+    """Regenerate the paper's figures from experiments/*.yaml: sweeps (resumed), figures, results/README.md."""
+    from cocoef_cli.figures import FiguresError, figures as make_figures
+
+    try:
+        make_figures(quick=quick, only=only or None, out=out, runs=runs, jobs=jobs, do_tune=tune_first,
+                     echo=typer.echo, config_dir=config_dir)
+    except FiguresError as e:
+        typer.echo(f"figures failed: {e}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def tune(experiment: str = typer.Argument(..., help="An experiment of experiments/ with a tune: section."),
+         quick: bool = typer.Option(False, "--quick", help="The --quick budget and grid (never recorded)."),
+         runs: Optional[Path] = typer.Option(None, "--runs", help="Raw runs folder (default: runs/figures)."),
+         jobs: int = typer.Option(2, "--jobs", "-j", help="Sweeps run at the same time."),
+         write: bool = typer.Option(True, "--write/--no-write", help="Record each arm's best lr in the experiment file."),
+         config_dir: Optional[Path] = ConfigDirOpt) -> None:
+    """Step-size grid 0.05·2^i for every method arm of an experiment, on the figure's iteration budget;
+    prints the table and records each arm's best step size in experiments/EXPERIMENT.yaml."""
+    import pandas as pd
+
+    from cocoef_cli.figures import FiguresError, load_experiments, select, tune as run_tune
+
+    exp = select(load_experiments(config_dir), [experiment])[0]
+    runs = runs or Path("runs/quick/runs" if quick else "runs/figures")
+    try:
+        table = run_tune(exp, runs, quick, jobs, typer.echo, write=write and not quick, config_dir=config_dir)
+    except FiguresError as e:
+        typer.echo(f"tune failed: {e}", err=True)
+        raise typer.Exit(1)
+    if not quick:
+        path = Path("results/figures") / f"{exp.name}_tuning.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(path, index=False, float_format="%.4g")
+        typer.echo(f"grid results → {path}")
+    with pd.option_context("display.width", 200, "display.max_rows", 200):
+        typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    best = table[table["best"]]
+    typer.echo("best: " + ", ".join(f"{r.arm} {r.lr:g}" for r in best.itertuples())
+               + (f" (recorded in {exp.path})" if write and not quick else ""))
 
 
 @app.command("check-code")

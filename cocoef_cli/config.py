@@ -1,7 +1,18 @@
-"""Hydra composition over ``conf/``, top-level validation, and one-line error messages.
+"""Hydra composition over ``conf/``, the validated schema, and one-line error messages.
 
-Components validate their own keys when built (codes, compressors, ...); this module validates the
-top-level keys and turns Hydra's composition errors into :class:`ConfigError` naming the key.
+Validation happens in two layers, both before any work or any file is written:
+
+* :func:`validate` — the schema that needs no data: every top-level key (type and range), the
+  ``optim``/``network``/``runtime`` groups, and the group keys no component checks itself (typed by
+  :data:`GROUP_RULES`, plus a type check of every group key against its option's YAML default:
+  a key whose default is a boolean takes a boolean, one whose default is a number takes a number).
+* :func:`check` — :func:`validate`, then the component validators exactly as a run builds them, at
+  the smallest size that checks every rule: the dataset is loaded (files present, D known), the
+  model, the compressor for that D (k ≤ D), the code allocation and straggler model for one
+  replicate (d ≤ devices, d | M for ``frc``, ...), the method for one device (compressor/method
+  compatibility, its own keys). No partition tensors or R×M×D states are allocated.
+
+Errors are :class:`ConfigError` (key, value, what is accepted): the CLI prints one line, exit 2.
 """
 from __future__ import annotations
 
@@ -102,7 +113,7 @@ def _int(cfg: dict, key: str, lo: int, accepted: str, allow_none: bool = False, 
         raise ConfigError(prefix + key, v, accepted, "not an integer" if not isinstance(v, int) or isinstance(v, bool) else "out of range")
 
 
-def validate(cfg: dict) -> dict:
+def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     """Check the top-level keys and ``optim``/``network`` (components check their own groups)."""
     for g in GROUPS:
         if not isinstance(cfg.get(g), dict) or "name" not in cfg[g]:
@@ -141,12 +152,136 @@ def validate(cfg: dict) -> dict:
     bw = cfg["network"].get("bandwidth_bps")
     if bw is not None and (not isinstance(bw, (int, float)) or bw <= 0):
         raise ConfigError("network.bandwidth_bps", bw, "null or numbers > 0", "out of range")
+    _int(cfg, "checkpoint_every", 1, "null or integers ≥ 1", allow_none=True)
+    _int(cfg, "threads", 1, "integers ≥ 1 (torch CPU threads inside a run)", allow_none=True)
+    if cfg.get("checkpoint_every") is not None and cfg["runtime"]["name"] != "simulator":
+        raise ConfigError("checkpoint_every", cfg["checkpoint_every"], "null with runtime=torch_distributed",
+                          "checkpoints are written by the simulator only")
+    validate_groups(cfg, Path(root) if root else None)
+    return cfg
+
+
+# group keys that no component validates itself: (key, kind, lower bound, accepted)
+GROUP_RULES: dict[str, tuple[str, float | None, str]] = {
+    "dataset.seed": ("int", 0, "integers ≥ 0"),
+    "dataset.noise": ("number", 0, "numbers ≥ 0"),
+    "dataset.standardize": ("bool", None, "true, false"),
+    "model.l2": ("number", 0, "numbers ≥ 0"),
+    "model.bias": ("bool", None, "true, false"),
+    "model.init_scale": ("number", 0, "numbers ≥ 0"),
+    "method.allow_biased": ("bool", None, "true, false"),
+}
+# group keys whose YAML default is a number but that also take a string (checked by their component)
+_STRING_OK = ("straggler.deadline", "compressor.index_bits")
+
+
+def _typed(key: str, v: Any, kind: str, lo: float | None, accepted: str) -> None:
+    import math
+
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise ConfigError(key, v, accepted, "not a boolean")
+        return
+    is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "int" and not (is_num and float(v).is_integer()):
+        raise ConfigError(key, v, accepted, "not an integer")
+    if not is_num or math.isnan(v) or math.isinf(v):
+        raise ConfigError(key, v, accepted, "not a finite number")
+    if lo is not None and v < lo:
+        raise ConfigError(key, v, accepted, "out of range")
+
+
+def _option_defaults(group: str, name: Any, root: Path | None) -> dict:
+    """The keys of ``conf/<group>/<name>.yaml`` (its defaults), {} when there is no such file."""
+    try:
+        import yaml
+
+        path = (root or config_dir()) / group / f"{name}.yaml"
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, ConfigError):
+        return {}
+
+
+def validate_groups(cfg: dict, root: Path | None = None) -> None:
+    """:data:`GROUP_RULES`, then every group key against the type of its YAML default."""
+    for dotted, (kind, lo, accepted) in GROUP_RULES.items():
+        group, key = dotted.split(".", 1)
+        if key in cfg.get(group, {}):
+            _typed(dotted, cfg[group][key], kind, lo, accepted)
+    for group in GROUPS:
+        defaults = _option_defaults(group, cfg[group].get("name"), root)
+        for key, default in defaults.items():
+            dotted, v = f"{group}.{key}", cfg[group].get(key)
+            if key == "name" or v is None or default is None or dotted in _STRING_OK or dotted in GROUP_RULES:
+                continue
+            if isinstance(default, bool) and not isinstance(v, bool):
+                raise ConfigError(dotted, v, "true, false", "not a boolean")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                    isinstance(v, (bool, str, list, dict))):
+                raise ConfigError(dotted, v, "numbers" if isinstance(default, float) else "integers", "not a number")
+
+
+def check(cfg: dict, cache: dict | None = None) -> dict:
+    """The whole schema before any work: :func:`validate`, then every component's own validator as
+    a run builds it, at the smallest size (one replicate, one device for the method state). Needs
+    the dataset (for D and its files), nothing else heavy. ``cache`` (optional, a dict) keeps
+    loaded datasets across calls (sweeps check many jobs on the same data). Returns ``cfg``."""
+    import json
+
+    import torch
+
+    from cocoef_cli.data import load_dataset, partition_indices
+    from cocoef_cli.models import build_model
+    from cocoef_cli.sim.codes import allocate, build_code
+    from cocoef_cli.sim.compressors import build_compressor
+    from cocoef_cli.sim.engine import resolve_device
+    from cocoef_cli.sim.methods import METHODS
+    from cocoef_cli.sim.rng import SeedRNG
+    from cocoef_cli.sim.stragglers import build_straggler
+
+    validate(cfg)
+    resolve_device(cfg["device"])
+    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["precision"]]
+    cache = {} if cache is None else cache
+    dkey = json.dumps(cfg["dataset"], sort_keys=True, default=str)
+    if dkey not in cache:
+        cache[dkey] = load_dataset(cfg["dataset"])
+    data = cache[dkey]
+    model = build_model(cfg["model"], data)
+    method_cls = METHODS.get(cfg["method"]["name"])
+    comp_cfg = cfg["compressor"] if method_cls.compresses else {"name": "identity"}
+    compressor = build_compressor(comp_cfg, model.D)
+    if method_cls.needs_unbiased and not compressor.unbiased and not cfg["method"].get("allow_biased", False):
+        raise ConfigError("compressor", comp_cfg["name"], "randk_unbiased, qsgd, onebit, terngrad, natural, identity",
+                          f"method {cfg['method']['name']} needs an unbiased compressor (or method.allow_biased=true)")
+    seeds, M = [int(cfg["seed"])], int(cfg["devices"])
+    method_cls(cfg["method"], compressor, 1, 1, model.D, dtype, torch.device("cpu"), SeedRNG(seeds, "compressor"))
+
+    def code_and_stragglers(code_cfg: dict):
+        rng = SeedRNG(seeds, "code")
+        S = allocate(code_cfg, M, rng)
+        straggler = build_straggler(cfg["straggler"], S.sum(-1), SeedRNG(seeds, "straggler"))
+        return build_code(code_cfg, S, straggler.p, rng, dtype)
+
+    # groups the method overrides (gc: no compressor; ef_sgd: uncoded; gd: no devices) are still
+    # checked as written: a bad value is a typo whether or not this method uses it
+    if not method_cls.compresses:
+        build_compressor(cfg["compressor"], model.D)
+    if method_cls.centralized or method_cls.code is not None:
+        code_and_stragglers(cfg["code"])
+    if method_cls.centralized:
+        partition_indices(data.y_train, 1, {"partition": "iid"}, seeds)
+        return cfg
+    code = code_and_stragglers(cfg["code"] if method_cls.code is None else
+                               {"name": method_cls.code, "d": 1, "decode": "rescale"})
+    partition_indices(data.y_train, code.N, cfg["dataset"], seeds)
     return cfg
 
 
 def load(overrides: Sequence[str] = (), root: str | os.PathLike | None = None) -> dict:
     """compose + validate."""
-    return validate(compose(overrides, root))
+    return validate(compose(overrides, root), config_dir(root))
 
 
 def to_yaml(cfg: Any) -> str:

@@ -13,24 +13,49 @@ from typing import Any
 import pandas as pd
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync, then rename: a reader sees the old
-    file or the complete new one, never a half-written file under the final name."""
+def atomic_write(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (str or bytes) to a temporary file beside ``path``, fsync, then rename (and
+    fsync the folder): a reader sees the old file or the complete new one, never a half-written
+    file under the final name."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "w", newline="") as f:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", newline="")) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_tmp(folder: Path) -> None:
+    """Remove temporary files an interrupted :func:`atomic_write` (SIGKILL) left in ``folder``."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def git_info() -> dict[str, Any] | None:
@@ -72,8 +97,16 @@ def write_run(out: Path, metrics: pd.DataFrame | None, record: dict[str, Any]) -
     atomic_write(out / "run.json", json.dumps(record, indent=2, default=str) + "\n")
 
 
+# keys that never change a run's results: left out of its id (a checkpointed run resumes under the same id)
+ID_EXCLUDED = ("checkpoint_every",)
+# keys added after runs were recorded: left out of the id at their default, so older ids stay valid
+ID_DEFAULTS = {"threads": 1}
+
+
 def run_id(config: dict) -> str:
-    """A short stable id of a resolved config (same config ⇒ same id)."""
+    """A short stable id of a resolved config (same results-relevant config ⇒ same id)."""
     import hashlib
 
-    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    keyed = {k: v for k, v in config.items()
+             if k not in ID_EXCLUDED and not (k in ID_DEFAULTS and v == ID_DEFAULTS[k])}
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -1,49 +1,176 @@
-"""One run end to end: build (validating everything first), simulate, write the records."""
+"""One run end to end: build (validating everything first), simulate, write the records; resume
+from a checkpoint; rerun a recorded run and compare."""
 from __future__ import annotations
 
+import json
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any, Iterator
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import run_id, run_record, write_run
+from cocoef_cli.record import clean_tmp, run_id, run_record, write_run
 from cocoef_cli.sim.engine import Experiment, RunResult, build_experiment, simulate
 
-
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse to overwrite a completed run without ``--force`` (checked before any work)."""
-    if (Path(out) / "run.json").exists() and not force:
-        raise ConfigError("--out", str(out), "a new or empty folder, or --force", "holds a finished run")
+FINISHED = ("completed", "diverged")  # deterministic outcomes: never overwritten without --force
 
 
-def execute(cfg: dict, out: Path | None, progress: bool = False) -> tuple[Experiment, RunResult]:
-    """Build the experiment (may raise ConfigError: nothing is written then), simulate all
-    replicates, and, with ``out``, write ``metrics.csv`` and ``run.json`` atomically."""
-    exp = build_experiment(cfg)
-    rid = run_id(cfg)
-    T = int(cfg["iters"])
-    runner = simulate
-    if cfg["runtime"]["name"] == "torch_distributed":  # DESIGN §10: M device processes + a server
-        from cocoef_cli.runtime import run_distributed as runner
-    bar = _progress(progress, f"{cfg['method']['name']} [{len(exp.seeds)} seed(s)]", T)
-    t0 = time.perf_counter()
+def read_record(out: Path) -> dict:
+    """``OUT/run.json`` as a dict, {} when absent or unreadable."""
     try:
-        with bar or nullcontext():
-            result = runner(exp, rid, progress=(lambda t: bar.update(bar.task_ids[0], completed=t)) if bar else None)
-    except Exception as e:
+        rec = json.loads((Path(out) / "run.json").read_text())
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_out_dir(out: Path, force: bool, rid: str | None = None) -> None:
+    """Refuse, before any work and unless ``force``: a folder holding a finished run (``completed``
+    or ``diverged``), or a checkpoint of another run (``rid`` given). A ``failed`` run is replaced."""
+    if force:
+        return
+    out = Path(out)
+    status = read_record(out).get("status") if (out / "run.json").exists() else None
+    if status in FINISHED or (status is not None and status != "failed"):
+        raise ConfigError("--out", str(out), "a new or empty folder, or --force", f"holds a finished run ({status})")
+    if rid is not None:
+        from cocoef_cli import checkpoint
+
+        ck = checkpoint.read(out / checkpoint.FILENAME)
+        if ck is not None and ck.get("run_id") != rid:
+            raise ConfigError("--out", str(out), "the folder of the same run (same config) to resume it, another "
+                              "folder, or --force", f"holds a checkpoint of another run ({ck.get('run_id')})")
+
+
+def resume_point(out: Path | None, rid: str) -> int | None:
+    """The update a run in ``out`` would resume from (its checkpoint of the same run), else None."""
+    if out is None:
+        return None
+    from cocoef_cli import checkpoint
+
+    ck = checkpoint.read(Path(out) / checkpoint.FILENAME)
+    return int(ck["t"]) if ck is not None and ck.get("run_id") == rid else None
+
+
+@contextmanager
+def pinned_threads(n: int | None) -> Iterator[None]:
+    """torch CPU threads = ``n`` inside a run (float reductions, e.g. matrix products, can depend
+    on the thread count; pinning it makes metrics.csv byte-identical whichever launcher runs it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool = True,
+            exp: Experiment | None = None) -> tuple[Experiment, RunResult]:
+    """Build the experiment (may raise ConfigError: nothing is written then), simulate all
+    replicates, and, with ``out``, write ``metrics.csv`` and ``run.json`` atomically.
+
+    With ``out`` and the simulator runtime, ``checkpoint_every`` = K saves ``OUT/checkpoint.pt``
+    every K updates, and a checkpoint of the same run already in ``OUT`` is resumed from (unless
+    ``resume`` is false); the checkpoint is removed once ``run.json`` is written."""
+    with pinned_threads(cfg.get("threads")):
+        exp = build_experiment(cfg) if exp is None else exp
+        rid = run_id(cfg)
+        T = int(cfg["iters"])
+        runner, kwargs = simulate, {}
+        ckpt = None
+        if cfg["runtime"]["name"] == "torch_distributed":  # DESIGN §10: M device processes + a server
+            from cocoef_cli.runtime import run_distributed as runner
+        elif out is not None:
+            from cocoef_cli.checkpoint import FILENAME, Checkpoint
+
+            Path(out).mkdir(parents=True, exist_ok=True)
+            clean_tmp(Path(out))
+            if cfg.get("checkpoint_every") or (Path(out) / FILENAME).exists():
+                ckpt = Checkpoint(Path(out) / FILENAME, cfg.get("checkpoint_every"), rid, resume=resume)
+                kwargs["checkpoint"] = ckpt
+        bar = _progress(progress, f"{cfg['method']['name']} [{len(exp.seeds)} seed(s)]", T)
+        t0 = time.perf_counter()
+        try:
+            with bar or nullcontext():
+                result = runner(exp, rid, progress=(lambda t: bar.update(bar.task_ids[0], completed=t)) if bar else None,
+                                **kwargs)
+        except Exception as e:
+            if out is not None:
+                write_run(out, None, run_record(cfg, "failed", time.perf_counter() - t0, run_id=rid,
+                                                error=f"{type(e).__name__}: {e}"))
+            raise
         if out is not None:
-            write_run(out, None, run_record(cfg, "failed", time.perf_counter() - t0, run_id=rid,
-                                            error=f"{type(e).__name__}: {e}"))
-        raise
-    if out is not None:
-        extra = {"run_id": rid, "f_star": exp.f_star, "bits_per_message": exp.bits_per_message}
-        if getattr(result, "runtime", None) is not None:
-            extra["runtime"] = result.runtime
-        if result.diverged:
+            extra: dict[str, Any] = {"run_id": rid, "f_star": exp.f_star, "bits_per_message": exp.bits_per_message}
+            if getattr(result, "runtime", None) is not None:
+                extra["runtime"] = result.runtime
+            # per seed: the update at which it diverged (empty when none did); report marks these
             extra["diverged"] = {str(k): v for k, v in result.diverged.items()}
-        write_run(out, result.metrics, run_record(cfg, result.status, result.wall_s, **extra))
-    return exp, result
+            if ckpt is not None and ckpt.resumed_from is not None:
+                extra["resumed_from"] = ckpt.resumed_from
+            write_run(out, result.metrics, run_record(cfg, result.status, result.wall_s, **extra))
+            if ckpt is not None:
+                ckpt.discard()
+        return exp, result
+
+
+def rerun(run_dir: Path, out: Path | None = None, force: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Rerun the run recorded in ``run_dir/run.json`` (its resolved config) into ``out`` (default: a
+    temporary folder, removed afterwards) and compare ``metrics.csv`` byte for byte.
+
+    Returns ``identical`` (bool, or None when there is nothing recorded to compare), ``rows``,
+    ``first_diff`` (1-based line number of the first differing line, or None), the recorded and new
+    ``status``, and ``changed`` (the provenance fields that differ: versions, git commit)."""
+    import shutil
+    import tempfile
+
+    from cocoef_cli import config
+    from cocoef_cli.record import git_info, versions
+
+    run_dir = Path(run_dir)
+    rec = read_record(run_dir)
+    if not rec or not isinstance(rec.get("config"), dict):
+        raise ConfigError("RUN_DIR", str(run_dir), "a run folder holding run.json (written by cocoef run/sweep)",
+                          "no run record")
+    cfg = config.check(rec["config"])
+    tmp = None
+    if out is None:
+        tmp = Path(tempfile.mkdtemp(prefix="cocoef-rerun-"))
+        target = tmp / "run"
+    else:
+        target = Path(out)
+        if target.resolve() == run_dir.resolve():
+            raise ConfigError("--out", str(out), "another folder than RUN_DIR", "would overwrite the recorded run")
+        check_out_dir(target, force, run_id(cfg))
+    try:
+        _, res = execute(cfg, target, progress=progress, resume=False)
+        old, new = run_dir / "metrics.csv", target / "metrics.csv"
+        first = None
+        identical: bool | None = None
+        if old.exists():
+            a, b = old.read_bytes(), new.read_bytes()
+            identical = a == b
+            if not identical:
+                la, lb = a.splitlines(), b.splitlines()
+                first = next((i + 1 for i, (x, y) in enumerate(zip(la, lb)) if x != y), min(len(la), len(lb)) + 1)
+        changed: dict[str, str] = {}
+        now = versions()
+        if rec.get("versions") and rec["versions"] != now:
+            changed["versions"] = ", ".join(f"{k} {rec['versions'].get(k)} → {v}" for k, v in now.items()
+                                            if rec["versions"].get(k) != v)
+        old_git, git_now = rec.get("git") or {}, git_info() or {}
+        if old_git.get("commit") != git_now.get("commit"):
+            changed["git commit"] = f"{old_git.get('commit')} → {git_now.get('commit')}"
+        if old_git.get("dirty") or git_now.get("dirty"):
+            changed["git dirty"] = f"recorded {old_git.get('dirty')}, now {git_now.get('dirty')} (uncommitted changes)"
+        return {"identical": identical, "rows": len(res.metrics), "first_diff": first, "recorded_status": rec.get("status"),
+                "status": res.status, "changed": changed, "out": None if tmp else str(target),
+                "recorded_run_id": rec.get("run_id"), "run_id": run_id(cfg)}
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _progress(enabled: bool, label: str, total: int):

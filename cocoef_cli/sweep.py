@@ -278,15 +278,17 @@ _NOT_BUILT = ("seed", "seeds", "iters", "eval_every", "optim", "network")
 
 
 def check_builds(jobs: Sequence[Job]) -> None:
-    """Build each job's experiment as ``cocoef run`` would (components validate their own keys
-    then), once per group of jobs that differ only in keys :func:`config.validate` checks fully."""
-    from cocoef_cli.sim.engine import build_experiment
+    """Check each job's config with :func:`config.check` (the whole schema: every component's
+    validator at the smallest size, datasets loaded once), once per group of jobs that differ only
+    in keys :func:`config.validate` checks fully."""
+    from cocoef_cli import config
 
     built: set[str] = set()
+    cache: dict = {}
     for job in jobs:
         sig = json.dumps({k: v for k, v in job.cfg.items() if k not in _NOT_BUILT}, sort_keys=True, default=str)
         if sig not in built:
-            build_experiment(job.cfg)
+            config.check(job.cfg, cache)
             built.add(sig)
 
 
@@ -304,8 +306,11 @@ def job_status(out: Path, job: Job) -> tuple[str, float | None]:
 # ---------------------------------------------------------------------------------------- launch
 def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None = None, launcher: str = "joblib",
               jobs: int | None = None, root: Path | None = None, quiet: bool = False,
-              echo: Any = print) -> SweepResult:
-    """Plan, launch (unless every job is done) and index a sweep. See the module docstring."""
+              echo: Any = print, force: bool = False) -> SweepResult:
+    """Plan, launch (unless every job is done) and index a sweep. See the module docstring.
+
+    A job folder holding a finished run of another config (``stale``: the preset or the code's
+    config changed) is only overwritten with ``force``; without it the sweep stops before any work."""
     import pandas as pd
 
     from cocoef_cli import config
@@ -316,6 +321,11 @@ def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None =
     job_list, hydra_ovs = plan(experiment, overrides, launcher, jobs, root, check=False)
     out = Path(out or Path("runs") / "sweeps" / experiment).resolve()
     before = {j.name: job_status(out, j)[0] for j in job_list}
+    stale = [j.name for j in job_list if before[j.name] == "stale" and read_record(out / j.name).get("status") in DONE]
+    if stale and not force:
+        raise ConfigError("--out", str(out), "--force to overwrite them, or another --out",
+                          f"{len(stale)} job folder(s) hold finished runs of another config: {', '.join(stale[:3])}"
+                          + (", ..." if len(stale) > 3 else ""))
     todo = [j for j in job_list if before[j.name] not in DONE]
     check_builds(todo)  # finished jobs were valid; the others are built once before anything is written
     skipped = len(job_list) - len(todo)

@@ -80,7 +80,11 @@ def test_rerun_redoes_failed_missing_and_stale_jobs_only(smoke_dir, tmp_path):
     (out / missing / "metrics.csv").unlink()
     rec = json.loads((out / stale / "run.json").read_text())  # a run of another config (preset edited)
     (out / stale / "run.json").write_text(json.dumps({**rec, "run_id": "0000000000"}))
+    mid = _mtimes(out)
     res = runner.invoke(app, ["sweep", "smoke", "--out", str(out), "--launcher", "basic", "-q"])
+    assert res.exit_code == 2 and stale in res.stderr and "--force" in res.stderr  # finished: not overwritten
+    assert _mtimes(out) == mid  # refused before any work
+    res = runner.invoke(app, ["sweep", "smoke", "--out", str(out), "--launcher", "basic", "-q", "--force"])
     assert res.exit_code == 0, res.output
     assert "1 skipped" in res.stdout
     after = _mtimes(out)

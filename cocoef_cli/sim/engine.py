@@ -188,17 +188,31 @@ class Simulation:
 
 
 def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] | None = None,
-             sim: Simulation | None = None) -> RunResult:
+             sim: Simulation | None = None, checkpoint: Any = None) -> RunResult:
     """Run T updates for all replicates and return the metrics rows (DESIGN §8).
 
     ``sim``: the run state to drive (default ``Simulation(exp)``, the vectorised simulator; the
-    distributed runtime passes its own subclass)."""
+    distributed runtime passes its own subclass). ``checkpoint`` (optional, see
+    :class:`cocoef_cli.checkpoint.Checkpoint`): ``restore(sim)`` → the loop state saved by the last
+    ``save(sim, state)`` (or None), called every ``checkpoint.every`` updates here in the loop.
+
+    Divergence: a replicate whose θ stops being finite after an update (checked every update on
+    CPU, where it costs no sync; at evaluations on GPUs) or whose loss is not finite at an
+    evaluation is marked diverged at that update and records no further rows; the loop stops
+    when every replicate has diverged."""
     T, every, R = int(exp.cfg["iters"]), int(exp.cfg["eval_every"]), len(exp.seeds)
     t0 = time.perf_counter()
     sim = Simulation(exp) if sim is None else sim
     alive = np.ones(R, dtype=bool)
     diverged: dict[int, int] = {}
     rows: list[pd.DataFrame] = []
+    per_update_check = exp.device.type == "cpu"  # a host read of R flags costs nothing on CPU
+
+    def check_theta() -> None:
+        bad = alive & ~torch.isfinite(sim.theta).all(-1).cpu().numpy()
+        for r in np.flatnonzero(bad):
+            diverged[exp.seeds[r]] = sim.t
+        alive[bad] = False
 
     def record() -> None:
         cols = sim.row()
@@ -215,11 +229,20 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
     # subnormal arithmetic is ~100x slower on CPUs: flush them to zero during the run (< 1e-38)
     torch.set_flush_denormal(True)
     try:
-        record()
+        saved = checkpoint.restore(sim) if checkpoint is not None else None
+        if saved is None:
+            record()
+        else:  # resumed: the rows and divergence flags up to the checkpointed update
+            rows, diverged = list(saved["rows"]), dict(saved["diverged"])
+            alive[:] = saved["alive"]
         while sim.t < T and alive.any():
             sim.step()
+            if per_update_check:
+                check_theta()
             if sim.t % every == 0 or sim.t == T:
                 record()
+            if checkpoint is not None and sim.t % checkpoint.every == 0 and sim.t < T and alive.any():
+                checkpoint.save(sim, {"rows": rows, "diverged": diverged, "alive": alive.copy()})
             if progress is not None:
                 progress(sim.t)
     finally:
