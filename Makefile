@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install demo test baselines lint clean
+.PHONY: install demo test baselines figures figures-quick lint clean
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ demo: install
 # every method at the default setting, 3 seeds, as a resumable sweep; prints the final-metrics table
 baselines: install
 	$(BIN)/cocoef sweep baselines --out results/baselines
+
+# the paper's figure set (experiments/*.yaml): resumable sweeps in runs/figures, figures + gallery in results/
+figures: install
+	$(BIN)/cocoef figures --jobs 2
+
+figures-quick: install
+	$(BIN)/cocoef figures --quick --jobs 2
 
 test: install
 	$(BIN)/python -m pytest

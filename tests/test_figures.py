@@ -1,0 +1,58 @@
+"""`cocoef figures --quick --only NAME` end to end into a temporary folder; experiment files; tuning records."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cocoef_cli.cli import app
+from cocoef_cli.figures import load_experiments, write_lrs
+
+runner = CliRunner()
+
+
+def test_experiment_files_are_consistent():
+    exps = load_experiments()
+    assert {"fig1_gap_iters", "fig2_gap_bits", "fig3_mnist", "fig4_vs_p", "fig5a_vs_ratio", "fig6_vs_d",
+            "fig7_vs_time", "fig8_bits_table"} <= set(exps)
+    for exp in exps.values():
+        if exp.plot["kind"] == "table":
+            assert all(p["runs_of"] in exps for p in exp.plot["tables"])
+            continue
+        assert exp.arms and exp.plot.get("title") and exp.plot.get("shows")
+        for arm in exp.arms:
+            assert arm.lr is not None or exp.sweep.get("lr_grid"), (exp.name, arm.id)
+            assert all(isinstance(o, str) and "=" in o for o in arm.overrides)
+        assert all(isinstance(o, str) for o in exp.sweep.get("overrides", []))
+
+
+def test_unknown_experiment_exits_2(tmp_path):
+    res = runner.invoke(app, ["figures", "--quick", "--only", "nope", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--only='nope'" in res.output and "fig1_gap_iters" in res.output
+
+
+def test_write_lrs_keeps_comments(tmp_path):
+    p = tmp_path / "e.yaml"
+    p.write_text("arms:  # keep me\n  - {id: a, label: \"A, x\", overrides: [method=coco], lr: 0.2}\n"
+                 "  - {id: b, overrides: [method=gc], lr: 0.4}  # and me\n")
+    write_lrs(p, {"a": 0.8, "b": 0.05})
+    text = p.read_text()
+    assert "lr: 0.8}" in text and "lr: 0.05}  # and me" in text and "# keep me" in text
+
+
+def test_figures_quick_only_end_to_end(tmp_path):
+    out, runs = tmp_path / "res", tmp_path / "runs"
+    args = ["figures", "--quick", "--only", "fig7_vs_time", "--out", str(out), "--runs", str(runs)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    png = out / "figures" / "fig7_vs_time.png"
+    assert png.stat().st_size > 10_000 and png.with_suffix(".pdf").exists()
+    summ = pd.read_csv(png.with_suffix(".csv"))
+    assert len(summ) == 4 and {"label", "lr", "opt_gap_mean", "sim_time_mean"} <= set(summ.columns)
+    gallery = (out / "README.md").read_text()
+    assert "fig7_vs_time.png" in gallery and "cocoef figures --only fig7_vs_time --quick" in gallery
+    assert "cocoef sweep fig_delay" in gallery
+    # resumable: the second call runs nothing new and gives the same table
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(png.with_suffix(".csv")).equals(summ)
