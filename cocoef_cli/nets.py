@@ -1,0 +1,269 @@
+"""Neural networks for the simulator: ``mlp`` and ``cnn``, trained with softmax cross-entropy.
+
+The parameters of one replicate are one flat vector θ ∈ ℝ^D (layer by layer: weight, then bias);
+the simulator holds θ for R replicates as (R, D). Both networks implement the model interface of
+:mod:`cocoef_cli.models` (``features``, ``init``, ``logits``, ``weighted_grads``, ``losses``,
+``correct``, ``full_grad``), with the loss
+
+    ℓ(θ; x, y) = logsumexp(z) − z_y,   z = f_θ(x) ∈ ℝ^C   (C classes),
+
+and the per-partition gradients Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) of all N partitions of all R
+replicates computed in one batched pass (no loop over partitions or replicates):
+
+- ``mlp``: a hand-written batched backward. The forward and the back-propagated errors
+  δ_l = ∂(Σ w ℓ)/∂z_l are per sample and do not depend on the partition, so they are computed once
+  for all R·N·B rows with R-batched products; only the weight gradients are reduced per partition,
+  ∇W_l[r, j] = A_{l−1}[r, j]ᵀ δ_l[r, j] (one ``bmm`` over the R·N partitions) and
+  ∇b_l[r, j] = Σ_b δ_l[r, j, b]. Padding rows carry w = 0, hence δ = 0: sizes may differ exactly.
+- ``cnn``: ``torch.func.vmap`` (over R, then over N) of ``torch.func.grad`` of the functional net.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as Fn
+
+from cocoef_cli.data import Dataset
+from cocoef_cli.errors import ConfigError
+from cocoef_cli.models import MODELS
+from cocoef_cli.sim.rng import SeedRNG
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+# σ'(z) written with the activation a = σ(z), so the backward needs no pre-activations
+DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": lambda a: (a > 0).to(a.dtype), "tanh": lambda a: 1 - a * a, "sigmoid": lambda a: a * (1 - a)}
+INITS = ("torch", "kaiming", "xavier")
+
+
+def _int_list(cfg: Mapping, key: str, allow_empty: bool = True) -> list[int]:
+    v = cfg.get(key)
+    ok = isinstance(v, (list, tuple)) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in v)
+    if not ok or (not allow_empty and not v):
+        raise ConfigError(f"model.{key}", v, "a list of positive integers, e.g. [64] or [128, 64]", "invalid")
+    return [int(h) for h in v]
+
+
+class Network:
+    """Base of the networks: flat θ ↔ layer tensors, initialisation, softmax cross-entropy."""
+
+    task = "classification"
+
+    def __init__(self, cfg: Mapping, data: Dataset):
+        if data.task != "classification" or data.n_classes < 2:
+            raise ConfigError("model", cfg.get("name"), "linear", f"dataset {data.name} is not a classification task")
+        self.activation = cfg.get("activation", "relu")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError("model.activation", self.activation, list(ACTIVATIONS), "unknown activation")
+        self.init_name = cfg.get("init", "torch")
+        if self.init_name not in INITS:
+            raise ConfigError("model.init", self.init_name, INITS, "unknown initialisation")
+        self.C = data.n_classes
+        # (name, shape, fan_in, fan_out) per tensor, weights before biases, layer by layer
+        self.params: list[tuple[str, tuple[int, ...], int, int]] = []
+
+    def _add(self, name: str, shape: Sequence[int], fan_in: int, fan_out: int) -> None:
+        self.params.append((name, tuple(int(s) for s in shape), fan_in, fan_out))
+
+    @property
+    def D(self) -> int:
+        return sum(math.prod(s) for _, s, _, _ in self.params)
+
+    def unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        """Views of θ (..., D) as the layer tensors (..., *shape), in ``params`` order."""
+        out, off = [], 0
+        for _, shape, _, _ in self.params:
+            size = math.prod(shape)
+            out.append(theta[..., off:off + size].unflatten(-1, shape))
+            off += size
+        return out
+
+    def features(self, X: torch.Tensor) -> torch.Tensor:
+        """Networks take the features as they are (no bias column)."""
+        return X
+
+    def init(self, rng: SeedRNG, dtype: torch.dtype) -> torch.Tensor:
+        """θ⁰ per replicate from its ``init`` stream, uniform U(−c, c) per tensor: ``torch`` (PyTorch's
+        nn.Linear/Conv2d default) c = 1/√fan_in for weights and biases; ``kaiming`` (He) c = √(6/fan_in)
+        for weights, biases 0; ``xavier`` (Glorot) c = √(6/(fan_in + fan_out)), biases 0. (R, D)."""
+        bounds = []
+        for name, shape, fan_in, fan_out in self.params:
+            is_bias = name.endswith("bias")
+            if self.init_name == "torch":
+                c = 1.0 / math.sqrt(fan_in)
+            elif is_bias:
+                c = 0.0
+            elif self.init_name == "kaiming":
+                c = math.sqrt(6.0 / fan_in)
+            else:
+                c = math.sqrt(6.0 / (fan_in + fan_out))
+            bounds.append(torch.full((math.prod(shape),), c, dtype=dtype, device=rng.device))
+        return (2 * rng.rand(self.D, dtype=dtype) - 1) * torch.cat(bounds)
+
+    def losses(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """Per-sample ℓ = logsumexp(z) − z_y."""
+        return torch.logsumexp(Z, -1) - Z.gather(-1, Y.expand(Z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+    def correct(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """Per-sample 1[argmax z = y]."""
+        return (Z.argmax(-1) == Y).to(Z.dtype)
+
+
+@MODELS.register("mlp")
+class MLP(Network):
+    """Multilayer perceptron: hidden widths model.hidden, activation model.activation; batched backward.
+
+    z_0 = x, a_l = σ(a_{l−1} W_l + b_l) for the hidden layers, logits z = a_{L−1} W_L + b_L; W_l is
+    stored (in, out). ∂ℓ/∂z = softmax(z) − onehot(y); δ_{l−1} = (δ_l W_lᵀ) ⊙ σ'(a_{l−1}).
+    """
+
+    def __init__(self, cfg: Mapping, data: Dataset):
+        super().__init__(cfg, data)
+        self.hidden = _int_list(cfg, "hidden")
+        self.sizes = [data.features, *self.hidden, self.C]
+        for l, (i, o) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+            self._add(f"fc{l}.weight", (i, o), i, o)
+            self._add(f"fc{l}.bias", (o,), i, o)
+        self.act, self.dact = ACTIVATIONS[self.activation], DERIVATIVES[self.activation]
+
+    def _forward(self, theta: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (R, S, C) and the layer inputs [a_0 = X, a_1, …] for X (S, f) shared or (R, S, f)."""
+        P = self.unflatten(theta)
+        A, acts = X, []
+        L = len(self.sizes) - 1
+        for l in range(L):
+            acts.append(A)
+            W, b = P[2 * l], P[2 * l + 1]
+            Z = torch.baddbmm(b.unsqueeze(1), A, W) if A.dim() == 3 else torch.matmul(A, W) + b.unsqueeze(1)
+            A = self.act(Z) if l < L - 1 else Z
+        return A, acts
+
+    def logits(self, theta: torch.Tensor, Xf: torch.Tensor) -> torch.Tensor:
+        """z for Xf (n, f) shared by the replicates → (R, n, C), or (R, ..., f) → (R, ..., C)."""
+        if Xf.dim() == 2:
+            return self._forward(theta, Xf)[0]
+        R = theta.shape[0]
+        return self._forward(theta, Xf.reshape(R, -1, Xf.shape[-1]))[0].view(*Xf.shape[:-1], self.C)
+
+    def _backward(self, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, N: int) -> torch.Tensor:
+        """Σ_b w ∇ℓ per group of S/N consecutive rows: X (R, S, f) or (S, f) (then N = 1),
+        Y, w (R, S) or (S,) → (R, N, D)."""
+        R = theta.shape[0]
+        Z, acts = self._forward(theta, X)
+        delta = torch.softmax(Z, -1)
+        delta = (delta - Fn.one_hot(Y, self.C).to(Z.dtype)) * w.unsqueeze(-1)  # (R, S, C)
+        S = delta.shape[1]
+        Bsz = S // N
+        P = self.unflatten(theta)
+        grads: list[torch.Tensor] = []
+        for l in range(len(self.sizes) - 2, -1, -1):
+            A = acts[l]
+            i, o = self.sizes[l], self.sizes[l + 1]
+            if A.dim() == 2:  # shared inputs, one group: Aᵀ δ broadcast over replicates
+                gW = torch.matmul(A.T, delta).view(R, 1, i * o)
+            else:
+                gW = torch.bmm(A.reshape(R * N, Bsz, i).transpose(1, 2), delta.reshape(R * N, Bsz, o)).view(R, N, i * o)
+            gb = delta.view(R, N, Bsz, o).sum(2)
+            grads += [gb, gW]
+            if l > 0:
+                delta = torch.bmm(delta, P[2 * l].transpose(1, 2)) * self.dact(A)
+        return torch.cat(grads[::-1], -1)
+
+    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor) -> torch.Tensor:
+        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) → (R, N, D)."""
+        R, N, Bsz, f = Xp.shape
+        return self._backward(theta, Xp.reshape(R, N * Bsz, f), Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz), N)
+
+    def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D)."""
+        w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0], dtype=Xf.dtype, device=Xf.device)
+        return self._backward(theta, Xf, Y, w, 1)[:, 0]
+
+
+@MODELS.register("cnn")
+class CNN(Network):
+    """LeNet-5-size convolutional net for image datasets (1×28×28, 3×32×32, digits' 1×8×8), vmap(grad).
+
+    conv k×k (``channels[0]``) → σ → max-pool 2 → conv k×k (``channels[1]``) → σ → max-pool 2 →
+    flatten → fully connected ``hidden`` (σ after each) → C logits. The first convolution pads by
+    (32 − H)/2 on images smaller than 32×32 (MNIST: 2, giving LeNet's 16×5×5 = 400 features).
+    """
+
+    chunk = 4096  # samples per chunk in evaluation (bounds the memory of full-data passes)
+
+    def __init__(self, cfg: Mapping, data: Dataset):
+        super().__init__(cfg, data)
+        if data.shape is None or len(data.shape) != 3:
+            raise ConfigError("model", "cnn", "mlp, softmax (or an image dataset: mnist5k, mnist, fashion_mnist, cifar10)",
+                              f"dataset {data.name} has no image shape")
+        self.shape = tuple(data.shape)
+        Cin, H, W = self.shape
+        self.channels = _int_list(cfg, "channels", allow_empty=False)
+        self.hidden = _int_list(cfg, "hidden")
+        k = cfg.get("kernel", 5)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError("model.kernel", k, "positive integers", "invalid")
+        self.kernel = k
+        self.pad = max(0, (32 - min(H, W)) // 2)
+        h, wd, c = H, W, Cin
+        for l, co in enumerate(self.channels):
+            p = self.pad if l == 0 else 0
+            h, wd = (h + 2 * p - k + 1) // 2, (wd + 2 * p - k + 1) // 2
+            if h < 1 or wd < 1:
+                raise ConfigError("model.channels", self.channels, "fewer convolution layers for this image size",
+                                  f"{H}×{W} images shrink to nothing")
+            self._add(f"conv{l}.weight", (co, c, k, k), c * k * k, co * k * k)
+            self._add(f"conv{l}.bias", (co,), c * k * k, co * k * k)
+            c = co
+        self.flat = c * h * wd
+        sizes = [self.flat, *self.hidden, self.C]
+        for l, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+            self._add(f"fc{l}.weight", (o, i), i, o)
+            self._add(f"fc{l}.bias", (o,), i, o)
+        self.act = ACTIVATIONS[self.activation]
+        nconv = len(self.channels)
+
+        def net(th: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            """Logits (S, C) of one θ (D,) on flat images x (S, f)."""
+            P = self.unflatten(th)
+            a = x.reshape(x.shape[0], *self.shape)
+            for l in range(nconv):
+                a = Fn.max_pool2d(self.act(Fn.conv2d(a, P[2 * l], P[2 * l + 1], padding=self.pad if l == 0 else 0)), 2)
+            a = a.flatten(1)
+            nfc = len(self.params) // 2 - nconv
+            for l in range(nfc):
+                a = Fn.linear(a, P[2 * (nconv + l)], P[2 * (nconv + l) + 1])
+                if l < nfc - 1:
+                    a = self.act(a)
+            return a
+
+        def wloss(th, x, y, w):
+            z = net(th, x)
+            return (w * (torch.logsumexp(z, -1) - z.gather(-1, y.unsqueeze(-1)).squeeze(-1))).sum()
+
+        g = torch.func.grad(wloss)
+        self._net = net
+        self._grads = torch.func.vmap(torch.func.vmap(g, in_dims=(None, 0, 0, 0)), in_dims=(0, 0, 0, 0))
+        self._grad_shared = torch.func.vmap(g, in_dims=(0, None, None, None))
+        self._logits_shared = torch.func.vmap(net, in_dims=(0, None))
+        self._logits_each = torch.func.vmap(net, in_dims=(0, 0))
+
+    def logits(self, theta: torch.Tensor, Xf: torch.Tensor) -> torch.Tensor:
+        """z for Xf (n, f) shared by the replicates → (R, n, C), or (R, ..., f) → (R, ..., C)."""
+        if Xf.dim() == 2:
+            return torch.cat([self._logits_shared(theta, Xc) for Xc in Xf.split(self.chunk)], 1)
+        R = theta.shape[0]
+        return self._logits_each(theta, Xf.reshape(R, -1, Xf.shape[-1])).view(*Xf.shape[:-1], self.C)
+
+    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor) -> torch.Tensor:
+        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) → (R, N, D)."""
+        return self._grads(theta, Xp, Yp, Wp)
+
+    def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D), accumulated over chunks of samples."""
+        n = Xf.shape[0]
+        w = torch.full((n,), 1.0 / n, dtype=Xf.dtype, device=Xf.device)
+        return sum(self._grad_shared(theta, Xc, Yc, wc)
+                   for Xc, Yc, wc in zip(Xf.split(self.chunk), Y.split(self.chunk), w.split(self.chunk)))

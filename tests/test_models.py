@@ -1,0 +1,202 @@
+"""Networks and batched partition gradients: exact against autograd run on each partition alone."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from cocoef_cli import config
+from cocoef_cli.data import Dataset, partition_indices
+from cocoef_cli.errors import ConfigError
+from cocoef_cli.models import Objective, build_model
+from cocoef_cli.sim.engine import build_experiment, simulate
+from cocoef_cli.sim.rng import SeedRNG
+
+SEEDS = [3, 4]  # two replicates: different θ and different partitions
+
+
+def image_data(n=23, shape=(1, 28, 28), classes=4, seed=0) -> Dataset:
+    g = np.random.default_rng(seed)
+    f = int(np.prod(shape))
+    X, y = g.random((n, f)), np.arange(n) % classes
+    return Dataset("tiny", X, y, g.random((7, f)), np.arange(7) % classes, "classification", classes, tuple(shape))
+
+
+def reference_grad(model_name: str, model, theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · Σ_s ∇ℓ_s(θ) by autograd through torch.nn layers built independently of the model code."""
+    th = theta.detach().clone().requires_grad_(True)
+    if model_name == "softmax":
+        W = th.view(model.f, model.C)
+        z = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1) @ W
+    elif model_name == "mlp":
+        act = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[model.activation]
+        z, off = X, 0
+        for l, (i, o) in enumerate(zip(model.sizes[:-1], model.sizes[1:])):
+            W = th[off:off + i * o].view(i, o)
+            b = th[off + i * o: off + i * o + o]
+            off += i * o + o
+            z = Fn.linear(z, W.T, b)
+            if l < len(model.sizes) - 2:
+                z = act(z)
+    else:  # cnn: a torch.nn LeNet, parameters loaded from θ in nn.Module order
+        C, H, W_ = model.shape
+        act = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}[model.activation]
+        layers, c = [], C
+        for l, co in enumerate(model.channels):
+            layers += [torch.nn.Conv2d(c, co, model.kernel, padding=model.pad if l == 0 else 0), act(), torch.nn.MaxPool2d(2)]
+            c = co
+        layers.append(torch.nn.Flatten())
+        sizes = [model.flat, *model.hidden, model.C]
+        for l, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(torch.nn.Linear(i, o))
+            if l < len(sizes) - 2:
+                layers.append(act())
+        net = torch.nn.Sequential(*layers).double()
+        torch.nn.utils.vector_to_parameters(th.detach(), net.parameters())
+        z = net(X.view(len(X), C, H, W_))
+        loss = scale * Fn.cross_entropy(z, y, reduction="sum")
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        return torch.nn.utils.parameters_to_vector(grads)
+    loss = scale * Fn.cross_entropy(z, y, reduction="sum")
+    return torch.autograd.grad(loss, th)[0]
+
+
+CASES = [
+    ("softmax", {"name": "softmax", "bias": True}, (1, 6, 5)),
+    ("mlp", {"name": "mlp", "hidden": [7], "activation": "relu"}, (1, 6, 5)),
+    ("mlp", {"name": "mlp", "hidden": [6, 5], "activation": "tanh"}, (12,)),
+    ("mlp", {"name": "mlp", "hidden": [4], "activation": "sigmoid", "init": "xavier"}, (12,)),
+    ("cnn", {"name": "cnn", "channels": [2, 3], "kernel": 5, "hidden": [6, 5]}, (1, 28, 28)),
+    ("cnn", {"name": "cnn", "channels": [2], "kernel": 3, "hidden": [], "activation": "tanh"}, (3, 32, 32)),
+]
+
+
+@pytest.mark.parametrize("name,mcfg,shape", CASES, ids=[f"{c[0]}-{c[1].get('activation', '')}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_partition_grads_equal_autograd_per_partition(name, mcfg, shape, scheme):
+    n = 23
+    data = image_data(n, shape) if len(shape) == 3 else Dataset("flat", np.random.default_rng(1).random((n, shape[0])),
+                                                                   np.arange(n) % 4, np.zeros((0, shape[0])),
+                                                                   np.zeros(0, np.int64), "classification", 4)
+    model = build_model({**mcfg, "init": mcfg.get("init", "torch")} if name != "softmax" else mcfg, data)
+    parts = partition_indices(data.y_train, 4, {"partition": scheme, "alpha": 0.3}, SEEDS)
+    sizes = (parts < n).sum(-1)
+    assert len(set(sizes.ravel().tolist())) > 1  # unequal partition sizes
+    l2 = 0.05
+    obj = Objective(model, data, parts, l2, torch.float64, torch.device("cpu"))
+    if name == "softmax":
+        theta = 0.3 * torch.randn(len(SEEDS), model.D, dtype=torch.float64)
+    else:
+        theta = model.init(SeedRNG(SEEDS, "init"), torch.float64)
+    G = obj.partition_grads(theta)
+    assert G.shape == (len(SEEDS), 4, model.D)
+    X, Y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
+    for r in range(len(SEEDS)):
+        for j in range(4):
+            idx = torch.as_tensor(parts[r, j][parts[r, j] < n])
+            ref = reference_grad(name, model, theta[r], X[idx], Y[idx], 1.0 / n) + (len(idx) / n) * l2 * theta[r]
+            torch.testing.assert_close(G[r, j], ref, rtol=1e-9, atol=1e-12)
+    # Σ_j g_j = ∇F, and full_grad agrees with autograd on all samples
+    full = torch.stack([reference_grad(name, model, theta[r], X, Y, 1.0 / n) for r in range(len(SEEDS))]) + l2 * theta
+    torch.testing.assert_close(G.sum(1), full, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(obj.grad(theta), full, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,mcfg", [("mlp", {"name": "mlp", "hidden": [5], "activation": "relu"}),
+                                       ("softmax", {"name": "softmax"}),
+                                       ("cnn", {"name": "cnn", "channels": [2], "kernel": 5, "hidden": [4]})])
+def test_minibatch_grads_are_autograd_on_the_drawn_samples(name, mcfg):
+    """batch_size=b: g_j = (|P_j| / (b_j n)) Σ_{s ∈ batch_j} ∇ℓ_s with b_j = min(b, |P_j|) distinct samples
+    of P_j, drawn from the run's ``batch`` stream (reproduced here from a fresh copy of the stream)."""
+    n, b = 30, 4
+    data = image_data(n, (1, 12, 12))
+    model = build_model({**mcfg, "init": "torch"} if name != "softmax" else mcfg, data)
+    parts = partition_indices(data.y_train, 9, {"partition": "iid"}, SEEDS)  # sizes 4 and 3: b_j < b too
+    obj = Objective(model, data, parts, 0.0, torch.float64, torch.device("cpu"), batch_size=b,
+                    batch_rng=SeedRNG(SEEDS, "batch"))
+    theta = 0.2 * torch.randn(len(SEEDS), model.D, dtype=torch.float64)
+    twin = SeedRNG(SEEDS, "batch")
+    X, Y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
+    for _ in range(2):  # two successive draws
+        G = obj.partition_grads(theta)
+        keys = twin.rand(*parts.shape[1:], dtype=torch.float64)
+        for r in range(len(SEEDS)):
+            for j in range(parts.shape[1]):
+                valid = parts[r, j] < n
+                order = torch.argsort(keys[r, j].masked_fill(~torch.as_tensor(valid), 2.0))
+                bj = min(b, int(valid.sum()))
+                idx = torch.as_tensor(parts[r, j])[order[:bj]]
+                ref = reference_grad(name, model, theta[r], X[idx], Y[idx], valid.sum() / (bj * n))
+                torch.testing.assert_close(G[r, j], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_minibatch_at_least_the_partition_is_the_full_partition_gradient():
+    data = image_data(26, (1, 6, 6))
+    model = build_model({"name": "mlp", "hidden": [5], "activation": "tanh", "init": "kaiming"}, data)
+    parts = partition_indices(data.y_train, 5, {"partition": "iid"}, SEEDS)
+    theta = model.init(SeedRNG(SEEDS, "init"), torch.float64)
+    full = Objective(model, data, parts, 0.1, torch.float64, torch.device("cpu")).partition_grads(theta)
+    mb = Objective(model, data, parts, 0.1, torch.float64, torch.device("cpu"), batch_size=50,
+                   batch_rng=SeedRNG(SEEDS, "batch")).partition_grads(theta)
+    torch.testing.assert_close(mb, full, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("init", ["torch", "kaiming", "xavier"])
+def test_network_init_is_per_replicate_seeded_and_bounded(init):
+    data = image_data(10, (1, 28, 28))
+    model = build_model({"name": "cnn", "channels": [6, 16], "kernel": 5, "hidden": [120, 84], "init": init}, data)
+    assert model.D == (6 * 25 + 6) + (16 * 6 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 4 + 4)  # LeNet-5
+    th = model.init(SeedRNG([0, 1], "init"), torch.float64)
+    again = model.init(SeedRNG([1], "init"), torch.float64)
+    torch.testing.assert_close(th[1:], again)  # replicate r is the run with seed r alone
+    assert not torch.equal(th[0], th[1])
+    W1 = model.unflatten(th)[0]  # conv0.weight, fan_in 25
+    bound = {"torch": 1 / 5, "kaiming": (6 / 25) ** 0.5, "xavier": (6 / (25 + 150)) ** 0.5}[init]
+    assert W1.abs().max() <= bound and W1.abs().max() > 0.8 * bound
+    b1 = model.unflatten(th)[1]
+    assert (b1 == 0).all() if init != "torch" else (b1.abs() > 0).all()
+
+
+def test_network_logits_shared_and_per_replicate_agree():
+    data = image_data(9, (1, 28, 28))
+    for cfg in ({"name": "cnn", "channels": [2, 3], "kernel": 5, "hidden": [5]}, {"name": "mlp", "hidden": [5]}):
+        model = build_model({**cfg, "init": "torch"}, data)
+        th = model.init(SeedRNG([0, 1], "init"), torch.float64)
+        X = torch.as_tensor(data.X_train)
+        Z = model.logits(th, X)
+        assert Z.shape == (2, 9, 4)
+        Zr = model.logits(th, X.reshape(1, 3, 3, -1).expand(2, 3, 3, X.shape[1]))  # (R, N, B, f) layout
+        torch.testing.assert_close(Zr.reshape(2, 9, 4), Z)
+
+
+@pytest.mark.parametrize("cfg,key", [({"name": "mlp", "hidden": [64], "activation": "gelu"}, "model.activation"),
+                                     ({"name": "mlp", "hidden": [0]}, "model.hidden"),
+                                     ({"name": "mlp", "hidden": 64}, "model.hidden"),
+                                     ({"name": "mlp", "hidden": [8], "init": "zeros"}, "model.init"),
+                                     ({"name": "cnn", "channels": [6, 16], "hidden": [8], "kernel": 0}, "model.kernel")])
+def test_bad_network_config_names_the_key(cfg, key):
+    with pytest.raises(ConfigError) as e:
+        build_model(cfg, image_data(5, (1, 28, 28)))
+    assert e.value.key == key
+
+
+def test_cnn_needs_images():
+    flat = Dataset("flat", np.zeros((4, 5)), np.arange(4) % 2, np.zeros((0, 5)), np.zeros(0, np.int64), "classification", 2)
+    with pytest.raises(ConfigError) as e:
+        build_model({"name": "cnn", "channels": [6, 16], "kernel": 5, "hidden": [8]}, flat)
+    assert e.value.key == "model" and "image" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        build_model({"name": "cnn", "channels": [6, 16, 32, 64], "kernel": 5, "hidden": [8]}, image_data(4, (1, 28, 28)))
+    assert e.value.key == "model.channels"
+
+
+def test_short_mnist5k_run_improves_test_accuracy():
+    cfg = config.load(["dataset=mnist5k", "model=mlp", "model.hidden=[32]", "devices=20", "code=sgc", "code.d=2",
+                       "straggler.p=0.2", "compressor=topk", "compressor.ratio=0.05", "optim.lr=0.5", "iters=25",
+                       "eval_every=25", "seeds=2"])
+    exp = build_experiment(cfg)
+    assert (exp.data.n, len(exp.data.y_test), exp.data.shape) == (4000, 1000, (1, 28, 28))
+    df = simulate(exp).metrics
+    first, last = df[df.iter == 0], df[df.iter == 25]
+    assert (first.test_acc < 0.25).all()  # the random initial network is near chance (10 classes)
+    assert (last.test_acc.to_numpy() > first.test_acc.to_numpy() + 0.4).all()
+    assert (last.train_loss.to_numpy() < first.train_loss.to_numpy()).all()
