@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install demo test baselines figures figures-quick lint clean
+.PHONY: install demo test baselines figures figures-quick bench lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ figures-quick: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# simulator vs per-device loop, vs a centralised step, seeds, scaling in M → results/bench.md
+bench: install
+	$(BIN)/cocoef bench --out results/bench.md
 
 lint: install
 	$(BIN)/python -m compileall -q cocoef_cli

@@ -261,6 +261,18 @@ def check_code(overrides: Optional[List[str]] = OverridesArg, config_dir: Option
     typer.echo(f"worst decoding residual: {rep['worst']:.3e}")
 
 
+@app.command()
+@clean_errors
+def bench(quick: bool = typer.Option(False, "--quick", help="Fewer sizes (M ≤ 100): about a minute."),
+          out: Path = typer.Option(Path("results/bench.md"), "--out", help="Markdown report to write."),
+          device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto")) -> None:
+    """Benchmarks: simulator vs a per-device loop, vs a centralised step, seeds=10 vs 1, scaling in M."""
+    from cocoef_cli.bench import run_bench
+
+    typer.echo(run_bench(quick, out, device, log=lambda line: typer.echo(line, err=True)))
+    typer.echo(f"wrote {out}", err=True)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -95,7 +95,7 @@ def test_check_code(code, d, devices, exact):
 
 
 def test_help_of_every_verb():
-    for verb in ["run", "list", "check-code"]:
+    for verb in ["run", "list", "check-code", "sweep", "report", "figures", "tune", "rerun", "bench"]:
         res = runner.invoke(app, [verb, "--help"])
         assert res.exit_code == 0 and "Usage" in res.stdout
 

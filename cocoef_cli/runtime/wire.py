@@ -210,7 +210,7 @@ class RandKCodec(Codec):
         if keys is None:
             raise WireError(f"{self.C.name}: the shared random keys are needed")
         probe = torch.zeros(1, self.D, dtype=self.dtype)
-        return torch.nonzero(self.C._random_mask(probe, _Keys(keys))[0]).view(-1)
+        return torch.sort(self.C._random_indices(probe, _Keys(keys))[0]).values
 
     def encode(self, m, keys=None):
         return self._values(m[self._idx(keys)])

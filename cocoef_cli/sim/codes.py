@@ -177,6 +177,7 @@ class Code:
         self._cols = torch.argsort((~nz).to(torch.int8), dim=-1, stable=True)[..., :K].contiguous()  # (R,M,K)
         self._vals = B.gather(-1, self._cols)  # padded slots point at zero entries of B → value 0
         self.K = K
+        self._rows: torch.Tensor | None = None  # (K, R·M) row indices into G viewed as (R·N, D)
 
     # -- construction from an explicit matrix (tests, check-code)
     @classmethod
@@ -202,17 +203,23 @@ class Code:
         d = int(S.sum(1).max()) if S.numel() else 1
         return cls(name, S, B, d, decode, DECODERS[decode], decode == "fixed", p)
 
-    def encode(self, G: torch.Tensor) -> torch.Tensor:
-        """U = B G for G (R, N, D) → (R, M, D), accumulated over the K ELL slots (no dense B)."""
+    def encode(self, G: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """U = B G for G (R, N, D) → (R, M, D), accumulated over the K ELL slots (no dense B): each
+        slot is one row gather of G (``index_select``) and one fused multiply-add. With ``z``
+        (R, M), rows of devices with z_i = 0 are 0: stragglers compute nothing."""
         if G.dim() != 3 or G.shape[0] != self.R or G.shape[1] != self.N:
             raise ValueError(f"G must be (R={self.R}, N={self.N}, D); got {tuple(G.shape)}")
-        D = G.shape[2]
+        R, N, D = G.shape
+        if self._rows is None or self._rows.device != G.device:
+            offsets = torch.arange(R, device=G.device).view(R, 1, 1) * N
+            self._rows = (self._cols.to(G.device) + offsets).permute(2, 0, 1).reshape(self.K, R * self.M)
         vals = self._vals if self._vals.dtype == G.dtype and self._vals.device == G.device else self._vals.to(G)
-        cols = self._cols if self._cols.device == G.device else self._cols.to(G.device)
-        U = torch.zeros(self.R, self.M, D, dtype=G.dtype, device=G.device)
-        for k in range(self.K):
-            idx = cols[:, :, k, None].expand(self.R, self.M, D)
-            U.add_(vals[:, :, k, None] * torch.gather(G, 1, idx))
+        if z is not None:
+            vals = vals * z.to(vals.dtype).unsqueeze(-1)
+        flat = G.reshape(R * N, D)
+        U = torch.index_select(flat, 0, self._rows[0]).view(R, self.M, D).mul_(vals[:, :, 0, None])
+        for k in range(1, self.K):
+            U.addcmul_(torch.index_select(flat, 0, self._rows[k]).view(R, self.M, D), vals[:, :, k, None])
         return U
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

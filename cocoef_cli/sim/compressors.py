@@ -51,30 +51,39 @@ def sign_pm1(v: Tensor) -> Tensor:
     return torch.where(v < 0, -one, one)
 
 
-def topk_mask(v: Tensor, k: int) -> Tensor:
-    """Boolean mask of the k largest |v_j| of every row (last dim); ties go to the lower index.
+def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Indices (..., k) of the k largest |v_j| of every row (last dim), in no particular order;
+    ties go to the lower index.
 
     No full sort: ``torch.topk(sorted=False)`` selects k entries and t, the k-th largest magnitude.
-    torch chooses arbitrarily among entries tied with t; rows where some tied entry was left out
-    are redone by the rule: keep every |v_j| > t, then the lowest-index |v_j| == t until exactly k
-    are kept (a cumulative count along the row). Exactly k entries per row are True, zeros included.
-    On CPU the redo runs only when such a row exists (one check per call); elsewhere always, so
-    that no host synchronisation is needed.
+    torch chooses arbitrarily among entries tied with t; when some row left a tied entry out, the
+    rule is applied: keep every |v_j| > t, then the lowest-index |v_j| == t until exactly k are
+    kept (a cumulative count along the row). On CPU the rule runs only when such a row exists (one
+    check per call); elsewhere always, so that no host synchronisation is needed. ``work``: optional
+    scratch tensors (float like v, bool) of v's shape, reused across calls (fresh large tensors
+    cost page faults on every call).
     """
-    D = v.shape[-1]
-    if k >= D:
-        return torch.ones_like(v, dtype=torch.bool)
-    a = v.abs()
+    a = v.abs() if work is None else torch.abs(v, out=work[0])
     top = torch.topk(a, k, dim=-1, sorted=False)
     t = top.values.amin(dim=-1, keepdim=True)
-    mask = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, top.indices, True)
-    eq = a == t
-    ambiguous = eq.sum(-1, keepdim=True) > (top.values == t).sum(-1, keepdim=True)
+    # every |v_j| > t is selected, so a tied entry was left out iff more than k entries are ≥ t
+    ge = a >= t if work is None else torch.ge(a, t, out=work[1])
+    ambiguous = ge.sum(-1, keepdim=True, dtype=torch.int32) > k
     if a.device.type == "cpu" and not bool(ambiguous.any()):
-        return mask
+        return top.indices
+    eq = a == t
     gt = a > t
     room = k - gt.sum(dim=-1, keepdim=True)  # how many of the tied entries fit
-    return torch.where(ambiguous, gt | (eq & (torch.cumsum(eq, dim=-1) <= room)), mask)
+    keep = gt | (eq & (torch.cumsum(eq, dim=-1) <= room))  # exactly k per row
+    rank = torch.arange(v.shape[-1], 0, -1, device=v.device)  # distinct keys: kept entries win
+    return torch.topk(keep * rank, k, dim=-1, sorted=False).indices
+
+
+def topk_mask(v: Tensor, k: int) -> Tensor:
+    """Boolean mask of :func:`topk_indices` (exactly k entries per row are True, zeros included)."""
+    if k >= v.shape[-1]:
+        return torch.ones_like(v, dtype=torch.bool)
+    return torch.zeros_like(v, dtype=torch.bool).scatter_(-1, topk_indices(v, k), True)
 
 
 def _uniform(rng: SeedRNG | None, v: Tensor, name: str) -> Tensor:
@@ -162,6 +171,12 @@ class Compressor:
     def __call__(self, v: Tensor, rng: SeedRNG | None = None) -> Tensor:
         return self.compress(v, rng)
 
+    def sparse(self, v: Tensor, rng: SeedRNG | None = None) -> tuple[Tensor, Tensor] | None:
+        """C(v) as (indices, values) of shape (..., k) when the compressor keeps k coordinates per
+        message (C(v) = 0 elsewhere), drawing exactly what :meth:`compress` draws; None otherwise.
+        Lets callers avoid dense (R, M, D) temporaries."""
+        return None
+
     def bits(self) -> int:
         """Bits of one message (DESIGN §4)."""
         raise NotImplementedError  # pragma: no cover - abstract
@@ -186,13 +201,28 @@ class _KSparse(Compressor):
         D = _check_int("D", D, 1)
         return cls(D, resolve_k(cfg, D), value_bits=_cfg_get(cfg, "value_bits", 32))
 
-    def _random_mask(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+    def _indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        """The k kept coordinates of every message, shape (..., k)."""
+        raise NotImplementedError
+
+    def _scale(self) -> float:
+        return 1.0
+
+    def sparse(self, v: Tensor, rng: SeedRNG | None = None) -> tuple[Tensor, Tensor]:
+        if v.shape[-1] != self.D:
+            raise ValueError(f"{self.name}: last dim of v is {v.shape[-1]}, compressor built for D={self.D}")
+        idx = self._indices(v, rng)
+        vals = v.gather(-1, idx)
+        return idx, vals.mul_(self._scale()) if self._scale() != 1.0 else vals
+
+    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        idx, vals = self.sparse(v, rng)
+        return torch.zeros_like(v).scatter_(-1, idx, vals)
+
+    def _random_indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
         """k coordinates per message, uniform without replacement: the k largest of iid U[0,1) keys."""
         keys = _uniform(rng, v, self.name)
-        if self.k >= self.D:
-            return torch.ones_like(v, dtype=torch.bool)
-        idx = torch.topk(keys, self.k, dim=-1, sorted=False).indices
-        return torch.zeros_like(v, dtype=torch.bool).scatter_(-1, idx, True)
+        return torch.topk(keys, self.k, dim=-1, sorted=False).indices
 
     def _extra_repr(self) -> str:
         return f"k={self.k}"
@@ -252,8 +282,13 @@ class TopK(_KSparse):
             index_bits=_cfg_get(cfg, "index_bits", "log2"),
         )
 
-    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
-        return torch.where(topk_mask(v, self.k), v, torch.zeros((), dtype=v.dtype, device=v.device))
+    def _indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        if self.k >= self.D:
+            return torch.arange(self.D, device=v.device).expand(v.shape)
+        work = getattr(self, "_work", None)
+        if work is None or work[0].shape != v.shape or work[0].dtype != v.dtype or work[0].device != v.device:
+            work = self._work = (torch.empty_like(v), torch.empty(v.shape, dtype=torch.bool, device=v.device))
+        return topk_indices(v, self.k, work)
 
     def bits(self) -> int:
         vb, k, D = self.value_bits, self.k, self.D
@@ -280,8 +315,8 @@ class RandK(_KSparse):
     name = "randk"
     randomized = True
 
-    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
-        return torch.where(self._random_mask(v, rng), v, torch.zeros((), dtype=v.dtype, device=v.device))
+    def _indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        return self._random_indices(v, rng)
 
     def bits(self) -> int:
         return self.value_bits * self.k
@@ -302,9 +337,11 @@ class RandKUnbiased(_KSparse):
     def omega(self) -> float:
         return self.D / self.k - 1.0
 
-    def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
-        mask = self._random_mask(v, rng)
-        return torch.where(mask, v * (self.D / self.k), torch.zeros((), dtype=v.dtype, device=v.device))
+    def _indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+        return self._random_indices(v, rng)
+
+    def _scale(self) -> float:
+        return self.D / self.k
 
     def bits(self) -> int:
         return self.value_bits * self.k

@@ -167,9 +167,9 @@ class Simulation:
         """(ĝ, z) of one coded update: G = [g_j(θ)]_j, U = B G, z ~ stragglers, (a, residual) =
         decode(z), ĝ = method.step(U, z, a). Sets ``self.residual``; mutates the method state."""
         exp = self.exp
-        U = exp.code.encode(exp.objective.partition_grads(self.theta))
         z = exp.straggler.draw()
         a, self.residual = exp.code.decode(z)
+        U = exp.code.encode(exp.objective.partition_grads(self.theta), z)
         return exp.method.step(U, z, a), z
 
     def state_norm(self) -> torch.Tensor | None:

@@ -1,9 +1,10 @@
 """COCO-EF and the baselines: per-device state and one step, batched over (R, M, D).
 
-Notation per iteration: U (R, M, D) encoded gradients u_i = Σ_j B_ij g_j, z (R, M) the devices
-that answer, a (R, M) the decoding weights (zero for stragglers), C the compressor. A step returns
-the server aggregate ĝ (R, D). Stragglers compute and send nothing; their state is left unchanged
-(``straggler_state=freeze``) or zeroed (``reset``).
+Notation per iteration: U (R, M, D) encoded gradients u_i = Σ_j B_ij g_j of the devices that
+answer (rows of stragglers are 0: they compute nothing; a step may consume U in place), z (R, M)
+the devices that answer, a (R, M) the decoding weights (zero for stragglers), C the compressor. A
+step returns the server aggregate ĝ (R, D). Stragglers send nothing; their state is left
+unchanged (``straggler_state=freeze``) or zeroed (``reset``).
 """
 from __future__ import annotations
 
@@ -69,10 +70,21 @@ class CocoEF(Method):
     state_names = ("e",)
 
     def step(self, U, z, a):
-        v = U + self.e
-        m = self.C.compress(v, self.rng)
-        self.e = self._keep(z, v.sub_(m), self.e)
-        return aggregate(a, m)
+        v = self.e.add_(U)  # e holds v = u + e from here on (a straggler's u is 0: v = e)
+        sparse = self.C.sparse(v, self.rng)
+        if sparse is None:
+            m = self.C.compress(v, self.rng)
+            g = aggregate(a, m)
+            v.sub_(m.mul_(z.unsqueeze(-1)))  # e ← v − m, for the devices that sent m
+        else:  # k coordinates per message: no dense (R, M, D) temporaries
+            idx, vals = sparse
+            g = torch.zeros(v.shape[0], v.shape[2], dtype=v.dtype, device=v.device)
+            g.scatter_add_(1, idx.flatten(1), (vals * a.unsqueeze(-1)).flatten(1))
+            sent = vals * z.unsqueeze(-1).to(vals.dtype)  # stragglers sent nothing
+            v.scatter_(-1, idx, v.gather(-1, idx).sub_(sent))  # e ← v − m, touching k entries a row
+        if self.reset:
+            v.mul_(z.unsqueeze(-1))
+        return g
 
 
 @METHODS.register("coco")
