@@ -70,6 +70,9 @@ class Capture:
 
     __call__ = compress
 
+    def sparse(self, v: torch.Tensor, rng: Any = None) -> None:
+        return None  # methods take the dense path: the message is the dense output of compress
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.C, name)
 
