@@ -59,6 +59,8 @@ INVALID = [
 def override_sets(draw):
     chosen = draw(st.dictionaries(st.sampled_from(sorted(VALID)), st.none(), max_size=5))
     ovs = [f"{k}={draw(st.sampled_from(VALID[k]))}" for k in sorted(chosen)]
+    if "straggler=fixed" in ovs:  # its default s = 10 exceeds these tiny device counts
+        ovs.append("straggler.s=1")
     bad = draw(st.none() | st.sampled_from(INVALID))
     if bad is None:
         return ovs, None
@@ -70,7 +72,8 @@ def override_sets(draw):
     return TINY + ovs, key
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, derandomize=True,  # the same examples on every CI run
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=override_sets())
 def test_random_override_sets_valid_run_invalid_exit_2(case, tmp_path_factory):
     ovs, key = case
