@@ -14,20 +14,18 @@ An experiment file names (see ``experiments/README.md``):
   ``table``: bits to reach a target), ``x``, ``y``, ``facet`` and the caption texts.
 
 Each arm of each sweep is one ``cocoef sweep PRESET ARM-OVERRIDES optim.lr=LR SWEPT --out
-RUNS/<sweep>/<arm>`` (a real Hydra multirun, resumable: finished jobs are skipped), run as
-subprocesses, ``--jobs`` at a time. Figures go to ``OUT/figures/<name>.png|pdf`` with a compact
-CSV of final values, and the gallery to ``OUT/README.md``.
+RUNS/<sweep>/<arm>`` (a real Hydra multirun, resumable: finished jobs are skipped), run in-process
+in ``--jobs`` long-lived worker processes. Figures go to ``OUT/figures/<name>.png|pdf`` with a
+compact CSV of final values, and the gallery to ``OUT/README.md``.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -158,36 +156,76 @@ def arm_task(exp: Experiment, arm: Arm, runs: Path, quick: bool, tune: bool = Fa
     return Task(sw["name"], arm, argv, out)
 
 
-def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_dir: Path | None = None) -> None:
-    """Run the sweeps as ``python -m cocoef_cli.cli sweep ...`` subprocesses, ``jobs`` at a time
-    (one torch thread each when several run at once). Bad input (exit 2) raises ConfigError;
-    failed jobs raise FiguresError after every task has run."""
-    env = dict(os.environ)
+def _worker_init(env: dict[str, str]) -> None:
+    """A sweep worker process: thread counts and config root before torch is imported."""
+    os.environ.update(env)
+
+
+def _worker_sweep(argv: list[str]) -> tuple[int, str]:
+    """One ``cocoef sweep ...`` in this (long-lived) worker process: (exit code, output)."""
+    from typer.testing import CliRunner
+
+    from cocoef_cli.cli import app
+
+    cwd = os.getcwd()
+    try:
+        res = CliRunner().invoke(app, argv)
+    finally:
+        os.chdir(cwd)  # a sweep never moves the next one
+    out = res.output
+    try:
+        out += res.stderr
+    except (ValueError, AttributeError):  # stderr mixed into output
+        pass
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        out += f"\n{type(res.exception).__name__}: {res.exception}"
+    return res.exit_code, out
+
+
+def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_dir: Path | None = None) -> dict:
+    """Run the sweeps (``cocoef sweep ...``), ``jobs`` at a time, in ``jobs`` long-lived worker
+    processes (one torch thread each when several run at once): each sweep runs in-process in a
+    worker, so Python and torch start ``jobs`` times, not once per sweep. Bad input (exit 2) raises
+    ConfigError; failed jobs raise FiguresError after every task has run. Returns
+    ``{"jobs": N, "skipped": M}`` (jobs listed by the sweeps, jobs resumed as already done)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     threads = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONWARNINGS="ignore")
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore"}
     if config_dir is not None:
-        env["COCOEF_CONFIG_DIR"] = str(config_dir)
+        env["COCOEF_CONFIG_DIR"] = str(Path(config_dir).resolve())
     failures: list[str] = []
+    counts = {"jobs": 0, "skipped": 0}
     t0 = time.perf_counter()
-
-    def one(task: Task) -> None:
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "cocoef_cli.cli", *task.argv], env=env,
-                              capture_output=True, text=True)
-        msg = (proc.stderr.strip().splitlines() or [""])[-1]
-        if proc.returncode == 2:
-            failures.append(f"bad input in {task.command}: {msg}")
-        elif proc.returncode != 0:
-            failures.append(f"{task.command}: exit {proc.returncode}: {msg}")
-        echo(f"  [{time.perf_counter() - t0:6.1f}s] {task.sweep}/{task.arm.id}: "
-             f"{'ok' if proc.returncode == 0 else 'FAILED'} ({time.perf_counter() - t:.1f}s)")
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(one, tasks))
+    if not tasks:
+        return counts
+    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(tasks))), mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(env,)) as pool:
+        started = {pool.submit(_worker_sweep, t.argv): (t, time.perf_counter()) for t in tasks}
+        for fut in as_completed(started):
+            task, _ = started[fut]
+            try:
+                code, out = fut.result()
+            except Exception as e:  # a worker died
+                code, out = 1, f"{type(e).__name__}: {e}"
+            lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+            msg = lines[-1] if lines else ""
+            m = re.search(r"(\d+) job\(s\): .*\((\d+) skipped as already done\)", out)
+            if m:
+                counts["jobs"] += int(m.group(1))
+                counts["skipped"] += int(m.group(2))
+            if code == 2:
+                failures.append(f"bad input in {task.command}: {msg}")
+            elif code != 0:
+                failures.append(f"{task.command}: exit {code}: {msg}")
+            echo(f"  [{time.perf_counter() - t0:6.1f}s] {task.sweep}/{task.arm.id}: "
+                 f"{'ok' if code == 0 else 'FAILED'}")
     if failures:
         if any(f.startswith("bad input") for f in failures):
             raise ConfigError("experiments", failures[0].split(": ", 1)[0], "valid overrides", failures[0])
         raise FiguresError("; ".join(failures))
+    return counts
 
 
 def _tasks(exps: list[Experiment], runs: Path, quick: bool, tune: bool = False) -> list[Task]:
@@ -309,7 +347,8 @@ def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Pat
             info["excluded"] += _excluded(runs_info)
             t = rp.bits_to_target(rows, "label", part["y"], float(part["target"]), part.get("mode", "min"))
             t.insert(0, "task", part["task"])
-            t.insert(2, "target", f"{part['y']} {'≤' if part.get('mode', 'min') == 'min' else '≥'} {part['target']:g}")
+            name = {"opt_gap": "gap F − F*", "test_acc": "test accuracy"}.get(part["y"], part["y"])
+            t.insert(2, "target", f"{name} {'≤' if part.get('mode', 'min') == 'min' else '≥'} {part['target']:g}")
             parts.append(t)
         table = pd.concat(parts, ignore_index=True)
         table.to_csv(out.with_suffix(".csv"), index=False)
@@ -328,7 +367,7 @@ def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Pat
     title = plot.get("title", "") + ("" if not quick else "  [--quick]")
     if kind == "line":
         rp.line_panels(rows, plot.get("x", "iter"), plot["y"], "label", out, title=title, facet=plot.get("facet"),
-                       hue_order=order, facet_fmt=plot.get("facet_fmt", "{col} = {val}"))
+                       hue_order=order, facet_fmt=plot.get("facet_fmt", "{col} = {val}"), ylim=plot.get("ylim"))
     else:
         rp.final_figure(rows, plot["x"], plot["y"], "label", out, title=title, facet=plot.get("facet"),
                         hue_order=order)
@@ -374,11 +413,12 @@ def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:
     from cocoef_cli import report as rp
 
     plt = rp._plt()
-    tasks = list(dict.fromkeys(table["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 0.42 * table.groupby("task").size().max() + 1.6),
+    table = table.assign(panel=table["task"] + ": " + table["target"])
+    tasks = list(dict.fromkeys(table["panel"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 0.42 * table.groupby("panel").size().max() + 1.6),
                              squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        t = table[table["task"] == task].reset_index(drop=True)
+        t = table[table["panel"] == task].reset_index(drop=True)
         reached = t["bits_to_target"].notna()
         top = t.loc[reached, "bits_to_target"].max() if reached.any() else 1.0
         for i, r in t.iterrows():
@@ -386,16 +426,20 @@ def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:
             if r["bits_to_target"] == r["bits_to_target"]:
                 ax.barh(i, r["bits_to_target"], color=color, alpha=0.85)
                 ax.text(r["bits_to_target"] * 1.08, i, f"{r['bits_to_target']:.2g}", va="center", fontsize=8)
-            else:
-                ax.text(top ** 0.5 if top > 1 else 1, i, "not reached", va="center", fontsize=8, color="#a00",
-                        style="italic")
+            else:  # x in axes coordinates: readable whatever the bars' range (or with no bar at all)
+                ax.text(0.02, i, "not reached", va="center", fontsize=8, color="#a00", style="italic",
+                        transform=ax.get_yaxis_transform())
         ax.set_yticks(range(len(t)))
         ax.set_yticklabels(t["label"], fontsize=8.5)
-        ax.invert_yaxis()
+        ax.set_ylim(len(t) - 0.5, -0.5)  # first row on top, no row clipped
         ax.set_xscale("log")
-        ax.set_xlim(right=top * 6)
+        if reached.any():  # bars start a decade-floor below the smallest one, so every bar shows
+            low = t.loc[reached, "bits_to_target"].min()
+            ax.set_xlim(10 ** math.floor(math.log10(low / 1.5)), top * 6)
+        else:
+            ax.set_xlim(1e5, 1e9)
         ax.set_xlabel("uplink bits to reach the target (bits)")
-        ax.set_title(f"{task}: {t['target'].iloc[0]}", fontsize=10)
+        ax.set_title(task, fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10.5)
@@ -424,6 +468,9 @@ def gallery(exps: list[Experiment], infos: dict[str, dict], out: Path, quick: bo
         lines += ["**This is a `--quick` run** (shorter budgets): the captions below describe the full run.", ""]
     if timing:
         lines += [timing, ""]
+    cost = out / "figures" / "timings.md"  # measured cost of the full and --quick runs (written by hand)
+    if not quick and cost.exists():
+        lines += [cost.read_text().strip(), ""]
     lines += ["| figure | what |", "|---|---|"]
     for exp in exps:
         lines.append(f"| [{exp.name}](#{exp.name}) | {exp.plot.get('title', '')} |")
@@ -460,8 +507,9 @@ def gallery(exps: list[Experiment], infos: dict[str, dict], out: Path, quick: bo
             src = exp.spec.get("lr_from") or exp.spec.get("runs_of") or exp.name
             tuned = tuning.get(src)
             lines += [f"Step sizes (tuned by `cocoef tune {src}`"
-                      + (f", grid results: [{tuned.name}]({os.path.relpath(tuned, out)})" if tuned else "") + "): "
-                      + ", ".join(f"{a.label} {a.lr:g}" for a in exp.arms), ""]
+                      + (f", grid results: [{tuned.name}]({os.path.relpath(tuned, out)})" if tuned else "") + "):", "",
+                      markdown_table(pd.DataFrame({"method": [a.label for a in exp.arms],
+                                                   "step size η": [f"{a.lr:g}" for a in exp.arms]})), ""]
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -498,14 +546,21 @@ def figures(quick: bool = False, only: list[str] | None = None, out: Path | None
     tasks = _tasks(needed, runs, quick)
     echo(f"figures: {len(chosen)} experiment(s), {len(tasks)} sweep(s) of one method each, {jobs} at a time → {runs}")
     t1 = time.perf_counter()
-    run_tasks(tasks, jobs, echo, config_dir)
+    counts = run_tasks(tasks, jobs, echo, config_dir)
     t_runs = time.perf_counter() - t1
     infos = {}
     for exp in chosen:
         infos[exp.name] = render(exp, exps, runs, figdir, quick)
         echo(f"  wrote {infos[exp.name]['png']}")
-    timing = (f"Last run: {len(tasks)} sweeps, {t_runs:.0f} s of simulation, {time.perf_counter() - t0:.0f} s "
-              f"in total ({'--quick, ' if quick else ''}{jobs} parallel sweeps, {os.cpu_count()} cores).")
+    ran = counts["jobs"] - counts["skipped"]
+    timing = (f"Last run that simulated: `cocoef figures{' --quick' if quick else ''}"
+              f"{' --only ' + ' --only '.join(only) if only else ''} --jobs {jobs}`: {len(tasks)} sweeps, "
+              f"{ran} of {counts['jobs']} jobs run ({counts['skipped']} resumed), {t_runs:.0f} s of simulation, "
+              f"{time.perf_counter() - t0:.0f} s in total ({jobs} parallel sweeps, {os.cpu_count()} cores).")
+    old_readme = out / "README.md"
+    if ran == 0 and old_readme.exists():  # a pure re-draw: keep the timing of the run that simulated
+        prev = [ln for ln in old_readme.read_text().splitlines() if ln.startswith("Last run")]
+        timing = prev[0] if prev else timing
     path = gallery(list(exps.values()) if not only else chosen, infos, out, quick, runs, tuning, timing) \
         if not only else _gallery_merge(exps, chosen, infos, out, quick, runs, tuning, timing)
     echo(f"{len(chosen)} figure(s) in {time.perf_counter() - t0:.0f}s → {figdir}, gallery {path}")

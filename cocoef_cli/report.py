@@ -66,6 +66,14 @@ STYLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("ignore_stragglers", "*"): ("#7f7f7f", _DOT),
     ("gd", "*"): ("#393b79", (1, 3)),
 }
+# Fixed marker per method/compressor (final-value figures), so a method also keeps its marker.
+MARKERS: dict[tuple[str, str], str] = {
+    ("coco_ef", "topk"): "o", ("coco_ef", "grouped_sign"): "X", ("coco_ef", "*"): "P",
+    ("coco", "topk"): "s", ("coco", "grouped_sign"): "D", ("coco", "randk_unbiased"): "^",
+    ("coco", "qsgd"): "v", ("coco", "onebit"): "<", ("coco", "*"): ">",
+    ("coco_diana", "*"): "p", ("coco_ef21", "*"): "h", ("ef_sgd", "*"): "*",
+    ("gc", "*"): "d", ("ignore_stragglers", "*"): "8", ("gd", "*"): "H",
+}
 _SPARE = ["#637939", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1", "#636363", "#e7ba52"]
 
 
@@ -76,6 +84,13 @@ def style_for(method: str, compressor: str = "*") -> tuple[str, Any]:
             return STYLES[key]
     h = sum(ord(c) * (i + 1) for i, c in enumerate(f"{method}/{compressor}"))
     return _SPARE[h % len(_SPARE)], _SOLID
+
+
+def marker_for(method: str, compressor: str = "*") -> str:
+    for key in ((method, compressor), (method, "*")):
+        if key in MARKERS:
+            return MARKERS[key]
+    return "o"
 
 
 def label(col: str) -> str:
@@ -183,9 +198,19 @@ def _spans_decades(values: pd.Series) -> bool:
 
 
 def _save(fig: Any, out: Path, dpi: int = 110) -> Path:
+    """PNG (a 256-colour palette image: about 3× smaller than RGBA at the same resolution, ≲ 100 KB
+    for a 3-panel figure, and visually identical for line plots) and PDF."""
+    import io
+
+    from PIL import Image
+
     out = Path(out).with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, bbox_inches="tight", pad_inches=0.12)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.12, facecolor="white")
+    buf.seek(0)
+    img = Image.open(buf).convert("RGB")
+    img.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, optimize=True)
     fig.savefig(out.with_suffix(".pdf"), bbox_inches="tight", pad_inches=0.12)
     _plt().close(fig)
     return out
@@ -201,7 +226,7 @@ def _finish(fig: Any, ax: Any, n_items: int, n_panels: int, title: str, excluded
     if title:
         fig.suptitle(title, fontsize=10.5)
     fig.tight_layout()
-    ncol = max(1, min(n_items, 4 if n_panels > 1 else 2))
+    ncol = max(1, min(n_items, 4 if n_panels > 2 else 2))  # never wider than the panels
     y = 0.0
     if handles:
         fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=9, frameon=False, handlelength=3.4,
@@ -220,9 +245,10 @@ def _plottable(data: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 def line_panels(data: pd.DataFrame, x: str | Sequence[str], y: str, hue: str, out: Path, title: str = "",
                 facet: str | None = None, hue_order: Sequence[str] | None = None,
-                facet_fmt: str = "{col} = {val}") -> Path:
+                facet_fmt: str = "{col} = {val}", ylim: Sequence[float] | None = None) -> Path:
     """Mean of ``y`` over seeds against each ``x`` (one panel per x column and per ``facet``
-    value), 95% bootstrap CI bands, one shared legend below; writes PNG and PDF."""
+    value), 95% bootstrap CI bands, one shared legend below; writes PNG and PDF. ``ylim``
+    (low, high) zooms every panel to the same y range."""
     import seaborn as sns
 
     plt = _plt()
@@ -250,6 +276,8 @@ def line_panels(data: pd.DataFrame, x: str | Sequence[str], y: str, hue: str, ou
             ax.set_xscale("log")
         if y in LOG_COLUMNS and len(d) and (d[y] > 0).all():
             ax.set_yscale("log")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.set_xlabel(label(xc))
         ax.set_ylabel(label(y))
         if fv is not None:
@@ -278,13 +306,20 @@ def final_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title:
     n = len(facets)
     fig, axes = plt.subplots(1, n, figsize=(4.8 * n + 0.6 if n > 1 else 7.0, 4.6), squeeze=False)
     pal, dashes = _styles(fin, hue, hue_order)
+    markers = {}
+    for h in hue_order:
+        sub = fin[fin[hue] == h]
+        markers[h] = marker_for(str(sub["method"].iloc[0]) if "method" in sub and len(sub) else str(h),
+                                str(sub["compressor"].iloc[0]) if "compressor" in sub and len(sub) else "*")
+    if len(set(markers.values())) < len(markers):
+        markers = True  # the same method twice: let seaborn pick distinct markers
     for ax, fv in zip(axes[0], facets):
         d = fin if fv is None else fin[fin[facet] == fv]
         d = d.assign(**{x: pd.to_numeric(d[x])})
         if y == "opt_gap":
             d = d.assign(opt_gap=d["opt_gap"].clip(lower=GAP_FLOOR))
         sns.lineplot(data=d, x=x, y=y, hue=hue, style=hue, hue_order=hue_order, style_order=hue_order,
-                     palette=pal, dashes=dashes, markers=True, markersize=7, errorbar=("ci", 95), n_boot=300,
+                     palette=pal, dashes=dashes, markers=markers, markersize=7, errorbar=("ci", 95), n_boot=300,
                      seed=0, err_style="bars", err_kws={"capsize": 3}, ax=ax, linewidth=1.6)
         vals = sorted(d[x].unique())
         if _spans_decades(d[x]):
