@@ -28,7 +28,7 @@ SETTING = ["code=sgc", "code.d=3", "straggler=bernoulli", "straggler.p=0.2", "me
 WORKLOADS = {"softmax": ["dataset=mnist5k", "model=softmax"], "mlp": ["dataset=mnist5k", "model=mlp"]}
 
 
-def median_time(fn: Callable[[], object], repeat: int = 7, warmup: int = 2) -> float:
+def median_time(fn: Callable[[], object], repeat: int = 7, warmup: int = 3) -> float:
     """Median wall seconds of ``fn()`` over ``repeat`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
@@ -40,7 +40,7 @@ def median_time(fn: Callable[[], object], repeat: int = 7, warmup: int = 2) -> f
     return statistics.median(times)
 
 
-def sim_step_time(overrides: Sequence[str], repeat: int = 7) -> tuple[float, Simulation]:
+def sim_step_time(overrides: Sequence[str], repeat: int = 9) -> tuple[float, Simulation]:
     sim = Simulation(build_experiment(config.load(list(overrides))))
     return median_time(sim.step, repeat), sim
 
@@ -70,11 +70,23 @@ def loop_step_time(overrides: Sequence[str], repeat: int = 3) -> float:
     return median_time(lambda: loop_coco_ef(exp, 1), repeat, warmup=1)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM (reset at exec, unlike ru_maxrss, which a child
+    inherits from the forking parent), else ru_maxrss."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def scaling_point(overrides: Sequence[str], repeat: int = 3) -> dict:
     """Run in a fresh subprocess: seconds per iteration and peak resident memory (MiB)."""
-    code = ("import json,resource,sys; from cocoef_cli.bench import sim_step_time; "
+    code = ("import json; from cocoef_cli.bench import sim_step_time, peak_rss_mib; "
             f"t,_=sim_step_time({list(overrides)!r}, {repeat}); "
-            "print(json.dumps({'s': t, 'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))")
+            "print(json.dumps({'s': t, 'rss_mib': peak_rss_mib()}))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if p.returncode:
         return {"s": float("nan"), "rss_mib": float("nan"), "error": p.stderr.strip().splitlines()[-1]}
@@ -113,7 +125,7 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
             log(f"(a) {name} M={M}: simulator {t_vec * 1e3:.2f} ms, loop {t_loop * 1e3:.1f} ms")
         Ms = {"softmax": [10, 100, 1000, 10000], "mlp": [10, 100, 1000]}[name]
         for M in (Ms[:2] if quick else Ms):
-            p = scaling_point(SETTING + wl + dev + [f"devices={M}"])
+            p = scaling_point(SETTING + wl + dev + [f"devices={M}"], repeat=9 if M <= 1000 else 3)
             rows_d.append((name, M, p))
             log(f"(d) {name} M={M}: {p['s'] * 1e3:.1f} ms/iter, peak RSS {p['rss_mib']:.0f} MiB")
     md = ["# Benchmarks", "", f"Machine: {machine()}. Device: `{device}`.", "",
