@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,10 +32,11 @@ RUNTIMES = ("simulator", "torch_distributed")
 
 def config_dir(explicit: str | os.PathLike | None = None) -> Path:
     """The config root: ``--config-dir``, else $COCOEF_CONFIG_DIR, else ``conf/`` beside the package
-    (editable install), else the copy shipped inside the package (wheel)."""
+    (editable install), else the copy a wheel installs under <prefix>/share/cocoef/conf."""
     env = os.environ.get("COCOEF_CONFIG_DIR")
     here = Path(__file__).resolve().parent
-    for cand in (explicit, env, here.parent / "conf", here / "conf"):
+    shipped = Path(sys.prefix) / "share" / "cocoef" / "conf"  # data-files of an installed wheel
+    for cand in (explicit, env, here.parent / "conf", shipped):
         if cand and (Path(cand) / "config.yaml").is_file():
             return Path(cand).resolve()
     where = explicit or env or here.parent / "conf"

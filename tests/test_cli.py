@@ -109,3 +109,15 @@ def test_demo_writes_csvs_and_figure(tmp_path):
     assert (tmp_path / "gap_vs_bits.png").stat().st_size > 10_000 and (tmp_path / "gap_vs_bits.pdf").exists()
     df = pd.read_csv(csvs[0])
     assert df.opt_gap.notna().all() and set(df.seed) == {0, 1}
+
+
+def test_every_config_folder_ships_with_wheels():
+    """pyproject's data-files must list conf/ and each of its groups (installed wheels read them)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    groups = sorted(p.name for p in (root / "conf").iterdir() if p.is_dir())
+    expected = {"share/cocoef/conf": ["conf/*.yaml"]} | {f"share/cocoef/conf/{g}": [f"conf/{g}/*.yaml"] for g in groups}
+    assert shipped == expected
