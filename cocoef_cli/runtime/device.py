@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cocoef_cli.runtime import transport as tp
-from cocoef_cli.runtime.wire import HEADER, codec_for, frame, message_nbytes
+from cocoef_cli.runtime.wire import HEADER, CompressorStandIn, codec_for, frame, message_nbytes
 from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.methods import METHODS
 from cocoef_cli.sim.rng import SeedRNG
@@ -58,23 +58,16 @@ class SliceRNG:
         return self.last
 
 
-class Capture:
+class Capture(CompressorStandIn):
     """The compressor, recording its last output (the message a device sends)."""
 
     def __init__(self, C: Any):
-        self.C, self.last = C, None
+        super().__init__(C)
+        self.last = None
 
-    def compress(self, v: torch.Tensor, rng: Any = None) -> torch.Tensor:
+    def output(self, v: torch.Tensor, rng: Any) -> torch.Tensor:
         self.last = self.C.compress(v, rng)
         return self.last
-
-    __call__ = compress
-
-    def sparse(self, v: torch.Tensor, rng: Any = None) -> None:
-        return None  # methods take the dense path: the message is the dense output of compress
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.C, name)
 
 
 class Device:

@@ -36,29 +36,22 @@ import torch
 
 from cocoef_cli.runtime import transport as tp
 from cocoef_cli.runtime.options import RuntimeOptions
-from cocoef_cli.runtime.wire import codec_for, message_nbytes, unframe
+from cocoef_cli.runtime.wire import CompressorStandIn, codec_for, message_nbytes, unframe
 from cocoef_cli.sim.engine import Experiment, RunResult, Simulation, simulate
 from cocoef_cli.sim.rng import SeedRNG
 
 EXACT_DECODERS = ("exact", "optimal")
 
 
-class Delivered:
+class Delivered(CompressorStandIn):
     """A 'compressor' whose output is the messages the devices delivered (set before each step)."""
 
     def __init__(self, C: Any):
-        self.C, self.messages = C, None
+        super().__init__(C)
+        self.messages = None
 
-    def compress(self, v: torch.Tensor, rng: Any = None) -> torch.Tensor:
+    def output(self, v: torch.Tensor, rng: Any) -> torch.Tensor:
         return self.messages
-
-    __call__ = compress
-
-    def sparse(self, v: torch.Tensor, rng: Any = None) -> None:
-        return None  # methods take the dense path: the message is the dense output of compress
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.C, name)
 
 
 def shard(obj: Any, own: list[int]) -> Any:

@@ -417,3 +417,25 @@ def unframe(codec: Codec, buf: np.ndarray, keys: Tensor | None = None, stateful:
     if stateful:
         sq = float(np.frombuffer(buf[HEADER.itemsize + codec.nbytes():].tobytes(), dtype=TRAILER)[0])
     return int(head["iter"]), m, sq
+
+
+class CompressorStandIn:
+    """A compressor seen by a Method in the runtime: the wrapped compressor's attributes, but
+    :meth:`output` decides the message (subclasses), and the dense message path is forced."""
+
+    def __init__(self, C: Any):
+        self.C = C
+
+    def output(self, v: torch.Tensor, rng: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compress(self, v: torch.Tensor, rng: Any = None) -> torch.Tensor:
+        return self.output(v, rng)
+
+    __call__ = compress
+
+    def sparse(self, v: torch.Tensor, rng: Any = None) -> None:
+        return None  # methods take the dense path: the message is the dense output of compress
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.C, name)
