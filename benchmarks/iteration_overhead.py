@@ -17,12 +17,12 @@ import time
 import torch
 
 from cocoef_cli import config
+from cocoef_cli.bench import SETTING as BENCH_SETTING, WORKLOADS
 from cocoef_cli.sim.engine import build_experiment, simulate
 from cocoef_cli.sim.rng import SeedRNG
 
-SETTING = ["dataset=mnist5k", "model=mlp", "model.hidden=[64]", "model.activation=relu", "devices=100", "code=sgc",
-           "code.d=3", "straggler=bernoulli", "straggler.p=0.2", "method=coco_ef", "compressor=topk",
-           "compressor.ratio=0.01", "optim.lr=0.5"]
+# the bench setting (mnist5k, sgc d=3, p=0.2, COCO-EF + Top-k 1%) on the default 784-64-10 ReLU MLP
+SETTING = BENCH_SETTING + WORKLOADS["mlp"] + ["devices=100", "optim.lr=0.5"]
 
 
 def per_call_ms(fn, k: int) -> float:
@@ -73,13 +73,13 @@ def main() -> None:
     # breakdown of one iteration
     theta = obj.model.init(SeedRNG(exp.seeds, "init"), exp.dtype)
     G = obj.partition_grads(theta)
-    U = exp.code.encode(G)
     z = exp.straggler.draw()
     a, _ = exp.code.decode(z)
+    U = exp.code.encode(G, z)
     k = max(10, args.iters // 2)
     parts = {
         "partition gradients": per_call_ms(lambda: obj.partition_grads(theta), k),
-        "encode U = B G": per_call_ms(lambda: exp.code.encode(G), k),
+        "encode U = B G": per_call_ms(lambda: exp.code.encode(G, z), k),
         "stragglers + decode": per_call_ms(lambda: exp.code.decode(exp.straggler.draw()), k),
         "method step (EF + top-k + aggregate)": per_call_ms(lambda: exp.method.step(U, z, a), k),
         "evaluation (once per eval_every)": per_call_ms(lambda: obj.evaluate(theta), 10),

@@ -110,3 +110,15 @@ def run_id(config: dict) -> str:
     keyed = {k: v for k, v in config.items()
              if k not in ID_EXCLUDED and not (k in ID_DEFAULTS and v == ID_DEFAULTS[k])}
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+FINISHED = ("completed", "diverged")  # deterministic outcomes: never rerun, never overwritten without --force
+
+
+def read_record(out: Path) -> dict:
+    """``OUT/run.json`` as a dict, {} when absent or unreadable."""
+    try:
+        rec = json.loads((Path(out) / "run.json").read_text())
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}

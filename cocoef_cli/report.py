@@ -14,14 +14,14 @@ summary and named in a note under the figure.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.record import read_record
 
 AXIS_LABELS = {
     "iter": "iteration",
@@ -127,10 +127,7 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     frames, runs = [], []
     for folder in run_dirs(root):
         rel = str(folder.relative_to(root)) if folder != root else folder.name
-        try:
-            rec = json.loads((folder / "run.json").read_text())
-        except (OSError, ValueError):
-            rec = {}
+        rec = read_record(folder)
         cfg = {k: v for k, v in _flatten(rec.get("config", {})).items() if not k.startswith("hydra")}
         info = {"run": rel, "status": rec.get("status", "unknown"), "wall_s": rec.get("wall_s"),
                 "diverged": rec.get("diverged"), **cfg}

@@ -2,7 +2,6 @@
 from a checkpoint; rerun a recorded run and compare."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -10,20 +9,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import clean_tmp, run_id, run_record, write_run
+from cocoef_cli.record import FINISHED, clean_tmp, read_record, run_id, run_record, write_run
 from cocoef_cli.sim.engine import Experiment, RunResult, build_experiment, simulate
-
-FINISHED = ("completed", "diverged")  # deterministic outcomes: never overwritten without --force
-
-
-def read_record(out: Path) -> dict:
-    """``OUT/run.json`` as a dict, {} when absent or unreadable."""
-    try:
-        rec = json.loads((Path(out) / "run.json").read_text())
-        return rec if isinstance(rec, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
 
 def check_out_dir(out: Path, force: bool, rid: str | None = None) -> None:
     """Refuse, before any work and unless ``force``: a folder holding a finished run (``completed``

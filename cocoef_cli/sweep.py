@@ -30,6 +30,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.record import FINISHED, read_record
 
 LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm", "ray")
 PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
@@ -37,7 +38,6 @@ PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launc
            "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
            "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}
 JOBS_KEY = {"joblib": "hydra.launcher.n_jobs", "submitit_slurm": "hydra.launcher.array_parallelism"}
-DONE = ("completed", "diverged")  # finished runs: deterministic, never rerun
 INDEX_COLUMNS = ["job", "overrides", "status", "wall_s"]
 EXCLUDED_FROM_NAME = ("experiment",)  # = hydra.job.config.override_dirname.exclude_keys in conf/hydra/
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+\-]")
@@ -84,7 +84,7 @@ class SweepResult:
 
     @property
     def ok(self) -> bool:
-        return bool(self.index["status"].isin(DONE).all())
+        return bool(self.index["status"].isin(FINISHED).all())
 
 
 # ---------------------------------------------------------------------------------------- the task
@@ -103,7 +103,7 @@ def _task(cfg: DictConfig) -> str:
     assert isinstance(plain, dict)
     rid = run_id(plain)
     rec = read_record(out)
-    if rec.get("status") in DONE and rec.get("run_id") == rid:
+    if rec.get("status") in FINISHED and rec.get("run_id") == rid:
         return "skipped"
     t0 = time.perf_counter()
     try:
@@ -116,15 +116,6 @@ def _task(cfg: DictConfig) -> str:
             write_run(out, None, run_record(plain, "failed", time.perf_counter() - t0, run_id=rid,
                                             error=f"{type(e).__name__}: {e}"))
         return "failed"
-
-
-def read_record(job_dir: Path) -> dict:
-    """``run.json`` of a job folder, or {} when absent or unreadable."""
-    try:
-        rec = json.loads((Path(job_dir) / "run.json").read_text())
-        return rec if isinstance(rec, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -321,12 +312,12 @@ def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None =
     job_list, hydra_ovs = plan(experiment, overrides, launcher, jobs, root, check=False)
     out = Path(out or Path("runs") / "sweeps" / experiment).resolve()
     before = {j.name: job_status(out, j)[0] for j in job_list}
-    stale = [j.name for j in job_list if before[j.name] == "stale" and read_record(out / j.name).get("status") in DONE]
+    stale = [j.name for j in job_list if before[j.name] == "stale" and read_record(out / j.name).get("status") in FINISHED]
     if stale and not force:
         raise ConfigError("--out", str(out), "--force to overwrite them, or another --out",
                           f"{len(stale)} job folder(s) hold finished runs of another config: {', '.join(stale[:3])}"
                           + (", ..." if len(stale) > 3 else ""))
-    todo = [j for j in job_list if before[j.name] not in DONE]
+    todo = [j for j in job_list if before[j.name] not in FINISHED]
     check_builds(todo)  # finished jobs were valid; the others are built once before anything is written
     skipped = len(job_list) - len(todo)
     echo(f"sweep {experiment}: {len(job_list)} job(s), {skipped} already done, {len(todo)} to run "

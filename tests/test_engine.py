@@ -7,7 +7,7 @@ import torch
 from cocoef_cli import config
 from cocoef_cli.data import load_dataset
 from cocoef_cli.run import execute
-from cocoef_cli.sim.engine import COLUMNS, build_experiment, simulate
+from cocoef_cli.sim.engine import COLUMNS
 from cocoef_cli.sim.methods import METHODS
 from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.rng import SeedRNG

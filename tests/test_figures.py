@@ -1,8 +1,6 @@
 """`cocoef figures --quick --only NAME` end to end into a temporary folder; experiment files; tuning records."""
-from pathlib import Path
 
 import pandas as pd
-import pytest
 from typer.testing import CliRunner
 
 from cocoef_cli.cli import app

@@ -3,7 +3,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from cocoef_cli import config
 from cocoef_cli.sim.engine import build_experiment, simulate

@@ -208,19 +208,19 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
     rows: list[pd.DataFrame] = []
     per_update_check = exp.device.type == "cpu"  # a host read of R flags costs nothing on CPU
 
-    def check_theta() -> None:
-        bad = alive & ~torch.isfinite(sim.theta).all(-1).cpu().numpy()
-        for r in np.flatnonzero(bad):
-            diverged[exp.seeds[r]] = sim.t
-        alive[bad] = False
-
-    def record() -> None:
-        cols = sim.row()
-        finite = torch.isfinite(cols["train_loss"]) & torch.isfinite(sim.theta).all(-1)
+    def mark_diverged(finite: torch.Tensor) -> None:
+        """Replicates alive so far whose ``finite`` flag (R,) is False diverged at update sim.t."""
         bad = alive & ~finite.cpu().numpy()
         for r in np.flatnonzero(bad):
             diverged[exp.seeds[r]] = sim.t
         alive[bad] = False
+
+    def check_theta() -> None:
+        mark_diverged(torch.isfinite(sim.theta).all(-1))
+
+    def record() -> None:
+        cols = sim.row()
+        mark_diverged(torch.isfinite(cols["train_loss"]) & torch.isfinite(sim.theta).all(-1))
         frame = pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else
                                   v if isinstance(v, list) else [v] * R) for k, v in cols.items()})
         rows.append(frame[alive])
