@@ -238,6 +238,23 @@ def test_encode_matches_einsum_for_arbitrary_sparse_matrices(R, M, N, D, density
     torch.testing.assert_close(code.encode(G), torch.einsum("rmn,rnd->rmd", B, G))
 
 
+def test_encode_with_stragglers_and_accumulation():
+    """encode(G, z) zeroes straggler rows; add_to accumulates B_z G in place and returns add_to."""
+    code = make({"name": "sgc", "d": 3}, 8, seeds=(0, 1), p=0.2)
+    g = torch.Generator().manual_seed(2)
+    G = torch.randn(code.R, code.N, 6, generator=g, dtype=F64)
+    z = torch.rand(code.R, code.M, generator=g) < 0.6
+    expected = torch.einsum("rmn,rnd->rmd", code.B * z[..., None], G)
+    torch.testing.assert_close(code.encode(G, z), expected)
+    acc = torch.randn(code.R, code.M, 6, generator=g, dtype=F64)
+    start = acc.clone()
+    out = code.encode(G, z, add_to=acc)
+    assert out is acc
+    torch.testing.assert_close(acc, start + expected)
+    with pytest.raises(ValueError, match="add_to"):
+        code.encode(G, z, add_to=torch.zeros(code.R, code.M, 5, dtype=F64))
+
+
 # ----------------------------------------------------------------------------- allocations
 @pytest.mark.parametrize("M,d", [(12, 1), (12, 2), (12, 3), (12, 5), (10, 8), (30, 4)])
 def test_random_sgc_allocations_are_d_regular(M, d):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.sim.compressors import COMPRESSORS, Compressor, build_compressor, topk_mask
+from cocoef_cli.sim.compressors import SAMPLE_HITS, COMPRESSORS, Compressor, build_compressor, topk_indices, topk_mask
 from cocoef_cli.sim.rng import SeedRNG
 
 ALL = ["identity", "topk", "randk", "randk_unbiased", "sign", "scaled_sign", "grouped_sign", "qsgd", "onebit",
@@ -125,6 +125,49 @@ def test_topk_exactly_k_with_zeros_and_ties():
     out = make("topk", 9, k=4).compress(x, None)
     assert (out != 0).sum(-1).eq(4).all()
     assert torch.equal(out[..., :4], torch.ones(2, 4, 4)) and not out[..., 4:].any()
+
+
+def _topk_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the k largest |x_j| per row, ties to the lower index, by a stable full sort."""
+    order = torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices
+    return order[..., :k].sort(-1).values
+
+
+def _threshold_cases() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    R, M, D = 2, 9, 6000
+    gauss = torch.randn(R, M, D, generator=g) * torch.rand(R, M, 1, generator=g)  # rows of different scale
+    ties = torch.randint(-3, 4, (R, M, D), generator=g).float()  # huge ties at the threshold
+    zeros = torch.zeros(R, M, D)
+    zeros[0, 1, 5] = 3.0  # all-zero rows and a single nonzero: the sampled threshold is 0
+    periodic = 1e-3 * torch.rand(R, M, D, generator=g)  # the large entries sit exactly on the sample grid
+    periodic[..., :: 200 // SAMPLE_HITS] += 1.0
+    skewed = torch.rand(R, M, D, generator=g)
+    skewed[..., D // 2:] += 10.0  # every large entry in one half of the row
+    return [("gauss", gauss), ("ties", ties), ("zeros", zeros), ("periodic", periodic), ("skewed", skewed)]
+
+
+@pytest.mark.parametrize("case", [c for c, _ in _threshold_cases()])
+@pytest.mark.parametrize("k", [16, 200, 700])
+@pytest.mark.parametrize("work", [False, True])
+def test_topk_threshold_path_is_exact(case, k, work):
+    """The sampled-threshold selection (CPU, k ≥ 2·SAMPLE_HITS, D ≥ 8k) equals a full stable sort,
+    including rows where the threshold fails and the row falls back to a full selection."""
+    x = dict(_threshold_cases())[case]
+    if k * 8 > x.shape[-1]:
+        x = x[..., : max(k, x.shape[-1] // 4)]  # D < 8k: the direct path, same answer
+    scratch = (torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool)) if work else None
+    got = topk_indices(x, k, scratch)
+    assert got.shape == (*x.shape[:-1], k)
+    assert torch.equal(got.sort(-1).values, _topk_reference(x, k))
+
+
+def test_topk_threshold_path_keeps_nan_like_torch_topk():
+    x = torch.randn(1, 3, 4000, generator=torch.Generator().manual_seed(0))
+    x[0, 1, 1234] = float("nan")
+    got = topk_indices(x, 40)
+    assert (got[0, 1] == 1234).any()  # NaN is the largest magnitude
+    assert torch.equal(got[0, 0].sort().values, _topk_reference(x[0, 0], 40))
 
 
 # --------------------------------------------------------------------------------------------- signs

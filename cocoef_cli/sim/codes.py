@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -174,10 +175,11 @@ class Code:
         # ELL layout: the K ≤ max row degree nonzero columns of each row, padded with zero values.
         nz = self._B64 != 0
         K = max(int(nz.sum(-1).max()) if nz.numel() else 0, 1)
-        self._cols = torch.argsort((~nz).to(torch.int8), dim=-1, stable=True)[..., :K].contiguous()  # (R,M,K)
+        cols = torch.argsort((~nz).to(torch.int8), dim=-1, stable=True)[..., :K]
+        self._cols = cols.sort(dim=-1).values.contiguous()  # (R, M, K), increasing in every row
         self._vals = B.gather(-1, self._cols)  # padded slots point at zero entries of B → value 0
         self.K = K
-        self._rows: torch.Tensor | None = None  # (K, R·M) row indices into G viewed as (R·N, D)
+        self._csr: tuple[torch.Tensor, torch.Tensor] | None = None  # (crow, col) of the block-diagonal B
 
     # -- construction from an explicit matrix (tests, check-code)
     @classmethod
@@ -203,24 +205,33 @@ class Code:
         d = int(S.sum(1).max()) if S.numel() else 1
         return cls(name, S, B, d, decode, DECODERS[decode], decode == "fixed", p)
 
-    def encode(self, G: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """U = B G for G (R, N, D) → (R, M, D), accumulated over the K ELL slots (no dense B): each
-        slot is one row gather of G (``index_select``) and one fused multiply-add. With ``z``
-        (R, M), rows of devices with z_i = 0 are 0: stragglers compute nothing."""
+    def encode(self, G: torch.Tensor, z: torch.Tensor | None = None,
+               add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """U = B G for G (R, N, D) → (R, M, D), as one sparse × dense product: B of all replicates
+        is one block-diagonal (R·M) × (R·N) CSR matrix with K entries a row (the ELL layout), so
+        each u_i reads its d rows of G once and nothing of size (R, M, D) is gathered. With ``z``
+        (R, M), rows of devices with z_i = 0 are 0: stragglers compute nothing. With ``add_to``
+        (R, M, D, contiguous) the product is accumulated in place, add_to += B G, and add_to is
+        returned (error feedback adds u_i to e_i without a U temporary)."""
         if G.dim() != 3 or G.shape[0] != self.R or G.shape[1] != self.N:
             raise ValueError(f"G must be (R={self.R}, N={self.N}, D); got {tuple(G.shape)}")
         R, N, D = G.shape
-        if self._rows is None or self._rows.device != G.device:
+        if self._csr is None or self._csr[0].device != G.device:
             offsets = torch.arange(R, device=G.device).view(R, 1, 1) * N
-            self._rows = (self._cols.to(G.device) + offsets).permute(2, 0, 1).reshape(self.K, R * self.M)
+            crow = torch.arange(0, R * self.M * self.K + 1, self.K, device=G.device)
+            self._csr = (crow, (self._cols.to(G.device) + offsets).reshape(-1))
         vals = self._vals if self._vals.dtype == G.dtype and self._vals.device == G.device else self._vals.to(G)
         if z is not None:
             vals = vals * z.to(vals.dtype).unsqueeze(-1)
-        flat = G.reshape(R * N, D)
-        U = torch.index_select(flat, 0, self._rows[0]).view(R, self.M, D).mul_(vals[:, :, 0, None])
-        for k in range(1, self.K):
-            U.addcmul_(torch.index_select(flat, 0, self._rows[k]).view(R, self.M, D), vals[:, :, k, None])
-        return U
+        with warnings.catch_warnings():  # torch calls CSR support "beta"; the one use here (addmm) is tested
+            warnings.simplefilter("ignore", UserWarning)
+            B = torch.sparse_csr_tensor(*self._csr, vals.reshape(-1), (R * self.M, R * N), check_invariants=False)
+        if add_to is None:
+            add_to = torch.zeros(R, self.M, D, dtype=G.dtype, device=G.device)
+        elif add_to.shape != (R, self.M, D) or not add_to.is_contiguous():
+            raise ValueError(f"add_to must be a contiguous (R={R}, M={self.M}, D={D}) tensor; got {tuple(add_to.shape)}")
+        add_to.view(R * self.M, D).addmm_(B, G.reshape(R * N, D))
+        return add_to
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decoding weights a (R, M) in B's dtype (0 on stragglers) and the residual (R,) or None."""

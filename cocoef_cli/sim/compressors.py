@@ -51,23 +51,68 @@ def sign_pm1(v: Tensor) -> Tensor:
     return torch.where(v < 0, -one, one)
 
 
+#: Expected number of a row's top-k entries in its strided sample (threshold path of topk_indices).
+SAMPLE_HITS = 8
+
+
 def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Indices (..., k) of the k largest |v_j| of every row (last dim), in no particular order;
-    ties go to the lower index.
+    ties go to the lower index; NaN counts as the largest magnitude (as in ``torch.topk``; which of
+    several NaN entries are kept is unspecified).
 
-    No full sort: ``torch.topk(sorted=False)`` selects k entries and t, the k-th largest magnitude.
-    torch chooses arbitrarily among entries tied with t; when some row left a tied entry out, the
-    rule is applied: keep every |v_j| > t, then the lowest-index |v_j| == t until exactly k are
-    kept (a cumulative count along the row). On CPU the rule runs only when such a row exists (one
-    check per call); elsewhere always, so that no host synchronisation is needed. ``work``: optional
+    Exact, and without a full sort. On CPU, when k ≥ 2·SAMPLE_HITS and D ≥ 8k, by a threshold: a
+    strided sample of every h-th |v_j| (h = k // SAMPLE_HITS) gives t, its r-th largest value with
+    r = k/h + 3√(k/h) + 2, so that t ≤ the row's k-th largest magnitude with high probability; the
+    candidates {j : |v_j| ≥ t} (about r·h ≈ 2k of them, in index order) are compacted into a small
+    (rows, C) matrix and the exact selection runs there. Rows whose candidate count is below k (t
+    too high) or above 8·r·h (t too low, e.g. an all-zero row) are selected over the full row
+    instead. Elsewhere (or for small k) the full rows are selected directly. ``work``: optional
     scratch tensors (float like v, bool) of v's shape, reused across calls (fresh large tensors
     cost page faults on every call).
     """
+    D = v.shape[-1]
     a = v.abs() if work is None else torch.abs(v, out=work[0])
+    if v.device.type != "cpu" or k < 2 * SAMPLE_HITS or D < 8 * k or v.numel() == 0:
+        return _select(a, k, None if work is None else work[1])
+    a = a.reshape(-1, D)
+    n = a.shape[0]
+    h = k // SAMPLE_HITS
+    r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
+    t = torch.topk(a[:, ::h], r, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    cand = (a < t) if work is None else torch.lt(a, t, out=work[1].view(-1, D))
+    flat = cand.logical_not_().view(-1).nonzero().squeeze(1)  # |v_j| ≥ t or NaN, row-major
+    row = flat // D
+    counts = torch.bincount(row, minlength=n)
+    bad = (counts < k) | (counts > 8 * r * h)
+    any_bad = bool(bad.any())
+    if any_bad:
+        keep = ~bad[row]
+        flat, row, counts = flat[keep], row[keep], counts.masked_fill(bad, 0)
+    C = max(int(counts.max()), k)
+    pos = row * C + torch.arange(flat.numel(), device=v.device) - (counts.cumsum(0) - counts)[row]
+    c = torch.full((n * C,), -1.0, dtype=a.dtype, device=v.device).index_copy_(0, pos, a.view(-1).index_select(0, flat))
+    cols = torch.zeros(n * C, dtype=torch.long, device=v.device).index_copy_(0, pos, flat - row * D)
+    idx = cols.view(n, C).gather(-1, _select(c.view(n, C), k))
+    if any_bad:
+        idx[bad] = _select(a[bad], k)
+    return idx.view(*v.shape[:-1], k)
+
+
+def _select(a: Tensor, k: int, ge: Tensor | None = None) -> Tensor:
+    """Positions (..., k) of the k largest entries of every row of magnitudes ``a`` (NaN largest),
+    ties to the lower position.
+
+    ``torch.topk(sorted=False)`` selects k entries and t, the k-th largest value. torch chooses
+    arbitrarily among entries tied with t; when some row left a tied entry out, the rule is
+    applied: keep every a_j > t, then the lowest-position a_j == t until exactly k are kept (a
+    cumulative count along the row). On CPU the rule runs only when such a row exists (one check
+    per call); elsewhere always, so that no host synchronisation is needed. ``ge``: optional bool
+    scratch of a's shape.
+    """
     top = torch.topk(a, k, dim=-1, sorted=False)
     t = top.values.amin(dim=-1, keepdim=True)
-    # every |v_j| > t is selected, so a tied entry was left out iff more than k entries are ≥ t
-    ge = a >= t if work is None else torch.ge(a, t, out=work[1])
+    # every a_j > t is selected, so a tied entry was left out iff more than k entries are ≥ t
+    ge = a >= t if ge is None else torch.ge(a, t, out=ge)
     ambiguous = ge.sum(-1, keepdim=True, dtype=torch.int32) > k
     if a.device.type == "cpu" and not bool(ambiguous.any()):
         return top.indices
@@ -75,7 +120,7 @@ def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -
     gt = a > t
     room = k - gt.sum(dim=-1, keepdim=True)  # how many of the tied entries fit
     keep = gt | (eq & (torch.cumsum(eq, dim=-1) <= room))  # exactly k per row
-    rank = torch.arange(v.shape[-1], 0, -1, device=v.device)  # distinct keys: kept entries win
+    rank = torch.arange(a.shape[-1], 0, -1, device=a.device)  # distinct keys: kept entries win
     return torch.topk(keep * rank, k, dim=-1, sorted=False).indices
 
 

@@ -9,7 +9,9 @@ parameters stop being finite is marked diverged at that evaluation and records n
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -169,7 +171,9 @@ class Simulation:
         exp = self.exp
         z = exp.straggler.draw()
         a, self.residual = exp.code.decode(z)
-        U = exp.code.encode(exp.objective.partition_grads(self.theta), z)
+        into = exp.method.encode_into
+        U = exp.code.encode(exp.objective.partition_grads(self.theta), z,
+                            add_to=None if into is None else getattr(exp.method, into))
         return exp.method.step(U, z, a), z
 
     def state_norm(self) -> torch.Tensor | None:
@@ -185,6 +189,26 @@ class Simulation:
                 "n_received": self.n_received if after else None, "decode_residual": self.residual if after else None,
                 "ef_norm": self.state_norm(), "sim_time": self.sim_time if self.timed else None,
                 "opt_gap": None if exp.f_star is None else m.train_loss.double() - exp.f_star}
+
+
+def keep_freed_memory() -> bool:
+    """Serve allocations up to 32 MiB from the heap and never hand freed heap memory back to the
+    OS (glibc ``mallopt``; process-wide, Linux only, a no-op elsewhere). Returns True if applied.
+
+    An iteration allocates and frees several (R, M, D) temporaries. By default glibc maps each such
+    block fresh from the kernel and unmaps it on free, so every iteration page-faults and zeroes
+    it again: about half of an MLP iteration at M = 100 (20 of 41 ms, measured). With the freed
+    memory kept, the next iteration reuses it. Peak memory is unchanged; the resident size just
+    no longer shrinks between iterations.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] | None = None,
@@ -225,6 +249,7 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
                                   v if isinstance(v, list) else [v] * R) for k, v in cols.items()})
         rows.append(frame[alive])
 
+    keep_freed_memory()
     # parameters that decay geometrically become subnormal floats after thousands of updates, and
     # subnormal arithmetic is ~100x slower on CPUs: flush them to zero during the run (< 1e-38)
     torch.set_flush_denormal(True)

@@ -34,6 +34,9 @@ class Method:
     centralized: ClassVar[bool] = False  # True: no devices at all (plain gradient descent)
     needs_unbiased: ClassVar[bool] = False  # rejects biased compressors unless method.allow_biased
     state_names: ClassVar[tuple[str, ...]] = ()  # per-device (R, M, D) states, reported as ef_norm
+    # a state the engine encodes into: it adds U in place (Code.encode(add_to=...)) and passes
+    # that state as U, saving an (R, M, D) temporary and a pass over it
+    encode_into: ClassVar[str | None] = None
 
     def __init__(self, cfg: Mapping, compressor: Compressor, R: int, M: int, D: int, dtype: torch.dtype,
                  device: torch.device, rng: SeedRNG):
@@ -68,9 +71,10 @@ class CocoEF(Method):
     """
 
     state_names = ("e",)
+    encode_into = "e"
 
     def step(self, U, z, a):
-        v = self.e.add_(U)  # e holds v = u + e from here on (a straggler's u is 0: v = e)
+        v = U if U is self.e else self.e.add_(U)  # e holds v = u + e from here on (a straggler's u is 0)
         sparse = self.C.sparse(v, self.rng)
         if sparse is None:
             m = self.C.compress(v, self.rng)
