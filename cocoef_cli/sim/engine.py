@@ -123,6 +123,26 @@ class RunResult:
     wall_s: float
 
 
+def keep_freed_memory() -> bool:
+    """Serve allocations up to 32 MiB from the heap and never hand freed heap memory back to the
+    OS (glibc ``mallopt``; process-wide, Linux only, a no-op elsewhere). Returns True if applied.
+
+    An iteration allocates and frees several (R, M, D) temporaries. By default glibc maps each such
+    block fresh from the kernel and unmaps it on free, so every iteration page-faults and zeroes
+    it again: about half of an MLP iteration at M = 100 (20 of 41 ms, measured). With the freed
+    memory kept, the next iteration reuses it. Peak memory is unchanged; the resident size just
+    no longer shrinks between iterations.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 class Simulation:
     """The mutable state of a run (θ, momentum buffer, counters; the method holds the per-device
     state) and :meth:`step`, one update for all replicates.
@@ -134,6 +154,7 @@ class Simulation:
     extra_columns: tuple[str, ...] = ()  # columns a subclass's rows add after COLUMNS + EXTRA_COLUMNS
 
     def __init__(self, exp: Experiment):
+        keep_freed_memory()
         self.exp, R = exp, len(exp.seeds)
         self.t = 0
         self.theta = exp.objective.model.init(SeedRNG(exp.seeds, "init", exp.device), exp.dtype)
@@ -191,26 +212,6 @@ class Simulation:
                 "opt_gap": None if exp.f_star is None else m.train_loss.double() - exp.f_star}
 
 
-def keep_freed_memory() -> bool:
-    """Serve allocations up to 32 MiB from the heap and never hand freed heap memory back to the
-    OS (glibc ``mallopt``; process-wide, Linux only, a no-op elsewhere). Returns True if applied.
-
-    An iteration allocates and frees several (R, M, D) temporaries. By default glibc maps each such
-    block fresh from the kernel and unmaps it on free, so every iteration page-faults and zeroes
-    it again: about half of an MLP iteration at M = 100 (20 of 41 ms, measured). With the freed
-    memory kept, the next iteration reuses it. Peak memory is unchanged; the resident size just
-    no longer shrinks between iterations.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] | None = None,
              sim: Simulation | None = None, checkpoint: Any = None) -> RunResult:
     """Run T updates for all replicates and return the metrics rows (DESIGN §8).
@@ -249,7 +250,6 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
                                   v if isinstance(v, list) else [v] * R) for k, v in cols.items()})
         rows.append(frame[alive])
 
-    keep_freed_memory()
     # parameters that decay geometrically become subnormal floats after thousands of updates, and
     # subnormal arithmetic is ~100x slower on CPUs: flush them to zero during the run (< 1e-38)
     torch.set_flush_denormal(True)
