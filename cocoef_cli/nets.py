@@ -147,9 +147,11 @@ class MLP(Network):
         R = theta.shape[0]
         return self._forward(theta, Xf.reshape(R, -1, Xf.shape[-1]))[0].view(*Xf.shape[:-1], self.C)
 
-    def _backward(self, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, N: int) -> torch.Tensor:
+    def _backward(self, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, N: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_b w ∇ℓ per group of S/N consecutive rows: X (R, S, f) or (S, f) (then N = 1),
-        Y, w (R, S) or (S,) → (R, N, D)."""
+        Y, w (R, S) or (S,) → (R, N, D), each layer's gradient written in place into ``out``
+        (contiguous; allocated when None)."""
         R = theta.shape[0]
         Z, acts = self._forward(theta, X)
         delta = torch.softmax(Z, -1)
@@ -157,24 +159,28 @@ class MLP(Network):
         S = delta.shape[1]
         Bsz = S // N
         P = self.unflatten(theta)
-        grads: list[torch.Tensor] = []
+        if out is None:
+            out = torch.empty(R, N, self.D, dtype=Z.dtype, device=Z.device)
+        G = self.unflatten(out)  # views of out: [∇W_0, ∇b_0, ∇W_1, …], each (R, N, *shape)
         for l in range(len(self.sizes) - 2, -1, -1):
             A = acts[l]
             i, o = self.sizes[l], self.sizes[l + 1]
             if A.dim() == 2:  # shared inputs, one group: Aᵀ δ broadcast over replicates
-                gW = torch.matmul(A.T, delta).view(R, 1, i * o)
+                G[2 * l].copy_(torch.matmul(A.T, delta).view(R, 1, i, o))
             else:
-                gW = torch.bmm(A.reshape(R * N, Bsz, i).transpose(1, 2), delta.reshape(R * N, Bsz, o)).view(R, N, i * o)
-            gb = delta.view(R, N, Bsz, o).sum(2)
-            grads += [gb, gW]
+                torch.bmm(A.reshape(R * N, Bsz, i).transpose(1, 2), delta.reshape(R * N, Bsz, o),
+                          out=G[2 * l].view(R * N, i, o))
+            torch.sum(delta.view(R, N, Bsz, o), 2, out=G[2 * l + 1])
             if l > 0:
                 delta = torch.bmm(delta, P[2 * l].transpose(1, 2)) * self.dact(A)
-        return torch.cat(grads[::-1], -1)
+        return out
 
-    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor) -> torch.Tensor:
-        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) → (R, N, D)."""
+    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) → (R, N, D),
+        written into ``out`` (contiguous) when given."""
         R, N, Bsz, f = Xp.shape
-        return self._backward(theta, Xp.reshape(R, N * Bsz, f), Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz), N)
+        return self._backward(theta, Xp.reshape(R, N * Bsz, f), Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz), N, out)
 
     def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D)."""
@@ -257,9 +263,12 @@ class CNN(Network):
         R = theta.shape[0]
         return self._logits_each(theta, Xf.reshape(R, -1, Xf.shape[-1])).view(*Xf.shape[:-1], self.C)
 
-    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor) -> torch.Tensor:
-        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) → (R, N, D)."""
-        return self._grads(theta, Xp, Yp, Wp)
+    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) → (R, N, D)
+        (copied into ``out`` when given)."""
+        G = self._grads(theta, Xp, Yp, Wp)
+        return G if out is None else out.copy_(G)
 
     def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D), accumulated over chunks of samples."""

@@ -83,11 +83,12 @@ def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -
     flat = cand.logical_not_().view(-1).nonzero().squeeze(1)  # |v_j| ≥ t or NaN, row-major
     row = flat // D
     counts = torch.bincount(row, minlength=n)
-    bad = (counts < k) | (counts > 8 * r * h)
+    wide = counts > 8 * r * h
+    if bool(wide.any()):  # drop their candidates: they would widen the (rows, C) matrix
+        keep = ~wide[row]
+        flat, row, counts = flat[keep], row[keep], counts.masked_fill(wide, 0)
+    bad = wide | (counts < k)  # selected over the full row below
     any_bad = bool(bad.any())
-    if any_bad:
-        keep = ~bad[row]
-        flat, row, counts = flat[keep], row[keep], counts.masked_fill(bad, 0)
     C = max(int(counts.max()), k)
     pos = row * C + torch.arange(flat.numel(), device=v.device) - (counts.cumsum(0) - counts)[row]
     c = torch.full((n * C,), -1.0, dtype=a.dtype, device=v.device).index_copy_(0, pos, a.view(-1).index_select(0, flat))
