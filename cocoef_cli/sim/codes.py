@@ -89,7 +89,7 @@ def _residual(code: "Code", a64: torch.Tensor) -> torch.Tensor:
 
 def _decode_fixed(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
     """a_i = z_i (the unbiasedness lives in B)."""
-    return z.to(code.B.dtype), None
+    return z.to(code.dtype), None
 
 
 def _decode_rescale(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -97,14 +97,14 @@ def _decode_rescale(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
     zf = z.to(torch.float64)
     n = zf.sum(-1, keepdim=True)
     a = torch.where(n > 0, zf * code.M / n.clamp_min(1.0), torch.zeros_like(zf))
-    return a.to(code.B.dtype), None
+    return a.to(code.dtype), None
 
 
 def _decode_unbiased(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
     """a_i = z_i / (1 − p_i), so E[a_i] = 1."""
     if code.p is None:
         raise ValueError("decode=unbiased needs the straggler marginals p")
-    return (z.to(torch.float64) / (1.0 - code.p)).to(code.B.dtype), None
+    return (z.to(torch.float64) / (1.0 - code.p)).to(code.dtype), None
 
 
 def _decode_lstsq(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +117,7 @@ def _decode_lstsq(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     for _ in range(LSTSQ_REFINE):  # iterative refinement: Tandon's B is badly conditioned (cond ~ 1e10)
         a = a + P @ (ones - BmT @ a)
     a64 = a[..., 0] * zf  # (R, M); exact zeros on stragglers
-    return a64.to(code.B.dtype), _residual(code, a64)
+    return a64.to(code.dtype), _residual(code, a64)
 
 
 def _decode_frc_groups(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +128,7 @@ def _decode_frc_groups(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, tor
     alive = zg.any(-1)
     a64 = torch.nn.functional.one_hot(first, d).to(torch.float64) * alive[..., None].to(torch.float64)
     a64 = a64.reshape(R, M)
-    return a64.to(code.B.dtype), _residual(code, a64)
+    return a64.to(code.dtype), _residual(code, a64)
 
 
 DECODERS: dict[str, Decoder] = {
@@ -160,26 +160,46 @@ class Code:
         p: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
     ):
-        """``B`` is kept in float64 for decoding and stored as ``self.B`` in ``dtype`` (default: B's)."""
+        """``B`` (R, M, N) is kept as its nonzero entries (float64; ``dtype``, default B's, for
+        encoding); the dense ``B`` and ``_B64`` are rebuilt on demand, and the float64 matrix is
+        kept only for codes whose decoder needs it (a dense (R, M, N) float64 B of M = N = 10,000
+        devices would be 800 MB)."""
         if S.dim() != 3 or B.shape != S.shape:
             raise ValueError(f"S and B must both be (R, M, N); got {tuple(S.shape)} and {tuple(B.shape)}")
         self.name, self.d, self.decode_name = name, int(d), decode_name
         self.S = S.to(torch.bool)
-        self._B64 = B.to(torch.float64)  # decoding and residuals always use the float64 matrix
-        self.B = B.to(dtype or B.dtype)
-        B = self.B
         self.R, self.M, self.N = (int(s) for s in S.shape)
+        self.dtype = dtype or B.dtype
         self.fixed_weights = bool(fixed_weights)
         self.p = None if p is None else p.to(torch.float64)
         self._decoder = decoder
-        # ELL layout: the K ≤ max row degree nonzero columns of each row, padded with zero values.
-        nz = self._B64 != 0
-        K = max(int(nz.sum(-1).max()) if nz.numel() else 0, 1)
-        cols = torch.argsort((~nz).to(torch.int8), dim=-1, stable=True)[..., :K]
-        self._cols = cols.sort(dim=-1).values.contiguous()  # (R, M, K), increasing in every row
-        self._vals = B.gather(-1, self._cols)  # padded slots point at zero entries of B → value 0
-        self.K = K
-        self._csr: tuple[torch.Tensor, torch.Tensor] | None = None  # (crow, col) of the block-diagonal B
+        # the entries of B row by row (CSR over the R·M devices), columns increasing in each row
+        self._nz = B.nonzero()  # (nnz, 3): (r, i, j), row-major
+        self._val64 = B[tuple(self._nz.T)].to(torch.float64)
+        counts = torch.bincount(self._nz[:, 0] * self.M + self._nz[:, 1], minlength=self.R * self.M)
+        self.K = max(int(counts.max()) if counts.numel() else 0, 1)  # largest row degree
+        self._crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self._dense: dict[torch.dtype, torch.Tensor] = {}
+        if not self.fixed_weights:  # the least-squares and group decoders use the dense float64 B
+            self._dense[torch.float64] = B.to(torch.float64)
+        self._csr: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense encoding matrix B (R, M, N) in ``dtype`` (default: the code's), cached."""
+        dtype = dtype or self.dtype
+        if dtype not in self._dense:
+            B = torch.zeros(self.R, self.M, self.N, dtype=dtype, device=self._val64.device)
+            self._dense[dtype] = B.index_put_(tuple(self._nz.T), self._val64.to(dtype))
+        return self._dense[dtype]
+
+    @property
+    def B(self) -> torch.Tensor:
+        """Dense B (R, M, N) in the code's dtype."""
+        return self.dense()
+
+    @property
+    def _B64(self) -> torch.Tensor:
+        return self.dense(torch.float64)
 
     # -- construction from an explicit matrix (tests, check-code)
     @classmethod
@@ -208,24 +228,24 @@ class Code:
     def encode(self, G: torch.Tensor, z: torch.Tensor | None = None,
                add_to: torch.Tensor | None = None) -> torch.Tensor:
         """U = B G for G (R, N, D) → (R, M, D), as one sparse × dense product: B of all replicates
-        is one block-diagonal (R·M) × (R·N) CSR matrix with K entries a row (the ELL layout), so
-        each u_i reads its d rows of G once and nothing of size (R, M, D) is gathered. With ``z``
+        is one block-diagonal (R·M) × (R·N) CSR matrix of its nonzero entries, so each u_i reads
+        its d rows of G once and nothing of size (R, M, D) is gathered. With ``z``
         (R, M), rows of devices with z_i = 0 are 0: stragglers compute nothing. With ``add_to``
         (R, M, D, contiguous) the product is accumulated in place, add_to += B G, and add_to is
         returned (error feedback adds u_i to e_i without a U temporary)."""
         if G.dim() != 3 or G.shape[0] != self.R or G.shape[1] != self.N:
             raise ValueError(f"G must be (R={self.R}, N={self.N}, D); got {tuple(G.shape)}")
         R, N, D = G.shape
-        if self._csr is None or self._csr[0].device != G.device:
-            offsets = torch.arange(R, device=G.device).view(R, 1, 1) * N
-            crow = torch.arange(0, R * self.M * self.K + 1, self.K, device=G.device)
-            self._csr = (crow, (self._cols.to(G.device) + offsets).reshape(-1))
-        vals = self._vals if self._vals.dtype == G.dtype and self._vals.device == G.device else self._vals.to(G)
+        key = (G.dtype, G.device)
+        if key not in self._csr:  # (crow, block-diagonal columns, values, row of each entry)
+            r, i, j = self._nz.to(G.device).T
+            self._csr[key] = (self._crow.to(G.device), j + r * N, self._val64.to(G), r * self.M + i)
+        crow, col, vals, row = self._csr[key]
         if z is not None:
-            vals = vals * z.to(vals.dtype).unsqueeze(-1)
+            vals = vals * z.reshape(-1).to(vals.dtype)[row]
         with warnings.catch_warnings():  # torch calls CSR support "beta"; the one use here (addmm) is tested
             warnings.simplefilter("ignore", UserWarning)
-            B = torch.sparse_csr_tensor(*self._csr, vals.reshape(-1), (R * self.M, R * N), check_invariants=False)
+            B = torch.sparse_csr_tensor(crow, col, vals, (R * self.M, R * N), check_invariants=False)
         if add_to is None:
             add_to = torch.zeros(R, self.M, D, dtype=G.dtype, device=G.device)
         elif add_to.shape != (R, self.M, D) or not add_to.is_contiguous():
@@ -408,11 +428,12 @@ class SGC(CodeScheme):
 
     @classmethod
     def encoding(cls, cfg: Any, S: torch.Tensor, p: torch.Tensor, d: int, rng: SeedRNG) -> torch.Tensor:
-        Sf = S.to(torch.float64)
-        c = Sf.sum(1, keepdim=True)  # (R, 1, N)
+        c = S.sum(1, dtype=torch.float64)  # (R, N) devices per partition
         if bool((c == 0).any()):
             raise ValueError("sgc: some partition is stored on no device")
-        return Sf / (c * (1.0 - p)[:, :, None])
+        r, i, j = S.nonzero(as_tuple=True)  # only the d entries a row: no dense (R, M, N) temporaries
+        B = torch.zeros(S.shape, dtype=torch.float64, device=S.device)
+        return B.index_put_((r, i, j), 1.0 / (c[r, j] * (1.0 - p)[r, i]))
 
 
 @CODES.register("frc")

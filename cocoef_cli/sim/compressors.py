@@ -65,20 +65,21 @@ def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -
     r = k/h + 3√(k/h) + 2, so that t ≤ the row's k-th largest magnitude with high probability; the
     candidates {j : |v_j| ≥ t} (about r·h ≈ 2k of them, in index order) are compacted into a small
     (rows, C) matrix and the exact selection runs there. Rows whose candidate count is below k (t
-    too high) or above 8·r·h (t too low, e.g. an all-zero row) are selected over the full row
-    instead. Elsewhere (or for small k) the full rows are selected directly. ``work``: optional
+    too high), above 8·r·h (t too low) or whose t is 0 (mostly-zero rows) are selected over the
+    full row instead. Elsewhere (or for small k) the full rows are selected directly. ``work``: optional
     scratch tensors (float like v, bool) of v's shape, reused across calls (fresh large tensors
     cost page faults on every call).
     """
     D = v.shape[-1]
     a = v.abs() if work is None else torch.abs(v, out=work[0])
     if v.device.type != "cpu" or k < 2 * SAMPLE_HITS or D < 8 * k or v.numel() == 0:
-        return _select(a, k, None if work is None else work[1])
+        return _select(a, k)
     a = a.reshape(-1, D)
     n = a.shape[0]
     h = k // SAMPLE_HITS
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
     t = torch.topk(a[:, ::h], r, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    t.masked_fill_(~(t > 0), math.inf)  # t = 0 (mostly-zero rows) or NaN: no candidates, full selection
     cand = (a < t) if work is None else torch.lt(a, t, out=work[1].view(-1, D))
     flat = cand.logical_not_().view(-1).nonzero().squeeze(1)  # |v_j| ≥ t or NaN, row-major
     row = flat // D
@@ -99,30 +100,42 @@ def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -
     return idx.view(*v.shape[:-1], k)
 
 
-def _select(a: Tensor, k: int, ge: Tensor | None = None) -> Tensor:
+#: Entries per block of the full-row selection (temporaries stay small whatever M·D is).
+SELECT_BLOCK = 1 << 22
+
+
+def _select(a: Tensor, k: int) -> Tensor:
     """Positions (..., k) of the k largest entries of every row of magnitudes ``a`` (NaN largest),
     ties to the lower position.
 
     ``torch.topk(sorted=False)`` selects k entries and t, the k-th largest value. torch chooses
     arbitrarily among entries tied with t; when some row left a tied entry out, the rule is
-    applied: keep every a_j > t, then the lowest-position a_j == t until exactly k are kept (a
-    cumulative count along the row). On CPU the rule runs only when such a row exists (one check
-    per call); elsewhere always, so that no host synchronisation is needed. ``ge``: optional bool
-    scratch of a's shape.
+    applied: keep every a_j > t, then the a_j == t of lowest position until exactly k are kept
+    (the k largest of the integer key 2L+1 for a_j > t, L − j for a_j = t, 0 otherwise). On CPU
+    the rule runs only when such a row exists (one check per block of rows), and rows are taken in
+    blocks of about SELECT_BLOCK entries; elsewhere always, so that no host synchronisation is
+    needed.
     """
+    L = a.shape[-1]
+    rows = a.reshape(-1, L)
+    if a.device.type == "cpu" and rows.numel() > SELECT_BLOCK:
+        blocks = rows.split(max(1, SELECT_BLOCK // L))
+        return torch.cat([_select_rows(b, k) for b in blocks]).view(*a.shape[:-1], k)
+    return _select_rows(rows, k).view(*a.shape[:-1], k)
+
+
+def _select_rows(a: Tensor, k: int) -> Tensor:
+    """:func:`_select` of a (rows, L) block."""
     top = torch.topk(a, k, dim=-1, sorted=False)
     t = top.values.amin(dim=-1, keepdim=True)
     # every a_j > t is selected, so a tied entry was left out iff more than k entries are ≥ t
-    ge = a >= t if ge is None else torch.ge(a, t, out=ge)
-    ambiguous = ge.sum(-1, keepdim=True, dtype=torch.int32) > k
+    ambiguous = (a >= t).sum(-1, dtype=torch.int32) > k
     if a.device.type == "cpu" and not bool(ambiguous.any()):
         return top.indices
-    eq = a == t
-    gt = a > t
-    room = k - gt.sum(dim=-1, keepdim=True)  # how many of the tied entries fit
-    keep = gt | (eq & (torch.cumsum(eq, dim=-1) <= room))  # exactly k per row
-    rank = torch.arange(a.shape[-1], 0, -1, device=a.device)  # distinct keys: kept entries win
-    return torch.topk(keep * rank, k, dim=-1, sorted=False).indices
+    L = a.shape[-1]
+    by_position = torch.arange(L, 0, -1, dtype=torch.int32, device=a.device)  # L − j
+    key = torch.where(a > t, 2 * L + 1, (a == t) * by_position)
+    return torch.topk(key, k, dim=-1, sorted=False).indices
 
 
 def topk_mask(v: Tensor, k: int) -> Tensor:
