@@ -74,19 +74,25 @@ class GLM:
         """Per-sample 0/1 correctness (None for regression)."""
         return None
 
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Column blocks of the partition gradients (see :meth:`weighted_grads`): one, all of θ."""
+        return (self.D,)
+
     def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}) for features Xp (R, N, B, f̃), targets Yp and weights Wp (R, N, B):
-        returns (R, N, D), written into ``out`` (contiguous) when given. Two batched products:
-        Z = XpW, then Xpᵀ (w ⊙ (μ(Z) − Y))."""
+                       out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}) for features Xp (R, N, B, f̃), targets Yp and weights Wp (R, N, B),
+        as the column blocks (R, N, D_l) of ``blocks`` (here one, (R, N, D)), written into ``out``
+        (contiguous tensors of those shapes) when given. Two batched products: Z = XpW, then
+        Xpᵀ (w ⊙ (μ(Z) − Y))."""
         R, N, Bsz, f = Xp.shape
         Z = self.logits(theta, Xp)
         E = self.residual(Z, Yp) * Wp.unsqueeze(-1)  # (R, N, B, C)
         # (Eᵀ Xp)ᵀ: the long dimension f stays contiguous, several times faster than Xpᵀ E on CPU
         Gt = torch.bmm(E.reshape(R * N, Bsz, self.C).transpose(1, 2), Xp.reshape(R * N, Bsz, f))
         if out is None:
-            return Gt.transpose(1, 2).reshape(R, N, self.D)
-        out.view(R * N, f, self.C).copy_(Gt.transpose(1, 2))
+            return [Gt.transpose(1, 2).reshape(R, N, self.D)]
+        out[0].view(R * N, f, self.C).copy_(Gt.transpose(1, 2))
         return out
 
     def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -198,7 +204,7 @@ class Objective:
         self.valid = valid
         self.sizes = valid.sum(-1).to(dtype)  # |P_j|, (R, N)
         self.Wp = valid.to(dtype) / self.n  # full-partition weights 1/n
-        self._G: torch.Tensor | None = None  # partition gradients, reused across calls
+        self._G: list[torch.Tensor] | None = None  # blocks of the partition gradients, reused
 
     @property
     def R(self) -> int:
@@ -208,21 +214,30 @@ class Objective:
     def N(self) -> int:
         return self.Xp.shape[1]
 
-    def partition_grads(self, theta: torch.Tensor) -> torch.Tensor:
-        """G with G[r, j] = g_j(θ_r), shape (R, N, D); each partition gradient computed once.
+    def partition_grad_blocks(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        """G = [g_j(θ_r)] split by columns into the model's ``blocks``: tensors (R, N, D_l) whose
+        concatenation along the last dim is G (one per parameter tensor for the MLP, so that each
+        layer's gradients are written contiguously). Each partition gradient is computed once.
 
-        G is written into a buffer this objective reuses on the next call (an (R, N, D) tensor
-        allocated afresh every iteration costs page faults): copy it to keep it."""
-        shape = (theta.shape[0], self.N, theta.shape[-1])
-        if self._G is None or self._G.shape != shape or self._G.dtype != theta.dtype or self._G.device != theta.device:
-            self._G = torch.empty(shape, dtype=theta.dtype, device=theta.device)
+        The blocks are buffers this objective reuses on the next call (a fresh (R, N, D) tensor
+        every iteration costs page faults): copy them to keep them."""
+        R, N = theta.shape[0], self.N
+        shapes = [(R, N, int(size)) for size in self.model.blocks]
+        if self._G is None or [tuple(b.shape) for b in self._G] != shapes or self._G[0].dtype != theta.dtype \
+                or self._G[0].device != theta.device:
+            self._G = [torch.empty(shape, dtype=theta.dtype, device=theta.device) for shape in shapes]
         if self.batch_size is None:
-            G = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp, out=self._G)
+            blocks = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp, out=self._G)
         else:
-            G = self.model.weighted_grads(theta, *self._minibatch(), out=self._G)
+            blocks = self.model.weighted_grads(theta, *self._minibatch(), out=self._G)
         if self.l2:
-            G.add_((self.l2 / self.n) * self.sizes.unsqueeze(-1) * theta.unsqueeze(1))
-        return G
+            for block, th in zip(blocks, theta.split(list(self.model.blocks), -1)):
+                block.add_((self.l2 / self.n) * self.sizes.unsqueeze(-1) * th.unsqueeze(1))
+        return blocks
+
+    def partition_grads(self, theta: torch.Tensor) -> torch.Tensor:
+        """G with G[r, j] = g_j(θ_r), shape (R, N, D) (a new tensor)."""
+        return torch.cat(self.partition_grad_blocks(theta), -1)
 
     def _minibatch(self):
         """Per replicate and partition, min(b, |P_j|) distinct valid positions with weight |P_j|/(b_j n)."""

@@ -71,6 +71,11 @@ class Network:
     def D(self) -> int:
         return sum(math.prod(s) for _, s, _, _ in self.params)
 
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Column blocks of the partition gradients: one, all of θ."""
+        return (self.D,)
+
     def unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
         """Views of θ (..., D) as the layer tensors (..., *shape), in ``params`` order."""
         out, off = [], 0
@@ -128,6 +133,11 @@ class MLP(Network):
             self._add(f"fc{l}.bias", (o,), i, o)
         self.act, self.dact = ACTIVATIONS[self.activation], DERIVATIVES[self.activation]
 
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Column blocks of the partition gradients: one per parameter tensor (W_0, b_0, W_1, …)."""
+        return tuple(math.prod(shape) for _, shape, _, _ in self.params)
+
     def _forward(self, theta: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (R, S, C) and the layer inputs [a_0 = X, a_1, …] for X (S, f) shared or (R, S, f)."""
         P = self.unflatten(theta)
@@ -148,10 +158,10 @@ class MLP(Network):
         return self._forward(theta, Xf.reshape(R, -1, Xf.shape[-1]))[0].view(*Xf.shape[:-1], self.C)
 
     def _backward(self, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, N: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Σ_b w ∇ℓ per group of S/N consecutive rows: X (R, S, f) or (S, f) (then N = 1),
-        Y, w (R, S) or (S,) → (R, N, D), each layer's gradient written in place into ``out``
-        (contiguous; allocated when None)."""
+        Y, w (R, S) or (S,) → one block (R, N, size) per parameter tensor (``blocks``), written in
+        place into ``out`` (allocated when None)."""
         R = theta.shape[0]
         Z, acts = self._forward(theta, X)
         delta = torch.softmax(Z, -1)
@@ -160,32 +170,31 @@ class MLP(Network):
         Bsz = S // N
         P = self.unflatten(theta)
         if out is None:
-            out = torch.empty(R, N, self.D, dtype=Z.dtype, device=Z.device)
-        G = self.unflatten(out)  # views of out: [∇W_0, ∇b_0, ∇W_1, …], each (R, N, *shape)
+            out = [torch.empty(R, N, size, dtype=Z.dtype, device=Z.device) for size in self.blocks]
         for l in range(len(self.sizes) - 2, -1, -1):
             A = acts[l]
             i, o = self.sizes[l], self.sizes[l + 1]
+            gW = out[2 * l].view(R * N, i, o)
             if A.dim() == 2:  # shared inputs, one group: Aᵀ δ broadcast over replicates
-                G[2 * l].copy_(torch.matmul(A.T, delta).view(R, 1, i, o))
+                torch.matmul(A.T, delta, out=gW)
             else:
-                torch.bmm(A.reshape(R * N, Bsz, i).transpose(1, 2), delta.reshape(R * N, Bsz, o),
-                          out=G[2 * l].view(R * N, i, o))
-            torch.sum(delta.view(R, N, Bsz, o), 2, out=G[2 * l + 1])
+                torch.bmm(A.reshape(R * N, Bsz, i).transpose(1, 2), delta.reshape(R * N, Bsz, o), out=gW)
+            torch.sum(delta.view(R, N, Bsz, o), 2, out=out[2 * l + 1])
             if l > 0:
                 delta = torch.bmm(delta, P[2 * l].transpose(1, 2)) * self.dact(A)
         return out
 
     def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) → (R, N, D),
-        written into ``out`` (contiguous) when given."""
+                       out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B), as one block
+        (R, N, size) per parameter tensor, written into ``out`` when given."""
         R, N, Bsz, f = Xp.shape
         return self._backward(theta, Xp.reshape(R, N * Bsz, f), Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz), N, out)
 
     def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D)."""
         w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0], dtype=Xf.dtype, device=Xf.device)
-        return self._backward(theta, Xf, Y, w, 1)[:, 0]
+        return torch.cat(self._backward(theta, Xf, Y, w, 1), -1)[:, 0]
 
 
 @MODELS.register("cnn")
@@ -264,11 +273,11 @@ class CNN(Network):
         return self._logits_each(theta, Xf.reshape(R, -1, Xf.shape[-1])).view(*Xf.shape[:-1], self.C)
 
     def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) → (R, N, D)
-        (copied into ``out`` when given)."""
+                       out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) as one block
+        (R, N, D) (copied into ``out[0]`` when given)."""
         G = self._grads(theta, Xp, Yp, Wp)
-        return G if out is None else out.copy_(G)
+        return [G] if out is None else [out[0].copy_(G)]
 
     def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D), accumulated over chunks of samples."""

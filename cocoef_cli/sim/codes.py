@@ -225,21 +225,25 @@ class Code:
         d = int(S.sum(1).max()) if S.numel() else 1
         return cls(name, S, B, d, decode, DECODERS[decode], decode == "fixed", p)
 
-    def encode(self, G: torch.Tensor, z: torch.Tensor | None = None,
+    def encode(self, G: torch.Tensor | Sequence[torch.Tensor], z: torch.Tensor | None = None,
                add_to: torch.Tensor | None = None) -> torch.Tensor:
         """U = B G for G (R, N, D) → (R, M, D), as one sparse × dense product: B of all replicates
         is one block-diagonal (R·M) × (R·N) CSR matrix of its nonzero entries, so each u_i reads
-        its d rows of G once and nothing of size (R, M, D) is gathered. With ``z``
-        (R, M), rows of devices with z_i = 0 are 0: stragglers compute nothing. With ``add_to``
-        (R, M, D, contiguous) the product is accumulated in place, add_to += B G, and add_to is
-        returned (error feedback adds u_i to e_i without a U temporary)."""
-        if G.dim() != 3 or G.shape[0] != self.R or G.shape[1] != self.N:
-            raise ValueError(f"G must be (R={self.R}, N={self.N}, D); got {tuple(G.shape)}")
-        R, N, D = G.shape
-        key = (G.dtype, G.device)
+        its d rows of G once and nothing of size (R, M, D) is gathered. G may also be given as
+        column blocks (R, N, D_l) whose concatenation is G (each is encoded into its columns of U).
+        With ``z`` (R, M), rows of devices with z_i = 0 are 0: stragglers compute nothing. With
+        ``add_to`` (R, M, D, contiguous) the product is accumulated in place, add_to += B G, and
+        add_to is returned (error feedback adds u_i to e_i without a U temporary)."""
+        blocks = [G] if isinstance(G, torch.Tensor) else list(G)
+        for b in blocks:
+            if b.dim() != 3 or b.shape[0] != self.R or b.shape[1] != self.N:
+                raise ValueError(f"G must be (R={self.R}, N={self.N}, D); got {tuple(b.shape)}")
+        R, N, D = self.R, self.N, sum(b.shape[2] for b in blocks)
+        first = blocks[0]
+        key = (first.dtype, first.device)
         if key not in self._csr:  # (crow, block-diagonal columns, values, row of each entry)
-            r, i, j = self._nz.to(G.device).T
-            self._csr[key] = (self._crow.to(G.device), j + r * N, self._val64.to(G), r * self.M + i)
+            r, i, j = self._nz.to(first.device).T
+            self._csr[key] = (self._crow.to(first.device), j + r * N, self._val64.to(first), r * self.M + i)
         crow, col, vals, row = self._csr[key]
         if z is not None:
             vals = vals * z.reshape(-1).to(vals.dtype)[row]
@@ -247,10 +251,13 @@ class Code:
             warnings.simplefilter("ignore", UserWarning)
             B = torch.sparse_csr_tensor(crow, col, vals, (R * self.M, R * N), check_invariants=False)
         if add_to is None:
-            add_to = torch.zeros(R, self.M, D, dtype=G.dtype, device=G.device)
+            add_to = torch.zeros(R, self.M, D, dtype=first.dtype, device=first.device)
         elif add_to.shape != (R, self.M, D) or not add_to.is_contiguous():
             raise ValueError(f"add_to must be a contiguous (R={R}, M={self.M}, D={D}) tensor; got {tuple(add_to.shape)}")
-        add_to.view(R * self.M, D).addmm_(B, G.reshape(R * N, D))
+        U, off = add_to.view(R * self.M, D), 0
+        for b in blocks:
+            U[:, off:off + b.shape[2]].addmm_(B, b.reshape(R * N, b.shape[2]))
+            off += b.shape[2]
         return add_to
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

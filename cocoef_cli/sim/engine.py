@@ -193,7 +193,7 @@ class Simulation:
         z = exp.straggler.draw()
         a, self.residual = exp.code.decode(z)
         into = exp.method.encode_into
-        U = exp.code.encode(exp.objective.partition_grads(self.theta), z,
+        U = exp.code.encode(exp.objective.partition_grad_blocks(self.theta), z,
                             add_to=None if into is None else getattr(exp.method, into))
         return exp.method.step(U, z, a), z
 
