@@ -70,18 +70,18 @@ def main() -> None:
         it.append((time.perf_counter() - t) / args.iters * 1e3)
     ref_ms, it_ms = statistics.median(ref), statistics.median(it)
 
-    # breakdown of one iteration
+    # breakdown of one iteration, step by step as Simulation.coded_step does it
     theta = obj.model.init(SeedRNG(exp.seeds, "init"), exp.dtype)
-    G = obj.partition_grads(theta)
+    method, code = exp.method, exp.code
     z = exp.straggler.draw()
-    a, _ = exp.code.decode(z)
-    U = exp.code.encode(G, z)
+    a, _ = code.decode(z)
+    blocks = obj.partition_grad_blocks(theta)
     k = max(10, args.iters // 2)
     parts = {
-        "partition gradients": per_call_ms(lambda: obj.partition_grads(theta), k),
-        "encode U = B G": per_call_ms(lambda: exp.code.encode(G, z), k),
-        "stragglers + decode": per_call_ms(lambda: exp.code.decode(exp.straggler.draw()), k),
-        "method step (EF + top-k + aggregate)": per_call_ms(lambda: exp.method.step(U, z, a), k),
+        "partition gradients": per_call_ms(lambda: obj.partition_grad_blocks(theta), k),
+        "encode into the error memory (e += B G)": per_call_ms(lambda: code.encode(blocks, z, add_to=method.e), k),
+        "stragglers + decode": per_call_ms(lambda: code.decode(exp.straggler.draw()), k),
+        "method step (top-k, EF update, aggregate)": per_call_ms(lambda: method.step(method.e, z, a), k),
         "evaluation (once per eval_every)": per_call_ms(lambda: obj.evaluate(theta), 10),
     }
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, D = {obj.model.D}, "

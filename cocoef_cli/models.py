@@ -95,10 +95,16 @@ class GLM:
         out[0].view(R * N, f, self.C).copy_(Gt.transpose(1, 2))
         return out
 
+    def full_loss_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((1/n) Σ_s ℓ_s(θ), (1/n) Σ_s ∇ℓ_s(θ)) for shared features Xf (n, f̃): (R,), (R, D); one forward."""
+        Z = self.logits(theta, Xf)
+        E = self.residual(Z, Y) / Xf.shape[0]
+        g = torch.matmul(E.transpose(1, 2), Xf).transpose(1, 2).reshape(theta.shape[0], self.D)
+        return self.losses(Z, Y).mean(-1), g
+
     def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """(1/n) Σ_s ∇ℓ_s(θ) for shared features Xf (n, f̃): shape (R, D)."""
-        E = self.residual(self.logits(theta, Xf), Y) / Xf.shape[0]
-        return torch.matmul(E.transpose(1, 2), Xf).transpose(1, 2).reshape(theta.shape[0], self.D)
+        return self.full_loss_grad(theta, Xf, Y)[1]
 
 
 @MODELS.register("linear")
@@ -262,6 +268,17 @@ class Objective:
         g = self.model.full_grad(theta, self.X, self.Y)
         return g + self.l2 * theta if self.l2 else g
 
+    def loss_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F(θ), ∇F(θ)), (R,) and (R, D): from one forward pass where the model offers it
+        (``full_loss_grad``)."""
+        both = getattr(self.model, "full_loss_grad", None)
+        if both is None:
+            return self.loss(theta), self.grad(theta)
+        F, g = both(theta, self.X, self.Y)
+        if self.l2:
+            F, g = F + 0.5 * self.l2 * (theta * theta).sum(-1), g + self.l2 * theta
+        return F, g
+
     def evaluate(self, theta: torch.Tensor) -> Metrics:
         """Training objective, ‖∇F‖, and held-out mean loss / accuracy."""
         te_loss = te_acc = None
@@ -270,7 +287,8 @@ class Objective:
             te_loss = self.model.losses(Z, self.Yte).mean(-1)
             c = self.model.correct(Z, self.Yte)
             te_acc = None if c is None else c.mean(-1)
-        return Metrics(self.loss(theta), self.grad(theta).norm(dim=-1), te_loss, te_acc)
+        F, g = self.loss_and_grad(theta)
+        return Metrics(F, g.norm(dim=-1), te_loss, te_acc)
 
     def f_star(self) -> float | None:
         """min F in closed form (ridge normal equations, float64) for least squares; else None."""

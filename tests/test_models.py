@@ -99,6 +99,13 @@ def test_partition_grads_equal_autograd_per_partition(name, mcfg, shape, scheme)
     full = torch.stack([reference_grad(name, model, theta[r], X, Y, 1.0 / n) for r in range(len(SEEDS))]) + l2 * theta
     torch.testing.assert_close(G.sum(1), full, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(obj.grad(theta), full, rtol=1e-9, atol=1e-12)
+    # the blocks the engine encodes are G split by columns; evaluation's one-pass loss and gradient
+    blocks = obj.partition_grad_blocks(theta)
+    assert sum(b.shape[-1] for b in blocks) == model.D and all(b.is_contiguous() for b in blocks)
+    torch.testing.assert_close(torch.cat(blocks, -1), G, rtol=0, atol=0)
+    F, g = obj.loss_and_grad(theta)
+    torch.testing.assert_close(F, obj.loss(theta), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g, full, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,mcfg", [("mlp", {"name": "mlp", "hidden": [5], "activation": "relu"}),
