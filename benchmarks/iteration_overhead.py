@@ -17,9 +17,8 @@ import time
 import torch
 
 from cocoef_cli import config
-from cocoef_cli.bench import SETTING as BENCH_SETTING, WORKLOADS
-from cocoef_cli.sim.engine import build_experiment, simulate
-from cocoef_cli.sim.rng import SeedRNG
+from cocoef_cli.bench import SETTING as BENCH_SETTING, WORKLOADS, breakdown
+from cocoef_cli.sim.engine import Simulation, build_experiment, simulate
 
 # the bench setting (mnist5k, sgc d=3, p=0.2, COCO-EF + Top-k 1%) on the default 784-64-10 ReLU MLP
 SETTING = BENCH_SETTING + WORKLOADS["mlp"] + ["devices=100", "optim.lr=0.5"]
@@ -70,20 +69,10 @@ def main() -> None:
         it.append((time.perf_counter() - t) / args.iters * 1e3)
     ref_ms, it_ms = statistics.median(ref), statistics.median(it)
 
-    # breakdown of one iteration, step by step as Simulation.coded_step does it
-    theta = obj.model.init(SeedRNG(exp.seeds, "init"), exp.dtype)
-    method, code = exp.method, exp.code
-    z = exp.straggler.draw()
-    a, _ = code.decode(z)
-    blocks = obj.partition_grad_blocks(theta)
-    k = max(10, args.iters // 2)
-    parts = {
-        "partition gradients": per_call_ms(lambda: obj.partition_grad_blocks(theta), k),
-        "encode into the error memory (e += B G)": per_call_ms(lambda: code.encode(blocks, z, add_to=method.e), k),
-        "stragglers + decode": per_call_ms(lambda: code.decode(exp.straggler.draw()), k),
-        "method step (top-k, EF update, aggregate)": per_call_ms(lambda: method.step(method.e, z, a), k),
-        "evaluation (once per eval_every)": per_call_ms(lambda: obj.evaluate(theta), 10),
-    }
+    sim = Simulation(exp)  # the state after the timed rounds' last build, a few updates in
+    for _ in range(5):
+        sim.step()
+    parts = {name: sec * 1e3 for name, sec in breakdown(sim, repeat=max(9, args.iters // 4)).items()}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, D = {obj.model.D}, "
           f"partitions {tuple(obj.Xp.shape[:3])}, rounds {args.rounds} × {args.iters}")
     print(f"full-batch autograd step (nn.Sequential {'-'.join(map(str, sizes))}, 4,000 samples): {ref_ms:7.2f} ms "

@@ -61,6 +61,27 @@ def central_step_time(sim: Simulation, repeat: int = 7) -> float:
     return median_time(step, repeat)
 
 
+def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
+    """Median seconds of each part of one coded update, called as ``Simulation.coded_step`` calls
+    them (after ``sim`` has run some updates): partition gradients, encoding (into the error
+    memory for COCO-EF), stragglers + decoding, the method's step; and one evaluation."""
+    exp = sim.exp
+    obj, code, method = exp.objective, exp.code, exp.method
+    z = exp.straggler.draw()
+    a, _ = code.decode(z)
+    blocks = obj.partition_grad_blocks(sim.theta)
+    into = getattr(method, method.encode_into) if method.encode_into else None
+    U = code.encode(blocks, z, add_to=into)
+    return {
+        "partition gradients": median_time(lambda: obj.partition_grad_blocks(sim.theta), repeat),
+        "encode (e += B G)" if into is not None else "encode (U = B G)":
+            median_time(lambda: code.encode(blocks, z, add_to=into), repeat),
+        "stragglers + decode": median_time(lambda: code.decode(exp.straggler.draw()), repeat),
+        "method step (top-k, EF update, aggregate)": median_time(lambda: method.step(U, z, a), repeat),
+        "evaluation (every eval_every updates)": median_time(lambda: obj.evaluate(sim.theta), 3, warmup=1),
+    }
+
+
 def loop_step_time(overrides: Sequence[str], repeat: int = 3) -> float:
     """Seconds per iteration of the per-device loop baseline (benchmarks/loop_baseline.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -107,12 +128,13 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
               log: Callable[[str], None] = print) -> str:
     """Measure (a)–(d) and return the markdown report (also written to ``out`` when given)."""
     dev = [f"device={device}"]
-    rows_a, rows_b, rows_c, rows_d = [], [], [], []
+    rows_a, rows_b, rows_c, rows_d, parts = [], [], [], [], {}
     for name, wl in WORKLOADS.items():
         base = SETTING + wl + dev + ["devices=100"]
         t_sim, sim = sim_step_time(base)
         t_central = central_step_time(sim)
         rows_b.append((name, sim.exp.objective.model.D, t_sim, t_central))
+        parts[name] = breakdown(sim)
         log(f"(b) {name}: iteration {t_sim * 1e3:.2f} ms, central step {t_central * 1e3:.2f} ms")
         t10, _ = sim_step_time([o for o in base if o != "seeds=1"] + ["seeds=10"], repeat=5)
         rows_c.append((name, t_sim, t10))
@@ -120,7 +142,7 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
         for M in ([10, 100] if quick else [10, 100, 1000]):
             ov = SETTING + wl + dev + [f"devices={M}"]
             t_loop = loop_step_time(ov, repeat=1 if M >= 1000 else 3)
-            t_vec, _ = sim_step_time(ov, repeat=5)
+            t_vec, _ = sim_step_time(ov, repeat=9 if M <= 100 else 5)
             rows_a.append((name, M, t_vec, t_loop))
             log(f"(a) {name} M={M}: simulator {t_vec * 1e3:.2f} ms, loop {t_loop * 1e3:.1f} ms")
         Ms = {"softmax": [10, 100, 1000, 10000], "mlp": [10, 100, 1000]}[name]
@@ -137,6 +159,10 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
     md += ["", "## (b) one COCO-EF iteration (M=100) vs one centralised full-batch autograd step", "",
            "| model | D | iteration ms | central step ms | ratio |", "|---|---|---|---|---|"]
     md += [f"| {n} | {D} | {a * 1e3:.2f} | {b * 1e3:.2f} | {a / b:.2f}× |" for n, D, a, b in rows_b]
+    md += ["", "Where an iteration's time goes (each part timed alone, ms; evaluation is not part of an update):", "",
+           "| part | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    md += [f"| {part} | " + " | ".join(f"{parts[n][part] * 1e3:.2f}" for n in parts) + " |"
+           for part in next(iter(parts.values()))]
     md += ["", "## (c) replicates: seeds=10 vs seeds=1 (M=100)", "",
            "| model | seeds=1 ms | seeds=10 ms | ratio |", "|---|---|---|---|"]
     md += [f"| {n} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× |" for n, a, b in rows_c]
