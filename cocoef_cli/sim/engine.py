@@ -130,8 +130,9 @@ def keep_freed_memory() -> bool:
     An iteration allocates and frees several (R, M, D) temporaries. By default glibc maps each such
     block fresh from the kernel and unmaps it on free, so every iteration page-faults and zeroes
     it again: about half of an MLP iteration at M = 100 (20 of 41 ms, measured). With the freed
-    memory kept, the next iteration reuses it. Peak memory is unchanged; the resident size just
-    no longer shrinks between iterations.
+    memory kept, the next iteration reuses it; the resident size no longer shrinks between
+    iterations (blocks above 32 MiB are still mapped and unmapped: the large per-iteration buffers
+    are reused by their owners instead).
     """
     if not sys.platform.startswith("linux"):
         return False
