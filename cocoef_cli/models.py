@@ -67,6 +67,10 @@ class GLM:
         """μ(Z) − Y, the derivative of ℓ with respect to the logits."""
         raise NotImplementedError
 
+    def residual_t(self, Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """:meth:`residual` of class-major logits Zt (R, C, n): (R, C, n)."""
+        return self.residual(Zt.transpose(1, 2), Y).transpose(1, 2)
+
     def losses(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """Per-sample ℓ."""
         raise NotImplementedError
@@ -87,10 +91,14 @@ class GLM:
         (contiguous tensors of those shapes) when given. Two batched products: Z = XpW, then
         Xpᵀ (w ⊙ (μ(Z) − Y))."""
         R, N, Bsz, f = Xp.shape
-        Z = self.logits(theta, Xp)
-        E = self.residual(Z, Yp) * Wp.unsqueeze(-1)  # (R, N, B, C)
-        # (Eᵀ Xp)ᵀ: the long dimension f stays contiguous, several times faster than Xpᵀ E on CPU
-        Gt = torch.bmm(E.reshape(R * N, Bsz, self.C).transpose(1, 2), Xp.reshape(R * N, Bsz, f))
+        # class-major throughout (C rows of N·B samples): Zᵀ = Wᵀ Xpᵀ, the residual along the class
+        # axis, then (Eᵀ Xp)ᵀ per partition: the long dimensions stay contiguous (several times
+        # faster on CPU than Xp W and Xpᵀ E, whose inner dimension is the short C)
+        Wt = theta.view(R, f, self.C).transpose(1, 2).contiguous()  # (R, C, f̃)
+        Zt = torch.bmm(Wt, Xp.reshape(R, N * Bsz, f).transpose(1, 2))  # (R, C, N·B)
+        Et = self.residual_t(Zt, Yp.reshape(R, N * Bsz)) * Wp.reshape(R, 1, N * Bsz)
+        Et = Et.view(R, self.C, N, Bsz).transpose(1, 2).reshape(R * N, self.C, Bsz)
+        Gt = torch.bmm(Et, Xp.reshape(R * N, Bsz, f))  # (R·N, C, f̃)
         if out is None:
             return [Gt.transpose(1, 2).reshape(R, N, self.D)]
         out[0].view(R * N, f, self.C).copy_(Gt.transpose(1, 2))
@@ -154,6 +162,10 @@ class Softmax(GLM):
     def residual(self, Z, Y):
         P = torch.softmax(Z, -1)
         return P - Fn.one_hot(Y, self.C).to(Z.dtype)
+
+    def residual_t(self, Zt, Y):  # softmax over the class axis of (R, C, n): vectorised along n
+        classes = torch.arange(self.C, device=Zt.device).view(1, -1, 1)
+        return torch.softmax(Zt, 1) - (Y.unsqueeze(1) == classes).to(Zt.dtype)
 
     def losses(self, Z, Y):
         return torch.logsumexp(Z, -1) - Z.gather(-1, Y.expand(Z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
