@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.sim import compressors
 from cocoef_cli.sim.compressors import SAMPLE_HITS, COMPRESSORS, Compressor, build_compressor, topk_indices, topk_mask
 from cocoef_cli.sim.rng import SeedRNG
 
@@ -147,10 +148,20 @@ def _threshold_cases() -> list[tuple[str, torch.Tensor]]:
     return [("gauss", gauss), ("ties", ties), ("zeros", zeros), ("periodic", periodic), ("skewed", skewed)]
 
 
+THRESHOLD_PATHS = ["torch", "kernel"] if compressors.kernels.AVAILABLE else ["torch"]
+
+
+@pytest.fixture(params=THRESHOLD_PATHS)
+def threshold_path(request, monkeypatch):
+    """Run the threshold selection as torch operations or as the compiled per-row kernel."""
+    monkeypatch.setattr(compressors, "USE_KERNELS", request.param == "kernel")
+    return request.param
+
+
 @pytest.mark.parametrize("case", [c for c, _ in _threshold_cases()])
 @pytest.mark.parametrize("k", [16, 200, 700])
 @pytest.mark.parametrize("work", [False, True])
-def test_topk_threshold_path_is_exact(case, k, work):
+def test_topk_threshold_path_is_exact(case, k, work, threshold_path):
     """The sampled-threshold selection (CPU, k ≥ 2·SAMPLE_HITS, D ≥ 8k) equals a full stable sort,
     including rows where the threshold fails and the row falls back to a full selection."""
     x = dict(_threshold_cases())[case]
@@ -162,7 +173,29 @@ def test_topk_threshold_path_is_exact(case, k, work):
     assert torch.equal(got.sort(-1).values, _topk_reference(x, k))
 
 
-def test_topk_threshold_path_keeps_nan_like_torch_topk():
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_kernel_and_torch_paths_agree(dtype, threads, monkeypatch):
+    """Both implementations of the threshold path give the same sets, in float32 and float64,
+    with one thread (serial kernel) and two (rows in parallel)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 40, 9000, generator=g) * torch.rand(3, 40, 1, generator=g)).to(dtype)
+    x[0, 3] = 0.0
+    x[1, :, ::50] = 4.0  # ties at the top
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = {}
+        for path in THRESHOLD_PATHS:
+            monkeypatch.setattr(compressors, "USE_KERNELS", path == "kernel")
+            got[path] = topk_indices(x, 90).sort(-1).values
+    finally:
+        torch.set_num_threads(before)
+    for path in THRESHOLD_PATHS:
+        assert torch.equal(got[path], _topk_reference(x, 90))
+
+
+def test_topk_threshold_path_keeps_nan_like_torch_topk(threshold_path):
     x = torch.randn(1, 3, 4000, generator=torch.Generator().manual_seed(0))
     x[0, 1, 1234] = float("nan")
     got = topk_indices(x, 40)

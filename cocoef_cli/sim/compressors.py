@@ -26,6 +26,7 @@ from torch import Tensor
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
+from cocoef_cli.sim import kernels
 from cocoef_cli.sim.rng import SeedRNG
 
 COMPRESSORS: Registry[type["Compressor"]] = Registry("compressor")
@@ -54,6 +55,9 @@ def sign_pm1(v: Tensor) -> Tensor:
 #: Expected number of a row's top-k entries in its strided sample (threshold path of topk_indices).
 SAMPLE_HITS = 8
 
+#: Run the threshold path of topk_indices as the compiled per-row kernel (numba) when available.
+USE_KERNELS = kernels.AVAILABLE
+
 
 def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Indices (..., k) of the k largest |v_j| of every row (last dim), in no particular order;
@@ -66,18 +70,23 @@ def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -
     candidates {j : |v_j| ≥ t} (about r·h ≈ 2k of them, in index order) are compacted into a small
     (rows, C) matrix and the exact selection runs there. Rows whose candidate count is below k (t
     too high), above 8·r·h (t too low) or whose t is 0 (mostly-zero rows) are selected over the
-    full row instead. Elsewhere (or for small k) the full rows are selected directly. ``work``: optional
-    scratch tensors (float like v, bool) of v's shape, reused across calls (fresh large tensors
-    cost page faults on every call).
+    full row instead. The compiled kernel (:mod:`cocoef_cli.sim.kernels`, when numba is available)
+    runs this per row in one pass; otherwise torch operations do it over the whole matrix. Elsewhere
+    (or for small k) the full rows are selected directly. ``work``: optional scratch tensors (float
+    like v, bool) of v's shape for the torch version, reused across calls (fresh large tensors cost
+    page faults on every call).
     """
     D = v.shape[-1]
-    a = v.abs() if work is None else torch.abs(v, out=work[0])
     if v.device.type != "cpu" or k < 2 * SAMPLE_HITS or D < 8 * k or v.numel() == 0:
-        return _select(a, k)
-    a = a.reshape(-1, D)
-    n = a.shape[0]
+        return _select(v.abs(), k)
     h = k // SAMPLE_HITS
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
+    if USE_KERNELS and v.dtype in (torch.float32, torch.float64):  # the same algorithm, compiled
+        x = v.detach().reshape(-1, D).contiguous()
+        idx = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads())
+        return torch.from_numpy(idx).view(*v.shape[:-1], k)
+    a = (v.abs() if work is None else torch.abs(v, out=work[0])).reshape(-1, D)
+    n = a.shape[0]
     t = torch.topk(a[:, ::h], r, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     t.masked_fill_(~(t > 0), math.inf)  # t = 0 (mostly-zero rows) or NaN: no candidates, full selection
     cand = (a < t) if work is None else torch.lt(a, t, out=work[1].view(-1, D))
