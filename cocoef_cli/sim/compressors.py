@@ -59,7 +59,8 @@ SAMPLE_HITS = 8
 USE_KERNELS = kernels.AVAILABLE
 
 
-def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None,
+                 active: Tensor | None = None) -> Tensor:
     """Indices (..., k) of the k largest |v_j| of every row (last dim), in no particular order;
     ties go to the lower index; NaN counts as the largest magnitude (as in ``torch.topk``; which of
     several NaN entries are kept is unspecified).
@@ -74,7 +75,8 @@ def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -
     runs this per row in one pass; otherwise torch operations do it over the whole matrix. Elsewhere
     (or for small k) the full rows are selected directly. ``work``: optional scratch tensors (float
     like v, bool) of v's shape for the torch version, reused across calls (fresh large tensors cost
-    page faults on every call).
+    page faults on every call). ``active`` (v.shape[:-1], bool): rows whose result the caller does
+    not use; they may be skipped, and their indices are then arbitrary (valid) ones.
     """
     D = v.shape[-1]
     if v.device.type != "cpu" or k < 2 * SAMPLE_HITS or D < 8 * k or v.numel() == 0:
@@ -83,7 +85,8 @@ def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None) -
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
     if USE_KERNELS and v.dtype in (torch.float32, torch.float64):  # the same algorithm, compiled
         x = v.detach().reshape(-1, D).contiguous()
-        idx = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads())
+        act = None if active is None else active.detach().reshape(-1).to(torch.bool).numpy()
+        idx = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act)
         return torch.from_numpy(idx).view(*v.shape[:-1], k)
     a = (v.abs() if work is None else torch.abs(v, out=work[0])).reshape(-1, D)
     n = a.shape[0]
@@ -239,10 +242,12 @@ class Compressor:
     def __call__(self, v: Tensor, rng: SeedRNG | None = None) -> Tensor:
         return self.compress(v, rng)
 
-    def sparse(self, v: Tensor, rng: SeedRNG | None = None) -> tuple[Tensor, Tensor] | None:
+    def sparse(self, v: Tensor, rng: SeedRNG | None = None,
+               active: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """C(v) as (indices, values) of shape (..., k) when the compressor keeps k coordinates per
         message (C(v) = 0 elsewhere), drawing exactly what :meth:`compress` draws; None otherwise.
-        Lets callers avoid dense (R, M, D) temporaries."""
+        Lets callers avoid dense (R, M, D) temporaries. ``active`` (v.shape[:-1], bool, optional):
+        messages the caller will not use (stragglers'); their indices may be arbitrary."""
         return None
 
     def bits(self) -> int:
@@ -269,17 +274,17 @@ class _KSparse(Compressor):
         D = _check_int("D", D, 1)
         return cls(D, resolve_k(cfg, D), value_bits=_cfg_get(cfg, "value_bits", 32))
 
-    def _indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
-        """The k kept coordinates of every message, shape (..., k)."""
+    def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
+        """The k kept coordinates of every message, shape (..., k) (arbitrary where ``active`` is False)."""
         raise NotImplementedError
 
     def _scale(self) -> float:
         return 1.0
 
-    def sparse(self, v: Tensor, rng: SeedRNG | None = None) -> tuple[Tensor, Tensor]:
+    def sparse(self, v: Tensor, rng: SeedRNG | None = None, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if v.shape[-1] != self.D:
             raise ValueError(f"{self.name}: last dim of v is {v.shape[-1]}, compressor built for D={self.D}")
-        idx = self._indices(v, rng)
+        idx = self._indices(v, rng, active)
         vals = v.gather(-1, idx)
         return idx, vals.mul_(self._scale()) if self._scale() != 1.0 else vals
 
@@ -350,13 +355,13 @@ class TopK(_KSparse):
             index_bits=_cfg_get(cfg, "index_bits", "log2"),
         )
 
-    def _indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+    def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
         if self.k >= self.D:
             return torch.arange(self.D, device=v.device).expand(v.shape)
         work = getattr(self, "_work", None)
         if work is None or work[0].shape != v.shape or work[0].dtype != v.dtype or work[0].device != v.device:
             work = self._work = (torch.empty_like(v), torch.empty(v.shape, dtype=torch.bool, device=v.device))
-        return topk_indices(v, self.k, work)
+        return topk_indices(v, self.k, work, active)
 
     def bits(self) -> int:
         vb, k, D = self.value_bits, self.k, self.D
@@ -383,7 +388,7 @@ class RandK(_KSparse):
     name = "randk"
     randomized = True
 
-    def _indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+    def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
         return self._random_indices(v, rng)
 
     def bits(self) -> int:
@@ -405,7 +410,7 @@ class RandKUnbiased(_KSparse):
     def omega(self) -> float:
         return self.D / self.k - 1.0
 
-    def _indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
+    def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
         return self._random_indices(v, rng)
 
     def _scale(self) -> float:

@@ -46,9 +46,13 @@ if AVAILABLE:
                 out[o] = idx[j]
                 o += 1
 
-    def _topk_rows(x, k, h, r, cap, out):  # pragma: no cover - compiled
+    def _topk_rows(x, k, h, r, cap, active, out):  # pragma: no cover - compiled
         n, D = x.shape
         for i in prange(n):
+            if not active[i]:  # a row whose result is not used: any valid indices
+                for o in range(k):
+                    out[i, o] = o
+                continue
             row = x[i]
             ns = (D + h - 1) // h
             sample = np.empty(ns, x.dtype)
@@ -83,18 +87,21 @@ if AVAILABLE:
     _topk_rows_serial = njit(cache=True, nogil=True)(_named(_topk_rows, "_topk_rows_serial"))
 
 
-def topk_rows(x: np.ndarray, k: int, h: int, r: int, cap: int, threads: int) -> np.ndarray:
+def topk_rows(x: np.ndarray, k: int, h: int, r: int, cap: int, threads: int,
+              active: np.ndarray | None = None) -> np.ndarray:
     """Indices (n, k) of the k largest |x_j| of every row of the C-contiguous float array x (n, D).
 
     The threshold t of a row is the r-th largest of its strided sample x[::h]; the candidates
     |x_j| ≥ t (in index order) are selected exactly; a row with t = 0 or NaN, fewer than k or more
     than ``cap`` candidates is selected over the full row. ``threads``: numba threads to use.
+    ``active`` (n,) bool: rows marked False are skipped (their indices are 0..k−1).
     """
     out = np.empty((x.shape[0], k), dtype=np.int64)
+    act = np.ones(x.shape[0], dtype=np.bool_) if active is None else np.ascontiguousarray(active, dtype=np.bool_)
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, x.shape[0]))
     if threads == 1:
-        _topk_rows_serial(x, k, h, r, cap, out)
+        _topk_rows_serial(x, k, h, r, cap, act, out)
     else:
         numba.set_num_threads(threads)
-        _topk_rows_parallel(x, k, h, r, cap, out)
+        _topk_rows_parallel(x, k, h, r, cap, act, out)
     return out

@@ -75,7 +75,7 @@ class CocoEF(Method):
 
     def step(self, U, z, a):
         v = U if U is self.e else self.e.add_(U)  # e holds v = u + e from here on (a straggler's u is 0)
-        sparse = self.C.sparse(v, self.rng)
+        sparse = self.C.sparse(v, self.rng, active=z)  # stragglers' selections are never used
         if sparse is None:
             m = self.C.compress(v, self.rng)
             g = aggregate(a, m)
