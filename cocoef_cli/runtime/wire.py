@@ -434,7 +434,7 @@ class CompressorStandIn:
 
     __call__ = compress
 
-    def sparse(self, v: torch.Tensor, rng: Any = None) -> None:
+    def sparse(self, v: torch.Tensor, rng: Any = None, active: Any = None) -> None:
         return None  # methods take the dense path: the message is the dense output of compress
 
     def __getattr__(self, name: str) -> Any:
