@@ -59,6 +59,11 @@ SAMPLE_HITS = 8
 USE_KERNELS = kernels.AVAILABLE
 
 
+def _use_kernel(v: Tensor) -> bool:
+    """Whether the threshold path of :func:`topk_indices` runs as the compiled kernel for ``v``."""
+    return USE_KERNELS and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
+
+
 def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None,
                  active: Tensor | None = None) -> Tensor:
     """Indices (..., k) of the k largest |v_j| of every row (last dim), in no particular order;
@@ -83,7 +88,7 @@ def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None,
         return _select(v.abs(), k)
     h = k // SAMPLE_HITS
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
-    if USE_KERNELS and v.dtype in (torch.float32, torch.float64):  # the same algorithm, compiled
+    if _use_kernel(v):  # the same algorithm, compiled
         x = v.detach().reshape(-1, D).contiguous()
         act = None if active is None else active.detach().reshape(-1).to(torch.bool).numpy()
         idx = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act)
@@ -358,6 +363,8 @@ class TopK(_KSparse):
     def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
         if self.k >= self.D:
             return torch.arange(self.D, device=v.device).expand(v.shape)
+        if _use_kernel(v):
+            return topk_indices(v, self.k, None, active)  # the compiled kernel needs no scratch
         work = getattr(self, "_work", None)
         if work is None or work[0].shape != v.shape or work[0].dtype != v.dtype or work[0].device != v.device:
             work = self._work = (torch.empty_like(v), torch.empty(v.shape, dtype=torch.bool, device=v.device))
