@@ -84,7 +84,9 @@ def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
 
 def loop_step_time(overrides: Sequence[str], repeat: int = 3) -> float:
     """Seconds per iteration of the per-device loop baseline (benchmarks/loop_baseline.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if folder not in sys.path:  # called once per (model, M): add the folder once
+        sys.path.insert(0, folder)
     from loop_baseline import loop_coco_ef
 
     exp = build_experiment(config.load(list(overrides)))

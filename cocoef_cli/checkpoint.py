@@ -115,13 +115,11 @@ class Checkpoint:
         self.path, self.run_id, self.resume = Path(path), run_id, resume
         self.every = int(every) if every else 1 << 62
         self.resumed_from: int | None = None
-        self.saves = 0
 
     def save(self, sim: Any, loop: dict[str, Any]) -> None:
         buf = io.BytesIO()
         torch.save({"format": FORMAT, "run_id": self.run_id, "t": int(sim.t), "sim": capture(sim), "loop": loop}, buf)
         atomic_write(self.path, buf.getvalue())
-        self.saves += 1
 
     def restore(self, sim: Any) -> dict[str, Any] | None:
         if not self.resume:

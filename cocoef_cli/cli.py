@@ -50,9 +50,10 @@ def run(overrides: Optional[List[str]] = OverridesArg,
     from cocoef_cli.run import check_out_dir, execute, resume_point
 
     cfg = config.check(config.load(overrides or [], config_dir))  # the whole schema, before any work
-    out = out or Path("runs") / run_id(cfg)
-    check_out_dir(out, force, run_id(cfg))
-    start = None if force else resume_point(out, run_id(cfg))
+    rid = run_id(cfg)
+    out = out or Path("runs") / rid
+    check_out_dir(out, force, rid)
+    start = None if force else resume_point(out, rid)
     if start is not None:
         typer.echo(f"resuming from the checkpoint at update {start} in {out}", err=True)
     try:

@@ -238,7 +238,7 @@ def check(cfg: dict, cache: dict | None = None) -> dict:
     from cocoef_cli.sim.codes import allocate, build_code
     from cocoef_cli.sim.compressors import build_compressor
     from cocoef_cli.sim.engine import resolve_device
-    from cocoef_cli.sim.methods import METHODS
+    from cocoef_cli.sim.methods import METHODS, build_message_compressor
     from cocoef_cli.sim.rng import SeedRNG
     from cocoef_cli.sim.stragglers import build_straggler
 
@@ -252,11 +252,7 @@ def check(cfg: dict, cache: dict | None = None) -> dict:
     data = cache[dkey]
     model = build_model(cfg["model"], data)
     method_cls = METHODS.get(cfg["method"]["name"])
-    comp_cfg = cfg["compressor"] if method_cls.compresses else {"name": "identity"}
-    compressor = build_compressor(comp_cfg, model.D)
-    if method_cls.needs_unbiased and not compressor.unbiased and not cfg["method"].get("allow_biased", False):
-        raise ConfigError("compressor", comp_cfg["name"], "randk_unbiased, qsgd, onebit, terngrad, natural, identity",
-                          f"method {cfg['method']['name']} needs an unbiased compressor (or method.allow_biased=true)")
+    compressor = build_message_compressor(cfg, model.D)
     seeds, M = [int(cfg["seed"])], int(cfg["devices"])
     method_cls(cfg["method"], compressor, 1, 1, model.D, dtype, torch.device("cpu"), SeedRNG(seeds, "compressor"))
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from cocoef_cli import config
 from cocoef_cli.run import execute
-from cocoef_cli.sim.methods import METHODS
+from cocoef_cli.sim.methods import message_compressor_config
 
 # (label, overrides). Each method runs at its best step size from the grid 0.05·2^i (i = 0..5),
 # measured on this task with 3 seeds and 400 updates (final optimality gap).
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     frames = []
     for label, ov in DEMO_RUNS:
         cfg = config.load(COMMON + ov + args.overrides)
-        sent = cfg["compressor"]["name"] if METHODS.get(cfg["method"]["name"]).compresses else "identity"
+        sent = message_compressor_config(cfg)["name"]
         slug = f"{cfg['method']['name']}_{sent}"
         _, res = execute(cfg, args.out / slug)
         df = res.metrics.assign(label=label)

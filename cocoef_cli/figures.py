@@ -202,9 +202,9 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
         return counts
     with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(tasks))), mp_context=mp.get_context("spawn"),
                              initializer=_worker_init, initargs=(env,)) as pool:
-        started = {pool.submit(_worker_sweep, t.argv): (t, time.perf_counter()) for t in tasks}
+        started = {pool.submit(_worker_sweep, t.argv): t for t in tasks}
         for fut in as_completed(started):
-            task, _ = started[fut]
+            task = started[fut]
             try:
                 code, out = fut.result()
             except Exception as e:  # a worker died
@@ -561,8 +561,8 @@ def figures(quick: bool = False, only: list[str] | None = None, out: Path | None
     if ran == 0 and old_readme.exists():  # a pure re-draw: keep the timing of the run that simulated
         prev = [ln for ln in old_readme.read_text().splitlines() if ln.startswith("Last run")]
         timing = prev[0] if prev else timing
-    path = gallery(list(exps.values()) if not only else chosen, infos, out, quick, runs, tuning, timing) \
-        if not only else _gallery_merge(exps, chosen, infos, out, quick, runs, tuning, timing)
+    path = gallery(list(exps.values()), infos, out, quick, runs, tuning, timing) if not only \
+        else _gallery_merge(exps, chosen, infos, out, quick, runs, tuning, timing)
     echo(f"{len(chosen)} figure(s) in {time.perf_counter() - t0:.0f}s → {figdir}, gallery {path}")
     return path
 

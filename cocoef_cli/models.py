@@ -54,14 +54,19 @@ class GLM:
             return torch.zeros(rng.R, self.D, dtype=dtype, device=rng.device)
         return self.init_scale * rng.randn(self.D, dtype=dtype)
 
+    def logits_t(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """Class-major logits Zᵀ = Wᵀ Xᵀ, (R, C, n), for X (n, f̃) shared by the replicates or
+        (R, n, f̃): with few outputs C about twice as fast on CPU as X W (the long dimension n
+        stays contiguous)."""
+        Wt = theta.view(-1, self.f, self.C).transpose(1, 2).contiguous()  # (R, C, f̃)
+        return torch.matmul(Wt, X.T) if X.dim() == 2 else torch.bmm(Wt, X.transpose(1, 2))
+
     def logits(self, theta: torch.Tensor, Xf: torch.Tensor) -> torch.Tensor:
         """Z for features Xf of shape (n, f̃) shared by replicates, or (R, ..., f̃) per replicate."""
-        # computed as (Wᵀ Xᵀ)ᵀ: with few outputs C, about twice as fast on CPU as X W
-        Wt = theta.view(-1, self.f, self.C).transpose(1, 2).contiguous()  # (R, C, f̃)
         if Xf.dim() == 2:
-            return torch.matmul(Wt, Xf.T).transpose(1, 2)  # (R, n, C)
-        R = Wt.shape[0]
-        return torch.bmm(Wt, Xf.reshape(R, -1, self.f).transpose(1, 2)).transpose(1, 2).reshape(*Xf.shape[:-1], self.C)
+            return self.logits_t(theta, Xf).transpose(1, 2)  # (R, n, C)
+        R = theta.shape[0]
+        return self.logits_t(theta, Xf.reshape(R, -1, self.f)).transpose(1, 2).reshape(*Xf.shape[:-1], self.C)
 
     def residual(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """μ(Z) − Y, the derivative of ℓ with respect to the logits."""
@@ -88,14 +93,12 @@ class GLM:
                        out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}) for features Xp (R, N, B, f̃), targets Yp and weights Wp (R, N, B),
         as the column blocks (R, N, D_l) of ``blocks`` (here one, (R, N, D)), written into ``out``
-        (contiguous tensors of those shapes) when given. Two batched products: Z = XpW, then
-        Xpᵀ (w ⊙ (μ(Z) − Y))."""
+        (contiguous tensors of those shapes) when given. Two batched products, class-major
+        throughout: Zᵀ = Wᵀ Xpᵀ, the residual Eᵀ = w ⊙ (μ(Z) − Y)ᵀ along the class axis, then
+        (Eᵀ Xp)ᵀ per partition (the long dimensions stay contiguous; several times faster on CPU
+        than Xp W and Xpᵀ E, whose inner dimension is the short C)."""
         R, N, Bsz, f = Xp.shape
-        # class-major throughout (C rows of N·B samples): Zᵀ = Wᵀ Xpᵀ, the residual along the class
-        # axis, then (Eᵀ Xp)ᵀ per partition: the long dimensions stay contiguous (several times
-        # faster on CPU than Xp W and Xpᵀ E, whose inner dimension is the short C)
-        Wt = theta.view(R, f, self.C).transpose(1, 2).contiguous()  # (R, C, f̃)
-        Zt = torch.bmm(Wt, Xp.reshape(R, N * Bsz, f).transpose(1, 2))  # (R, C, N·B)
+        Zt = self.logits_t(theta, Xp.reshape(R, N * Bsz, f))  # (R, C, N·B)
         Et = self.residual_t(Zt, Yp.reshape(R, N * Bsz)) * Wp.reshape(R, 1, N * Bsz)
         Et = Et.view(R, self.C, N, Bsz).transpose(1, 2).reshape(R * N, self.C, Bsz)
         Gt = torch.bmm(Et, Xp.reshape(R * N, Bsz, f))  # (R·N, C, f̃)

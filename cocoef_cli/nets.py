@@ -158,14 +158,12 @@ class MLP(Network):
         return self._forward(theta, Xf.reshape(R, -1, Xf.shape[-1]))[0].view(*Xf.shape[:-1], self.C)
 
     def _backward(self, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, N: int,
-                  out: list[torch.Tensor] | None = None, logits: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                  out: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Σ_b w ∇ℓ per group of S/N consecutive rows: X (R, S, f) or (S, f) (then N = 1),
-        Y, w (R, S) or (S,) → one block (R, N, size) per parameter tensor (``blocks``), written in
-        place into ``out`` (allocated when None). The logits are appended to ``logits`` if given."""
+        Y, w (R, S) or (S,) → (one block (R, N, size) per parameter tensor (``blocks``), written in
+        place into ``out`` (allocated when None); the logits Z of the forward pass)."""
         R = theta.shape[0]
         Z, acts = self._forward(theta, X)
-        if logits is not None:
-            logits.append(Z)
         delta = torch.softmax(Z, -1)
         delta = (delta - Fn.one_hot(Y, self.C).to(Z.dtype)) * w.unsqueeze(-1)  # (R, S, C)
         S = delta.shape[1]
@@ -184,21 +182,20 @@ class MLP(Network):
             torch.sum(delta.view(R, N, Bsz, o), 2, out=out[2 * l + 1])
             if l > 0:
                 delta = torch.bmm(delta, P[2 * l].transpose(1, 2)) * self.dact(A)
-        return out
+        return out, Z
 
     def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
                        out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B), as one block
         (R, N, size) per parameter tensor, written into ``out`` when given."""
         R, N, Bsz, f = Xp.shape
-        return self._backward(theta, Xp.reshape(R, N * Bsz, f), Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz), N, out)
+        return self._backward(theta, Xp.reshape(R, N * Bsz, f), Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz), N, out)[0]
 
     def full_loss_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """((1/n) Σ_s ℓ_s(θ), (1/n) Σ_s ∇ℓ_s(θ)) for shared Xf (n, f): (R,), (R, D); one forward."""
         w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0], dtype=Xf.dtype, device=Xf.device)
-        Z: list[torch.Tensor] = []
-        g = torch.cat(self._backward(theta, Xf, Y, w, 1, logits=Z), -1)[:, 0]
-        return self.losses(Z[0], Y).mean(-1), g
+        blocks, Z = self._backward(theta, Xf, Y, w, 1)
+        return self.losses(Z, Y).mean(-1), torch.cat(blocks, -1)[:, 0]
 
     def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D)."""

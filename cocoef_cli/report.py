@@ -133,19 +133,16 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "diverged": rec.get("diverged"), **cfg}
         path = folder / "metrics.csv"
         if path.exists():
-            df = pd.read_csv(path)
-            extra = {k: v for k, v in cfg.items() if k not in df.columns}
-            df = df.assign(run=rel, status=info["status"], **extra)
-            frames.append(df)
             if info["status"] == "unknown":
                 info["status"] = "completed"
+            df = pd.read_csv(path)
+            extra = {k: v for k, v in cfg.items() if k not in df.columns}
+            frames.append(df.assign(run=rel, status=info["status"], **extra))
         runs.append(info)
     if not runs:
         raise ConfigError("RUNS_DIR", str(root), "a run folder (metrics.csv, run.json) or a sweep/figures folder "
                           "holding run folders", "no runs found")
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if not rows.empty:
-        rows["status"] = rows["run"].map({r["run"]: r["status"] for r in runs})
     return rows, pd.DataFrame(runs)
 
 
@@ -175,13 +172,18 @@ def _plt():
     return plt
 
 
+def _arm(data: pd.DataFrame, hue: str, h: Any) -> tuple[str, str]:
+    """(method, compressor) of curve ``h``: its first row's, else (``h``, "*")."""
+    sub = data[data[hue] == h]
+    m = str(sub["method"].iloc[0]) if "method" in sub and len(sub) else str(h)
+    c = str(sub["compressor"].iloc[0]) if "compressor" in sub and len(sub) else "*"
+    return m, c
+
+
 def _styles(data: pd.DataFrame, hue: str, order: Sequence[str]) -> tuple[dict, dict]:
     pal, dashes = {}, {}
     for h in order:
-        sub = data[data[hue] == h]
-        m = str(sub["method"].iloc[0]) if "method" in sub and len(sub) else str(h)
-        c = str(sub["compressor"].iloc[0]) if "compressor" in sub and len(sub) else "*"
-        pal[h], dashes[h] = style_for(m, c)
+        pal[h], dashes[h] = style_for(*_arm(data, hue, h))
     if len(set(pal.values())) < len(pal):  # the same method/compressor twice (e.g. two step sizes)
         import seaborn as sns
 
@@ -303,11 +305,7 @@ def final_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title:
     n = len(facets)
     fig, axes = plt.subplots(1, n, figsize=(4.8 * n + 0.6 if n > 1 else 7.0, 4.6), squeeze=False)
     pal, dashes = _styles(fin, hue, hue_order)
-    markers = {}
-    for h in hue_order:
-        sub = fin[fin[hue] == h]
-        markers[h] = marker_for(str(sub["method"].iloc[0]) if "method" in sub and len(sub) else str(h),
-                                str(sub["compressor"].iloc[0]) if "compressor" in sub and len(sub) else "*")
+    markers = {h: marker_for(*_arm(fin, hue, h)) for h in hue_order}
     if len(set(markers.values())) < len(markers):
         markers = True  # the same method twice: let seaborn pick distinct markers
     for ax, fv in zip(axes[0], facets):
@@ -323,7 +321,8 @@ def final_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title:
             ax.set_xscale("log")
         ax.set_xticks(vals)
         ax.set_xticklabels([_fmt_val(float(v)) for v in vals])
-        ax.minorticks_off() if ax.get_xscale() == "log" else None
+        if ax.get_xscale() == "log":
+            ax.minorticks_off()
         if y in LOG_COLUMNS and len(d) and (d[y] > 0).all():
             ax.set_yscale("log")
         ax.set_xlabel(label(x))
@@ -336,9 +335,7 @@ def final_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title:
 
 
 def line_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title: str = "") -> Path:
-    """One panel of :func:`line_panels` (kept for the demo)."""
-    if "status" not in data:
-        data = data.assign(status="completed")
+    """One panel of :func:`line_panels` (kept for the demo; rows without ``status`` all plot)."""
     return line_panels(data, x, y, hue, out, title=title)
 
 

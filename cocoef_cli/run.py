@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import FINISHED, clean_tmp, read_record, run_id, run_record, write_run
+from cocoef_cli.record import clean_tmp, read_record, run_id, run_record, write_run
 from cocoef_cli.sim.engine import Experiment, RunResult, build_experiment, simulate
+
 
 def check_out_dir(out: Path, force: bool, rid: str | None = None) -> None:
     """Refuse, before any work and unless ``force``: a folder holding a finished run (``completed``
@@ -18,8 +19,8 @@ def check_out_dir(out: Path, force: bool, rid: str | None = None) -> None:
     if force:
         return
     out = Path(out)
-    status = read_record(out).get("status") if (out / "run.json").exists() else None
-    if status in FINISHED or (status is not None and status != "failed"):
+    status = read_record(out).get("status")  # None when there is no (readable) run.json
+    if status is not None and status != "failed":
         raise ConfigError("--out", str(out), "a new or empty folder, or --force", f"holds a finished run ({status})")
     if rid is not None:
         from cocoef_cli import checkpoint
@@ -54,8 +55,7 @@ def pinned_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool = True,
-            exp: Experiment | None = None) -> tuple[Experiment, RunResult]:
+def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool = True) -> tuple[Experiment, RunResult]:
     """Build the experiment (may raise ConfigError: nothing is written then), simulate all
     replicates, and, with ``out``, write ``metrics.csv`` and ``run.json`` atomically.
 
@@ -63,7 +63,7 @@ def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool = 
     every K updates, and a checkpoint of the same run already in ``OUT`` is resumed from (unless
     ``resume`` is false); the checkpoint is removed once ``run.json`` is written."""
     with pinned_threads(cfg.get("threads")):
-        exp = build_experiment(cfg) if exp is None else exp
+        exp = build_experiment(cfg)
         rid = run_id(cfg)
         T = int(cfg["iters"])
         runner, kwargs = simulate, {}

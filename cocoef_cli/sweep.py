@@ -111,7 +111,8 @@ def _task(cfg: DictConfig) -> str:
         _, res = execute(plain, out, progress=False)
         return res.status
     except Exception as e:  # noqa: BLE001 — a failed job is recorded, not raised
-        if read_record(out).get("status") != "failed" or read_record(out).get("run_id") != rid:
+        now = read_record(out)
+        if now.get("status") != "failed" or now.get("run_id") != rid:
             # execute() failed while building (nothing written yet): record the failure here
             write_run(out, None, run_record(plain, "failed", time.perf_counter() - t0, run_id=rid,
                                             error=f"{type(e).__name__}: {e}"))
@@ -141,12 +142,17 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _is_hydra(ov: str) -> bool:
+    key = ov.partition("=")[0].lstrip("+~")
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
 def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """(task overrides, hydra overrides); refuses the keys the CLI owns."""
     task, hyd = [], []
     for ov in overrides:
         key = ov.partition("=")[0].lstrip("+~")
-        if key.startswith(("hydra.", "hydra/")) or key == "hydra":
+        if _is_hydra(ov):
             if key in ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.run.dir", "hydra/launcher", "hydra.mode") \
                     or key.startswith("hydra.job.config.override_dirname"):  # job folder names: see conf/hydra/
                 raise ConfigError(key, ov.partition("=")[2], {"hydra.sweep.dir": "--out", "hydra/launcher": "--launcher"}
@@ -228,7 +234,6 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
     except ConfigError as err:
         if not err.key.startswith("hydra.launcher."):
             raise
-        GlobalHydra.instance().clear()
         raise ConfigError(err.key, err.value, _launcher_keys(root, launcher), f"unknown key of launcher {launcher}") from None
     finally:
         GlobalHydra.instance().clear()
@@ -336,11 +341,6 @@ def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None =
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "index.csv", index.to_csv(index=False))
     return SweepResult(out, job_list, index, skipped, time.perf_counter() - t0)
-
-
-def _is_hydra(ov: str) -> bool:
-    key = ov.partition("=")[0].lstrip("+~")
-    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
 
 
 class SweepError(RuntimeError):

@@ -23,6 +23,14 @@ def _die_with_parent() -> None:
         pass
 
 
+def _terminate(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
 def main() -> int:
     _die_with_parent()
     import torch
@@ -47,11 +55,7 @@ def main() -> int:
         children[pid] = rank
 
     def stop(signum, frame):  # noqa: ARG001
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _terminate(children)
         os._exit(1)
 
     signal.signal(signal.SIGTERM, stop)
@@ -62,11 +66,7 @@ def main() -> int:
         code = os.waitstatus_to_exitcode(st)
         if code != 0 and status == 0:
             status = 1
-            for other in children:
-                try:
-                    os.kill(other, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            _terminate(children)
     return status
 
 

@@ -36,8 +36,9 @@ import torch
 
 from cocoef_cli.runtime import transport as tp
 from cocoef_cli.runtime.options import RuntimeOptions
-from cocoef_cli.runtime.wire import CompressorStandIn, codec_for, message_nbytes, unframe
+from cocoef_cli.runtime.wire import CompressorStandIn, codec_for, message_iter, message_nbytes, unframe
 from cocoef_cli.sim.engine import Experiment, RunResult, Simulation, simulate
+from cocoef_cli.sim.methods import message_compressor_config
 from cocoef_cli.sim.rng import SeedRNG
 
 EXACT_DECODERS = ("exact", "optimal")
@@ -80,9 +81,10 @@ class Cluster:
         self.inbox: queue.Queue = queue.Queue()
         self.threads: list[threading.Thread] = []
         self.closed_devices: set[int] = set()
+        self.late_after_end = 0  # messages that arrived after the last update
 
     # -- start
-    def start(self, setups: list[dict], msg_bytes: int, down_bytes: int) -> None:
+    def start(self, setups: list[dict], msg_bytes: int) -> None:
         o, M = self.opts, self.M
         world = M + 1
         host = not tp.agent_store()
@@ -93,7 +95,7 @@ class Cluster:
         self.pg = tp.group(self.store, 0, world, o.timeout_s, o.master_addr)
         for i, s in enumerate(setups):
             tp.send_object(self.pg, s, i + 1)
-        self.msg_bytes, self.down_bytes = msg_bytes, down_bytes
+        self.msg_bytes = msg_bytes
         for i in range(M):
             th = threading.Thread(target=self._receive, args=(i,), name=f"uplink-{i}", daemon=True)
             th.start()
@@ -111,18 +113,16 @@ class Cluster:
                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log))
 
     def _receive(self, i: int) -> None:
-        """Uplink of device i: every message, with its arrival time, until the device says bye."""
+        """Uplink of device i: every message until the device says bye."""
         try:
             while True:
                 buf = tp.recv_array(self.pg, self.msg_bytes, i + 1)
-                arrived = time.perf_counter()
-                it = int(buf[:4].view("<i4")[0])
-                if it == tp.STOP_ITER:
+                if message_iter(buf) == tp.STOP_ITER:
                     self.closed_devices.add(i)
                     return
-                self.inbox.put((i, arrived, buf))
+                self.inbox.put((i, buf))
         except BaseException as e:
-            self.inbox.put((i, time.perf_counter(), e))
+            self.inbox.put((i, e))
 
     # -- talk
     def broadcast(self, buf: np.ndarray) -> None:
@@ -131,7 +131,7 @@ class Cluster:
         for w in works:
             w.wait()
 
-    def get(self, timeout: float) -> tuple[int, float, np.ndarray] | None:
+    def get(self, timeout: float) -> tuple[int, np.ndarray] | None:
         """The next uplink message (None after ``timeout`` seconds); raises if a device failed."""
         end = time.perf_counter() + max(timeout, 0.0)
         while True:
@@ -142,17 +142,17 @@ class Cluster:
                 if time.perf_counter() >= end:
                     return None
                 continue
-            if isinstance(item[2], BaseException):
-                raise RuntimeError(f"device {item[0]}: connection failed: {item[2]}" + self._log(item[0]))
+            if isinstance(item[1], BaseException):
+                raise RuntimeError(f"device {item[0]}: connection failed: {item[1]}" + self._log())
             return item
 
     def check_devices(self) -> None:
-        for i, p in enumerate(self.procs):
+        for p in self.procs:
             code = p.poll()
             if code not in (None, 0):
-                raise RuntimeError(f"device processes exited with status {code}" + self._log(i))
+                raise RuntimeError(f"device processes exited with status {code}" + self._log())
 
-    def _log(self, i: int = 0) -> str:
+    def _log(self) -> str:
         """The tail of the device processes' output (spawned devices only)."""
         if not self.logs:
             return ""
@@ -174,9 +174,9 @@ class Cluster:
                 while len(self.closed_devices) < self.M and time.perf_counter() < end:
                     try:
                         item = self.inbox.get(timeout=0.05)  # late messages after the last update
-                        if isinstance(item[2], BaseException):
+                        if isinstance(item[1], BaseException):
                             break
-                        self.late_after_end = getattr(self, "late_after_end", 0) + 1
+                        self.late_after_end += 1
                     except queue.Empty:
                         if any(p.poll() not in (None, 0) for p in self.procs):
                             break
@@ -251,7 +251,8 @@ class DistributedSimulation(Simulation):
         S, B = exp.code.S[0], exp.code.B[0]
         rt = {"slow_s": self.opts.slow_s, "slow_devices": list(self.opts.slow_devices),
               "time_scale": self.opts.time_scale, "straggle_s": self.straggle_s}
-        comp_cfg = cfg["compressor"] if type(exp.method).compresses else {"name": "identity"}
+        comp_cfg = message_compressor_config(cfg)
+        loads = exp.code.S.sum(-1)  # (1, M) partitions per device
         out = []
         for i in range(self.M):
             own = torch.nonzero(S[i]).view(-1).tolist()
@@ -259,7 +260,7 @@ class DistributedSimulation(Simulation):
                         "dtype": str(exp.dtype).replace("torch.", ""), "seed": exp.seeds[0],
                         "replay": self.opts.replay, "comp_cfg": comp_cfg, "own": own,
                         "b_row": B[i, own].clone(), "shard": shard(exp.objective, own),
-                        "loads": exp.code.S.sum(-1).clone(),  # (1, M) partitions per device
+                        "loads": loads,
                         "runtime": rt})
         return out
 
@@ -300,10 +301,9 @@ class DistributedSimulation(Simulation):
                     raise RuntimeError(f"update {t}: no message within runtime.timeout_s={self.opts.timeout_s}s "
                                        f"(received from devices {sorted(got)})")
                 break
-            i, _, buf = item
+            i, buf = item
             self.bytes += buf.size
-            it = int(buf[:4].view("<i4")[0])
-            if it != t:  # a late message of an earlier update: dropped
+            if message_iter(buf) != t:  # a late message of an earlier update: dropped
                 self.n_late += 1
                 continue
             if replay and not z_send[i]:
@@ -332,9 +332,7 @@ class DistributedSimulation(Simulation):
 
     def row(self) -> dict[str, Any]:
         cols = super().row()
-        after = self.t > 0
-        cols.update(bytes_up=self.bytes, n_late=self.n_late, wall_time=self.wall,
-                    iter_time=self.iter_time if after else None)
+        cols.update(bytes_up=self.bytes, n_late=self.n_late, wall_time=self.wall, iter_time=self.iter_time)
         return cols
 
 
@@ -345,8 +343,7 @@ def run_one(exp: Experiment, run_id: str, progress=None) -> RunResult:
     sim = DistributedSimulation(exp, opts, cluster)
     stop = None
     try:
-        cluster.start(sim.setups(), sim.msg_bytes,
-                      tp.downlink_nbytes(sim.M, sim.D, sim.codec.vs))
+        cluster.start(sim.setups(), sim.msg_bytes)
         result = simulate(exp, run_id, progress, sim=sim)
         stop = sim.downlink(tp.CMD_STOP, np.zeros(sim.M, dtype=bool))
         result.runtime = {"late_after_end": 0, "message_bytes": sim.msg_bytes,
@@ -355,7 +352,7 @@ def run_one(exp: Experiment, run_id: str, progress=None) -> RunResult:
     finally:
         cluster.close(stop)
         if stop is not None:
-            result.runtime["late_after_end"] = getattr(cluster, "late_after_end", 0)
+            result.runtime["late_after_end"] = cluster.late_after_end
 
 
 def run_distributed(exp: Experiment, run_id: str = "", progress=None) -> RunResult:

@@ -404,6 +404,11 @@ def frame(codec: Codec, t: int, m: Tensor, keys: Tensor | None = None, state_sq:
     return np.concatenate(parts)
 
 
+def message_iter(buf: np.ndarray) -> int:
+    """The header iteration of a framed message (``STOP_ITER`` for a device's bye)."""
+    return int(np.frombuffer(buf[: HEADER.itemsize].tobytes(), dtype=HEADER)[0]["iter"])
+
+
 def unframe(codec: Codec, buf: np.ndarray, keys: Tensor | None = None, stateful: bool = False
             ) -> tuple[int, Tensor, float | None]:
     """(iteration, m, ‖state‖² or None) of a framed message; m is all NaN when flagged non-finite."""

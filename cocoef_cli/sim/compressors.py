@@ -55,66 +55,34 @@ def sign_pm1(v: Tensor) -> Tensor:
 #: Expected number of a row's top-k entries in its strided sample (threshold path of topk_indices).
 SAMPLE_HITS = 8
 
-#: Run the threshold path of topk_indices as the compiled per-row kernel (numba) when available.
+#: Select with the compiled per-row kernel (numba) when available; else full-row selection.
 USE_KERNELS = kernels.AVAILABLE
 
 
-def _use_kernel(v: Tensor) -> bool:
-    """Whether the threshold path of :func:`topk_indices` runs as the compiled kernel for ``v``."""
-    return USE_KERNELS and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
-
-
-def topk_indices(v: Tensor, k: int, work: tuple[Tensor, Tensor] | None = None,
-                 active: Tensor | None = None) -> Tensor:
+def topk_indices(v: Tensor, k: int, active: Tensor | None = None) -> Tensor:
     """Indices (..., k) of the k largest |v_j| of every row (last dim), in no particular order;
-    ties go to the lower index; NaN counts as the largest magnitude (as in ``torch.topk``; which of
-    several NaN entries are kept is unspecified).
+    ties go to the lower index; NaN counts as the largest magnitude (as in ``torch.topk``).
 
-    Exact, and without a full sort. On CPU, when k ≥ 2·SAMPLE_HITS and D ≥ 8k, by a threshold: a
-    strided sample of every h-th |v_j| (h = k // SAMPLE_HITS) gives t, its r-th largest value with
+    Exact, and without a full sort. On CPU, when k ≥ 2·SAMPLE_HITS and D ≥ 8k, by a threshold in
+    the compiled per-row kernel (:func:`cocoef_cli.sim.kernels.topk_rows`): a strided sample of
+    every h-th |v_j| (h = k // SAMPLE_HITS) gives t, its r-th largest value with
     r = k/h + 3√(k/h) + 2, so that t ≤ the row's k-th largest magnitude with high probability; the
-    candidates {j : |v_j| ≥ t} (about r·h ≈ 2k of them, in index order) are compacted into a small
-    (rows, C) matrix and the exact selection runs there. Rows whose candidate count is below k (t
-    too high), above 8·r·h (t too low) or whose t is 0 (mostly-zero rows) are selected over the
-    full row instead. The compiled kernel (:mod:`cocoef_cli.sim.kernels`, when numba is available)
-    runs this per row in one pass; otherwise torch operations do it over the whole matrix. Elsewhere
-    (or for small k) the full rows are selected directly. ``work``: optional scratch tensors (float
-    like v, bool) of v's shape for the torch version, reused across calls (fresh large tensors cost
-    page faults on every call). ``active`` (v.shape[:-1], bool): rows whose result the caller does
-    not use; they may be skipped, and their indices are then arbitrary (valid) ones.
+    candidates {j : |v_j| ≥ t} (about r·h ≈ 2k of them) are selected exactly; rows whose candidate
+    count is below k, above 8·r·h, or whose t is 0 are selected over the full row. Elsewhere (GPU,
+    small k, or without numba) the full rows are selected directly (:func:`_select`). ``active``
+    (v.shape[:-1], bool): rows whose result the caller does not use; they may be skipped, and
+    their indices are then arbitrary (valid) ones.
     """
     D = v.shape[-1]
-    if v.device.type != "cpu" or k < 2 * SAMPLE_HITS or D < 8 * k or v.numel() == 0:
+    use_kernel = USE_KERNELS and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
+    if not use_kernel or k < 2 * SAMPLE_HITS or D < 8 * k or v.numel() == 0:
         return _select(v.abs(), k)
     h = k // SAMPLE_HITS
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
-    if _use_kernel(v):  # the same algorithm, compiled
-        x = v.detach().reshape(-1, D).contiguous()
-        act = None if active is None else active.detach().reshape(-1).to(torch.bool).numpy()
-        idx = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act)
-        return torch.from_numpy(idx).view(*v.shape[:-1], k)
-    a = (v.abs() if work is None else torch.abs(v, out=work[0])).reshape(-1, D)
-    n = a.shape[0]
-    t = torch.topk(a[:, ::h], r, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    t.masked_fill_(~(t > 0), math.inf)  # t = 0 (mostly-zero rows) or NaN: no candidates, full selection
-    cand = (a < t) if work is None else torch.lt(a, t, out=work[1].view(-1, D))
-    flat = cand.logical_not_().view(-1).nonzero().squeeze(1)  # |v_j| ≥ t or NaN, row-major
-    row = flat // D
-    counts = torch.bincount(row, minlength=n)
-    wide = counts > 8 * r * h
-    if bool(wide.any()):  # drop their candidates: they would widen the (rows, C) matrix
-        keep = ~wide[row]
-        flat, row, counts = flat[keep], row[keep], counts.masked_fill(wide, 0)
-    bad = wide | (counts < k)  # selected over the full row below
-    any_bad = bool(bad.any())
-    C = max(int(counts.max()), k)
-    pos = row * C + torch.arange(flat.numel(), device=v.device) - (counts.cumsum(0) - counts)[row]
-    c = torch.full((n * C,), -1.0, dtype=a.dtype, device=v.device).index_copy_(0, pos, a.view(-1).index_select(0, flat))
-    cols = torch.zeros(n * C, dtype=torch.long, device=v.device).index_copy_(0, pos, flat - row * D)
-    idx = cols.view(n, C).gather(-1, _select(c.view(n, C), k))
-    if any_bad:
-        idx[bad] = _select(a[bad], k)
-    return idx.view(*v.shape[:-1], k)
+    x = v.detach().reshape(-1, D).contiguous()
+    act = None if active is None else active.detach().reshape(-1).to(torch.bool).numpy()
+    idx = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act)
+    return torch.from_numpy(idx).view(*v.shape[:-1], k)
 
 
 #: Entries per block of the full-row selection (temporaries stay small whatever M·D is).
@@ -363,12 +331,7 @@ class TopK(_KSparse):
     def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
         if self.k >= self.D:
             return torch.arange(self.D, device=v.device).expand(v.shape)
-        if _use_kernel(v):
-            return topk_indices(v, self.k, None, active)  # the compiled kernel needs no scratch
-        work = getattr(self, "_work", None)
-        if work is None or work[0].shape != v.shape or work[0].dtype != v.dtype or work[0].device != v.device:
-            work = self._work = (torch.empty_like(v), torch.empty(v.shape, dtype=torch.bool, device=v.device))
-        return topk_indices(v, self.k, work, active)
+        return topk_indices(v, self.k, active)
 
     def bits(self) -> int:
         vb, k, D = self.value_bits, self.k, self.D

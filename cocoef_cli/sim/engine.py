@@ -24,8 +24,7 @@ from cocoef_cli.data import Dataset, load_dataset, partition_indices
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
 from cocoef_cli.sim.codes import allocate, build_code
-from cocoef_cli.sim.compressors import build_compressor
-from cocoef_cli.sim.methods import METHODS, Method
+from cocoef_cli.sim.methods import METHODS, Method, build_message_compressor, message_compressor_config
 from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
@@ -83,14 +82,10 @@ def build_experiment(cfg: Mapping) -> Experiment:
     data = load_dataset(cfg["dataset"])
     model = build_model(cfg["model"], data)
     code_cfg = cfg["code"]
-    comp_cfg = cfg["compressor"] if method_cls.compresses else {"name": "identity"}
-    compressor = build_compressor(comp_cfg, model.D)
-    if method_cls.needs_unbiased and not compressor.unbiased and not cfg["method"].get("allow_biased", False):
-        raise ConfigError("compressor", comp_cfg["name"], "randk_unbiased, qsgd, onebit, terngrad, natural, identity",
-                          f"method {cfg['method']['name']} needs an unbiased compressor (or method.allow_biased=true)")
+    compressor = build_message_compressor(cfg, model.D)
 
     labels: dict[str, Any] = {"method": cfg["method"]["name"], "dataset": data.name, "model": cfg["model"]["name"],
-                              "devices": M, "compressor": comp_cfg["name"]}
+                              "devices": M, "compressor": message_compressor_config(cfg)["name"]}
     if method_cls.centralized:
         objective = Objective(model, data, partition_indices(data.y_train, 1, {"partition": "iid"}, seeds),
                               cfg["model"].get("l2", 0.0), dtype, device)

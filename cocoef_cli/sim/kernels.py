@@ -1,10 +1,9 @@
 """Compiled CPU kernels (numba): the exact Top-k selection of many rows in one pass per row.
 
 :func:`topk_rows` computes what :func:`cocoef_cli.sim.compressors.topk_indices` defines (the k
-largest |x_j| of every row, ties to the lower index, NaN largest) with the same sampled-threshold
-algorithm, but each row is read once, in cache, by a compiled loop (rows in parallel): the torch
-version streams the M × D matrix several times (|x|, the comparison, ``nonzero``, gathers).
-``AVAILABLE`` is False where numba cannot be imported; callers then use the torch version.
+largest |x_j| of every row, ties to the lower index, NaN largest) by a sampled threshold: each row is read once, in cache, by a compiled loop (rows in
+parallel). ``AVAILABLE`` is False where numba cannot be imported; callers then select over full
+rows with torch (exact too, slower).
 """
 from __future__ import annotations
 

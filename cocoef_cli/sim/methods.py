@@ -14,11 +14,30 @@ import torch
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
-from cocoef_cli.sim.compressors import Compressor
+from cocoef_cli.sim.compressors import Compressor, build_compressor
 from cocoef_cli.sim.rng import SeedRNG
 
 METHODS: Registry[type["Method"]] = Registry("method")
 STRAGGLER_STATES = ("freeze", "reset")
+
+
+def message_compressor_config(cfg: Mapping) -> Mapping:
+    """The compressor config of the run's messages: ``compressor``, or the identity for a method
+    that sends full precision (``compresses = False``)."""
+    return cfg["compressor"] if METHODS.get(cfg["method"]["name"]).compresses else {"name": "identity"}
+
+
+def build_message_compressor(cfg: Mapping, D: int) -> Compressor:
+    """The compressor of the run's messages (:func:`message_compressor_config`), checked against the
+    method: a method that needs an unbiased compressor rejects a biased one unless
+    ``method.allow_biased``."""
+    comp_cfg = message_compressor_config(cfg)
+    compressor = build_compressor(comp_cfg, D)
+    if METHODS.get(cfg["method"]["name"]).needs_unbiased and not compressor.unbiased \
+            and not cfg["method"].get("allow_biased", False):
+        raise ConfigError("compressor", comp_cfg["name"], "randk_unbiased, qsgd, onebit, terngrad, natural, identity",
+                          f"method {cfg['method']['name']} needs an unbiased compressor (or method.allow_biased=true)")
+    return compressor
 
 
 def aggregate(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
