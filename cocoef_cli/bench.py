@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from cocoef_cli import config
+from cocoef_cli.sim.codes import CodedSum
 from cocoef_cli.sim.engine import Simulation, build_experiment
 
 SETTING = ["code=sgc", "code.d=3", "straggler=bernoulli", "straggler.p=0.2", "method=coco_ef", "compressor=topk",
@@ -63,21 +64,17 @@ def central_step_time(sim: Simulation, repeat: int = 7) -> float:
 
 def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
     """Median seconds of each part of one coded update, called as ``Simulation.coded_step`` calls
-    them (after ``sim`` has run some updates): partition gradients, encoding (into the error
-    memory for COCO-EF), stragglers + decoding, the method's step; and one evaluation."""
+    them (after ``sim`` has run some updates): partition gradients, stragglers + decoding, encoding
+    with the method's step (fused for COCO-EF with Top-k); and one evaluation."""
     exp = sim.exp
     obj, code, method = exp.objective, exp.code, exp.method
     z = exp.straggler.draw()
     a, _ = code.decode(z)
-    blocks = obj.partition_grad_blocks(sim.theta)
-    into = getattr(method, method.encode_into) if method.encode_into else None
-    U = code.encode(blocks, z, add_to=into)
+    U = CodedSum(code, obj.partition_grad_blocks(sim.theta), z)
     return {
         "partition gradients": median_time(lambda: obj.partition_grad_blocks(sim.theta), repeat),
-        "encode (e += B G)" if into is not None else "encode (U = B G)":
-            median_time(lambda: code.encode(blocks, z, add_to=into), repeat),
         "stragglers + decode": median_time(lambda: code.decode(exp.straggler.draw()), repeat),
-        "method step (top-k, EF update, aggregate)": median_time(lambda: method.step(U, z, a), repeat),
+        "encode + method step (top-k, EF update, aggregate)": median_time(lambda: method.coded_step(U, z, a), repeat),
         "evaluation (every eval_every updates)": median_time(lambda: obj.evaluate(sim.theta), 3, warmup=1),
     }
 

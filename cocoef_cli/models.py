@@ -10,6 +10,7 @@ batched matrix products over a padded (R, N, B, f) layout of the partitions.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -242,12 +243,14 @@ class Objective:
         layer's gradients are written contiguously). Each partition gradient is computed once.
 
         The blocks are buffers this objective reuses on the next call (a fresh (R, N, D) tensor
-        every iteration costs page faults): copy them to keep them."""
+        every iteration costs page faults): copy them to keep them. They lie one after the other
+        in one storage (a kernel can read them as one flat array)."""
         R, N = theta.shape[0], self.N
         shapes = [(R, N, int(size)) for size in self.model.blocks]
         if self._G is None or [tuple(b.shape) for b in self._G] != shapes or self._G[0].dtype != theta.dtype \
                 or self._G[0].device != theta.device:
-            self._G = [torch.empty(shape, dtype=theta.dtype, device=theta.device) for shape in shapes]
+            flat = torch.empty(R * N * sum(self.model.blocks), dtype=theta.dtype, device=theta.device)
+            self._G = [b.view(shape) for b, shape in zip(flat.split([math.prod(sh) for sh in shapes]), shapes)]
         if self.batch_size is None:
             blocks = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp, out=self._G)
         else:

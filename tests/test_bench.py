@@ -9,12 +9,12 @@ SMALL = ["dataset=synthetic_logreg", "model=logistic", "devices=12", "code=sgc",
          "straggler.p=0.2", "compressor=topk", "compressor.ratio=0.1"]
 
 
-@pytest.mark.parametrize("method,encode_part", [("coco_ef", "encode (e += B G)"), ("gc", "encode (U = B G)")])
-def test_breakdown_times_every_part_of_an_update(method, encode_part):
+@pytest.mark.parametrize("method", ["coco_ef", "gc"])
+def test_breakdown_times_every_part_of_an_update(method):
     t, sim = sim_step_time(SMALL + [f"method={method}"], repeat=3)
     parts = breakdown(sim, repeat=3)
-    assert set(parts) == {"partition gradients", encode_part, "stragglers + decode",
-                          "method step (top-k, EF update, aggregate)", "evaluation (every eval_every updates)"}
+    assert set(parts) == {"partition gradients", "stragglers + decode", "encode + method step (top-k, EF update, aggregate)",
+                          "evaluation (every eval_every updates)"}
     assert all(math.isfinite(s) and s > 0 for s in [t, *parts.values()])
     assert sim.t >= 3  # the timed updates really ran
     assert 0 < central_step_time(sim, repeat=3) < 10

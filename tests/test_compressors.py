@@ -209,6 +209,44 @@ def test_topk_threshold_path_keeps_nan_like_torch_topk(threshold_path):
     assert torch.equal(got[0, 0].sort().values, _topk_reference(x[0, 0], 40))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["one storage", "separate"])
+def test_topk_with_a_fused_coded_sum_equals_encoding_first(dtype, threads, layout, threshold_path):
+    """sparse(e, add=U) (the kernel adds u_i = z_i Σ_j B_ij g_j to each row in its own pass) leaves
+    e + U in e and selects what Top-k of e + U selects; G given as column blocks that lie in one
+    storage (as the objective makes them) or apart (copied into one), with stragglers skipped."""
+    from cocoef_cli.sim.codes import CodedSum, allocate, build_code
+
+    g = torch.Generator().manual_seed(11)
+    R, M, k = 2, 10, 90
+    rng_ = SeedRNG([0, 1], "code")
+    S = allocate({"name": "sgc", "d": 3}, M, rng_)
+    code = build_code({"name": "sgc", "d": 3}, S, torch.full((R, M), 0.2, dtype=F64), rng_, dtype)
+    widths = [2000, 30, 4000, 7]
+    if layout == "one storage":
+        flat = torch.randn(R * code.N * sum(widths), generator=g).to(dtype)
+        blocks = [b.view(R, code.N, w) for b, w in zip(flat.split([R * code.N * w for w in widths]), widths)]
+    else:
+        blocks = [torch.randn(R, code.N, w, generator=g).to(dtype) for w in widths]
+    z = torch.rand(R, M, generator=g) < 0.7
+    e = torch.randn(R, M, sum(widths), generator=g).to(dtype) * 0.5
+    e[0, 1, 100:140] = 3.0  # ties at the top
+    U = CodedSum(code, blocks, z)
+    expected_v = e + U.dense()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        v = e.clone()
+        idx, vals = make("topk", v.shape[-1], k=k).sparse(v, active=z, add=U)
+    finally:
+        torch.set_num_threads(before)
+    active_v = torch.where(z.unsqueeze(-1), expected_v, e)  # stragglers' rows are left as they are
+    torch.testing.assert_close(v, active_v, rtol=1e-6, atol=1e-6)
+    assert torch.equal(idx.sort(-1).values[z], _topk_reference(v, k)[z])
+    assert torch.equal(vals, v.gather(-1, idx))
+
+
 # --------------------------------------------------------------------------------------------- signs
 
 

@@ -111,6 +111,30 @@ def test_error_feedback_invariant_with_stragglers(method, comp):
     torch.testing.assert_close(sent + m.e.sum(1), inputs, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("comp", ["topk", "scaled_sign", "randk"])
+@pytest.mark.parametrize("reset", ["freeze", "reset"])
+def test_coco_ef_coded_step_equals_step_on_the_formed_sum(comp, reset):
+    """What the simulator calls, coded_step(U) with U = B G not yet formed (fused into the Top-k
+    kernel's pass), equals step on U formed first: same aggregate, same error memory."""
+    from cocoef_cli.sim.codes import CodedSum, allocate, build_code
+
+    R, M, D, T = 2, 12, 3000, 4
+    rng_ = SeedRNG([0, 1], "code")
+    code = build_code({"name": "sgc", "d": 3}, allocate({"name": "sgc", "d": 3}, M, rng_),
+                      torch.full((R, M), 0.2, dtype=torch.float64), rng_, torch.float64)
+    C = build_compressor({"name": comp, "k": 40}, D)
+    fused, formed = (METHODS.get("coco_ef")({"straggler_state": reset}, C, R, M, D, torch.float64,
+                                            torch.device("cpu"), SeedRNG([0, 1], "compressor")) for _ in range(2))
+    g = torch.Generator().manual_seed(4)
+    for _ in range(T):
+        G = torch.randn(R, code.N, D, generator=g, dtype=torch.float64)
+        z = torch.rand(R, M, generator=g) > 0.3
+        a, _ = code.decode(z)
+        U = CodedSum(code, [G], z)
+        torch.testing.assert_close(fused.coded_step(U, z, a), formed.step(U.dense(), z, a), rtol=0, atol=1e-12)
+        torch.testing.assert_close(fused.e, formed.e, rtol=0, atol=1e-12)
+
+
 def test_reset_straggler_state_zeroes_memory():
     R, M, D = 1, 3, 5
     C = build_compressor({"name": "topk", "k": 1}, D)

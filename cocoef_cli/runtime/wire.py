@@ -439,7 +439,9 @@ class CompressorStandIn:
 
     __call__ = compress
 
-    def sparse(self, v: torch.Tensor, rng: Any = None, active: Any = None) -> None:
+    def sparse(self, v: torch.Tensor, rng: Any = None, active: Any = None, add: Any = None) -> None:
+        if add is not None:  # the Compressor.sparse contract: v += add, always
+            add.add_to(v)
         return None  # methods take the dense path: the message is the dense output of compress
 
     def __getattr__(self, name: str) -> Any:

@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import torch
 
 from cocoef_cli.errors import ConfigError
@@ -240,11 +241,7 @@ class Code:
                 raise ValueError(f"G must be (R={self.R}, N={self.N}, D); got {tuple(b.shape)}")
         R, N, D = self.R, self.N, sum(b.shape[2] for b in blocks)
         first = blocks[0]
-        key = (first.dtype, first.device)
-        if key not in self._csr:  # (crow, block-diagonal columns, values, row of each entry)
-            r, i, j = self._nz.to(first.device).T
-            self._csr[key] = (self._crow.to(first.device), j + r * N, self._val64.to(first), r * self.M + i)
-        crow, col, vals, row = self._csr[key]
+        crow, col, vals, row = self.csr(first.dtype, first.device)
         if z is not None:
             vals = vals * z.reshape(-1).to(vals.dtype)[row]
         with warnings.catch_warnings():  # torch calls CSR support "beta"; the one use here (addmm) is tested
@@ -260,6 +257,16 @@ class Code:
             off += b.shape[2]
         return add_to
 
+    def csr(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """B of all replicates as one block-diagonal (R·M) × (R·N) CSR matrix: (row pointers,
+        columns r·N + j, values in ``dtype``, row r·M + i of each entry), cached per dtype and device."""
+        key = (dtype, device)
+        if key not in self._csr:
+            r, i, j = self._nz.to(device).T
+            self._csr[key] = (self._crow.to(device), j + r * self.N, self._val64.to(dtype=dtype, device=device),
+                              r * self.M + i)
+        return self._csr[key]
+
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decoding weights a (R, M) in B's dtype (0 on stragglers) and the residual (R,) or None."""
         if z.shape != (self.R, self.M):
@@ -268,6 +275,42 @@ class Code:
 
     def __repr__(self) -> str:
         return f"Code({self.name}, R={self.R}, M={self.M}, N={self.N}, d={self.d}, decode={self.decode_name})"
+
+
+class CodedSum:
+    """U = B G of one iteration, not yet formed: u_i = z_i Σ_j B_ij g_j (stragglers compute
+    nothing), for G given as column blocks (R, N, D_l). A consumer either forms it
+    (:meth:`add_to`, :meth:`dense`) or fuses the sum into its own pass over the rows of U (the
+    compiled Top-k kernel does, for error feedback: see :meth:`kernel_args`)."""
+
+    def __init__(self, code: Code, blocks: Sequence[torch.Tensor], z: torch.Tensor):
+        self.code, self.blocks, self.z = code, list(blocks), z
+
+    def add_to(self, v: torch.Tensor) -> torch.Tensor:
+        """v += U in place (v: contiguous (R, M, D)); returns v."""
+        return self.code.encode(self.blocks, self.z, add_to=v)
+
+    def dense(self) -> torch.Tensor:
+        """U as a new (R, M, D) tensor."""
+        return self.code.encode(self.blocks, self.z)
+
+    def kernel_args(self) -> tuple:
+        """(crow, col, val, g, gstart, gwidth) as numpy arrays for
+        :func:`cocoef_cli.sim.kernels.topk_rows` (CPU): B's CSR rows (zero on stragglers) and G's blocks in one flat array, without a copy when the
+        blocks are consecutive in one storage (as :meth:`Objective.partition_grad_blocks` makes
+        them)."""
+        first = self.blocks[0]
+        crow, col, val, row = self.code.csr(first.dtype, first.device)
+        val = val * self.z.reshape(-1).to(val.dtype)[row]  # stragglers' rows add 0 (if not skipped)
+        sizes = [b.numel() for b in self.blocks]
+        starts = np.cumsum([0] + sizes[:-1])
+        base = first.untyped_storage().data_ptr()
+        consecutive = all(b.is_contiguous() and b.untyped_storage().data_ptr() == base
+                          and b.data_ptr() == first.data_ptr() + int(s) * first.element_size()
+                          for b, s in zip(self.blocks, starts))
+        g = first.as_strided((sum(sizes),), (1,)) if consecutive else torch.cat([b.reshape(-1) for b in self.blocks])
+        widths = np.array([b.shape[2] for b in self.blocks])
+        return crow.numpy(), col.numpy(), val.numpy(), g.numpy(), starts, widths
 
 
 # ----------------------------------------------------------------------------- allocations

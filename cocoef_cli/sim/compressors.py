@@ -59,9 +59,15 @@ SAMPLE_HITS = 8
 USE_KERNELS = kernels.AVAILABLE
 
 
-def topk_indices(v: Tensor, k: int, active: Tensor | None = None) -> Tensor:
-    """Indices (..., k) of the k largest |v_j| of every row (last dim), in no particular order;
-    ties go to the lower index; NaN counts as the largest magnitude (as in ``torch.topk``).
+def topk_indices(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) -> Tensor:
+    """Indices (..., k) of the k largest |v_j| of every row: :func:`topk_pick` without the values."""
+    return topk_pick(v, k, active, add)[0]
+
+
+def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) -> tuple[Tensor, Tensor | None]:
+    """(indices (..., k) of the k largest |v_j| of every row (last dim), in no particular order,
+    and v at those indices when the kernel ran (else None)); ties go to the lower index; NaN
+    counts as the largest magnitude (as in ``torch.topk``).
 
     Exact, and without a full sort. On CPU, when k ≥ 2·SAMPLE_HITS and D ≥ 8k, by a threshold in
     the compiled per-row kernel (:func:`cocoef_cli.sim.kernels.topk_rows`): a strided sample of
@@ -72,17 +78,26 @@ def topk_indices(v: Tensor, k: int, active: Tensor | None = None) -> Tensor:
     small k, or without numba) the full rows are selected directly (:func:`_select`). ``active``
     (v.shape[:-1], bool): rows whose result the caller does not use; they may be skipped, and
     their indices are then arbitrary (valid) ones.
+
+    ``add`` (a :class:`~cocoef_cli.sim.codes.CodedSum` U, optional): first v += U in place (v
+    contiguous (R, M, D)), in the kernel's pass over each row when the kernel runs.
     """
     D = v.shape[-1]
     use_kernel = USE_KERNELS and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
     if not use_kernel or k < 2 * SAMPLE_HITS or D < 8 * k or v.numel() == 0:
-        return _select(v.abs(), k)
+        if add is not None:
+            add.add_to(v)
+        return _select(v.abs(), k), None
     h = k // SAMPLE_HITS
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
+    if add is not None and not v.is_contiguous():
+        raise ValueError("topk_indices: v must be contiguous to add to it in place")
     x = v.detach().reshape(-1, D).contiguous()
     act = None if active is None else active.detach().reshape(-1).to(torch.bool).numpy()
-    idx = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act)
-    return torch.from_numpy(idx).view(*v.shape[:-1], k)
+    idx, picked = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act,
+                                    None if add is None else add.kernel_args())
+    shape = (*v.shape[:-1], k)
+    return torch.from_numpy(idx).view(shape), torch.from_numpy(picked).view(shape)
 
 
 #: Entries per block of the full-row selection (temporaries stay small whatever M·D is).
@@ -215,12 +230,16 @@ class Compressor:
     def __call__(self, v: Tensor, rng: SeedRNG | None = None) -> Tensor:
         return self.compress(v, rng)
 
-    def sparse(self, v: Tensor, rng: SeedRNG | None = None,
-               active: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    def sparse(self, v: Tensor, rng: SeedRNG | None = None, active: Tensor | None = None,
+               add: Any = None) -> tuple[Tensor, Tensor] | None:
         """C(v) as (indices, values) of shape (..., k) when the compressor keeps k coordinates per
         message (C(v) = 0 elsewhere), drawing exactly what :meth:`compress` draws; None otherwise.
         Lets callers avoid dense (R, M, D) temporaries. ``active`` (v.shape[:-1], bool, optional):
-        messages the caller will not use (stragglers'); their indices may be arbitrary."""
+        messages the caller will not use (stragglers'); their indices may be arbitrary. ``add``
+        (a :class:`~cocoef_cli.sim.codes.CodedSum` U, optional): v += U in place first, always
+        (also when the result is None), fused into the selection where the compressor can."""
+        if add is not None:
+            add.add_to(v)
         return None
 
     def bits(self) -> int:
@@ -247,18 +266,29 @@ class _KSparse(Compressor):
         D = _check_int("D", D, 1)
         return cls(D, resolve_k(cfg, D), value_bits=_cfg_get(cfg, "value_bits", 32))
 
-    def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
-        """The k kept coordinates of every message, shape (..., k) (arbitrary where ``active`` is False)."""
+    #: True: :meth:`_pick` adds ``add`` to v itself (fused); else :meth:`sparse` adds it first
+    fuses_add: ClassVar[bool] = False
+
+    def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None,
+              add: Any = None) -> tuple[Tensor, Tensor | None]:
+        """The k kept coordinates of every message, shape (..., k) (arbitrary where ``active`` is
+        False), and v there if known (else None); v += ``add`` first when the class
+        ``fuses_add`` (see :meth:`Compressor.sparse`)."""
         raise NotImplementedError
 
     def _scale(self) -> float:
         return 1.0
 
-    def sparse(self, v: Tensor, rng: SeedRNG | None = None, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def sparse(self, v: Tensor, rng: SeedRNG | None = None, active: Tensor | None = None,
+               add: Any = None) -> tuple[Tensor, Tensor]:
         if v.shape[-1] != self.D:
             raise ValueError(f"{self.name}: last dim of v is {v.shape[-1]}, compressor built for D={self.D}")
-        idx = self._indices(v, rng, active)
-        vals = v.gather(-1, idx)
+        if add is not None and not self.fuses_add:
+            add.add_to(v)
+            add = None
+        idx, vals = self._pick(v, rng, active, add)
+        if vals is None:
+            vals = v.gather(-1, idx)
         return idx, vals.mul_(self._scale()) if self._scale() != 1.0 else vals
 
     def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
@@ -310,6 +340,7 @@ class TopK(_KSparse):
     """
 
     name = "topk"
+    fuses_add = True
 
     def __init__(self, D: int, k: int, value_bits: int = 32, index_bits: str | int = "log2"):
         super().__init__(D, k, value_bits)
@@ -328,10 +359,12 @@ class TopK(_KSparse):
             index_bits=_cfg_get(cfg, "index_bits", "log2"),
         )
 
-    def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
+    def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
         if self.k >= self.D:
-            return torch.arange(self.D, device=v.device).expand(v.shape)
-        return topk_indices(v, self.k, active)
+            if add is not None:
+                add.add_to(v)
+            return torch.arange(self.D, device=v.device).expand(v.shape), None
+        return topk_pick(v, self.k, active, add)
 
     def bits(self) -> int:
         vb, k, D = self.value_bits, self.k, self.D
@@ -358,8 +391,8 @@ class RandK(_KSparse):
     name = "randk"
     randomized = True
 
-    def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
-        return self._random_indices(v, rng)
+    def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
+        return self._random_indices(v, rng), None
 
     def bits(self) -> int:
         return self.value_bits * self.k
@@ -380,8 +413,8 @@ class RandKUnbiased(_KSparse):
     def omega(self) -> float:
         return self.D / self.k - 1.0
 
-    def _indices(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None) -> Tensor:
-        return self._random_indices(v, rng)
+    def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
+        return self._random_indices(v, rng), None
 
     def _scale(self) -> float:
         return self.D / self.k

@@ -23,7 +23,7 @@ import torch
 from cocoef_cli.data import Dataset, load_dataset, partition_indices
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
-from cocoef_cli.sim.codes import allocate, build_code
+from cocoef_cli.sim.codes import CodedSum, allocate, build_code
 from cocoef_cli.sim.methods import METHODS, Method, build_message_compressor, message_compressor_config
 from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
@@ -184,14 +184,13 @@ class Simulation:
 
     def coded_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ĝ, z) of one coded update: G = [g_j(θ)]_j, U = B G, z ~ stragglers, (a, residual) =
-        decode(z), ĝ = method.step(U, z, a). Sets ``self.residual``; mutates the method state."""
+        decode(z), ĝ = method.coded_step(U, z, a) (U = B G formed by the method, or fused into its
+        pass over the messages). Sets ``self.residual``; mutates the method state."""
         exp = self.exp
         z = exp.straggler.draw()
         a, self.residual = exp.code.decode(z)
-        into = exp.method.encode_into
-        U = exp.code.encode(exp.objective.partition_grad_blocks(self.theta), z,
-                            add_to=None if into is None else getattr(exp.method, into))
-        return exp.method.step(U, z, a), z
+        U = CodedSum(exp.code, exp.objective.partition_grad_blocks(self.theta), z)
+        return exp.method.coded_step(U, z, a), z
 
     def state_norm(self) -> torch.Tensor | None:
         """‖state‖_F per replicate (the ``ef_norm`` column), None for stateless methods."""

@@ -1,9 +1,11 @@
-"""Compiled CPU kernels (numba): the exact Top-k selection of many rows in one pass per row.
+"""Compiled CPU kernels (numba): the exact Top-k selection of many rows, one pass per row.
 
 :func:`topk_rows` computes what :func:`cocoef_cli.sim.compressors.topk_indices` defines (the k
-largest |x_j| of every row, ties to the lower index, NaN largest) by a sampled threshold: each row is read once, in cache, by a compiled loop (rows in
-parallel). ``AVAILABLE`` is False where numba cannot be imported; callers then select over full
-rows with torch (exact too, slower).
+largest |x_j| of every row, ties to the lower index, NaN largest) by a sampled threshold; each
+row is read once, in cache, by a compiled loop (rows in parallel). It can first add to each row
+a sparse combination of the rows of another matrix, x_i += Σ_j B_ij g_j (the encoding of gradient
+coding, fused so that error feedback reads and writes its memory once). ``AVAILABLE`` is False
+where numba cannot be imported; callers then select over full rows with torch (exact too, slower).
 """
 from __future__ import annotations
 
@@ -34,45 +36,113 @@ if AVAILABLE:
                     out[o] = idx[j]
                     o += 1
             return
-        for j in range(m):  # everything above the k-th largest (at most k − 1 entries) ...
+        _take_from(vals, idx, kth, k, out)
+
+    @njit(cache=True, nogil=True)
+    def _take_from(vals, idx, kth, k, out):  # pragma: no cover - compiled
+        """out[:k] = idx of every vals[j] > kth (at most k − 1 of them, NaN included), then of the
+        vals[j] == kth of lowest position."""
+        o = 0
+        for j in range(vals.shape[0]):
             if vals[j] > kth or np.isnan(vals[j]):
                 out[o] = idx[j]
                 o += 1
-        for j in range(m):  # ... then the tied entries of lowest position
+        for j in range(vals.shape[0]):
             if o >= k:
                 break
             if vals[j] == kth:
                 out[o] = idx[j]
                 o += 1
 
-    def _topk_rows(x, k, h, r, cap, active, out):  # pragma: no cover - compiled
+    @njit(cache=True, nogil=True)
+    def _kth_largest(a, k):  # pragma: no cover - compiled
+        """The k-th largest entry of ``a`` (no NaN), by quickselect (median-of-three pivots,
+        Hoare partition); ``a`` is reordered."""
+        lo, hi, target = 0, a.shape[0] - 1, k - 1
+        while lo < hi:
+            x, y, z = a[lo], a[(lo + hi) >> 1], a[hi]
+            if x < y:
+                x, y = y, x
+            if y < z:
+                y = x if x < z else z
+            i, j = lo, hi
+            while i <= j:  # descending: a[lo:i] ≥ pivot ≥ a[j+1:hi+1]
+                while a[i] > y:
+                    i += 1
+                while a[j] < y:
+                    j -= 1
+                if i <= j:
+                    a[i], a[j] = a[j], a[i]
+                    i += 1
+                    j -= 1
+            if target <= j:
+                hi = j
+            elif target >= i:
+                lo = i
+            else:
+                return a[target]
+        return a[target]
+
+    def _topk_rows(x, k, h, r, cap, active, crow, col, val, g, gstart, gwidth, out, picked):  # pragma: no cover
         n, D = x.shape
+        nw = (D + 7) // 8
         for i in prange(n):
-            if not active[i]:  # a row whose result is not used: any valid indices
+            if not active[i]:  # a row whose result is not used: left as it is, any valid indices
                 for o in range(k):
                     out[i, o] = o
+                    picked[i, o] = x[i, o]
                 continue
             row = x[i]
+            off = 0
+            for b in range(gstart.shape[0]):  # x_i += Σ_j B_ij g_j, block by block of columns
+                w = gwidth[b]
+                dst = row[off:off + w]
+                for nz in range(crow[i], crow[i + 1]):
+                    src = g[gstart[b] + col[nz] * w:gstart[b] + (col[nz] + 1) * w]
+                    c = val[nz]
+                    for q in range(dst.shape[0]):  # bounds the compiler can see: vectorised
+                        dst[q] += c * src[q]
+                off += w
             ns = (D + h - 1) // h
             sample = np.empty(ns, x.dtype)
             for j in range(ns):
                 sample[j] = abs(row[j * h])
             t = np.partition(sample, ns - r)[ns - r]  # the r-th largest sampled magnitude
-            count = 0
             if t > 0:  # False for t = 0 (mostly-zero rows) and NaN: full selection below
-                cand_idx = np.empty(cap, np.int64)
-                cand_val = np.empty(cap, x.dtype)
+                # candidates |x_j| ≥ t (or NaN), in index order: a byte mask (vectorised), then
+                # the nonzero 8-byte words, each appended without branches
+                mask = np.zeros(nw * 8, np.uint8)
                 for j in range(D):
-                    a = abs(row[j])
-                    if not a < t:  # |x_j| ≥ t, or NaN
-                        if count < cap:
-                            cand_idx[count] = j
-                            cand_val[count] = a
-                        count += 1
+                    mask[j] = not abs(row[j]) < t
+                words = mask.view(np.uint64)
+                cand_idx = np.empty(cap + 8, np.int64)
+                count = 0
+                for w in range(nw):
+                    if words[w] != 0:
+                        p = min(count, cap)
+                        for q in range(8):
+                            cand_idx[p] = w * 8 + q
+                            p += mask[w * 8 + q]
+                        count += p - min(count, cap)
                 if k <= count <= cap:
-                    _select_into(cand_val[:count], cand_idx[:count], k, out[i])
-                    continue
-            _select_into(np.abs(row), np.arange(D), k, out[i])
+                    cand_val = np.empty(count, x.dtype)
+                    scratch = np.empty(count, x.dtype)
+                    nan = False
+                    for c in range(count):
+                        a = abs(row[cand_idx[c]])
+                        cand_val[c] = a
+                        scratch[c] = a
+                        nan |= a != a
+                    if nan:
+                        _select_into(cand_val, cand_idx[:count], k, out[i])
+                    else:
+                        _take_from(cand_val, cand_idx[:count], _kth_largest(scratch, k), k, out[i])
+                else:
+                    _select_into(np.abs(row), np.arange(D), k, out[i])
+            else:
+                _select_into(np.abs(row), np.arange(D), k, out[i])
+            for o in range(k):
+                picked[i, o] = row[out[i, o]]
 
     def _named(fn, name):
         """A copy of fn under another name: numba caches compiled code per function name."""
@@ -87,20 +157,29 @@ if AVAILABLE:
 
 
 def topk_rows(x: np.ndarray, k: int, h: int, r: int, cap: int, threads: int,
-              active: np.ndarray | None = None) -> np.ndarray:
-    """Indices (n, k) of the k largest |x_j| of every row of the C-contiguous float array x (n, D).
+              active: np.ndarray | None = None, add: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (n, k) of the k largest |x_j| of every row of the C-contiguous float array x (n, D),
+    and the values x_ij there (after the addition below).
 
     The threshold t of a row is the r-th largest of its strided sample x[::h]; the candidates
     |x_j| ≥ t (in index order) are selected exactly; a row with t = 0 or NaN, fewer than k or more
     than ``cap`` candidates is selected over the full row. ``threads``: numba threads to use.
-    ``active`` (n,) bool: rows marked False are skipped (their indices are 0..k−1).
+    ``active`` (n,) bool: rows marked False are skipped (left unchanged; their indices are 0..k−1).
+    ``add`` = (crow, col, val, g, gstart, gwidth): before its selection, every active row gets
+    x_i += Σ_{e = crow[i]}^{crow[i+1]−1} val[e]·G[col[e]] in place, where G (rows, D) is stored
+    as column blocks: block b is the C-contiguous (rows, gwidth[b]) array at g[gstart[b]:] (g flat,
+    x's dtype; the blocks' widths sum to D).
     """
-    out = np.empty((x.shape[0], k), dtype=np.int64)
-    act = np.ones(x.shape[0], dtype=np.bool_) if active is None else np.ascontiguousarray(active, dtype=np.bool_)
-    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, x.shape[0]))
+    n = x.shape[0]
+    out, picked = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=x.dtype)
+    act = np.ones(n, dtype=np.bool_) if active is None else np.ascontiguousarray(active, dtype=np.bool_)
+    if add is None:
+        none = np.zeros(0, dtype=np.int64)
+        add = (np.zeros(n + 1, dtype=np.int64), none, np.zeros(0, x.dtype), np.zeros(0, x.dtype), none, none)
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, n))
     if threads == 1:
-        _topk_rows_serial(x, k, h, r, cap, act, out)
+        _topk_rows_serial(x, k, h, r, cap, act, *add, out, picked)
     else:
         numba.set_num_threads(threads)
-        _topk_rows_parallel(x, k, h, r, cap, act, out)
-    return out
+        _topk_rows_parallel(x, k, h, r, cap, act, *add, out, picked)
+    return out, picked

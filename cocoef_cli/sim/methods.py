@@ -14,6 +14,7 @@ import torch
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
+from cocoef_cli.sim.codes import CodedSum
 from cocoef_cli.sim.compressors import Compressor, build_compressor
 from cocoef_cli.sim.rng import SeedRNG
 
@@ -53,9 +54,6 @@ class Method:
     centralized: ClassVar[bool] = False  # True: no devices at all (plain gradient descent)
     needs_unbiased: ClassVar[bool] = False  # rejects biased compressors unless method.allow_biased
     state_names: ClassVar[tuple[str, ...]] = ()  # per-device (R, M, D) states, reported as ef_norm
-    # a state the engine encodes into: it adds U in place (Code.encode(add_to=...)) and passes
-    # that state as U, saving an (R, M, D) temporary and a pass over it
-    encode_into: ClassVar[str | None] = None
 
     def __init__(self, cfg: Mapping, compressor: Compressor, R: int, M: int, D: int, dtype: torch.dtype,
                  device: torch.device, rng: SeedRNG):
@@ -69,6 +67,11 @@ class Method:
 
     def step(self, U: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def coded_step(self, U: CodedSum, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` for U = B G not yet formed (what the simulator passes): forms U, unless the
+        method can consume the sum on the fly (COCO-EF adds it to its error memory)."""
+        return self.step(U.dense(), z, a)
 
     def _keep(self, z: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """The state after the step: ``new`` for devices that answered, old (or 0) for stragglers."""
@@ -90,11 +93,18 @@ class CocoEF(Method):
     """
 
     state_names = ("e",)
-    encode_into = "e"
 
     def step(self, U, z, a):
-        v = U if U is self.e else self.e.add_(U)  # e holds v = u + e from here on (a straggler's u is 0)
-        sparse = self.C.sparse(v, self.rng, active=z)  # stragglers' selections are never used
+        self.e.add_(U)  # a straggler's u is 0
+        return self._send(z, a)
+
+    def coded_step(self, U, z, a):
+        return self._send(z, a, add=U)
+
+    def _send(self, z, a, add=None):
+        """m_i = C(v_i) with v = e (+ ``add``, added in place first), e ← v − m, ĝ = Σ a_i m_i."""
+        v = self.e  # holds v = u + e from here on
+        sparse = self.C.sparse(v, self.rng, active=z, add=add)  # stragglers' selections are never used
         if sparse is None:
             m = self.C.compress(v, self.rng)
             g = aggregate(a, m)
@@ -103,8 +113,8 @@ class CocoEF(Method):
             idx, vals = sparse
             g = torch.zeros(v.shape[0], v.shape[2], dtype=v.dtype, device=v.device)
             g.scatter_add_(1, idx.flatten(1), (vals * a.unsqueeze(-1)).flatten(1))
-            sent = vals * z.unsqueeze(-1).to(vals.dtype)  # stragglers sent nothing
-            v.scatter_(-1, idx, v.gather(-1, idx).sub_(sent))  # e ← v − m, touching k entries a row
+            sent = (vals * z.unsqueeze(-1).to(vals.dtype)).neg_()  # −m_i at idx; stragglers sent nothing
+            v.scatter_add_(-1, idx, sent)  # e ← v − m, touching k entries a row (v + (−m) = v − m exactly)
         if self.reset:
             v.mul_(z.unsqueeze(-1))
         return g
