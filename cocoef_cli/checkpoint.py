@@ -109,9 +109,10 @@ class Checkpoint:
     """The ``checkpoint`` argument of :func:`cocoef_cli.sim.engine.simulate` for one run folder.
 
     ``every``: save after every ``every``-th update (None: never save, only resume).
-    ``resume``: restore from ``path`` when it holds a checkpoint of the same ``run_id``."""
+    ``resume``: restore from ``path`` when it holds a checkpoint of the same ``run_id``; a dict is
+    that file already read (:func:`read`), False starts afresh."""
 
-    def __init__(self, path: Path, every: int | None, run_id: str, resume: bool = True):
+    def __init__(self, path: Path, every: int | None, run_id: str, resume: bool | dict[str, Any] = True):
         self.path, self.run_id, self.resume = Path(path), run_id, resume
         self.every = int(every) if every else 1 << 62
         self.resumed_from: int | None = None
@@ -124,7 +125,7 @@ class Checkpoint:
     def restore(self, sim: Any) -> dict[str, Any] | None:
         if not self.resume:
             return None
-        payload = read(self.path)
+        payload = read(self.path) if self.resume is True else self.resume
         if payload is None or payload.get("run_id") != self.run_id:
             return None
         apply(sim, payload["sim"])

@@ -47,17 +47,17 @@ def run(overrides: Optional[List[str]] = OverridesArg,
     saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
     from cocoef_cli import config
     from cocoef_cli.record import run_id
-    from cocoef_cli.run import check_out_dir, execute, resume_point
+    from cocoef_cli.run import check_out_dir, execute
 
-    cfg = config.check(config.load(overrides or [], config_dir))  # the whole schema, before any work
+    # the whole schema, before any work, against the config root the config was composed from
+    cfg = config.check(config.compose(overrides or [], config_dir), config_dir)
     rid = run_id(cfg)
     out = out or Path("runs") / rid
-    check_out_dir(out, force, rid)
-    start = None if force else resume_point(out, rid)
-    if start is not None:
-        typer.echo(f"resuming from the checkpoint at update {start} in {out}", err=True)
+    saved = check_out_dir(out, force, rid)  # this run's checkpoint in OUT (None with --force)
+    if saved is not None:
+        typer.echo(f"resuming from the checkpoint at update {int(saved['t'])} in {out}", err=True)
     try:
-        exp, res = execute(cfg, out, progress=not quiet, resume=not force)
+        exp, res = execute(cfg, out, progress=not quiet, resume=saved or False)
     except ConfigError:
         raise
     except Exception as e:  # a run that failed: one line, exit 1, run.json says failed
@@ -226,7 +226,7 @@ def tune(experiment: str = typer.Argument(..., help="An experiment of experiment
     prints the table and records each arm's best step size in experiments/EXPERIMENT.yaml."""
     import pandas as pd
 
-    from cocoef_cli.figures import FiguresError, load_experiments, select, tune as run_tune
+    from cocoef_cli.figures import FiguresError, load_experiments, select, tune as run_tune, write_tuning
 
     exp = select(load_experiments(config_dir), [experiment])[0]
     runs = runs or Path("runs/quick/runs" if quick else "runs/figures")
@@ -236,10 +236,7 @@ def tune(experiment: str = typer.Argument(..., help="An experiment of experiment
         typer.echo(f"tune failed: {e}", err=True)
         raise typer.Exit(1)
     if not quick:
-        path = Path("results/figures") / f"{exp.name}_tuning.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(path, index=False, float_format="%.4g")
-        typer.echo(f"grid results → {path}")
+        typer.echo(f"grid results → {write_tuning(table, Path('results/figures'), exp.name)}")
     with pd.option_context("display.width", 200, "display.max_rows", 200):
         typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     best = table[table["best"]]

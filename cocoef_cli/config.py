@@ -116,7 +116,8 @@ def _int(cfg: dict, key: str, lo: int, accepted: str, allow_none: bool = False, 
 
 
 def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
-    """Check the top-level keys and ``optim``/``network`` (components check their own groups)."""
+    """Check the top-level keys, ``optim``/``network``, and the group keys against the option files
+    of the config root ``root`` (None: the default root); components check their own groups."""
     for g in GROUPS:
         if not isinstance(cfg.get(g), dict) or "name" not in cfg[g]:
             raise ConfigError(g, cfg.get(g), "an option of conf/" + g, "missing group")
@@ -224,8 +225,9 @@ def validate_groups(cfg: dict, root: Path | None = None) -> None:
                 raise ConfigError(dotted, v, "numbers" if isinstance(default, float) else "integers", "not a number")
 
 
-def check(cfg: dict, cache: dict | None = None) -> dict:
-    """The whole schema before any work: :func:`validate`, then every component's own validator as
+def check(cfg: dict, root: str | os.PathLike | None, cache: dict | None = None) -> dict:
+    """The whole schema before any work: :func:`validate` against the config root ``root`` the
+    config was composed from (None: the default root), then every component's own validator as
     a run builds it, at the smallest size (one replicate, one device for the method state). Needs
     the dataset (for D and its files), nothing else heavy. ``cache`` (optional, a dict) keeps
     loaded datasets across calls (sweeps check many jobs on the same data). Returns ``cfg``."""
@@ -242,7 +244,7 @@ def check(cfg: dict, cache: dict | None = None) -> dict:
     from cocoef_cli.sim.rng import SeedRNG
     from cocoef_cli.sim.stragglers import build_straggler
 
-    validate(cfg)
+    validate(cfg, root)
     resolve_device(cfg["device"])
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["precision"]]
     cache = {} if cache is None else cache

@@ -310,6 +310,17 @@ def tune(exp: Experiment, runs: Path, quick: bool, jobs: int, echo: Callable[[st
     return table
 
 
+TUNING_CSV = "_tuning.csv"  # FIGDIR/<experiment>_tuning.csv: a tuning table, linked from the gallery
+
+
+def write_tuning(table: pd.DataFrame, figdir: Path, name: str) -> Path:
+    """Write a :func:`tune` table to FIGDIR/NAME_tuning.csv (``cocoef tune`` and ``figures --tune``)."""
+    path = Path(figdir) / f"{name}{TUNING_CSV}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False, float_format="%.4g")
+    return path
+
+
 def write_lrs(path: Path, best: dict[str, float]) -> None:
     """Rewrite ``lr: X`` on each arm's line (``- {id: ARM, ..., lr: X}``), keeping comments."""
     text = path.read_text()
@@ -532,14 +543,12 @@ def figures(quick: bool = False, only: list[str] | None = None, out: Path | None
     runs = Path(runs or ("runs/quick/runs" if quick else "runs/figures"))
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
-    tuning: dict[str, Path] = {p.stem.replace("_tuning", ""): p for p in figdir.glob("*_tuning.csv")}
+    tuning: dict[str, Path] = {p.name[: -len(TUNING_CSV)]: p for p in figdir.glob("*" + TUNING_CSV)}
     if do_tune:
         for exp in needed:
             if exp.spec.get("tune") and not exp.spec.get("runs_of") and exp.arms and not exp.spec.get("lr_from"):
                 table = tune(exp, runs, quick, jobs, echo, write=not quick, config_dir=config_dir)
-                path = figdir / f"{exp.name}_tuning.csv"
-                table.to_csv(path, index=False, float_format="%.4g")
-                tuning[exp.name] = path
+                tuning[exp.name] = write_tuning(table, figdir, exp.name)
         exps = load_experiments(config_dir)  # re-read the recorded step sizes
         chosen = select(exps, only)
         needed = [exps[e.name] for e in needed]

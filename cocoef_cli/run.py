@@ -13,32 +13,26 @@ from cocoef_cli.record import clean_tmp, read_record, run_id, run_record, write_
 from cocoef_cli.sim.engine import Experiment, RunResult, build_experiment, simulate
 
 
-def check_out_dir(out: Path, force: bool, rid: str | None = None) -> None:
+def check_out_dir(out: Path, force: bool, rid: str | None = None) -> dict[str, Any] | None:
     """Refuse, before any work and unless ``force``: a folder holding a finished run (``completed``
-    or ``diverged``), or a checkpoint of another run (``rid`` given). A ``failed`` run is replaced."""
+    or ``diverged``), or a checkpoint of another run (``rid`` given). A ``failed`` run is replaced.
+    Returns the checkpoint of run ``rid`` in ``out`` (read once, for :func:`execute` to resume
+    from), else None."""
     if force:
-        return
+        return None
     out = Path(out)
     status = read_record(out).get("status")  # None when there is no (readable) run.json
     if status is not None and status != "failed":
         raise ConfigError("--out", str(out), "a new or empty folder, or --force", f"holds a finished run ({status})")
-    if rid is not None:
-        from cocoef_cli import checkpoint
-
-        ck = checkpoint.read(out / checkpoint.FILENAME)
-        if ck is not None and ck.get("run_id") != rid:
-            raise ConfigError("--out", str(out), "the folder of the same run (same config) to resume it, another "
-                              "folder, or --force", f"holds a checkpoint of another run ({ck.get('run_id')})")
-
-
-def resume_point(out: Path | None, rid: str) -> int | None:
-    """The update a run in ``out`` would resume from (its checkpoint of the same run), else None."""
-    if out is None:
+    if rid is None:
         return None
     from cocoef_cli import checkpoint
 
-    ck = checkpoint.read(Path(out) / checkpoint.FILENAME)
-    return int(ck["t"]) if ck is not None and ck.get("run_id") == rid else None
+    ck = checkpoint.read(out / checkpoint.FILENAME)
+    if ck is not None and ck.get("run_id") != rid:
+        raise ConfigError("--out", str(out), "the folder of the same run (same config) to resume it, another "
+                          "folder, or --force", f"holds a checkpoint of another run ({ck.get('run_id')})")
+    return ck
 
 
 @contextmanager
@@ -55,13 +49,15 @@ def pinned_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool = True) -> tuple[Experiment, RunResult]:
+def execute(cfg: dict, out: Path | None, progress: bool = False,
+            resume: bool | dict[str, Any] = True) -> tuple[Experiment, RunResult]:
     """Build the experiment (may raise ConfigError: nothing is written then), simulate all
     replicates, and, with ``out``, write ``metrics.csv`` and ``run.json`` atomically.
 
     With ``out`` and the simulator runtime, ``checkpoint_every`` = K saves ``OUT/checkpoint.pt``
-    every K updates, and a checkpoint of the same run already in ``OUT`` is resumed from (unless
-    ``resume`` is false); the checkpoint is removed once ``run.json`` is written."""
+    every K updates, and a checkpoint of the same run already in ``OUT`` is resumed from (``resume``
+    true; a dict: that checkpoint, already read by :func:`check_out_dir`; false: start afresh);
+    the checkpoint is removed once ``run.json`` is written."""
     with pinned_threads(cfg.get("threads")):
         exp = build_experiment(cfg)
         rid = run_id(cfg)
@@ -121,7 +117,7 @@ def rerun(run_dir: Path, out: Path | None = None, force: bool = False, progress:
     if not rec or not isinstance(rec.get("config"), dict):
         raise ConfigError("RUN_DIR", str(run_dir), "a run folder holding run.json (written by cocoef run/sweep)",
                           "no run record")
-    cfg = config.check(rec["config"])
+    cfg = config.check(rec["config"], None)  # run.json keeps no config root: the default one
     tmp = None
     if out is None:
         tmp = Path(tempfile.mkdtemp(prefix="cocoef-rerun-"))

@@ -98,7 +98,9 @@ def _task(cfg: DictConfig) -> str:
     from cocoef_cli.record import run_id, run_record, write_run
     from cocoef_cli.run import execute
 
-    out = Path(HydraConfig.get().runtime.output_dir)
+    runtime = HydraConfig.get().runtime
+    out = Path(runtime.output_dir)
+    root = next((s.path for s in runtime.config_sources if s.provider == "main"), None)  # the sweep's root
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
     rid = run_id(plain)
@@ -107,7 +109,7 @@ def _task(cfg: DictConfig) -> str:
         return "skipped"
     t0 = time.perf_counter()
     try:
-        config.validate(plain)
+        config.validate(plain, root)
         _, res = execute(plain, out, progress=False)
         return res.status
     except Exception as e:  # noqa: BLE001 — a failed job is recorded, not raised
@@ -243,7 +245,7 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
         dirname = get_overrides_dirname(parser.parse_overrides(job_ovs), list(EXCLUDED_FROM_NAME), ",", "=")
         out.append(Job(job_name(dirname), list(job_ovs), run_id(cfg), cfg))
     if check:
-        check_builds(out)
+        check_builds(out, root)
     return out, hydra_ovs
 
 
@@ -273,10 +275,10 @@ def _parses(parser: Any, ov: str) -> bool:
 _NOT_BUILT = ("seed", "seeds", "iters", "eval_every", "optim", "network")
 
 
-def check_builds(jobs: Sequence[Job]) -> None:
-    """Check each job's config with :func:`config.check` (the whole schema: every component's
-    validator at the smallest size, datasets loaded once), once per group of jobs that differ only
-    in keys :func:`config.validate` checks fully."""
+def check_builds(jobs: Sequence[Job], root: Path) -> None:
+    """Check each job's config with :func:`config.check` against the config root ``root`` (the
+    whole schema: every component's validator at the smallest size, datasets loaded once), once per
+    group of jobs that differ only in keys :func:`config.validate` checks fully."""
     from cocoef_cli import config
 
     built: set[str] = set()
@@ -284,7 +286,7 @@ def check_builds(jobs: Sequence[Job]) -> None:
     for job in jobs:
         sig = json.dumps({k: v for k, v in job.cfg.items() if k not in _NOT_BUILT}, sort_keys=True, default=str)
         if sig not in built:
-            config.check(job.cfg, cache)
+            config.check(job.cfg, root, cache)
             built.add(sig)
 
 
@@ -323,7 +325,7 @@ def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None =
                           f"{len(stale)} job folder(s) hold finished runs of another config: {', '.join(stale[:3])}"
                           + (", ..." if len(stale) > 3 else ""))
     todo = [j for j in job_list if before[j.name] not in FINISHED]
-    check_builds(todo)  # finished jobs were valid; the others are built once before anything is written
+    check_builds(todo, root)  # finished jobs were valid; the others are built once before anything is written
     skipped = len(job_list) - len(todo)
     echo(f"sweep {experiment}: {len(job_list)} job(s), {skipped} already done, {len(todo)} to run "
          f"[launcher {launcher}] → {out}")

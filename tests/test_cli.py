@@ -121,3 +121,29 @@ def test_every_config_folder_ships_with_wheels():
     groups = sorted(p.name for p in (root / "conf").iterdir() if p.is_dir())
     expected = {"share/cocoef/conf": ["conf/*.yaml"]} | {f"share/cocoef/conf/{g}": [f"conf/{g}/*.yaml"] for g in groups}
     assert shipped == expected
+
+
+def test_run_checks_against_its_own_config_dir(tmp_path, monkeypatch):
+    """`run --config-dir B` validates against B only, never the default root ($COCOEF_CONFIG_DIR)."""
+    import shutil
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    other, mine = tmp_path / "other", tmp_path / "mine"
+    shutil.copytree(conf, other)  # the default root: another project's schema (model.init is a number)
+    (other / "model" / "linear.yaml").write_text("name: linear\nbias: true\nl2: 0.0\ninit: 0.0\ninit_scale: 0.01\n")
+    monkeypatch.setenv("COCOEF_CONFIG_DIR", str(other))
+    shutil.copytree(conf, mine)  # the run's root: the shipped one plus a compressor preset of its own
+    (mine / "compressor" / "topk_bitmap.yaml").write_text("name: topk\nk: null\nratio: 0.5\nindex_bits: bitmap\n"
+                                                          "value_bits: 32\n")
+    out = tmp_path / "r"
+    res = runner.invoke(app, ["run", *TINY, "compressor=topk_bitmap", "--config-dir", str(mine), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "run.json").read_text())["config"]["compressor"]["index_bits"] == "bitmap"
+    bad = [(["compressor=nope"], "compressor", "topk_bitmap"),  # accepted: the options of the run's root
+           (["compressor=topk_bitmap", "compressor.ratio=2"], "compressor.ratio", "(0, 1]")]
+    for overrides, key, accepted in bad:
+        res = runner.invoke(app, ["run", *TINY, *overrides, "--config-dir", str(mine), "--out", str(tmp_path / "x")])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}="), res.output
+        assert "accepted:" in lines[0] and accepted in lines[0] and not (tmp_path / "x").exists()

@@ -98,13 +98,13 @@ def test_random_override_sets_valid_run_invalid_exit_2(case, tmp_path_factory):
 def test_check_validates_groups_the_method_ignores_without_building_runs():
     cfg = config.load([*TINY, "method=gc", "compressor.k=1000"])  # gc sends full precision, but k is a typo
     with pytest.raises(config.ConfigError, match="compressor.k"):
-        config.check(cfg)
+        config.check(cfg, None)
     cfg = config.load([*TINY, "method=gd", "straggler.p=2"])
     with pytest.raises(config.ConfigError, match="straggler.p"):
-        config.check(cfg)
+        config.check(cfg, None)
     big = config.load(["devices=2000", "seeds=300", "dataset.dim=200", "dataset.n=4000", "iters=1"])
     t0 = time.perf_counter()
-    config.check(big)  # no R×M×D state: a full build would allocate 300·2000·201 floats (480 MB)
+    config.check(big, None)  # no R×M×D state: a full build would allocate 300·2000·201 floats (480 MB)
     assert time.perf_counter() - t0 < 3
 
 
