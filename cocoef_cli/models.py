@@ -27,7 +27,8 @@ MODELS: Registry[type] = Registry("model")
 
 
 class GLM:
-    """Base of the closed-form models: logits Z = X̃ W with W of shape (f̃, C), θ = vec(W)."""
+    """Base of the closed-form models: logits Z = X̃ Wᵀ with W of shape (C, f̃) (class-major, as
+    torch.nn.Linear.weight with the bias as its last column), θ = vec(W)."""
 
     task = "classification"
     inits = ("zeros", "normal")
@@ -56,11 +57,11 @@ class GLM:
         return self.init_scale * rng.randn(self.D, dtype=dtype)
 
     def logits_t(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        """Class-major logits Zᵀ = Wᵀ Xᵀ, (R, C, n), for X (n, f̃) shared by the replicates or
-        (R, n, f̃): with few outputs C about twice as fast on CPU as X W (the long dimension n
+        """Class-major logits Zᵀ = W Xᵀ, (R, C, n), for X (n, f̃) shared by the replicates or
+        (R, n, f̃): with few outputs C about twice as fast on CPU as X Wᵀ (the long dimension n
         stays contiguous)."""
-        Wt = theta.view(-1, self.f, self.C).transpose(1, 2).contiguous()  # (R, C, f̃)
-        return torch.matmul(Wt, X.T) if X.dim() == 2 else torch.bmm(Wt, X.transpose(1, 2))
+        W = theta.view(-1, self.C, self.f)
+        return torch.matmul(W, X.T) if X.dim() == 2 else torch.bmm(W, X.transpose(1, 2))
 
     def logits(self, theta: torch.Tensor, Xf: torch.Tensor) -> torch.Tensor:
         """Z for features Xf of shape (n, f̃) shared by replicates, or (R, ..., f̃) per replicate."""
@@ -95,24 +96,23 @@ class GLM:
         """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}) for features Xp (R, N, B, f̃), targets Yp and weights Wp (R, N, B),
         as the column blocks (R, N, D_l) of ``blocks`` (here one, (R, N, D)), written into ``out``
         (contiguous tensors of those shapes) when given. Two batched products, class-major
-        throughout: Zᵀ = Wᵀ Xpᵀ, the residual Eᵀ = w ⊙ (μ(Z) − Y)ᵀ along the class axis, then
-        (Eᵀ Xp)ᵀ per partition (the long dimensions stay contiguous; several times faster on CPU
-        than Xp W and Xpᵀ E, whose inner dimension is the short C)."""
+        throughout: Zᵀ = W Xpᵀ, the residual Eᵀ = w ⊙ (μ(Z) − Y)ᵀ along the class axis, then
+        ∇W = Eᵀ Xp per partition, written in place (the long dimensions stay contiguous; several
+        times faster on CPU than Xp Wᵀ and Xpᵀ E, whose inner dimension is the short C)."""
         R, N, Bsz, f = Xp.shape
         Zt = self.logits_t(theta, Xp.reshape(R, N * Bsz, f))  # (R, C, N·B)
         Et = self.residual_t(Zt, Yp.reshape(R, N * Bsz)) * Wp.reshape(R, 1, N * Bsz)
         Et = Et.view(R, self.C, N, Bsz).transpose(1, 2).reshape(R * N, self.C, Bsz)
-        Gt = torch.bmm(Et, Xp.reshape(R * N, Bsz, f))  # (R·N, C, f̃)
         if out is None:
-            return [Gt.transpose(1, 2).reshape(R, N, self.D)]
-        out[0].view(R * N, f, self.C).copy_(Gt.transpose(1, 2))
+            out = [torch.empty(R, N, self.D, dtype=theta.dtype, device=theta.device)]
+        torch.bmm(Et, Xp.reshape(R * N, Bsz, f), out=out[0].view(R * N, self.C, f))
         return out
 
     def full_loss_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """((1/n) Σ_s ℓ_s(θ), (1/n) Σ_s ∇ℓ_s(θ)) for shared features Xf (n, f̃): (R,), (R, D); one forward."""
         Z = self.logits(theta, Xf)
         E = self.residual(Z, Y) / Xf.shape[0]
-        g = torch.matmul(E.transpose(1, 2), Xf).transpose(1, 2).reshape(theta.shape[0], self.D)
+        g = torch.matmul(E.transpose(1, 2), Xf).reshape(theta.shape[0], self.D)
         return self.losses(Z, Y).mean(-1), g
 
     def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:

@@ -120,8 +120,10 @@ class Network:
 class MLP(Network):
     """Multilayer perceptron: hidden widths model.hidden, activation model.activation; batched backward.
 
-    z_0 = x, a_l = σ(a_{l−1} W_l + b_l) for the hidden layers, logits z = a_{L−1} W_L + b_L; W_l is
-    stored (in, out). ∂ℓ/∂z = softmax(z) − onehot(y); δ_{l−1} = (δ_l W_lᵀ) ⊙ σ'(a_{l−1}).
+    z_0 = x, a_l = σ(a_{l−1} W_lᵀ + b_l) for the hidden layers, logits z = a_{L−1} W_Lᵀ + b_L; W_l is
+    stored (out, in), as in torch.nn.Linear. ∂ℓ/∂z = softmax(z) − onehot(y);
+    δ_{l−1} = (δ_l W_l) ⊙ σ'(a_{l−1}); ∇W_l = δ_lᵀ a_{l−1} (rows of a contiguous: the batched
+    product over partitions is about a fifth faster than a_{l−1}ᵀ δ_l into (in, out)).
     """
 
     def __init__(self, cfg: Mapping, data: Dataset):
@@ -129,7 +131,7 @@ class MLP(Network):
         self.hidden = _int_list(cfg, "hidden")
         self.sizes = [data.features, *self.hidden, self.C]
         for l, (i, o) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
-            self._add(f"fc{l}.weight", (i, o), i, o)
+            self._add(f"fc{l}.weight", (o, i), i, o)
             self._add(f"fc{l}.bias", (o,), i, o)
         self.act, self.dact = ACTIVATIONS[self.activation], DERIVATIVES[self.activation]
 
@@ -138,15 +140,21 @@ class MLP(Network):
         """Column blocks of the partition gradients: one per parameter tensor (W_0, b_0, W_1, …)."""
         return tuple(math.prod(shape) for _, shape, _, _ in self.params)
 
-    def _forward(self, theta: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits (R, S, C) and the layer inputs [a_0 = X, a_1, …] for X (S, f) shared or (R, S, f)."""
+    def _forward(self, theta: torch.Tensor, X: torch.Tensor,
+                 class_major: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (R, S, C), or (R, C, S) if ``class_major``, and the layer inputs [a_0 = X, a_1, …]
+        for X (S, f) shared or (R, S, f)."""
         P = self.unflatten(theta)
         A, acts = X, []
         L = len(self.sizes) - 1
         for l in range(L):
             acts.append(A)
             W, b = P[2 * l], P[2 * l + 1]
-            Z = torch.baddbmm(b.unsqueeze(1), A, W) if A.dim() == 3 else torch.matmul(A, W) + b.unsqueeze(1)
+            if l == L - 1 and class_major:  # Zᵀ = W Aᵀ + b
+                At = A.transpose(-2, -1)
+                return (torch.baddbmm(b.unsqueeze(-1), W, At) if A.dim() == 3 else torch.matmul(W, At) + b.unsqueeze(-1)), acts
+            Wt = W.transpose(-2, -1)
+            Z = torch.baddbmm(b.unsqueeze(1), A, Wt) if A.dim() == 3 else torch.matmul(A, Wt) + b.unsqueeze(1)
             A = self.act(Z) if l < L - 1 else Z
         return A, acts
 
@@ -162,27 +170,27 @@ class MLP(Network):
         """Σ_b w ∇ℓ per group of S/N consecutive rows: X (R, S, f) or (S, f) (then N = 1),
         Y, w (R, S) or (S,) → (one block (R, N, size) per parameter tensor (``blocks``), written in
         place into ``out`` (allocated when None); the logits Z of the forward pass)."""
-        R = theta.shape[0]
-        Z, acts = self._forward(theta, X)
-        delta = torch.softmax(Z, -1)
-        delta = (delta - Fn.one_hot(Y, self.C).to(Z.dtype)) * w.unsqueeze(-1)  # (R, S, C)
-        S = delta.shape[1]
+        Zt, acts = self._forward(theta, X, class_major=True)  # softmax along C is 10× faster class-major
+        R, S = Zt.shape[0], Zt.shape[2]
+        delta = torch.softmax(Zt, 1).scatter_add_(1, Y.expand(R, S).unsqueeze(1),
+                                                  torch.full((), -1.0, dtype=Zt.dtype, device=Zt.device).expand(R, 1, S))
+        delta = (delta * w.unsqueeze(-2)).transpose(1, 2).contiguous()  # (R, S, C): softmax(z) − onehot(y), weighted
         Bsz = S // N
         P = self.unflatten(theta)
         if out is None:
-            out = [torch.empty(R, N, size, dtype=Z.dtype, device=Z.device) for size in self.blocks]
+            out = [torch.empty(R, N, size, dtype=Zt.dtype, device=Zt.device) for size in self.blocks]
         for l in range(len(self.sizes) - 2, -1, -1):
             A = acts[l]
             i, o = self.sizes[l], self.sizes[l + 1]
-            gW = out[2 * l].view(R * N, i, o)
-            if A.dim() == 2:  # shared inputs, one group: Aᵀ δ broadcast over replicates
-                torch.matmul(A.T, delta, out=gW)
+            gW = out[2 * l].view(R * N, o, i)
+            if A.dim() == 2:  # shared inputs, one group: δᵀ A per replicate
+                torch.matmul(delta.transpose(1, 2), A, out=gW)
             else:
-                torch.bmm(A.reshape(R * N, Bsz, i).transpose(1, 2), delta.reshape(R * N, Bsz, o), out=gW)
+                torch.bmm(delta.reshape(R * N, Bsz, o).transpose(1, 2), A.reshape(R * N, Bsz, i), out=gW)
             torch.sum(delta.view(R, N, Bsz, o), 2, out=out[2 * l + 1])
             if l > 0:
-                delta = torch.bmm(delta, P[2 * l].transpose(1, 2)) * self.dact(A)
-        return out, Z
+                delta = torch.bmm(delta, P[2 * l]) * self.dact(A)
+        return out, Zt.transpose(1, 2)
 
     def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
                        out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

@@ -25,16 +25,16 @@ def reference_grad(model_name: str, model, theta: torch.Tensor, X: torch.Tensor,
     """scale · Σ_s ∇ℓ_s(θ) by autograd through torch.nn layers built independently of the model code."""
     th = theta.detach().clone().requires_grad_(True)
     if model_name == "softmax":
-        W = th.view(model.f, model.C)
-        z = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1) @ W
+        W = th.view(model.C, model.f)  # class-major, bias last: torch.nn.Linear.weight with the bias column
+        z = Fn.linear(torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1), W)
     elif model_name == "mlp":
         act = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[model.activation]
         z, off = X, 0
         for l, (i, o) in enumerate(zip(model.sizes[:-1], model.sizes[1:])):
-            W = th[off:off + i * o].view(i, o)
+            W = th[off:off + i * o].view(o, i)  # (out, in), as torch.nn.Linear.weight
             b = th[off + i * o: off + i * o + o]
             off += i * o + o
-            z = Fn.linear(z, W.T, b)
+            z = Fn.linear(z, W, b)
             if l < len(model.sizes) - 2:
                 z = act(z)
     else:  # cnn: a torch.nn LeNet, parameters loaded from θ in nn.Module order

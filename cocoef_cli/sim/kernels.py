@@ -43,10 +43,9 @@ if AVAILABLE:
         """out[:k] = idx of every vals[j] > kth (at most k − 1 of them, NaN included), then of the
         vals[j] == kth of lowest position."""
         o = 0
-        for j in range(vals.shape[0]):
-            if vals[j] > kth or np.isnan(vals[j]):
-                out[o] = idx[j]
-                o += 1
+        for j in range(vals.shape[0]):  # without branches: at most k − 1 entries pass
+            out[min(o, k - 1)] = idx[j]
+            o += (vals[j] > kth) | np.isnan(vals[j])
         for j in range(vals.shape[0]):
             if o >= k:
                 break
