@@ -207,3 +207,15 @@ def test_short_mnist5k_run_improves_test_accuracy():
     assert (first.test_acc < 0.25).all()  # the random initial network is near chance (10 classes)
     assert (last.test_acc.to_numpy() > first.test_acc.to_numpy() + 0.4).all()
     assert (last.train_loss.to_numpy() < first.train_loss.to_numpy()).all()
+
+
+def test_mlp_theta_loads_into_the_matching_torch_nn_sequential():
+    """θ has torch.nn's layout: vector_to_parameters(θ, nn.Sequential(Linear, act, Linear)) gives
+    a network with the same logits (README, Workloads)."""
+    data = image_data(9, (1, 6, 5))
+    model = build_model({"name": "mlp", "hidden": [7], "activation": "tanh", "init": "torch"}, data)
+    theta = model.init(SeedRNG([3], "init"), torch.float64)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4)).double()
+    torch.nn.utils.vector_to_parameters(theta[0], net.parameters())
+    X = torch.as_tensor(data.X_train)
+    torch.testing.assert_close(model.logits(theta, X)[0], net(X), rtol=1e-12, atol=1e-12)

@@ -2,7 +2,7 @@
 
 Per update t = 1..T, for all replicates at once:
   G = [g_j(θ)]_j (R, N, D), each partition gradient once   U = B G (R, M, D)
-  z ~ straggler model (R, M)      a, residual = decode(z)    ĝ = method.step(U, z, a)
+  z ~ straggler model (R, M)      a, residual = decode(z)    ĝ = method.coded_step(U, z, a)
   θ ← θ − η_t ĝ   (heavy-ball buffer when optim.momentum > 0)
 and every ``eval_every`` updates a row per replicate (DESIGN §8). A replicate whose loss or
 parameters stop being finite is marked diverged at that evaluation and records no further rows.
