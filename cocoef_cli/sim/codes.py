@@ -295,13 +295,12 @@ class CodedSum:
         return self.code.encode(self.blocks, self.z)
 
     def kernel_args(self) -> tuple:
-        """(crow, col, val, g, gstart, gwidth) as numpy arrays for
-        :func:`cocoef_cli.sim.kernels.topk_rows` (CPU): B's CSR rows (zero on stragglers) and G's blocks in one flat array, without a copy when the
-        blocks are consecutive in one storage (as :meth:`Objective.partition_grad_blocks` makes
-        them)."""
+        """(adds, crow, col, val, g, gstart, gwidth) as numpy arrays for
+        :func:`cocoef_cli.sim.kernels.topk_rows` (CPU): the rows that add (z), B's CSR rows, and
+        G's blocks in one flat array, without a copy when the blocks lie one after the other in one
+        storage (as :meth:`Objective.partition_grad_blocks` makes them)."""
         first = self.blocks[0]
-        crow, col, val, row = self.code.csr(first.dtype, first.device)
-        val = val * self.z.reshape(-1).to(val.dtype)[row]  # stragglers' rows add 0 (if not skipped)
+        crow, col, val, _ = self.code.csr(first.dtype, first.device)
         sizes = [b.numel() for b in self.blocks]
         starts = np.cumsum([0] + sizes[:-1])
         base = first.untyped_storage().data_ptr()
@@ -309,8 +308,8 @@ class CodedSum:
                           and b.data_ptr() == first.data_ptr() + int(s) * first.element_size()
                           for b, s in zip(self.blocks, starts))
         g = first.as_strided((sum(sizes),), (1,)) if consecutive else torch.cat([b.reshape(-1) for b in self.blocks])
-        widths = np.array([b.shape[2] for b in self.blocks])
-        return crow.numpy(), col.numpy(), val.numpy(), g.numpy(), starts, widths
+        adds = self.z.reshape(-1).to(torch.bool).numpy()
+        return adds, crow.numpy(), col.numpy(), val.numpy(), g.numpy(), starts, np.array([b.shape[2] for b in self.blocks])
 
 
 # ----------------------------------------------------------------------------- allocations

@@ -82,7 +82,7 @@ if AVAILABLE:
                 return a[target]
         return a[target]
 
-    def _topk_rows(x, k, h, r, cap, active, crow, col, val, g, gstart, gwidth, out, picked):  # pragma: no cover
+    def _topk_rows(x, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, out, picked):  # pragma: no cover
         n, D = x.shape
         nw = (D + 7) // 8
         for i in prange(n):
@@ -93,7 +93,7 @@ if AVAILABLE:
                 continue
             row = x[i]
             off = 0
-            for b in range(gstart.shape[0]):  # x_i += Σ_j B_ij g_j, block by block of columns
+            for b in range(gstart.shape[0] if adds[i] else 0):  # x_i += Σ_j B_ij g_j, block by block
                 w = gwidth[b]
                 dst = row[off:off + w]
                 for nz in range(crow[i], crow[i + 1]):
@@ -164,8 +164,9 @@ def topk_rows(x: np.ndarray, k: int, h: int, r: int, cap: int, threads: int,
     |x_j| ≥ t (in index order) are selected exactly; a row with t = 0 or NaN, fewer than k or more
     than ``cap`` candidates is selected over the full row. ``threads``: numba threads to use.
     ``active`` (n,) bool: rows marked False are skipped (left unchanged; their indices are 0..k−1).
-    ``add`` = (crow, col, val, g, gstart, gwidth): before its selection, every active row gets
-    x_i += Σ_{e = crow[i]}^{crow[i+1]−1} val[e]·G[col[e]] in place, where G (rows, D) is stored
+    ``add`` = (adds, crow, col, val, g, gstart, gwidth): before its selection, every active row
+    with ``adds[i]`` (bool) gets x_i += Σ_{e = crow[i]}^{crow[i+1]−1} val[e]·G[col[e]] in place,
+    where G (rows, D) is stored
     as column blocks: block b is the C-contiguous (rows, gwidth[b]) array at g[gstart[b]:] (g flat,
     x's dtype; the blocks' widths sum to D).
     """
@@ -174,7 +175,8 @@ def topk_rows(x: np.ndarray, k: int, h: int, r: int, cap: int, threads: int,
     act = np.ones(n, dtype=np.bool_) if active is None else np.ascontiguousarray(active, dtype=np.bool_)
     if add is None:
         none = np.zeros(0, dtype=np.int64)
-        add = (np.zeros(n + 1, dtype=np.int64), none, np.zeros(0, x.dtype), np.zeros(0, x.dtype), none, none)
+        add = (np.zeros(n, dtype=np.bool_), np.zeros(n + 1, dtype=np.int64), none, np.zeros(0, x.dtype),
+               np.zeros(0, x.dtype), none, none)
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, n))
     if threads == 1:
         _topk_rows_serial(x, k, h, r, cap, act, *add, out, picked)
