@@ -3,8 +3,10 @@
 (a) vectorised simulator vs the per-device loop baseline (benchmarks/loop_baseline.py), same run;
 (b) one COCO-EF iteration vs one centralised full-batch autograd step (the limit is about 1×);
 (c) seeds=10 vs seeds=1;  (d) time per iteration and peak memory as M grows.
-Times are medians over repeats after warm-up, measured in one process; each scaling point runs in
-its own subprocess so that its peak resident memory (ru_maxrss) is its own.
+Times are medians over repeats after warm-up, measured in one process; the two sides of each ratio
+are timed in alternating rounds (:func:`paired_times`), so that a slow phase of a shared machine
+does not land on one side only; each scaling point runs in its own subprocess so that its peak
+resident memory (ru_maxrss) is its own.
 """
 from __future__ import annotations
 
@@ -41,25 +43,53 @@ def median_time(fn: Callable[[], object], repeat: int = 7, warmup: int = 3) -> f
     return statistics.median(times)
 
 
+def paired_times(fns: Sequence[Callable[[], object]], calls: Sequence[int], rounds: int = 5,
+                 warmup: int = 2) -> list[float]:
+    """Median wall seconds per call of each of ``fns``, timed in alternating rounds (``calls[i]``
+    calls of ``fns[i]`` per round, one function after the other) after ``warmup`` calls of each:
+    a slow phase of a shared machine then hits every side of a ratio alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, n, out in zip(fns, calls, times):
+            for _ in range(n):
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def simulation(overrides: Sequence[str]) -> Simulation:
+    """A fresh simulation of the run ``overrides`` describes (its ``step`` is one iteration)."""
+    return Simulation(build_experiment(config.load(list(overrides))))
+
+
 def sim_step_time(overrides: Sequence[str], repeat: int = 9) -> tuple[float, Simulation]:
-    sim = Simulation(build_experiment(config.load(list(overrides))))
+    sim = simulation(overrides)
     return median_time(sim.step, repeat), sim
 
 
-def central_step_time(sim: Simulation, repeat: int = 7) -> float:
+def central_step(sim: Simulation) -> Callable[[], None]:
     """One full-batch autograd step of the same model on the same training set: forward, backward,
-    θ ← θ − η∇F."""
+    θ ← θ − η∇F (of the first replicate's θ)."""
     obj = sim.exp.objective
     theta = sim.theta[:1].detach().clone()
 
-    def step():
+    def step() -> None:
         nonlocal theta
         th = theta.requires_grad_(True)
         loss = obj.model.losses(obj.model.logits(th, obj.X), obj.Y).mean()
         (g,) = torch.autograd.grad(loss, th)
         theta = (th - 0.1 * g).detach()
 
-    return median_time(step, repeat)
+    return step
+
+
+def central_step_time(sim: Simulation, repeat: int = 7) -> float:
+    """Median seconds of :func:`central_step`."""
+    return median_time(central_step(sim), repeat)
 
 
 def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
@@ -79,15 +109,15 @@ def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
     }
 
 
-def loop_step_time(overrides: Sequence[str], repeat: int = 3) -> float:
-    """Seconds per iteration of the per-device loop baseline (benchmarks/loop_baseline.py)."""
+def loop_step(overrides: Sequence[str]) -> Callable[[], object]:
+    """One iteration of the per-device loop baseline (benchmarks/loop_baseline.py) on the run."""
     folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
     if folder not in sys.path:  # called once per (model, M): add the folder once
         sys.path.insert(0, folder)
     from loop_baseline import loop_coco_ef
 
     exp = build_experiment(config.load(list(overrides)))
-    return median_time(lambda: loop_coco_ef(exp, 1), repeat, warmup=1)
+    return lambda: loop_coco_ef(exp, 1)
 
 
 def peak_rss_mib() -> float:
@@ -130,18 +160,20 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
     rows_a, rows_b, rows_c, rows_d, parts = [], [], [], [], {}
     for name, wl in WORKLOADS.items():
         base = SETTING + wl + dev + ["devices=100"]
-        t_sim, sim = sim_step_time(base)
-        t_central = central_step_time(sim)
+        sim = simulation(base)
+        t_sim, t_central = paired_times([sim.step, central_step(sim)], [5, 5])
         rows_b.append((name, sim.exp.objective.model.D, t_sim, t_central))
         parts[name] = breakdown(sim)
         log(f"(b) {name}: iteration {t_sim * 1e3:.2f} ms, central step {t_central * 1e3:.2f} ms")
-        t10, _ = sim_step_time([o for o in base if o != "seeds=1"] + ["seeds=10"], repeat=5)
-        rows_c.append((name, t_sim, t10))
-        log(f"(c) {name}: seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t_sim * 1e3:.2f} ms")
+        sim1, sim10 = simulation(base), simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
+        t1, t10 = paired_times([sim1.step, sim10.step], [5, 2])
+        rows_c.append((name, t1, t10))
+        parts[f"{name}, seeds=10"] = breakdown(sim10, repeat=5)
+        log(f"(c) {name}: seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t1 * 1e3:.2f} ms")
         for M in ([10, 100] if quick else [10, 100, 1000]):
             ov = SETTING + wl + dev + [f"devices={M}"]
-            t_loop = loop_step_time(ov, repeat=1 if M >= 1000 else 3)
-            t_vec, _ = sim_step_time(ov, repeat=9 if M <= 100 else 5)
+            t_vec, t_loop = paired_times([simulation(ov).step, loop_step(ov)], [5, 1], rounds=5 if M <= 100 else 3,
+                                         warmup=1)
             rows_a.append((name, M, t_vec, t_loop))
             log(f"(a) {name} M={M}: simulator {t_vec * 1e3:.2f} ms, loop {t_loop * 1e3:.1f} ms")
         Ms = {"softmax": [10, 100, 1000, 10000], "mlp": [10, 100, 1000]}[name]
@@ -150,15 +182,17 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
             rows_d.append((name, M, p))
             log(f"(d) {name} M={M}: {p['s'] * 1e3:.1f} ms/iter, peak RSS {p['rss_mib']:.0f} MiB")
     md = ["# Benchmarks", "", f"Machine: {machine()}. Device: `{device}`.", "",
-          f"Command: `cocoef bench{' --quick' if quick else ''}` (medians after warm-up; setting: mnist5k, "
+          f"Command: `cocoef bench{' --quick' if quick else ''}` (medians after warm-up, the two sides of each "
+          "ratio timed in alternating rounds; setting: mnist5k, "
           "sgc d=3, Bernoulli p=0.2, COCO-EF with Top-k ratio 0.01).", "",
           "## (a) vectorised simulator vs a per-device Python loop (same algorithm, same draws)", "",
           "| model | M | simulator ms/iter | loop ms/iter | speed-up |", "|---|---|---|---|---|"]
-    md += [f"| {n} | {M} | {a * 1e3:.2f} | {b * 1e3:.1f} | {b / a:.0f}× |" for n, M, a, b in rows_a]
+    md += [f"| {n} | {M} | {a * 1e3:.2f} | {b * 1e3:.1f} | {b / a:.1f}× |" for n, M, a, b in rows_a]
     md += ["", "## (b) one COCO-EF iteration (M=100) vs one centralised full-batch autograd step", "",
            "| model | D | iteration ms | central step ms | ratio |", "|---|---|---|---|---|"]
     md += [f"| {n} | {D} | {a * 1e3:.2f} | {b * 1e3:.2f} | {a / b:.2f}× |" for n, D, a, b in rows_b]
-    md += ["", "Where an iteration's time goes (each part timed alone, ms; evaluation is not part of an update):", "",
+    md += ["", "Where an iteration's time goes (each part timed alone, ms; evaluation is not part of an update; "
+           "the seeds=10 columns are the runs of (c)):", "",
            "| part | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     md += [f"| {part} | " + " | ".join(f"{parts[n][part] * 1e3:.2f}" for n in parts) + " |"
            for part in next(iter(parts.values()))]

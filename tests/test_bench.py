@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from cocoef_cli.bench import breakdown, central_step_time, sim_step_time
+from cocoef_cli import bench
+from cocoef_cli.bench import breakdown, central_step_time, paired_times, sim_step_time
 
 SMALL = ["dataset=synthetic_logreg", "model=logistic", "devices=12", "code=sgc", "code.d=3", "straggler=bernoulli",
          "straggler.p=0.2", "compressor=topk", "compressor.ratio=0.1"]
@@ -18,3 +19,22 @@ def test_breakdown_times_every_part_of_an_update(method):
     assert all(math.isfinite(s) and s > 0 for s in [t, *parts.values()])
     assert sim.t >= 3  # the timed updates really ran
     assert 0 < central_step_time(sim, repeat=3) < 10
+
+
+def test_paired_times_alternates_rounds_and_takes_medians(monkeypatch):
+    """Each function is called warmup times, then in rounds of its own call count, one after the
+    other; the result is each function's median call time (here a fake clock: a costs 1, b 3 s,
+    except b's first timed call, 100 s, which the median ignores)."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def a():
+        calls.append("a")
+        clock[0] += 1.0
+
+    def b():
+        calls.append("b")
+        clock[0] += 100.0 if calls.count("b") == 2 else 3.0  # the first call after the warm-up
+
+    assert paired_times([a, b], [2, 1], rounds=3, warmup=1) == [1.0, 3.0]
+    assert "".join(calls) == "ab" + "aab" * 3

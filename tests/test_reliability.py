@@ -95,7 +95,7 @@ def test_random_override_sets_valid_run_invalid_exit_2(case, tmp_path_factory):
         assert not out.exists()
 
 
-def test_check_validates_groups_the_method_ignores_without_building_runs():
+def test_check_validates_groups_the_method_ignores_without_building_runs(monkeypatch):
     cfg = config.load([*TINY, "method=gc", "compressor.k=1000"])  # gc sends full precision, but k is a typo
     with pytest.raises(config.ConfigError, match="compressor.k"):
         config.check(cfg, None)
@@ -103,9 +103,18 @@ def test_check_validates_groups_the_method_ignores_without_building_runs():
     with pytest.raises(config.ConfigError, match="straggler.p"):
         config.check(cfg, None)
     big = config.load(["devices=2000", "seeds=300", "dataset.dim=200", "dataset.n=4000", "iters=1"])
-    t0 = time.perf_counter()
+    from cocoef_cli.sim import methods
+
+    sizes = []
+    init = methods.Method.__init__
+
+    def record(self, cfg, C, R, M, D, *args):
+        sizes.append((R, M))
+        init(self, cfg, C, R, M, D, *args)
+
+    monkeypatch.setattr(methods.Method, "__init__", record)
     config.check(big, None)  # no R×M×D state: a full build would allocate 300·2000·201 floats (480 MB)
-    assert time.perf_counter() - t0 < 3
+    assert sizes == [(1, 1)]
 
 
 # --------------------------------------------------------------------------- divergence

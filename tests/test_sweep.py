@@ -46,27 +46,23 @@ def _check_complete(d: Path, jobs=SMOKE_JOBS) -> pd.DataFrame:
 def smoke_dir(tmp_path_factory):
     """The smoke preset swept once with joblib and 2 workers (shared by the tests that copy it)."""
     out = tmp_path_factory.mktemp("smoke") / "sweep"
-    t0 = time.perf_counter()
     res = runner.invoke(app, ["sweep", "smoke", "--out", str(out), "--jobs", "2"])
     assert res.exit_code == 0, res.output
-    return out, time.perf_counter() - t0, res.stdout
+    return out, res.stdout
 
 
 def test_smoke_joblib_two_workers_then_resume_skips_all(smoke_dir):
-    out, first_s, stdout = smoke_dir
+    out, stdout = smoke_dir
     _check_complete(out)
     launcher = (out / "multirun.yaml").read_text()
     assert "JoblibLauncher" in launcher and "n_jobs: 2" in launcher
     assert "4 completed" in stdout and "train_loss" in stdout  # summary line and table
     before = _mtimes(out)
-    t0 = time.perf_counter()
     res = runner.invoke(app, ["sweep", "smoke", "--out", str(out), "--jobs", "2", "-q"])
-    again_s = time.perf_counter() - t0
     assert res.exit_code == 0, res.output
     assert "4 skipped" in res.stdout
-    assert _mtimes(out) == before  # nothing was rerun
+    assert _mtimes(out) == before  # nothing was rerun (no wall-time assertion: that would be flaky)
     _check_complete(out)
-    assert again_s < first_s / 2, (again_s, first_s)
 
 
 def test_rerun_redoes_failed_missing_and_stale_jobs_only(smoke_dir, tmp_path):
