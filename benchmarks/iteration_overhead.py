@@ -4,7 +4,7 @@ Issue 4's target: one iteration of COCO-EF on mnist5k with mlp (784-64-10, ReLU)
 sgc d=3, Bernoulli p=0.2, Top-k ratio 0.01 costs at most 3× one full-batch gradient step
 (torch.nn + autograd + SGD) of the same model on the same 4,000 training samples. Both are timed
 side by side in this process, alternating in rounds; medians are reported, plus where the
-iteration's time goes (partition gradients, encoding, stragglers + decoding, method step).
+iteration's time goes (partition gradients, stragglers + decoding, encoding with the method step).
 
     .venv/bin/python benchmarks/iteration_overhead.py [--iters 100] [--rounds 5] [--threads T] [OVERRIDES...]
 """
@@ -82,7 +82,7 @@ def main() -> None:
     print(f"ratio: {it_ms / ref_ms:.2f}× (target ≤ 3×)")
     print("where an iteration's time goes:")
     for name, ms in parts.items():
-        print(f"  {name:<40} {ms:7.2f} ms")
+        print(f"  {name:<52} {ms:7.2f} ms")
 
 
 if __name__ == "__main__":

@@ -87,11 +87,6 @@ def central_step(sim: Simulation) -> Callable[[], None]:
     return step
 
 
-def central_step_time(sim: Simulation, repeat: int = 7) -> float:
-    """Median seconds of :func:`central_step`."""
-    return median_time(central_step(sim), repeat)
-
-
 def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
     """Median seconds of each part of one coded update, called as ``Simulation.coded_step`` calls
     them (after ``sim`` has run some updates): partition gradients, stragglers + decoding, encoding

@@ -29,7 +29,7 @@ from cocoef_cli.record import atomic_write
 from cocoef_cli.sim.rng import SeedRNG
 
 FILENAME = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2  # 2: θ in torch.nn's layout (MLP weights (out, in), GLM weights (C, f̃)); older files are ignored
 _SCALARS = (int, float, bool, str, type(None))
 
 

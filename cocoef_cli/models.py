@@ -3,8 +3,8 @@
 F(θ) = (1/n) Σ_s ℓ(θ; x_s, y_s) + (λ/2)‖θ‖²,   g_j(θ) = (1/n) Σ_{s∈P_j} ∇ℓ_s(θ) + (|P_j|/n) λ θ,
 so Σ_j g_j = ∇F exactly. θ is one flat vector of D parameters per replicate: shape (R, D).
 
-Generalised linear models have closed-form gradients: with logits Z = X̃W (X̃ = [X, 1] when
-``model.bias``), ∇ℓ_s = x̃_s (μ(z_s) − y_s)ᵀ where μ is the identity (``linear``), the sigmoid
+Generalised linear models have closed-form gradients: with logits Z = X̃Wᵀ, W of shape (C, f̃)
+(X̃ = [X, 1] when ``model.bias``), ∇_W ℓ_s = (μ(z_s) − y_s) x̃_sᵀ where μ is the identity (``linear``), the sigmoid
 (``logistic``) or the softmax (``softmax``). All N partition gradients of all R replicates are two
 batched matrix products over a padded (R, N, B, f) layout of the partitions.
 """

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.sim import compressors
 from cocoef_cli.sim.compressors import SAMPLE_HITS, COMPRESSORS, Compressor, build_compressor, topk_indices, topk_mask
+from cocoef_cli.sim.codes import CodedSum, allocate, build_code
 from cocoef_cli.sim.rng import SeedRNG
 
 ALL = ["identity", "topk", "randk", "randk_unbiased", "sign", "scaled_sign", "grouped_sign", "qsgd", "onebit",
@@ -214,12 +215,35 @@ def test_topk_threshold_path_keeps_nan_like_torch_topk(threshold_path):
 @pytest.mark.parametrize("layout", ["one storage", "separate"])
 def test_topk_with_a_fused_coded_sum_equals_encoding_first(dtype, threads, layout, threshold_path):
     """sparse(e, add=U) (the kernel adds u_i = z_i Σ_j B_ij g_j to each row in its own pass) leaves
-    e + U in e and selects what Top-k of e + U selects; G given as column blocks that lie in one
-    storage (as the objective makes them) or apart (copied into one), with stragglers skipped."""
-    from cocoef_cli.sim.codes import CodedSum, allocate, build_code
+    e + U in e, also in rows whose selection is not asked for (``active`` ⊂ z), and selects what
+    Top-k of e + U selects; G given as column blocks that lie in one storage (as the objective
+    makes them) or apart (copied into one). The kernel sums u_i first and then adds it, exactly as
+    a device of the distributed runtime does."""
+    code, blocks, z, e = _coded_sum_case(dtype, layout)
+    U = CodedSum(code, blocks, z)
+    active = z & (torch.rand(z.shape, generator=torch.Generator().manual_seed(1)) < 0.8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        v = e.clone()
+        idx, vals = make("topk", v.shape[-1], k=90).sparse(v, active=active, add=U)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(v, e + U.dense(), rtol=1e-6, atol=1e-6)  # stragglers' rows: u = 0
+    assert torch.equal(idx.sort(-1).values[active], _topk_reference(v, 90)[active])
+    assert torch.equal(vals, v.gather(-1, idx))
+    if threshold_path == "kernel":  # summed in the device's order: equal to the last bit
+        u = torch.zeros_like(e)
+        cols = torch.cat(blocks, -1)
+        for r, i, j in code._nz.tolist():
+            u[r, i] += code.B[r, i, j] * cols[r, j]
+        assert torch.equal(v, e + u * z.unsqueeze(-1))
 
+
+def _coded_sum_case(dtype, layout):
+    """An sgc code (R = 2, M = 10), G as four column blocks (in one storage or apart), z, e."""
     g = torch.Generator().manual_seed(11)
-    R, M, k = 2, 10, 90
+    R, M = 2, 10
     rng_ = SeedRNG([0, 1], "code")
     S = allocate({"name": "sgc", "d": 3}, M, rng_)
     code = build_code({"name": "sgc", "d": 3}, S, torch.full((R, M), 0.2, dtype=F64), rng_, dtype)
@@ -232,19 +256,19 @@ def test_topk_with_a_fused_coded_sum_equals_encoding_first(dtype, threads, layou
     z = torch.rand(R, M, generator=g) < 0.7
     e = torch.randn(R, M, sum(widths), generator=g).to(dtype) * 0.5
     e[0, 1, 100:140] = 3.0  # ties at the top
-    U = CodedSum(code, blocks, z)
-    expected_v = e + U.dense()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        v = e.clone()
-        idx, vals = make("topk", v.shape[-1], k=k).sparse(v, active=z, add=U)
-    finally:
-        torch.set_num_threads(before)
-    active_v = torch.where(z.unsqueeze(-1), expected_v, e)  # stragglers' rows are left as they are
-    torch.testing.assert_close(v, active_v, rtol=1e-6, atol=1e-6)
-    assert torch.equal(idx.sort(-1).values[z], _topk_reference(v, k)[z])
-    assert torch.equal(vals, v.gather(-1, idx))
+    return code, blocks, z, e
+
+
+def test_a_coded_sum_of_the_wrong_shape_is_refused(threshold_path):
+    """Both paths refuse G blocks of the wrong number of partitions and a v of the wrong width
+    (the kernel reads without bounds checks)."""
+    code, blocks, z, e = _coded_sum_case(torch.float32, "one storage")
+    topk = make("topk", e.shape[-1], k=90)
+    with pytest.raises(ValueError):
+        topk.sparse(e.clone(), active=z, add=CodedSum(code, [b[:, :-1] for b in blocks], z))
+    wide = torch.zeros(*e.shape[:2], e.shape[-1] + 100)
+    with pytest.raises(ValueError):
+        make("topk", wide.shape[-1], k=90).sparse(wide, active=z, add=CodedSum(code, blocks, z))
 
 
 # --------------------------------------------------------------------------------------------- signs

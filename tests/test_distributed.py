@@ -112,11 +112,13 @@ def _csv(path) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("setup", [["method=coco_ef", "compressor=topk", "compressor.k=2"],
+                                   # k ≥ 16 and D ≥ 8k: the simulator's compiled kernel (encoding fused)
+                                   ["method=coco_ef", "compressor=topk", "compressor.k=20", "dataset.dim=400"],
                                    ["method=coco", "compressor=qsgd", "compressor.levels=4"],
                                    ["method=gc"],
                                    ["method=coco_diana", "compressor=randk_unbiased", "compressor.k=3", "code=frc",
                                     "batch_size=16"]],
-                         ids=["coco_ef-topk", "coco-qsgd", "gc", "diana-randk-frc-minibatch"])
+                         ids=["coco_ef-topk", "coco_ef-topk-kernel", "coco-qsgd", "gc", "diana-randk-frc-minibatch"])
 def test_replay_metrics_equal_simulator(tmp_path, setup):
     execute(config.load(BASE + STRAG + setup), tmp_path / "sim")
     execute(config.load(BASE + STRAG + setup + DIST), tmp_path / "dist")

@@ -135,6 +135,19 @@ def test_coco_ef_coded_step_equals_step_on_the_formed_sum(comp, reset):
         torch.testing.assert_close(fused.e, formed.e, rtol=0, atol=1e-12)
 
 
+def test_a_straggler_memory_holding_inf_does_not_reach_the_aggregate():
+    """A straggler sends nothing: its (frozen) memory, even inf, touches neither ĝ nor itself."""
+    R, M, D = 1, 3, 400
+    C = build_compressor({"name": "topk", "k": 20}, D)
+    m = METHODS.get("coco_ef")({}, C, R, M, D, torch.float32, torch.device("cpu"), SeedRNG([0], "compressor"))
+    m.e[0, 1, 7] = float("inf")
+    z = torch.tensor([[True, False, True]])
+    U = torch.randn(R, M, D) * z.unsqueeze(-1)
+    g = m.step(U, z, z.float())
+    assert torch.isfinite(g).all()
+    assert m.e[0, 1, 7] == float("inf") and torch.isfinite(m.e[0, [0, 2]]).all()
+
+
 def test_reset_straggler_state_zeroes_memory():
     R, M, D = 1, 3, 5
     C = build_compressor({"name": "topk", "k": 1}, D)

@@ -4,7 +4,8 @@ Shapes: R replicates, M devices, N partitions, D parameters.
 
 - ``S`` (R, M, N) bool: ``S[r, i, j]`` = device i stores partition j.
 - ``B`` (R, M, N): encoding matrix with the support of S; device i sends ``u_i = Σ_j B_ij g_j``,
-  i.e. ``U = B G`` (:meth:`Code.encode`, computed sparsely from an ELL layout).
+  i.e. ``U = B G`` (:meth:`Code.encode`, one block-diagonal CSR × dense product; :class:`CodedSum`
+  when a consumer fuses it into its own pass).
 - ``z`` (R, M) bool: True = the device answered in time. :meth:`Code.decode` returns the decoding
   weights ``a`` (R, M) (zero on stragglers) and the residual ``‖aᵀB − 1ᵀ‖₂`` (R,) in float64, or
   ``None`` for the fixed-weight codes (``uncoded``, ``sgc``), which are unbiased only in expectation.
@@ -234,7 +235,7 @@ class Code:
         column blocks (R, N, D_l) whose concatenation is G (each is encoded into its columns of U).
         With ``z`` (R, M), rows of devices with z_i = 0 are 0: stragglers compute nothing. With
         ``add_to`` (R, M, D, contiguous) the product is accumulated in place, add_to += B G, and
-        add_to is returned (error feedback adds u_i to e_i without a U temporary)."""
+        add_to is returned (v += U without a U temporary)."""
         blocks = [G] if isinstance(G, torch.Tensor) else list(G)
         for b in blocks:
             if b.dim() != 3 or b.shape[0] != self.R or b.shape[1] != self.N:
@@ -294,12 +295,19 @@ class CodedSum:
         """U as a new (R, M, D) tensor."""
         return self.code.encode(self.blocks, self.z)
 
-    def kernel_args(self) -> tuple:
+    def kernel_args(self, v: torch.Tensor) -> tuple:
         """(adds, crow, col, val, g, gstart, gwidth) as numpy arrays for
-        :func:`cocoef_cli.sim.kernels.topk_rows` (CPU): the rows that add (z), B's CSR rows, and
-        G's blocks in one flat array, without a copy when the blocks lie one after the other in one
-        storage (as :meth:`Objective.partition_grad_blocks` makes them)."""
-        first = self.blocks[0]
+        :func:`cocoef_cli.sim.kernels.topk_rows` to add U to ``v`` (CPU): the rows that add (z),
+        B's CSR rows, and G's blocks in one flat array, without a copy when the blocks lie one
+        after the other in one storage (as :meth:`Objective.partition_grad_blocks` makes them).
+        Checks what :meth:`Code.encode` checks (the kernel reads without bounds checks)."""
+        first, code = self.blocks[0], self.code
+        D = sum(b.shape[-1] for b in self.blocks)
+        if any(b.dim() != 3 or b.shape[:2] != (code.R, code.N) or b.dtype != v.dtype for b in self.blocks):
+            raise ValueError(f"G blocks must be ({code.R}, {code.N}, ·) in {v.dtype}; got "
+                             f"{[(tuple(b.shape), b.dtype) for b in self.blocks]}")
+        if v.shape != (code.R, code.M, D) or not v.is_contiguous() or v.device.type != "cpu":
+            raise ValueError(f"v must be a contiguous CPU (R={code.R}, M={code.M}, D={D}) tensor; got {tuple(v.shape)}")
         crow, col, val, _ = self.code.csr(first.dtype, first.device)
         sizes = [b.numel() for b in self.blocks]
         starts = np.cumsum([0] + sizes[:-1])

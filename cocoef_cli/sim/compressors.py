@@ -59,9 +59,9 @@ SAMPLE_HITS = 8
 USE_KERNELS = kernels.AVAILABLE
 
 
-def topk_indices(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) -> Tensor:
+def topk_indices(v: Tensor, k: int, active: Tensor | None = None) -> Tensor:
     """Indices (..., k) of the k largest |v_j| of every row: :func:`topk_pick` without the values."""
-    return topk_pick(v, k, active, add)[0]
+    return topk_pick(v, k, active)[0]
 
 
 def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) -> tuple[Tensor, Tensor | None]:
@@ -80,7 +80,8 @@ def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) 
     their indices are then arbitrary (valid) ones.
 
     ``add`` (a :class:`~cocoef_cli.sim.codes.CodedSum` U, optional): first v += U in place (v
-    contiguous (R, M, D)), in the kernel's pass over each row when the kernel runs.
+    contiguous (R, M, D)), in the kernel's pass over each row when the kernel runs (u_i summed
+    over its partitions first, then added, as a device of the distributed runtime does).
     """
     D = v.shape[-1]
     use_kernel = USE_KERNELS and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
@@ -90,12 +91,10 @@ def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) 
         return _select(v.abs(), k), None
     h = k // SAMPLE_HITS
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
-    if add is not None and not v.is_contiguous():
-        raise ValueError("topk_indices: v must be contiguous to add to it in place")
     x = v.detach().reshape(-1, D).contiguous()
     act = None if active is None else active.detach().reshape(-1).to(torch.bool).numpy()
     idx, picked = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act,
-                                    None if add is None else add.kernel_args())
+                                    None if add is None else add.kernel_args(v))
     shape = (*v.shape[:-1], k)
     return torch.from_numpy(idx).view(shape), torch.from_numpy(picked).view(shape)
 
@@ -360,10 +359,6 @@ class TopK(_KSparse):
         )
 
     def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
-        if self.k >= self.D:
-            if add is not None:
-                add.add_to(v)
-            return torch.arange(self.D, device=v.device).expand(v.shape), None
         return topk_pick(v, self.k, active, add)
 
     def bits(self) -> int:

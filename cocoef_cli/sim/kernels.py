@@ -85,23 +85,33 @@ if AVAILABLE:
     def _topk_rows(x, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, out, picked):  # pragma: no cover
         n, D = x.shape
         nw = (D + 7) // 8
+        widest = gwidth.max() if gwidth.shape[0] else 0
         for i in prange(n):
-            if not active[i]:  # a row whose result is not used: left as it is, any valid indices
+            row = x[i]
+            lo, hi = crow[i], crow[i + 1]
+            if adds[i] and hi > lo:  # x_i += u_i, u_i = Σ_j B_ij g_j summed first (as a device does)
+                u = np.empty(widest, x.dtype)
+                off = 0
+                for b in range(gstart.shape[0]):  # block by block of columns
+                    w = gwidth[b]
+                    dst, acc = row[off:off + w], u[:w]
+                    src = g[gstart[b] + col[lo] * w:gstart[b] + (col[lo] + 1) * w]
+                    c = val[lo]
+                    for q in range(acc.shape[0]):  # bounds the compiler can see: vectorised
+                        acc[q] = c * src[q]
+                    for nz in range(lo + 1, hi):
+                        src = g[gstart[b] + col[nz] * w:gstart[b] + (col[nz] + 1) * w]
+                        c = val[nz]
+                        for q in range(acc.shape[0]):
+                            acc[q] += c * src[q]
+                    for q in range(dst.shape[0]):
+                        dst[q] += acc[q]
+                    off += w
+            if not active[i]:  # a row whose selection is not used: any valid indices
                 for o in range(k):
                     out[i, o] = o
-                    picked[i, o] = x[i, o]
+                    picked[i, o] = row[o]
                 continue
-            row = x[i]
-            off = 0
-            for b in range(gstart.shape[0] if adds[i] else 0):  # x_i += Σ_j B_ij g_j, block by block
-                w = gwidth[b]
-                dst = row[off:off + w]
-                for nz in range(crow[i], crow[i + 1]):
-                    src = g[gstart[b] + col[nz] * w:gstart[b] + (col[nz] + 1) * w]
-                    c = val[nz]
-                    for q in range(dst.shape[0]):  # bounds the compiler can see: vectorised
-                        dst[q] += c * src[q]
-                off += w
             ns = (D + h - 1) // h
             sample = np.empty(ns, x.dtype)
             for j in range(ns):
@@ -163,10 +173,10 @@ def topk_rows(x: np.ndarray, k: int, h: int, r: int, cap: int, threads: int,
     The threshold t of a row is the r-th largest of its strided sample x[::h]; the candidates
     |x_j| ≥ t (in index order) are selected exactly; a row with t = 0 or NaN, fewer than k or more
     than ``cap`` candidates is selected over the full row. ``threads``: numba threads to use.
-    ``active`` (n,) bool: rows marked False are skipped (left unchanged; their indices are 0..k−1).
-    ``add`` = (adds, crow, col, val, g, gstart, gwidth): before its selection, every active row
-    with ``adds[i]`` (bool) gets x_i += Σ_{e = crow[i]}^{crow[i+1]−1} val[e]·G[col[e]] in place,
-    where G (rows, D) is stored
+    ``active`` (n,) bool: rows marked False are not selected (their indices are 0..k−1).
+    ``add`` = (adds, crow, col, val, g, gstart, gwidth): first, every row with ``adds[i]`` (bool)
+    gets x_i += u_i in place, u_i = Σ_{e = crow[i]}^{crow[i+1]−1} val[e]·G[col[e]] (summed in entry
+    order, then added), where G (rows, D) is stored
     as column blocks: block b is the C-contiguous (rows, gwidth[b]) array at g[gstart[b]:] (g flat,
     x's dtype; the blocks' widths sum to D).
     """

@@ -1,7 +1,7 @@
 """COCO-EF and the baselines: per-device state and one step, batched over (R, M, D).
 
 Notation per iteration: U (R, M, D) encoded gradients u_i = Σ_j B_ij g_j of the devices that
-answer (rows of stragglers are 0: they compute nothing; a step may consume U in place), z (R, M)
+answer (rows of stragglers are 0: they compute nothing), z (R, M)
 the devices that answer, a (R, M) the decoding weights (zero for stragglers), C the compressor. A
 step returns the server aggregate ĝ (R, D). Stragglers send nothing; their state is left
 unchanged (``straggler_state=freeze``) or zeroed (``reset``).
@@ -111,10 +111,10 @@ class CocoEF(Method):
             v.sub_(m.mul_(z.unsqueeze(-1)))  # e ← v − m, for the devices that sent m
         else:  # k coordinates per message: no dense (R, M, D) temporaries
             idx, vals = sparse
+            m = vals.masked_fill(z.unsqueeze(-1).logical_not(), 0.0)  # m_i at idx; stragglers sent nothing (even inf)
             g = torch.zeros(v.shape[0], v.shape[2], dtype=v.dtype, device=v.device)
-            g.scatter_add_(1, idx.flatten(1), (vals * a.unsqueeze(-1)).flatten(1))
-            sent = (vals * z.unsqueeze(-1).to(vals.dtype)).neg_()  # −m_i at idx; stragglers sent nothing
-            v.scatter_add_(-1, idx, sent)  # e ← v − m, touching k entries a row (v + (−m) = v − m exactly)
+            g.scatter_add_(1, idx.flatten(1), (m * a.unsqueeze(-1)).flatten(1))
+            v.scatter_add_(-1, idx, m.neg_())  # e ← v − m, touching k entries a row (v + (−m) = v − m exactly)
         if self.reset:
             v.mul_(z.unsqueeze(-1))
         return g
