@@ -156,7 +156,7 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
     for name, wl in WORKLOADS.items():
         base = SETTING + wl + dev + ["devices=100"]
         sim = simulation(base)
-        t_sim, t_central = paired_times([sim.step, central_step(sim)], [5, 5])
+        t_sim, t_central = paired_times([sim.step, central_step(sim)], [5, 5], rounds=9)
         rows_b.append((name, sim.exp.objective.model.D, t_sim, t_central))
         parts[name] = breakdown(sim)
         log(f"(b) {name}: iteration {t_sim * 1e3:.2f} ms, central step {t_central * 1e3:.2f} ms")
@@ -167,7 +167,7 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
         log(f"(c) {name}: seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t1 * 1e3:.2f} ms")
         for M in ([10, 100] if quick else [10, 100, 1000]):
             ov = SETTING + wl + dev + [f"devices={M}"]
-            t_vec, t_loop = paired_times([simulation(ov).step, loop_step(ov)], [5, 1], rounds=5 if M <= 100 else 3,
+            t_vec, t_loop = paired_times([simulation(ov).step, loop_step(ov)], [5, 1], rounds=9 if M <= 100 else 3,
                                          warmup=1)
             rows_a.append((name, M, t_vec, t_loop))
             log(f"(a) {name} M={M}: simulator {t_vec * 1e3:.2f} ms, loop {t_loop * 1e3:.1f} ms")
