@@ -26,6 +26,15 @@ from cocoef_cli.sim.rng import SeedRNG
 MODELS: Registry[type] = Registry("model")
 
 
+def softmax_residual_t(Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """softmax(z) − onehot(y) of class-major logits Zt (R, C, n) for labels Y (R, n) or (n,):
+    (R, C, n). The softmax runs along the class axis, vectorised along n (with few classes about
+    ten times faster on CPU than along the last axis of (R, n, C))."""
+    R, C, n = Zt.shape
+    classes = torch.arange(C, device=Zt.device).view(1, C, 1)
+    return torch.softmax(Zt, 1) - (Y.expand(R, n).unsqueeze(1) == classes).to(Zt.dtype)
+
+
 class GLM:
     """Base of the closed-form models: logits Z = X̃ Wᵀ with W of shape (C, f̃) (class-major, as
     torch.nn.Linear.weight with the bias as its last column), θ = vec(W)."""
@@ -167,9 +176,8 @@ class Softmax(GLM):
         P = torch.softmax(Z, -1)
         return P - Fn.one_hot(Y, self.C).to(Z.dtype)
 
-    def residual_t(self, Zt, Y):  # softmax over the class axis of (R, C, n): vectorised along n
-        classes = torch.arange(self.C, device=Zt.device).view(1, -1, 1)
-        return torch.softmax(Zt, 1) - (Y.unsqueeze(1) == classes).to(Zt.dtype)
+    def residual_t(self, Zt, Y):
+        return softmax_residual_t(Zt, Y)
 
     def losses(self, Z, Y):
         return torch.logsumexp(Z, -1) - Z.gather(-1, Y.expand(Z.shape[:-1]).unsqueeze(-1)).squeeze(-1)

@@ -27,7 +27,7 @@ import torch.nn.functional as Fn
 
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.models import MODELS
+from cocoef_cli.models import MODELS, softmax_residual_t
 from cocoef_cli.sim.rng import SeedRNG
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -170,11 +170,9 @@ class MLP(Network):
         """Σ_b w ∇ℓ per group of S/N consecutive rows: X (R, S, f) or (S, f) (then N = 1),
         Y, w (R, S) or (S,) → (one block (R, N, size) per parameter tensor (``blocks``), written in
         place into ``out`` (allocated when None); the logits Z of the forward pass)."""
-        Zt, acts = self._forward(theta, X, class_major=True)  # softmax along C is 10× faster class-major
+        Zt, acts = self._forward(theta, X, class_major=True)
         R, S = Zt.shape[0], Zt.shape[2]
-        delta = torch.softmax(Zt, 1).scatter_add_(1, Y.expand(R, S).unsqueeze(1),
-                                                  torch.full((), -1.0, dtype=Zt.dtype, device=Zt.device).expand(R, 1, S))
-        delta = (delta * w.unsqueeze(-2)).transpose(1, 2).contiguous()  # (R, S, C): softmax(z) − onehot(y), weighted
+        delta = (softmax_residual_t(Zt, Y) * w.unsqueeze(-2)).transpose(1, 2).contiguous()  # (R, S, C), weighted
         Bsz = S // N
         P = self.unflatten(theta)
         if out is None:

@@ -236,9 +236,19 @@ class Compressor:
         Lets callers avoid dense (R, M, D) temporaries. ``active`` (v.shape[:-1], bool, optional):
         messages the caller will not use (stragglers'); their indices may be arbitrary. ``add``
         (a :class:`~cocoef_cli.sim.codes.CodedSum` U, optional): v += U in place first, always
-        (also when the result is None), fused into the selection where the compressor can."""
-        if add is not None:
+        (also when the result is None), fused into the selection where the compressor can
+        (``fuses_add``)."""
+        if add is not None and not self.fuses_add:
             add.add_to(v)
+            add = None
+        return self._sparse(v, rng, active, add)
+
+    #: True: :meth:`_sparse` adds ``add`` to v itself, in its own pass; else :meth:`sparse` adds it first
+    fuses_add: ClassVar[bool] = False
+
+    def _sparse(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None,
+                add: Any) -> tuple[Tensor, Tensor] | None:
+        """:meth:`sparse` after v += U (or with ``add`` to fuse, when the class ``fuses_add``)."""
         return None
 
     def bits(self) -> int:
@@ -265,26 +275,18 @@ class _KSparse(Compressor):
         D = _check_int("D", D, 1)
         return cls(D, resolve_k(cfg, D), value_bits=_cfg_get(cfg, "value_bits", 32))
 
-    #: True: :meth:`_pick` adds ``add`` to v itself (fused); else :meth:`sparse` adds it first
-    fuses_add: ClassVar[bool] = False
-
     def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None,
               add: Any = None) -> tuple[Tensor, Tensor | None]:
         """The k kept coordinates of every message, shape (..., k) (arbitrary where ``active`` is
-        False), and v there if known (else None); v += ``add`` first when the class
-        ``fuses_add`` (see :meth:`Compressor.sparse`)."""
+        False), and v there if known (else None); ``add``: see :meth:`Compressor._sparse`."""
         raise NotImplementedError
 
     def _scale(self) -> float:
         return 1.0
 
-    def sparse(self, v: Tensor, rng: SeedRNG | None = None, active: Tensor | None = None,
-               add: Any = None) -> tuple[Tensor, Tensor]:
+    def _sparse(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None, add: Any) -> tuple[Tensor, Tensor]:
         if v.shape[-1] != self.D:
             raise ValueError(f"{self.name}: last dim of v is {v.shape[-1]}, compressor built for D={self.D}")
-        if add is not None and not self.fuses_add:
-            add.add_to(v)
-            add = None
         idx, vals = self._pick(v, rng, active, add)
         if vals is None:
             vals = v.gather(-1, idx)
