@@ -1,4 +1,5 @@
-"""The ``cocoef`` command line (Typer). Exit status: 0 success, 2 bad input, 1 a failed run."""
+"""The ``cocoef`` command line (Typer). Exit status: 0 success, 1 a failed run, 2 bad input,
+3 a run that diverged (``cocoef run``: its records are written, status ``diverged``)."""
 from __future__ import annotations
 
 import functools
@@ -15,6 +16,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 OverridesArg = typer.Argument(None, help="Hydra overrides, e.g. method=coco compressor.ratio=0.05 straggler.p=0.3")
 ConfigDirOpt = typer.Option(None, "--config-dir", envvar="COCOEF_CONFIG_DIR", help="Config root (default: conf/).")
+
+
+EXIT_DIVERGED = 3  # `cocoef run`: the run finished and diverged (run.json status "diverged")
 
 
 def clean_errors(fn: Callable) -> Callable:
@@ -74,8 +78,10 @@ def run(overrides: Optional[List[str]] = OverridesArg,
     if last.bits_up.notna().any():
         parts.append(f"bits {_fmt(float(last.bits_up.mean()))}")
     typer.echo(", ".join(parts) + f" [{res.status}, {res.wall_s:.1f}s] → {out}/metrics.csv")
-    if res.status != "completed":
-        typer.echo(f"diverged (seed: iteration): {res.diverged}", err=True)
+    if res.status == "diverged":
+        seeds = ", ".join(f"seed {s} at update {t}" for s, t in sorted(res.diverged.items()))
+        typer.echo(f"diverged: {seeds}", err=True)
+        raise typer.Exit(EXIT_DIVERGED)
 
 
 KINDS = ("codes", "compressors", "methods", "stragglers", "datasets", "models", "experiments")

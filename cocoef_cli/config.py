@@ -155,6 +155,9 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     bw = cfg["network"].get("bandwidth_bps")
     if bw is not None and (not isinstance(bw, (int, float)) or bw <= 0):
         raise ConfigError("network.bandwidth_bps", bw, "null or numbers > 0", "out of range")
+    df = cfg.get("diverge_factor")
+    if df is not None and (not isinstance(df, (int, float)) or isinstance(df, bool) or not 1 < df < float("inf")):
+        raise ConfigError("diverge_factor", df, "null or finite numbers > 1", "out of range")
     _int(cfg, "checkpoint_every", 1, "null or integers ≥ 1", allow_none=True)
     _int(cfg, "threads", 1, "integers ≥ 1 (torch CPU threads inside a run)", allow_none=True)
     if cfg.get("checkpoint_every") is not None and cfg["runtime"]["name"] != "simulator":

@@ -100,7 +100,7 @@ def write_run(out: Path, metrics: pd.DataFrame | None, record: dict[str, Any]) -
 # keys that never change a run's results: left out of its id (a checkpointed run resumes under the same id)
 ID_EXCLUDED = ("checkpoint_every",)
 # keys added after runs were recorded: left out of the id at their default, so older ids stay valid
-ID_DEFAULTS = {"threads": 1}
+ID_DEFAULTS = {"threads": 1, "diverge_factor": 1e6}
 
 
 def run_id(config: dict) -> str:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cocoef_cli import checkpoint, config
-from cocoef_cli.cli import app
+from cocoef_cli.cli import EXIT_DIVERGED, app
 from cocoef_cli.run import execute
 
 runner = CliRunner()
@@ -121,15 +121,46 @@ def test_check_validates_groups_the_method_ignores_without_building_runs(monkeyp
 def test_divergence_stops_the_seed_keeps_rows_and_is_recorded(tmp_path):
     out = tmp_path / "d"
     res = runner.invoke(app, ["run", *TINY, "iters=200", "eval_every=20", "seeds=2", "optim.lr=1e8", "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == EXIT_DIVERGED == 3, res.output
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "diverged" and set(rec["diverged"]) == {"0", "1"}
     its = set(rec["diverged"].values())
+    last = res.output.strip().splitlines()[-1]
+    assert last == "diverged: " + ", ".join(f"seed {s} at update {rec['diverged'][str(s)]}" for s in (0, 1))
     assert all(0 < t < 20 for t in its), its  # caught at the update, not at the next evaluation
     m = pd.read_csv(out / "metrics.csv")
     assert set(m.iter) == {0} and m.train_loss.notna().all()  # the rows before it, no garbage
     res = runner.invoke(app, ["run", *TINY, "--out", str(tmp_path / "ok")])
     assert json.loads((tmp_path / "ok" / "run.json").read_text())["diverged"] == {}
+
+
+CRC = ["code=crc", "code.d=3", "devices=12", "straggler=fixed", "straggler.s=2", "compressor=topk",
+       "compressor.ratio=0.1", "optim.lr=0.05", "iters=300", "precision=float64"]
+
+
+def test_a_blow_up_is_a_divergence_in_float64(tmp_path):
+    """The loss of this run grows to 1e86 in float64 without ever overflowing: it diverged when it first
+    exceeded diverge_factor × its initial loss; with the rule off it runs to the end, finite."""
+    res = runner.invoke(app, ["run", *CRC, "--out", str(tmp_path / "a"), "-q"])
+    assert res.exit_code == 3, res.output
+    rec = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert rec["status"] == "diverged" and list(rec["diverged"]) == ["0"]
+    m = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    f0, t = m.train_loss.iloc[0], rec["diverged"]["0"]
+    assert (m.train_loss <= 1e6 * f0).all() and m.iter.max() < t  # the rows before it, none past it
+    res = runner.invoke(app, ["run", *CRC, "diverge_factor=null", "--out", str(tmp_path / "b"), "-q"])
+    assert res.exit_code == 0, res.output
+    m = pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert m.iter.max() == 300 and m.train_loss.max() > 1e6 * m.train_loss.iloc[0]
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "completed"
+    res = runner.invoke(app, ["run", *CRC, "diverge_factor=1e12", "--out", str(tmp_path / "c"), "-q"])
+    assert res.exit_code == 3 and json.loads((tmp_path / "c" / "run.json").read_text())["diverged"]["0"] > t
+
+
+@pytest.mark.parametrize("bad", ["0.5", "1", "true", "abc"])
+def test_diverge_factor_is_validated(bad):
+    res = runner.invoke(app, ["run", *TINY, f"diverge_factor={bad}"])
+    assert res.exit_code == 2 and "diverge_factor" in res.output and "> 1" in res.output
 
 
 def test_a_diverging_job_does_not_stop_the_sweep(tmp_path):

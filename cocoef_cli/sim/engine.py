@@ -217,9 +217,11 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
     ``save(sim, state)`` (or None), called every ``checkpoint.every`` updates here in the loop.
 
     Divergence: a replicate whose θ stops being finite after an update (checked every update on
-    CPU, where it costs no sync; at evaluations on GPUs) or whose loss is not finite at an
-    evaluation is marked diverged at that update and records no further rows; the loop stops
-    when every replicate has diverged."""
+    CPU, where it costs no sync; at evaluations on GPUs), whose loss is not finite at an
+    evaluation, or whose loss blows up, F(θᵗ) > ``diverge_factor`` · F(θ⁰) at an evaluation
+    (``diverge_factor: null`` turns that rule off), is marked diverged at that update and records
+    no further rows (the row of that evaluation included); the loop stops when every replicate
+    has diverged."""
     T, every, R = int(exp.cfg["iters"]), int(exp.cfg["eval_every"]), len(exp.seeds)
     t0 = time.perf_counter()
     sim = Simulation(exp) if sim is None else sim
@@ -238,9 +240,18 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
     def check_theta() -> None:
         mark_diverged(torch.isfinite(sim.theta).all(-1))
 
+    factor = exp.cfg.get("diverge_factor")
+    loss0: list[torch.Tensor] = []  # F(θ⁰) per replicate, for the blow-up rule
+
     def record() -> None:
         cols = sim.row()
-        mark_diverged(torch.isfinite(cols["train_loss"]) & torch.isfinite(sim.theta).all(-1))
+        loss = cols["train_loss"]
+        ok = torch.isfinite(loss) & torch.isfinite(sim.theta).all(-1)
+        if factor is not None:
+            if not loss0:
+                loss0.append(loss.detach().clone())
+            ok &= ~(loss > float(factor) * loss0[0])  # blow-up: F(θᵗ) > diverge_factor · F(θ⁰)
+        mark_diverged(ok)
         frame = pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else
                                   v if isinstance(v, list) else [v] * R) for k, v in cols.items()})
         rows.append(frame[alive])
@@ -255,6 +266,9 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
         else:  # resumed: the rows and divergence flags up to the checkpointed update
             rows, diverged = list(saved["rows"]), dict(saved["diverged"])
             alive[:] = saved["alive"]
+            first = rows[0].set_index("seed")["train_loss"]  # the rows at t = 0 of the replicates alive then
+            loss0.append(torch.tensor([float(first.get(s, math.nan)) for s in exp.seeds], 
+                                      dtype=sim.theta.dtype, device=sim.theta.device))
         while sim.t < T and alive.any():
             sim.step()
             if per_update_check:
