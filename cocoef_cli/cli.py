@@ -118,7 +118,8 @@ def list_(kind: Optional[str] = typer.Argument(None, help="One of: " + ", ".join
 
 @app.command()
 @clean_errors
-def sweep(experiment: str = typer.Argument(..., help="A preset of conf/experiment/ (see `cocoef list experiments`)."),
+def sweep(experiment: str = typer.Argument(..., help="A preset of conf/experiment/ (see `cocoef list experiments`), "
+                                           "or none: the root config, swept by the overrides alone."),
           overrides: Optional[List[str]] = typer.Argument(None, help="Hydra overrides and sweeps, e.g. "
                                                           "straggler.p=0.1,0.3 seed=range(0,3) hydra.launcher.partition=gpu"),
           out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: runs/sweeps/EXPERIMENT)."),
@@ -130,8 +131,10 @@ def sweep(experiment: str = typer.Argument(..., help="A preset of conf/experimen
           force: bool = typer.Option(False, "--force", help="Overwrite job folders holding finished runs of "
                                      "another config (the preset changed)."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table.")) -> None:
-    """A Hydra multirun of a preset: one folder per job (metrics.csv, run.json) and OUT/index.csv.
-    Resumable: rerunning on the same --out skips finished jobs and reruns failed or missing ones."""
+    """A Hydra multirun of a preset: one folder per job (metrics.csv, run.json), named by the keys
+    the sweep varies, and OUT/index.csv. Jobs with the same resolved config run once; a +baseline=
+    arm keeps its own method, compressor and step size. Resumable: rerunning on the same --out skips
+    finished jobs and reruns failed or missing ones; each failed job is printed with its reason."""
     from cocoef_cli.sweep import SweepError, run_sweep, summary
 
     try:
@@ -149,8 +152,9 @@ def sweep(experiment: str = typer.Argument(..., help="A preset of conf/experimen
     typer.echo(f"{len(res.jobs)} job(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                + f" ({res.skipped} skipped as already done) in {res.wall_s:.1f}s → {res.out}/index.csv")
     if not res.ok:
-        bad = res.index[~res.index["status"].isin(("completed", "diverged"))]
-        typer.echo("failed or missing jobs (rerun the same command to retry): " + ", ".join(bad["job"]), err=True)
+        for job, reason in res.failed:
+            typer.echo(f"failed: {job}: {reason}", err=True)
+        typer.echo(f"{len(res.failed)} job(s) failed or missing: rerun the same command to retry them", err=True)
         raise typer.Exit(1)
 
 

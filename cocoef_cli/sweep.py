@@ -38,17 +38,20 @@ PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launc
            "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
            "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}
 JOBS_KEY = {"joblib": "hydra.launcher.n_jobs", "submitit_slurm": "hydra.launcher.array_parallelism"}
-INDEX_COLUMNS = ["job", "overrides", "status", "wall_s"]
+INDEX_COLUMNS = ["job", "overrides", "status", "wall_s"]  # plus swept keys and note: index_columns
 EXCLUDED_FROM_NAME = ("experiment",)  # = hydra.job.config.override_dirname.exclude_keys in conf/hydra/
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+\-]")
-_MAX_NAME = 120
+_MAX_NAME = 200  # < 255 bytes, the usual file-name limit
+NO_PRESET = "none"  # `cocoef sweep none KEY=a,b`: the root config, no preset
 
 
 def job_name(override_dirname: str) -> str:
-    """Folder name of a job from Hydra's ``override_dirname`` (its overrides, sorted, ``k=v,k=v``).
+    """Folder name of a job from Hydra's ``override_dirname``: its swept overrides, sorted by key,
+    ``k=v,k=v`` (the sweep's constant overrides are excluded, see :func:`plan`).
 
-    Characters outside ``[A-Za-z0-9._=,+-]`` become ``_`` and long names are cut; either way a
-    short hash of the full string is appended so that distinct jobs never share a folder."""
+    Characters outside ``[A-Za-z0-9._=,+-]`` become ``_``, and a name longer than 200 characters
+    (a dozen swept keys with long values) is cut; either way a short hash of the full string is
+    appended so that distinct jobs never share a folder."""
     if not override_dirname:
         return "default"
     safe = _SAFE.sub("_", override_dirname)
@@ -64,14 +67,32 @@ if not OmegaConf.has_resolver("cocoef_job"):  # used by hydra.sweep.subdir in co
 
 @dataclass
 class Job:
-    name: str
-    overrides: list[str]  # the job's overrides as Hydra passes them (experiment included)
+    name: str  # folder: the job's swept overrides (constant ones excluded), see :func:`job_name`
+    overrides: list[str]  # as the job is composed and launched: the sweep's constant overrides, then its swept ones
     run_id: str
     cfg: dict = field(default_factory=dict, repr=False)  # the composed, validated config
+    swept: dict[str, str] = field(default_factory=dict)  # swept key (without +/~) -> this job's value
+    same_as: str | None = None  # the first job of the sweep with the same resolved config: this one is not run
 
     @property
     def label(self) -> str:
-        return " ".join(o for o in self.overrides if o.lstrip("+~").partition("=")[0] not in EXCLUDED_FROM_NAME)
+        """The job's swept overrides, space-separated (``index.csv``'s ``overrides`` column)."""
+        return " ".join(f"{k}={v}" for k, v in self.swept.items())
+
+
+@dataclass
+class Plan:
+    """A sweep expanded into jobs (nothing run, nothing written)."""
+    experiment: str
+    jobs: list[Job]
+    constant: list[str]  # overrides every job shares: recorded once (sweep.json, multirun.yaml), in no name
+    swept: list[str]  # the keys (without +/~) that take more than one value across the jobs, in name order
+    hydra: list[str]  # hydra overrides to launch with (launcher first)
+
+    @property
+    def unique(self) -> list[Job]:
+        """The jobs to run: one per resolved config."""
+        return [j for j in self.jobs if j.same_as is None]
 
 
 @dataclass
@@ -81,10 +102,18 @@ class SweepResult:
     index: Any  # pandas DataFrame of index.csv
     skipped: int
     wall_s: float
+    swept: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return bool(self.index["status"].isin(FINISHED).all())
+        return bool(self.index["status"].isin((*FINISHED, "duplicate")).all())
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        """(job, one-line reason from its run.json) of every job that did not finish."""
+        bad = self.index[~self.index["status"].isin((*FINISHED, "duplicate"))]
+        return [(str(r.job), str(r.note) if isinstance(r.note, str) and r.note else str(r.status))
+                for r in bad.itertuples()]
 
 
 # ---------------------------------------------------------------------------------------- the task
@@ -168,12 +197,22 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib", jobs: int | None = None,
-         root: Path | None = None, check: bool = True) -> tuple[list[Job], list[str]]:
+         root: Path | None = None, check: bool = True) -> Plan:
     """Validate a sweep and expand it into jobs, writing nothing.
 
-    Returns the jobs (in Hydra's order) and the hydra overrides to launch with. Raises
-    :class:`ConfigError` for an unknown preset or launcher, bad override syntax, or a job whose
-    config is invalid (``check`` builds every job's experiment, as ``cocoef run`` would)."""
+    The preset's ``hydra.sweeper.params`` and the command-line overrides are expanded as Hydra's
+    basic sweeper does (cross product; ``glob()`` over a group's options), then:
+
+    * a job with a ``+baseline=ARM`` override keeps the arm's own values: the preset's sweep of a
+      key the arm sets (``method``, ``compressor``, ``optim.lr``, ...) is dropped from that job
+      (the command line still wins over the arm);
+    * jobs whose resolved configs are equal (same ``run_id``) are run once (``same_as``);
+    * keys that take one value across the jobs are the sweep's constant overrides; a job's name
+      is made of the others (:func:`job_name`).
+
+    Raises :class:`ConfigError` for an unknown preset or launcher, bad override syntax, a glob or
+    sweep that matches nothing, or a job whose config is invalid (``check`` builds every job's
+    experiment, as ``cocoef run`` would)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -185,8 +224,8 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
 
     root = config.config_dir(root)
     names = [n for n, _ in experiments(root)]
-    if experiment not in names:
-        raise ConfigError("experiment", experiment, names or "a preset in conf/experiment/", "unknown experiment")
+    if experiment not in names and experiment != NO_PRESET:
+        raise ConfigError("experiment", experiment, [*names, NO_PRESET], "unknown experiment")
     if launcher not in LAUNCHERS:
         raise ConfigError("--launcher", launcher, LAUNCHERS, "unknown launcher")
     if launcher in PLUGINS:
@@ -206,11 +245,11 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
     hydra_ovs = [f"hydra/launcher={launcher}", *hydra_ovs]
     if jobs is not None:
         hydra_ovs.append(f"{JOBS_KEY[launcher]}={jobs}")
-    exp_ov = f"+experiment={experiment}"
+    exp_ovs = [] if experiment == NO_PRESET else [f"+experiment={experiment}"]
 
     parser = OverridesParser.create()
     try:
-        parsed_user = parser.parse_overrides([exp_ov, *task_ovs])
+        parsed_user = parser.parse_overrides([*exp_ovs, *task_ovs])
     except Exception as e:  # noqa: BLE001 — Hydra's parse errors: one line
         bad = next((o for o in task_ovs if not _parses(parser, o)), " ".join(task_ovs))
         raise ConfigError("overrides", bad, "Hydra override syntax key=value, sweeps key=a,b or key=range(0,3)",
@@ -226,27 +265,97 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
             except Exception as e:  # noqa: BLE001
                 raise config._hydra_error(e, [*plain_user, *hydra_ovs], root) from None
             params = OmegaConf.select(hcfg, "hydra.sweeper.params") or {}
-            swept = [f"{k}={v}" for k, v in params.items()] + [exp_ov, *task_ovs]
+            preset = [f"{k}={v}" for k, v in params.items()]
             loader_parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-            try:
-                batches = BasicSweeper.split_arguments(loader_parser.parse_overrides(swept), None)
-            except Exception as e:  # noqa: BLE001
-                raise ConfigError("overrides", " ".join(swept), "Hydra sweep syntax (key=a,b, key=range(0,3), "
-                                  "key=glob(*))", str(e).strip().splitlines()[0]) from None
+
+            def expand(ovs: list[str]) -> list[list[str]]:
+                try:
+                    return BasicSweeper.split_arguments(loader_parser.parse_overrides(ovs), None)[0]
+                except Exception as e:  # noqa: BLE001
+                    raise ConfigError("overrides", " ".join(ovs), "Hydra sweep syntax (key=a,b, key=range(0,3), "
+                                      "key=glob(*))", str(e).strip().splitlines()[0]) from None
+
+            for ov in [*preset, *task_ovs]:  # a glob or sweep that matches nothing: name it
+                if not expand([ov]):
+                    key, _, pattern = ov.partition("=")
+                    group = key.lstrip("+~")
+                    accepted = config.options(group, root) if group in (*config.GROUPS, "baseline") else "values"
+                    raise ConfigError(group, pattern, accepted, "matches nothing")
+            batch = expand([*preset, *exp_ovs, *task_ovs])
     except ConfigError as err:
         if not err.key.startswith("hydra.launcher."):
             raise
         raise ConfigError(err.key, err.value, _launcher_keys(root, launcher), f"unknown key of launcher {launcher}") from None
     finally:
         GlobalHydra.instance().clear()
+    if not batch:
+        raise ConfigError("overrides", " ".join([*preset, *task_ovs]), "sweeps with at least one value", "0 jobs")
+    user_keys = {_key(o) for o in task_ovs}
+    preset_keys = {_key(o) for o in preset} - user_keys
+    arms: dict[str, set[str]] = {}
+    expanded: list[dict[str, str]] = []  # per job: key (as written, with +/~) -> override
+    for job_ovs in batch:
+        ovs = {o.partition("=")[0]: o for o in job_ovs}
+        arm = next((o.partition("=")[2] for k, o in ovs.items() if k.lstrip("+~") == "baseline"), None)
+        if arm is not None:
+            owned = arms.setdefault(arm, _arm_keys(root, arm))
+            kept = {k: o for k, o in ovs.items() if not (_key(o) in preset_keys and _key(o) in owned)}
+            if kept != ovs and kept in expanded:
+                continue  # the arm's value replaced the preset's: one job per arm, not one per preset value
+            ovs = kept
+        expanded.append(ovs)
+    keys = list(dict.fromkeys(k for ovs in expanded for k in ovs))
+    swept_keys = [k for k in keys if len({ovs.get(k) for ovs in expanded}) > 1]
+    constant = [expanded[0][k] for k in keys if k not in swept_keys]
+    exclude = [_key(o) for o in constant]
     out: list[Job] = []
-    for job_ovs in batches[0]:
+    first: dict[str, str] = {}
+    for ovs in expanded:
+        job_ovs = [*constant, *(ovs[k] for k in swept_keys if k in ovs)]
         cfg = config.load(job_ovs, root)
-        dirname = get_overrides_dirname(parser.parse_overrides(job_ovs), list(EXCLUDED_FROM_NAME), ",", "=")
-        out.append(Job(job_name(dirname), list(job_ovs), run_id(cfg), cfg))
+        dirname = get_overrides_dirname(parser.parse_overrides(job_ovs), exclude, ",", "=")
+        rid = run_id(cfg)
+        job = Job(job_name(dirname), job_ovs, rid, cfg,
+                  swept={k.lstrip("+~"): ovs[k].partition("=")[2] if k in ovs else ""
+                         for k in sorted(swept_keys, key=lambda k: k.lstrip("+~"))})
+        if rid in first:
+            job.same_as = first[rid]
+        else:
+            first[rid] = job.name
+        out.append(job)
+    swept_names = sorted(k.lstrip("+~") for k in swept_keys)
+    result = Plan(experiment, out, constant, swept_names, hydra_ovs)
     if check:
-        check_builds(out, root)
-    return out, hydra_ovs
+        check_builds(result.unique, root)
+    return result
+
+
+def _key(override: str) -> str:
+    """The key of an override, without ``+``/``~``/``++``."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _arm_keys(root: Path, arm: str) -> set[str]:
+    """The keys a ``conf/baseline/`` arm sets: the groups its defaults override and its own keys."""
+    path = Path(root) / "baseline" / f"{arm}.yaml"
+    if not path.is_file():
+        return set()
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    assert isinstance(node, dict)
+    owned: set[str] = set()
+    for d in node.pop("defaults", []) or []:
+        if isinstance(d, dict):
+            owned |= {str(k).removeprefix("override ").strip().lstrip("/") for k in d}
+
+    def walk(d: Any, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                owned.add(f"{prefix}{k}")
+
+    walk(node, "")
+    return owned
 
 
 def _launcher_keys(root: Path, launcher: str) -> list[str]:
@@ -308,7 +417,9 @@ def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None =
     """Plan, launch (unless every job is done) and index a sweep. See the module docstring.
 
     A job folder holding a finished run of another config (``stale``: the preset or the code's
-    config changed) is only overwritten with ``force``; without it the sweep stops before any work."""
+    config changed) is only overwritten with ``force``; without it the sweep stops before any work.
+    Finished runs of the sweep's jobs found under other folder names (a sweep started with older
+    folder names, or with other swept keys) are moved to their job's folder first."""
     import pandas as pd
 
     from cocoef_cli import config
@@ -316,33 +427,93 @@ def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None =
 
     t0 = time.perf_counter()
     root = config.config_dir(root)
-    job_list, hydra_ovs = plan(experiment, overrides, launcher, jobs, root, check=False)
+    pl = plan(experiment, overrides, launcher, jobs, root, check=False)
     out = Path(out or Path("runs") / "sweeps" / experiment).resolve()
-    before = {j.name: job_status(out, j)[0] for j in job_list}
-    stale = [j.name for j in job_list if before[j.name] == "stale" and read_record(out / j.name).get("status") in FINISHED]
+    moved = adopt_folders(out, pl.unique)
+    before = {j.name: job_status(out, j)[0] for j in pl.unique}
+    stale = [n for n, st in before.items() if st == "stale" and read_record(out / n).get("status") in FINISHED]
     if stale and not force:
         raise ConfigError("--out", str(out), "--force to overwrite them, or another --out",
                           f"{len(stale)} job folder(s) hold finished runs of another config: {', '.join(stale[:3])}"
                           + (", ..." if len(stale) > 3 else ""))
-    todo = [j for j in job_list if before[j.name] not in FINISHED]
+    todo = [j for j in pl.unique if before[j.name] not in FINISHED]
     check_builds(todo, root)  # finished jobs were valid; the others are built once before anything is written
-    skipped = len(job_list) - len(todo)
-    echo(f"sweep {experiment}: {len(job_list)} job(s), {skipped} already done, {len(todo)} to run "
-         f"[launcher {launcher}] → {out}")
+    skipped = len(pl.unique) - len(todo)
+    dups = len(pl.jobs) - len(pl.unique)
+    echo(f"sweep {experiment}: {len(pl.jobs)} job(s), {skipped} already done, "
+         + (f"{dups} duplicate(s) of another job's config, " if dups else "")
+         + f"{len(todo)} to run [launcher {launcher}] → {out}"
+         + (f" ({moved} finished job folder(s) renamed to the current names)" if moved else ""))
+    if pl.swept:
+        echo("swept: " + ", ".join(pl.swept) + (" | constant: " + " ".join(pl.constant) if pl.constant else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / SWEEP_FILE, json.dumps(_sweep_record(pl, launcher, todo), indent=2, default=str) + "\n")
     if todo:
-        out.mkdir(parents=True, exist_ok=True)
-        argv = ["cocoef", "-m", f"+experiment={experiment}", *[o for o in overrides if not _is_hydra(o)],
-                f"hydra.sweep.dir={_quote(str(out))}", *hydra_ovs]
+        argv = ["cocoef", "-m", *pl.constant, f"hydra.sweep.dir={_quote(str(out))}", "hydra/sweeper=cocoef",
+                f"hydra.sweeper.jobs_file={_quote(str(out / SWEEP_FILE))}",
+                "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(_quote(_key(o)) for o in pl.constant) + "]",
+                *pl.hydra]
         with _JobProgress(out, todo, enabled=not quiet):
             _launch(root, argv)
-    rows = []
-    for j in job_list:
-        status, wall = job_status(out, j)
-        rows.append({"job": j.name, "overrides": j.label, "status": status, "wall_s": wall})
-    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
-    out.mkdir(parents=True, exist_ok=True)
+    index = pd.DataFrame([index_row(out, j, pl.swept) for j in pl.jobs], columns=index_columns(pl.swept))
     atomic_write(out / "index.csv", index.to_csv(index=False))
-    return SweepResult(out, job_list, index, skipped, time.perf_counter() - t0)
+    return SweepResult(out, pl.jobs, index, skipped, time.perf_counter() - t0, pl.swept)
+
+
+SWEEP_FILE = "sweep.json"  # the plan: constant overrides, swept keys, jobs; the sweeper launches its "launch" list
+
+
+def _sweep_record(pl: Plan, launcher: str, todo: Sequence[Job]) -> dict[str, Any]:
+    n = len(pl.constant)
+    return {"experiment": pl.experiment, "launcher": launcher, "constant": pl.constant, "swept": pl.swept,
+            "jobs": [{"job": j.name, **j.swept, "run_id": j.run_id, "same_as": j.same_as} for j in pl.jobs],
+            "launch": [j.overrides[n:] for j in todo]}
+
+
+def index_columns(swept: Sequence[str]) -> list[str]:
+    """``index.csv``: job, one column per swept key, then the job's swept overrides, status, wall_s
+    and a note (the reason of a failure, the job a duplicate repeats)."""
+    return ["job", *swept, *INDEX_COLUMNS[1:], "note"]
+
+
+def index_row(out: Path, job: Job, swept: Sequence[str]) -> dict[str, Any]:
+    if job.same_as is not None:
+        status, wall, note = "duplicate", None, f"same config as {job.same_as}"
+    else:
+        status, wall = job_status(out, job)
+        note = ""
+        if status == "failed":
+            err = str(read_record(out / job.name).get("error") or "no reason recorded").strip()
+            note = err.splitlines()[0] if err else "no reason recorded"
+        elif status in ("missing", "stale"):
+            note = "no run.json of this config: the job did not finish (see the launcher's output)"
+    return {"job": job.name, **{k: job.swept.get(k, "") for k in swept}, "overrides": job.label, "status": status,
+            "wall_s": wall, "note": note}
+
+
+def adopt_folders(out: Path, jobs: Sequence[Job]) -> int:
+    """Move finished runs of ``jobs`` found in other sub-folders of ``out`` (same ``run_id``) to
+    their job's folder when that folder holds no run; returns how many were moved."""
+    if not out.is_dir():
+        return 0
+    names = {j.name for j in jobs}
+    found: dict[str, Path] = {}
+    for child in sorted(out.iterdir()):
+        if child.is_dir() and child.name not in names:
+            rec = read_record(child)
+            if rec.get("status") in FINISHED and rec.get("run_id"):
+                found.setdefault(str(rec["run_id"]), child)
+    moved = 0
+    for j in jobs:
+        src, dst = found.get(j.run_id), out / j.name
+        if src is not None and not (dst / "run.json").exists():
+            if dst.exists():
+                import shutil
+
+                shutil.rmtree(dst)  # an unfinished attempt (no run.json)
+            src.rename(dst)
+            moved += 1
+    return moved
 
 
 class SweepError(RuntimeError):
@@ -419,16 +590,20 @@ class _JobProgress:
 
 # ----------------------------------------------------------------------------------------- table
 def summary(out: Path, index: Any | None = None) -> Any:
-    """One row per job: the final metrics (mean over seeds) of its ``metrics.csv``: method,
-    compressor, final train loss, optimality gap, test accuracy (where it applies), total bits."""
+    """One row per job: its swept keys, status, then the final metrics (mean over seeds) of its
+    ``metrics.csv``: method, compressor, seeds, final train loss, optimality gap, test accuracy
+    (where it applies), total bits; a duplicate job names the job it repeats."""
     import pandas as pd
 
-    index = pd.read_csv(Path(out) / "index.csv") if index is None else index
+    index = pd.read_csv(Path(out) / "index.csv", keep_default_na=False) if index is None else index
+    meta = [c for c in index.columns if c not in ("overrides", "wall_s", "note")]
     rows = []
-    for job in index.itertuples():
-        row: dict[str, Any] = {"job": job.job, "status": job.status}
-        path = Path(out) / str(job.job) / "metrics.csv"
-        if path.exists():
+    for job in index.to_dict("records"):
+        row: dict[str, Any] = {c: job[c] for c in meta}
+        if job["status"] == "duplicate":
+            row["status"] = f"duplicate ({job['note'].removeprefix('same config as ')})"
+        path = Path(out) / str(job["job"]) / "metrics.csv"
+        if path.exists() and job["status"] != "duplicate":
             df = pd.read_csv(path)
             last = df[df["iter"] == df.groupby("seed")["iter"].transform("max")]
             row.update(method=last["method"].iloc[0], compressor=last["compressor"].iloc[0],

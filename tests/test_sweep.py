@@ -27,7 +27,7 @@ def _mtimes(d: Path) -> dict:
 
 def _check_complete(d: Path, jobs=SMOKE_JOBS) -> pd.DataFrame:
     index = pd.read_csv(d / "index.csv")
-    assert list(index.columns) == ["job", "overrides", "status", "wall_s"]
+    assert list(index.columns) == ["job", "method", "straggler.p", "overrides", "status", "wall_s", "note"]
     assert set(index.job) == jobs and len(index) == len(jobs)
     assert (index.status == "completed").all() and (index.wall_s >= 0).all()
     for row in index.itertuples():
@@ -142,7 +142,7 @@ def test_killed_job_leaves_no_metrics_and_rerun_completes_it(tmp_path):
     assert not (out / "index.csv").exists()  # the index is written at the end
     res = runner.invoke(app, ["sweep", "smoke", *longer, "--out", str(out), "--jobs", "2", "-q"])
     assert res.exit_code == 0, res.output
-    _check_complete(out, {"eval_every=100,iters=1000," + j for j in SMOKE_JOBS})
+    _check_complete(out)  # constant overrides are in no job name
 
 
 def test_submitit_local_runs_the_smoke_sweep(tmp_path):
@@ -217,27 +217,27 @@ def test_job_names_are_stable_safe_and_distinct():
     a, b = sw.job_name("dataset.root=/data/a b"), sw.job_name("dataset.root=/data/a_b")
     assert "/" not in a and " " not in a and a != b and a == sw.job_name("dataset.root=/data/a b")
     long = sw.job_name("x=" + "9" * 500)
-    assert len(long) <= 120 and long != sw.job_name("x=" + "9" * 499)
+    assert len(long) <= 200 and long != sw.job_name("x=" + "9" * 499)
 
 
 def test_job_folders_do_not_depend_on_override_order_or_launcher():
-    a, _ = sw.plan("smoke", ["straggler.p=0.2", "method=coco,coco_ef"], "joblib", check=False)
-    b, _ = sw.plan("smoke", ["method=coco_ef,coco", "straggler.p=0.2"], "basic", check=False)
+    a = sw.plan("smoke", ["straggler.p=0.2", "method=coco,coco_ef"], "joblib", check=False).jobs
+    b = sw.plan("smoke", ["method=coco_ef,coco", "straggler.p=0.2"], "basic", check=False).jobs
     assert sorted(j.name for j in a) == sorted(j.name for j in b)
-    assert {j.name for j in a} == {"method=coco,straggler.p=0.2", "method=coco_ef,straggler.p=0.2"}
+    assert {j.name for j in a} == {"method=coco", "method=coco_ef"}  # straggler.p=0.2 is constant
 
 
 def test_baselines_preset_covers_every_method_with_three_seeds():
     from cocoef_cli import config
     from cocoef_cli.sim.methods import METHODS
 
-    jobs, _ = sw.plan("baselines", [], "basic", check=False)
+    jobs = sw.plan("baselines", [], "basic", check=False).jobs
     cfgs = [config.load(j.overrides) for j in jobs]
     assert {c["method"]["name"] for c in cfgs} == {n for n, _ in METHODS.describe()}
     assert all(c["seeds"] == 3 for c in cfgs)
     assert len({j.name for j in jobs}) == len(jobs)
     for name, _ in sw.experiments():  # every preset composes and expands
-        assert sw.plan(name, [], "basic", check=False)[0]
+        assert sw.plan(name, [], "basic", check=False).jobs
 
 
 def test_summary_table(smoke_dir):
@@ -245,3 +245,122 @@ def test_summary_table(smoke_dir):
     assert len(table) == 4 and {"method", "train_loss", "opt_gap", "bits_up"} <= set(table.columns)
     assert "test_acc" not in table.columns  # regression: no accuracy column
     assert (table.bits_up > 0).all() and table.train_loss.notna().all()
+
+
+# ------------------------------------------------------------------ sweeps that say what they swept
+def test_job_names_hold_every_swept_key_and_no_constant_one():
+    pl = sw.plan("smoke", ["straggler.p=0.1,0.4", "compressor.ratio=0.05,0.2", "seeds=2", "devices=20", "iters=300",
+                           "code.d=3"], "joblib", check=False)
+    assert pl.swept == ["compressor.ratio", "method", "straggler.p"]
+    assert set(pl.constant) == {"+experiment=smoke", "seeds=2", "devices=20", "iters=300", "code.d=3"}
+    assert len(pl.jobs) == len({j.name for j in pl.jobs}) == 8
+    for j in pl.jobs:
+        assert j.name == ",".join(f"{k}={j.swept[k]}" for k in pl.swept)  # sorted by key, nothing cut
+        assert j.cfg["compressor"]["ratio"] == float(j.swept["compressor.ratio"]) and j.cfg["devices"] == 20
+
+
+def test_index_has_a_column_per_swept_key_and_constants_are_recorded_once(tmp_path):
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["sweep", "smoke", "method=coco_ef", "straggler.p=0.1,0.3", "iters=10",
+                              "--launcher", "basic", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    index = pd.read_csv(out / "index.csv")
+    assert list(index.columns) == ["job", "straggler.p", "overrides", "status", "wall_s", "note"]
+    assert sorted(index["straggler.p"]) == [0.1, 0.3] and set(index.job) == {"straggler.p=0.1", "straggler.p=0.3"}
+    rec = json.loads((out / "sweep.json").read_text())
+    assert rec["swept"] == ["straggler.p"] and set(rec["constant"]) == {"+experiment=smoke", "method=coco_ef", "iters=10"}
+    assert "method=coco_ef" in (out / "multirun.yaml").read_text()  # Hydra's record of the constant overrides
+    for job in index.job:
+        cfg = json.loads((out / job / "run.json").read_text())["config"]
+        assert cfg["iters"] == 10 and cfg["method"]["name"] == "coco_ef" and f"straggler.p={cfg['straggler']['p']}" == job
+
+
+def test_a_sweep_started_with_the_older_folder_names_resumes(tmp_path):
+    """Folders named by every override (the older scheme) are adopted by run_id, not rerun."""
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["sweep", "smoke", "iters=30", "--out", str(out), "--launcher", "basic", "-q"])
+    assert res.exit_code == 0
+    for job in SMOKE_JOBS:  # rename to the older names: iters=30 was part of every name
+        (out / job).rename(out / f"iters=30,{job}")
+    before = {p.parent.name.removeprefix("iters=30,"): p.stat().st_mtime_ns for p in out.glob("*/run.json")}
+    res = runner.invoke(app, ["sweep", "smoke", "iters=30", "--out", str(out), "--launcher", "basic"])
+    assert res.exit_code == 0, res.output
+    assert "4 already done" in res.stdout and "4 finished job folder(s) renamed" in res.stdout
+    _check_complete(out)
+    assert _mtimes(out) == before  # moved, not rerun
+    assert "0 to run" in res.stdout
+
+
+def test_an_empty_glob_exits_2_naming_the_pattern(tmp_path):
+    res = runner.invoke(app, ["sweep", "smoke", "method=glob(coco_x*)", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and not (tmp_path / "x").exists()
+    line = res.stderr.strip()
+    assert "\n" not in line and "method='glob(coco_x*)'" in line and "matches nothing" in line
+    assert "coco_ef" in line.partition("accepted:")[2]
+    res = runner.invoke(app, ["sweep", "smoke", "+baseline=glob(zzz*)", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "baseline='glob(zzz*)'" in res.stderr and "coco_diana" in res.stderr
+
+
+def test_jobs_with_the_same_config_run_once_and_the_table_says_so(tmp_path):
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["sweep", "smoke", "method=coco_ef", "seed=0,0", "iters=10", "--launcher", "basic",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    index = pd.read_csv(out / "index.csv", keep_default_na=False)
+    assert len(index) == 4 and list(index.status).count("duplicate") == 2
+    dup = index[index.status == "duplicate"]
+    assert all(n == f"same config as {j}" for n, j in zip(dup.note, dup.job))
+    assert "2 duplicate(s)" in res.stdout and "duplicate (straggler.p=0.1)" in res.stdout
+    assert len(list(out.glob("*/run.json"))) == 2
+
+
+def test_baseline_arms_keep_their_own_method_and_step_size():
+    """smoke sweeps method=coco_ef,coco; with +baseline= arms the arm's method wins: one job per
+    (arm, p), no cross product that rewrites an arm's method."""
+    from cocoef_cli import config
+
+    pl = sw.plan("smoke", ["+baseline=glob(coc*)"], "basic", check=False)
+    arms = [o for o in config.options("baseline") if o.startswith("coc")]
+    assert len(pl.jobs) == 2 * len(arms) and not [j for j in pl.jobs if j.same_as]
+    for j in pl.jobs:
+        arm = j.swept["baseline"]
+        owned = sw._arm_keys(config.config_dir(), arm)
+        arm_cfg = config.load([f"+baseline={arm}"])
+        assert j.cfg["method"]["name"] == arm_cfg["method"]["name"] and j.cfg["optim"]["lr"] == arm_cfg["optim"]["lr"]
+        assert j.cfg["compressor"]["name"] == arm_cfg["compressor"]["name"] and "method" in owned
+    # the command line still wins over an arm
+    pl = sw.plan("smoke", ["+baseline=coco_ef,gc", "optim.lr=0.01"], "basic", check=False)
+    assert {j.cfg["optim"]["lr"] for j in pl.jobs} == {0.01} and len(pl.jobs) == 4
+
+
+def test_sweep_none_sweeps_the_root_config(tmp_path):
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["sweep", "none", "straggler.p=0.1,0.3", "devices=6", "code.d=2", "iters=5",
+                              "dataset.n=240", "--launcher", "basic", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    index = pd.read_csv(out / "index.csv")
+    assert set(index.job) == {"straggler.p=0.1", "straggler.p=0.3"}
+    cfg = json.loads((out / "straggler.p=0.1" / "run.json").read_text())["config"]
+    assert cfg["seeds"] == 1 and cfg["eval_every"] == 10  # the root config's values, not a preset's
+    assert "experiment" not in json.loads((out / "sweep.json").read_text())["constant"]
+
+
+def test_a_job_failing_in_a_joblib_worker_prints_its_reason(tmp_path):
+    """The failure happens in the joblib worker processes only (a sitecustomize on their path makes
+    execute raise for method=coco): the console names each failed job and the reason."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import cocoef_cli.run as r\n_real = r.execute\n"
+        "def execute(cfg, out, progress=False, **kw):\n"
+        "    if cfg['method']['name'] == 'coco':\n        raise RuntimeError('boom in the worker')\n"
+        "    return _real(cfg, out, progress, **kw)\nr.execute = execute\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), *sys.path])}
+    out = tmp_path / "s"
+    proc = subprocess.run([sys.executable, "-m", "cocoef_cli.cli", "sweep", "smoke", "iters=5", "-j", "2", "-q",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    failed = [ln for ln in proc.stderr.splitlines() if ln.startswith("failed: ")]
+    assert sorted(failed) == [f"failed: method=coco,straggler.p={p}: RuntimeError: boom in the worker" for p in (0.1, 0.3)]
+    index = pd.read_csv(out / "index.csv").set_index("job")
+    assert index.loc["method=coco,straggler.p=0.1", "note"] == "RuntimeError: boom in the worker"
