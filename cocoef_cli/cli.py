@@ -191,12 +191,20 @@ def report(runs_dir: Path = typer.Argument(..., help="A run folder, a `cocoef sw
            out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUNS_DIR/report)."),
            x: Optional[str] = typer.Option(None, "--x", help="x column (default: iter, bits_up and sim_time where present)."),
            y: Optional[str] = typer.Option(None, "--y", help="y column (default: opt_gap, else test_acc, else train_loss)."),
-           hue: Optional[str] = typer.Option(None, "--hue", help="Curve column (default: the identity columns that vary).")) -> None:
-    """Figures (PNG + PDF, mean over seeds with 95% bands) and summary.md of the runs under RUNS_DIR.
-    Diverged or failed runs are listed in the summary, never plotted."""
+           hue: Optional[str] = typer.Option(None, "--hue", help="Config key(s) for the colours, e.g. "
+                                             "method,compressor.ratio (default: method and compressor if they vary)."),
+           style: Optional[str] = typer.Option(None, "--style", help="Config key for the dash patterns."),
+           col: Optional[str] = typer.Option(None, "--col", help="Config key for the column facets."),
+           row: Optional[str] = typer.Option(None, "--row", help="Config key for the row facets."),
+           where: Optional[List[str]] = typer.Option(None, "--where", help="Only runs with KEY=VALUE (repeatable)."),
+           title: Optional[str] = typer.Option(None, "--title", help="Figure title (default: the shared setting).")) -> None:
+    """Figures (PNG + PDF), summary.csv/.md and curves.csv of the runs under RUNS_DIR. One curve per
+    configuration (mean over its seeds, 95% band); every config key that varies is shown as hue,
+    style or a facet, and a report that cannot show them all exits 2 naming them. Diverged or
+    failed runs are listed in the summary, never plotted."""
     from cocoef_cli.report import report as make_report
 
-    files = make_report(runs_dir, out, x, y, hue)
+    files = make_report(runs_dir, out, x, y, hue, style, col, row, where or (), title)
     for f in files:
         typer.echo(str(f))
 

@@ -216,25 +216,13 @@ def _save(fig: Any, out: Path, dpi: int = 110) -> Path:
 
 
 def _finish(fig: Any, ax: Any, n_items: int, n_panels: int, title: str, excluded: Sequence[str]) -> None:
-    """Title, layout, then one shared legend below the panels (the saved canvas grows to fit it:
-    ``bbox_inches="tight"``) and a note naming the runs that were not plotted."""
+    """Title, layout, then one shared legend below the panels (from ``ax``'s entries) and a note
+    naming the runs that were not plotted: see :func:`_finish_legend`."""
     handles, labels = ax.get_legend_handles_labels()
     for a in fig.axes:
         if a.get_legend() is not None:
             a.get_legend().remove()
-    if title:
-        fig.suptitle(title, fontsize=10.5)
-    fig.tight_layout()
-    ncol = max(1, min(n_items, 4 if n_panels > 2 else 2))  # never wider than the panels
-    y = 0.0
-    if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=ncol, fontsize=9, frameon=False, handlelength=3.4,
-                   bbox_to_anchor=(0.5, 0.0))
-        y = -0.055 * math.ceil(n_items / ncol) - 0.02
-    if excluded:
-        text = "not plotted (diverged or failed): " + "; ".join(excluded)
-        fig.text(0.5, y - 0.02, text[:160] + ("…" if len(text) > 160 else ""), fontsize=7.5, color="#a00",
-                 ha="center", va="top")
+    _finish_legend(fig, handles, labels, n_panels, title, excluded)
 
 
 def _plottable(data: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -373,59 +361,383 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
     return "\n".join([head, sep, *body])
 
 
+# ------------------------------------------------------------------------------------- curves
+# Config keys that cannot change a run's numbers: runs differing only in them are seeds of one curve.
+NOT_CONFIG = ("seed", "seeds", "checkpoint_every")
+NOT_CONFIG_PREFIXES = ("hydra.", "logger.")
+RUN_INFO = ("run", "status", "wall_s", "diverged")
+# key order for the curve dimensions: method and compressor first (the primary label), then the groups
+PRIMARY = ("method.name", "compressor.name")
+GROUP_KEYS = ("code.name", "straggler.name", "dataset.name", "model.name", "optim.name", "runtime.name")
+# readable names of options and keys (legends, titles), shared with `cocoef figures`' axis labels
+NAMES = {"coco_ef": "COCO-EF", "coco": "COCO (no EF)", "coco_diana": "COCO-DIANA", "coco_ef21": "COCO-EF21",
+         "gc": "GC", "ef_sgd": "EF-SGD", "ignore_stragglers": "ignore stragglers", "gd": "GD",
+         "topk": "top-k", "randk": "rand-k", "randk_unbiased": "unbiased rand-k", "sign": "sign",
+         "scaled_sign": "scaled sign", "grouped_sign": "grouped sign", "qsgd": "QSGD", "onebit": "unbiased 1-bit",
+         "terngrad": "TernGrad", "natural": "natural", "identity": "full precision"}
+SHORT = {"straggler.p": "p", "code.d": "d", "compressor.ratio": "k/D", "compressor.k": "k", "optim.lr": "η",
+         "devices": "M", "iters": "T", "batch_size": "b", "compressor.group": "group", "compressor.levels": "s",
+         "straggler.s": "s", "straggler.deadline": "deadline", "optim.momentum": "momentum"}
+# metrics identity columns → config keys, for runs without a run.json
+_FROM_METRICS = {"method": "method.name", "compressor": "compressor.name", "code": "code.name",
+                 "straggler": "straggler.name", "dataset": "dataset.name", "model": "model.name",
+                 "devices": "devices", "d": "code.d", "p": "straggler.p"}
+SLOTS = ("hue", "style", "col", "row")
+
+
+def _value(v: Any) -> str:
+    """A config value as the text curves are keyed and labelled by."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "null"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def config_keys(runs: pd.DataFrame) -> list[str]:
+    """The flattened config keys that identify a configuration (every key but :data:`NOT_CONFIG`)."""
+    return [c for c in runs.columns if c not in RUN_INFO and c not in NOT_CONFIG
+            and not c.startswith(NOT_CONFIG_PREFIXES)]
+
+
+def varying_keys(runs: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """The keys of ``keys`` that take more than one value across ``runs``, primary keys first."""
+    vary = [k for k in keys if runs[k].map(_value).nunique() > 1]
+    rank = {k: i for i, k in enumerate((*PRIMARY, *GROUP_KEYS))}
+    return sorted(vary, key=lambda k: (rank.get(k, len(rank)), k))
+
+
+def _distinct(runs: pd.DataFrame, keys: Sequence[str]) -> int:
+    return len(runs[list(keys)].map(_value).drop_duplicates()) if keys else 1
+
+
+def curve_dimensions(runs: pd.DataFrame, vary: Sequence[str]) -> list[str]:
+    """The fewest varying keys (greedy, in ``vary``'s order) whose values tell every configuration
+    apart: a key that only follows another (``method.alpha`` with ``method.name``) adds nothing."""
+    dims: list[str] = []
+    for k in vary:
+        if _distinct(runs, [*dims, k]) > _distinct(runs, dims):
+            dims.append(k)
+    return dims
+
+
+def _resolve_key(key: str, keys: Sequence[str], vary: Sequence[str], opt: str) -> str:
+    """A user's key: a config key, or a group name for its option (``method`` = ``method.name``)."""
+    if key in keys:
+        return key
+    if f"{key}.name" in keys:
+        return f"{key}.name"
+    import difflib
+
+    close = difflib.get_close_matches(key, [*vary, *keys], n=1)
+    raise ConfigError(opt, key, list(vary) or list(keys), "not a config key of these runs"
+                      + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def assign_slots(runs: pd.DataFrame, vary: Sequence[str], keys: Sequence[str],
+                 chosen: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Keys per slot (hue, style, col, row). ``chosen``: the user's keys per slot; the other
+    curve dimensions fill the free slots in order (method and compressor share the hue). Raises
+    ConfigError (exit 2) when the keys cannot tell every configuration apart: a figure never
+    averages over configurations that differ."""
+    slots = {s: [_resolve_key(k, keys, vary, f"--{s}") for k in chosen.get(s) or []] for s in SLOTS}
+    shown = [k for ks in slots.values() for k in ks]
+    left = [k for k in curve_dimensions(runs, vary) if _distinct(runs, [*shown, k]) > _distinct(runs, shown)]
+    if not slots["hue"] and left:
+        primary = [k for k in left if k in PRIMARY]
+        slots["hue"] = primary or left[:1]
+        left = [k for k in left if k not in slots["hue"]]
+    for s in SLOTS[1:]:
+        if not slots[s] and left:
+            slots[s] = [left.pop(0)]
+    shown = [k for ks in slots.values() for k in ks]
+    if left or _distinct(runs, shown) < _distinct(runs, vary):
+        hidden = [k for k in vary if k not in shown]
+        raise ConfigError("report", f"{_distinct(runs, vary)} configurations", "--hue KEY[,KEY...], --style KEY, "
+                          "--col KEY, --row KEY for the keys that vary, or --where KEY=VALUE to select runs",
+                          f"more keys vary than the figure can show: {', '.join(vary)} (not shown: {', '.join(hidden)})")
+    return slots
+
+
+def value_label(key: str, v: Any) -> str:
+    text = _value(v)
+    if key in PRIMARY or key in GROUP_KEYS:
+        return NAMES.get(text, text)
+    return f"{SHORT.get(key, key)}={text}"
+
+
+def slot_label(row: Any, keys: Sequence[str]) -> str:
+    return ", ".join(value_label(k, row[k]) for k in keys)
+
+
+def setting_title(runs: pd.DataFrame, rows: pd.DataFrame) -> str:
+    """The setting every run shares, e.g. "M=100, sgc d=3, p=0.2, top-k 1%, mnist5k/mlp"."""
+    def const(k: str) -> Any:
+        if k in runs and runs[k].map(_value).nunique() == 1:
+            return runs[k].iloc[0]
+        return None
+
+    parts = []
+    if const("method.name") is not None:
+        parts.append(NAMES.get(str(const("method.name")), str(const("method.name"))))
+    if const("devices") is not None:
+        parts.append(f"M={_value(const('devices'))}")
+    if const("code.name") is not None:
+        parts.append(str(const("code.name")) + (f" d={_value(const('code.d'))}" if const("code.d") is not None else ""))
+    if "p" in rows and rows["p"].nunique() == 1:
+        parts.append(f"p={rows['p'].iloc[0]:.3g}")
+    comp = const("compressor.name")
+    if comp is not None:
+        text = NAMES.get(str(comp), str(comp))
+        ratio, k = const("compressor.ratio"), const("compressor.k")
+        if str(comp) in ("topk", "randk", "randk_unbiased"):
+            text += f" k={_value(k)}" if k is not None and _value(k) != "null" else \
+                f" {float(ratio) * 100:g}%" if ratio is not None else ""
+        parts.append(text)
+    if const("dataset.name") is not None and const("model.name") is not None:
+        parts.append(f"{const('dataset.name')}/{const('model.name')}")
+    return ", ".join(parts)
+
+
+def t_half_width(std: pd.Series, n: pd.Series) -> pd.Series:
+    """Half-width of the 95% Student-t interval of a mean over n seeds: t₀.₉₇₅,ₙ₋₁ · s/√n (NaN for n = 1)."""
+    from scipy.stats import t
+
+    n = n.astype(float)
+    half = pd.Series(t.ppf(0.975, (n - 1).clip(lower=1)), index=n.index) * std / n.pow(0.5)
+    return half.where(n > 1)
+
+
+def curve_stats(rows: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Per curve and evaluated iteration: the mean x over seeds (x = iter, bits_up, ...), the mean
+    of y over the seeds of that configuration, its 95% t-interval (``lo``, ``hi``) and ``seeds``."""
+    d = rows[rows[y].notna() & rows[x].notna()]
+    g = d.groupby(["curve_id", "iter"], sort=True)
+    out = g.agg(x=(x, "mean"), mean=(y, "mean"), std=(y, "std"), seeds=(y, "size")).reset_index()
+    half = t_half_width(out["std"], out["seeds"])
+    return out.assign(lo=out["mean"] - half, hi=out["mean"] + half).drop(columns="std")
+
+
+_DASHES = ["", (5, 2), (1.5, 1.5), (6, 2, 1, 2), (8, 2), (3, 1, 1, 1, 1, 1), (1, 3), (4, 1, 4, 3)]
+
+
+def _curve_styles(curves: pd.DataFrame, slots: dict[str, list[str]]) -> tuple[dict, dict]:
+    """Colour per hue label and dashes per curve: the fixed method/compressor styles when the hue
+    is method/compressor and they are distinct; a palette otherwise."""
+    import seaborn as sns
+
+    hues = list(dict.fromkeys(curves["hue"]))
+    arms = {h: (str(curves.loc[curves["hue"] == h, "method"].iloc[0]),
+                str(curves.loc[curves["hue"] == h, "compressor"].iloc[0])) for h in hues}
+    colour = {h: style_for(*arms[h])[0] for h in hues}
+    if len(set(colour.values())) < len(colour) or not set(slots["hue"]) <= set(PRIMARY):
+        colour = dict(zip(hues, sns.color_palette("tab10" if len(hues) <= 10 else "tab20", len(hues))))
+    styles = list(dict.fromkeys(curves["style"]))
+    if slots["style"]:
+        dash = {c.curve_id: _DASHES[styles.index(c.style) % len(_DASHES)] for c in curves.itertuples()}
+    else:
+        dash = {c.curve_id: style_for(*arms[c.hue])[1] for c in curves.itertuples()}
+    return colour, dash
+
+
+def curve_grid(stats: pd.DataFrame, curves: pd.DataFrame, slots: dict[str, list[str]], x: str, y: str,
+               out: Path, title: str, excluded: Sequence[str]) -> Path:
+    """One panel per (row, col) facet value, one line per curve (colour = hue, dashes = style),
+    mean over seeds with its 95% band, y shared across the panels; PNG + PDF."""
+    plt = _plt()
+    rows_v = list(dict.fromkeys(curves["row"])) if slots["row"] else [""]
+    cols_v = list(dict.fromkeys(curves["col"])) if slots["col"] else [""]
+    nr, nc = len(rows_v), len(cols_v)
+    fig, axes = plt.subplots(nr, nc, figsize=(4.6 * nc + 0.6 if nc > 1 else 7.0, 4.2 * nr + 0.4), squeeze=False,
+                             sharey=True, sharex=x == "iter")
+    colour, dash = _curve_styles(curves, slots)
+    stats = stats.copy()
+    if y == "opt_gap":  # float32 rounding can give F − F* ≤ 0 at convergence: show it at the floor
+        stats[["mean", "lo", "hi"]] = stats[["mean", "lo", "hi"]].clip(lower=GAP_FLOOR)
+    if x == "bits_up":
+        stats = stats[stats["x"] > 0]
+    positive = bool(len(stats)) and bool((stats["mean"] > 0).all())
+    for i, rv in enumerate(rows_v):
+        for j, cv in enumerate(cols_v):
+            ax = axes[i][j]
+            here = curves[(curves["row"] == rv) & (curves["col"] == cv)] if (slots["row"] or slots["col"]) else curves
+            for c in here.itertuples():
+                st = stats[stats["curve_id"] == c.curve_id]
+                (line,) = ax.plot(st["x"], st["mean"], color=colour[c.hue], linewidth=1.6, label=c.legend)
+                if dash[c.curve_id]:
+                    line.set_dashes(dash[c.curve_id])
+                ax.fill_between(st["x"], st["lo"], st["hi"], color=colour[c.hue], alpha=0.18, linewidth=0)
+            if x in LOG_COLUMNS or (x != "iter" and _spans_decades(stats["x"])):
+                ax.set_xscale("log")
+            if y in LOG_COLUMNS and positive:
+                ax.set_yscale("log")
+            ax.set_xlabel(label(x))
+            ax.set_ylabel(label(y) if j == 0 else "")
+            facet = " | ".join(t for t in (rv, cv) if t)
+            if facet:
+                ax.set_title(facet, fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
+    handles, labels_ = [], []
+    for a in fig.axes:  # one legend entry per curve label, from every panel
+        for h, lab in zip(*a.get_legend_handles_labels()):
+            if lab not in labels_:
+                handles.append(h)
+                labels_.append(lab)
+    _finish_legend(fig, handles, labels_, nc, title, excluded)
+    return _save(fig, out)
+
+
+def _finish_legend(fig: Any, handles: list, labels_: list, n_panels: int, title: str, excluded: Sequence[str]) -> None:
+    """Title, layout, one shared legend below the panels (the saved canvas grows to fit it:
+    ``bbox_inches="tight"``) and a note naming the runs that were not plotted."""
+    if title:
+        fig.suptitle(title, fontsize=10.5)
+    fig.tight_layout()
+    n = len(labels_)
+    ncol = max(1, min(n, 4 if n_panels > 2 else 2))
+    y0 = 0.0
+    if handles:
+        fig.legend(handles, labels_, loc="upper center", ncol=ncol, fontsize=9, frameon=False, handlelength=3.4,
+                   bbox_to_anchor=(0.5, 0.0))
+        y0 = -0.055 * math.ceil(n / ncol) - 0.02
+    if excluded:
+        text = "not plotted (diverged or failed): " + "; ".join(excluded)
+        fig.text(0.5, y0 - 0.02, text[:160] + ("…" if len(text) > 160 else ""), fontsize=7.5, color="#a00",
+                 ha="center", va="top")
+
+
+def _ci_text(m: float, h: float) -> str:
+    if m != m:
+        return "–"
+    return f"{m:.4g}" if h != h else f"{m:.4g} ± {h:.2g}"
+
+
 # ------------------------------------------------------------------------------------- report
 def _nonempty(rows: pd.DataFrame, col: str) -> bool:
     return col in rows and rows[col].notna().any()
 
 
-def report(runs_dir: Path, out: Path | None = None, x: str | None = None, y: str | None = None,
-           hue: str | None = None) -> list[Path]:
-    """Figures (PNG + PDF) and ``summary.md`` for every run under ``runs_dir`` (``cocoef report``).
+def _where(runs: pd.DataFrame, keys: Sequence[str], where: Sequence[str]) -> pd.DataFrame:
+    """The runs whose config matches every ``KEY=VALUE`` (numbers compared as numbers)."""
+    for cond in where:
+        key, eq, want = cond.partition("=")
+        if not eq:
+            raise ConfigError("--where", cond, "KEY=VALUE, e.g. --where compressor.ratio=0.05", "not KEY=VALUE")
+        key = _resolve_key(key.strip(), keys, keys, "--where")
+        vals = runs[key].map(_value)
+        try:
+            hit = pd.to_numeric(runs[key], errors="coerce") == float(want)
+        except ValueError:
+            hit = pd.Series(False, index=runs.index)
+        sel = runs[(vals == want.strip()) | hit]
+        if sel.empty:
+            raise ConfigError("--where", cond, sorted(set(vals)), f"no run has {key}={want}")
+        runs = sel
+    return runs
 
-    Defaults: y = ``opt_gap`` if present, else ``test_acc``, else ``train_loss``; one figure per
-    x in (``iter``, ``bits_up``, ``sim_time``) that has values; hue = the identity columns that
-    vary across runs. A column name that is not in the runs raises :class:`ConfigError`."""
+
+def report(runs_dir: Path, out: Path | None = None, x: str | None = None, y: str | None = None,
+           hue: str | Sequence[str] | None = None, style: str | None = None, col: str | None = None,
+           row: str | None = None, where: Sequence[str] = (), title: str | None = None) -> list[Path]:
+    """Figures (PNG + PDF), ``summary.csv``/``summary.md`` and ``curves.csv`` for the runs under
+    ``runs_dir`` (``cocoef report``).
+
+    One curve = one configuration: the runs (and their seeds) whose configs agree on every key but
+    :data:`NOT_CONFIG`. The keys that vary across the runs are shown: method/compressor as the
+    hue, the others as style, column and row facets (or as the user assigns them); when more vary
+    than a figure can show, ConfigError (exit 2) names them. Defaults: y = ``opt_gap`` if
+    present, else ``test_acc``, else ``train_loss``; one figure per x in (``iter``, ``bits_up``,
+    ``sim_time``) that has values. Bands: 95% Student-t intervals over the seeds of a curve
+    (``curves.csv`` holds every plotted point). Diverged and failed runs are listed, never drawn."""
     runs_dir = Path(runs_dir)
     rows, runs = load_runs(runs_dir)
     out = Path(out) if out else runs_dir / "report"
     if rows.empty:
         raise ConfigError("RUNS_DIR", str(runs_dir), "run folders with a metrics.csv", "no metrics found")
     columns = [c for c in rows.columns if c not in ("run", "status") and rows[c].notna().any()]
-    for opt, val in (("--x", x), ("--y", y), ("--hue", hue)):
-        if val is not None and val not in columns and not (opt == "--hue" and val == "label"):
+    for opt, val in (("--x", x), ("--y", y)):
+        if val is not None and val not in columns:
             raise ConfigError(opt, val, columns, "unknown column")
-    ys = [y] if y else [next(c for c in ("opt_gap", "test_acc", "train_loss") if _nonempty(rows, c))]
-    xs = [x] if x else [c for c in ("iter", "bits_up", "sim_time") if _nonempty(rows, c)]
-    if hue is None or hue == "label":
-        rows["label"] = default_label(rows)
-        hue = "label"
-    else:
-        rows[hue] = rows[hue].astype(str)
-    files = []
-    title = f"{runs_dir.name}: mean over seeds, 95% CI"
+    firsts = rows.groupby("run").first()
+    for mcol, key in _FROM_METRICS.items():  # runs without a run.json: their identity columns
+        if mcol in firsts:
+            fill = runs["run"].map(firsts[mcol])
+            runs[key] = runs[key].fillna(fill) if key in runs else fill
+    keys = config_keys(runs)
+    runs = _where(runs, keys, where)
+    bad = runs[runs["status"] != "completed"]
+    ok = runs[runs["status"] == "completed"].copy()
+    if ok.empty:
+        raise ConfigError("RUNS_DIR", str(runs_dir), "at least one completed run", "every run diverged or failed")
+    vary = varying_keys(ok, keys)
+    chosen = {"hue": [h.strip() for h in (hue.split(",") if isinstance(hue, str) else hue or []) if h.strip()
+                      and h.strip() != "label"],
+              "style": [style] if style else [], "col": [col] if col else [], "row": [row] if row else []}
+    slots = assign_slots(ok, vary, keys, chosen)
+    shown = [k for s in SLOTS for k in slots[s]]
+    ok["curve_id"] = ok[vary].map(_value).agg("\x1f".join, axis=1) if vary else ""
+    for s in SLOTS:
+        ok[s] = ok.apply(lambda r: slot_label(r, slots[s]), axis=1) if slots[s] else ""
+    if not slots["hue"]:  # one curve: its method and compressor
+        ok["hue"] = ok.apply(lambda r: slot_label(r, [k for k in PRIMARY if k in ok]), axis=1)
+    ok["legend"] = ok.apply(lambda r: ", ".join(t for t in (r["hue"], r["style"]) if t), axis=1)
+    ok["method"] = ok["method.name"].astype(str) if "method.name" in ok else ok["run"].map(firsts["method"])
+    ok["compressor"] = ok["compressor.name"].astype(str) if "compressor.name" in ok else \
+        ok["run"].map(firsts["compressor"]) if "compressor" in firsts else "*"
+    curve_cols = ["curve_id", "legend", *SLOTS, "method", "compressor"]
+    data = rows.merge(ok[["run", *curve_cols]], on="run", how="inner")
+    data = data.drop_duplicates(["curve_id", "seed", "iter"])  # one replicate counted once per curve
+    curves = ok.drop_duplicates("curve_id")[[*curve_cols, *vary]]
+    order = sorted(range(len(curves)), key=lambda i: tuple(str(curves.iloc[i][s]) for s in ("row", "col", "hue", "style")))
+    curves = curves.iloc[order].reset_index(drop=True)
+    excluded = [f"{r.run}: {r.status}" for r in bad.itertuples()]
+    setting = setting_title(ok, rows[rows["run"].isin(ok["run"])])
+    fig_title = title if title is not None else (f"{setting} — mean over seeds, 95% CI" if setting
+                                                 else f"{runs_dir.name}: mean over seeds, 95% CI")
+    ys = [y] if y else [next(c for c in ("opt_gap", "test_acc", "train_loss") if _nonempty(data, c))]
+    xs = [x] if x else [c for c in ("iter", "bits_up", "sim_time") if _nonempty(data, c)]
+    files, points = [], []
     for yc in ys:
         for xc in xs:
-            p = line_panels(rows, xc, yc, hue, out / f"{yc}_vs_{xc}.png", title=title)
+            st = curve_stats(data, xc, yc)
+            p = curve_grid(st, curves, slots, xc, yc, out / f"{yc}_vs_{xc}.png", fig_title, excluded)
             files += [p, p.with_suffix(".pdf")]
-    # summary: final values per run
-    fin = final_rows(rows)
-    keys = [c for c in ("method", "compressor", "code", "d", "p", "optim.lr") if c in fin]
-    agg = {c: "mean" for c in METRICS if _nonempty(fin, c)}
-    table = fin.groupby("run", sort=True).agg({**{k: "first" for k in keys}, **agg, "seed": "nunique"})
-    table = table.rename(columns={"seed": "seeds"}).reset_index()
-    table.insert(1, "status", table["run"].map(dict(zip(runs["run"], runs["status"]))))
-    bad = runs[runs["status"] != "completed"]
+            points.append(st.assign(figure=p.stem, x_col=xc, y_col=yc))
+    # per curve: the final values (last evaluated iteration of each seed), mean and 95% CI over seeds
+    fin = data[data["iter"] == data.groupby(["curve_id", "seed"])["iter"].transform("max")]
+    metrics = [c for c in METRICS if _nonempty(fin, c)]
+    g = fin.groupby("curve_id")
+    table = curves[["curve_id", "legend", *vary]].rename(columns={"legend": "curve"}).set_index("curve_id")
+    table["seeds"] = g["seed"].nunique()
+    table["runs"] = data.groupby("curve_id")["run"].nunique()
+    table["iter"] = g["iter"].max()
+    for m in metrics:
+        table[f"{m}_mean"] = g[m].mean()
+        table[f"{m}_ci95"] = t_half_width(g[m].std(), g[m].count())
+    table = table.reset_index(drop=True)
+    for k in vary:
+        table[k] = table[k].map(_value)
+    out.mkdir(parents=True, exist_ok=True)
+    pts = pd.concat(points, ignore_index=True).merge(curves[["curve_id", "legend", *vary]], on="curve_id")
+    pts = pts.rename(columns={"legend": "curve"})[["figure", "curve", *vary, "x_col", "y_col", "iter", "x", "mean",
+                                                    "lo", "hi", "seeds"]]
+    md_table = table[["curve", *vary, "seeds"]].copy()
+    for m in metrics:
+        md_table[m] = [_ci_text(a, b) for a, b in zip(table[f"{m}_mean"], table[f"{m}_ci95"])]
+    shown_txt = "; ".join(f"{s}: {', '.join(slots[s])}" for s in SLOTS if slots[s]) or "one configuration"
     lines = [f"# Report: `{runs_dir}`", "",
-             f"{len(runs)} run(s), {int((runs['status'] == 'completed').sum())} completed. Final values "
-             f"(last evaluated iteration), mean over seeds.", "", markdown_table(table), ""]
+             f"{len(runs)} run(s), {len(ok)} completed, {len(curves)} curve(s) (one per configuration; {shown_txt})."
+             + (f" Setting: {setting}." if setting else ""), "",
+             "Final values (last evaluated iteration), mean ± 95% CI (Student t) over the seeds of each curve.", "",
+             markdown_table(md_table), ""]
     if len(bad):
         lines += ["## Not plotted (diverged or failed)", ""]
         for r in bad.itertuples():
-            detail = f" (seed: iteration {r.diverged})" if isinstance(r.diverged, dict) and r.diverged else ""
+            detail = f" (seed: update {r.diverged})" if isinstance(r.diverged, dict) and r.diverged else ""
             lines.append(f"- `{r.run}`: {r.status}{detail}")
         lines.append("")
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"]
-    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     table.to_csv(out / "summary.csv", index=False)
-    return files + [out / "summary.md", out / "summary.csv"]
+    pts.to_csv(out / "curves.csv", index=False)
+    return files + [out / "summary.md", out / "summary.csv", out / "curves.csv"]

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -44,8 +45,9 @@ def test_report_single_run_and_options(sweep_dir, tmp_path):
 def test_report_bad_column_exits_2(sweep_dir, tmp_path, opt):
     res = runner.invoke(app, ["report", str(sweep_dir), "--out", str(tmp_path), opt, "nope"])
     assert res.exit_code == 2
-    line = res.output.strip()
-    assert "\n" not in line and f"{opt}='nope'" in line and "opt_gap" in line and "accepted" in line
+    line = res.stderr.strip()
+    assert "\n" not in line and f"{opt}='nope'" in line and "accepted" in line
+    assert ("method.name" if opt == "--hue" else "opt_gap") in line.partition("accepted")[2]
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -82,3 +84,152 @@ def test_fixed_styles_and_bits_to_target():
     assert t["bits_to_target"].iloc[0] == 15 and t["seeds_reached"].iloc[0] == "2/2"
     t = bits_to_target(rows, "label", "opt_gap", 0.02)
     assert t["bits_to_target"].isna().iloc[0] and t["seeds_reached"].iloc[0] == "1/2"
+
+
+# ------------------------------------------------------------------ one curve = one configuration
+GRID = ["method=coco_ef", "straggler.p=0.2", "compressor.ratio=0.1,0.3", "optim.lr=0.05,0.1", "dataset.noise=0.1,0.5"]
+
+
+@pytest.fixture(scope="module")
+def grid_dir(tmp_path_factory) -> Path:
+    """A 2×2×2 sweep of keys outside the identity columns (2 seeds per job)."""
+    out = tmp_path_factory.mktemp("grid") / "g"
+    res = runner.invoke(app, ["sweep", "smoke", *GRID, "--out", str(out), "--launcher", "basic", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _t_band(v: np.ndarray) -> tuple[float, float, float]:
+    """mean and 95% Student-t interval of v, computed here independently of the report."""
+    from scipy import stats
+
+    m = float(np.mean(v))
+    h = float(stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / np.sqrt(len(v)))
+    return m, m - h, m + h
+
+
+def test_a_grid_of_non_identity_keys_gives_one_curve_per_configuration(grid_dir, tmp_path):
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 8 and (summary["seeds"] == 2).all()
+    keys = ["compressor.ratio", "dataset.noise", "optim.lr"]
+    assert set(keys) <= set(summary.columns) and "curve" in summary.columns
+    assert len(summary[keys].drop_duplicates()) == 8
+    # every final value: the mean and 95% t-interval over the 2 seeds of that job's metrics.csv
+    for r in summary.itertuples():
+        job = grid_dir / f"compressor.ratio={getattr(r, '_2'):g},dataset.noise={getattr(r, '_3'):g},optim.lr={getattr(r, '_4'):g}"
+        m = pd.read_csv(job / "metrics.csv")
+        last = m[m.iter == m.iter.max()].train_loss.to_numpy()
+        mean, lo, _ = _t_band(last)
+        assert r.train_loss_mean == pytest.approx(mean, rel=1e-12)
+        assert r.train_loss_ci95 == pytest.approx(mean - lo, rel=1e-9)
+    md = (out / "summary.md").read_text()
+    assert "8 curve(s)" in md and "compressor.ratio" in md
+
+
+def test_curves_csv_holds_the_mean_and_band_of_each_curve_at_each_x(grid_dir, tmp_path):
+    out = tmp_path / "rep"
+    assert runner.invoke(app, ["report", str(grid_dir), "--out", str(out), "--y", "train_loss"]).exit_code == 0
+    pts = pd.read_csv(out / "curves.csv")
+    assert set(pts.figure) == {"train_loss_vs_iter", "train_loss_vs_bits_up"}
+    for job in (p.parent for p in grid_dir.glob("*/metrics.csv")):
+        cfg = json.loads((job / "run.json").read_text())["config"]
+        m = pd.read_csv(job / "metrics.csv")
+        mine = pts[(pts.figure == "train_loss_vs_bits_up") & (pts["compressor.ratio"] == cfg["compressor"]["ratio"])
+                   & (pts["optim.lr"] == cfg["optim"]["lr"]) & (pts["dataset.noise"] == cfg["dataset"]["noise"])]
+        assert sorted(mine.iter) == sorted(m.iter.unique())
+        for it, g in m.groupby("iter"):
+            row = mine[mine.iter == it].iloc[0]
+            mean, lo, hi = _t_band(g.train_loss.to_numpy())
+            assert row["mean"] == pytest.approx(mean, rel=1e-12) and row.seeds == 2
+            assert row["x"] == pytest.approx(g.bits_up.mean(), rel=1e-12)
+            if hi > lo:
+                assert row["lo"] == pytest.approx(lo, rel=1e-9) and row["hi"] == pytest.approx(hi, rel=1e-9)
+
+
+def test_diverged_and_failed_runs_are_never_averaged_in(grid_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "g"
+    shutil.copytree(grid_dir, copy)
+    jobs = sorted(p.parent for p in copy.glob("*/run.json"))
+    for job, status in zip(jobs[:2], ("diverged", "failed")):
+        rec = json.loads((job / "run.json").read_text())
+        (job / "run.json").write_text(json.dumps({**rec, "status": status, "diverged": {"1": 20}}))
+        m = pd.read_csv(job / "metrics.csv")
+        m.loc[m.seed == 1, "train_loss"] = 1e30  # a value that would show in any mean it entered
+        m.to_csv(job / "metrics.csv", index=False)
+    out = tmp_path / "rep"
+    assert runner.invoke(app, ["report", str(copy), "--out", str(out), "--y", "train_loss"]).exit_code == 0
+    summary, pts = pd.read_csv(out / "summary.csv"), pd.read_csv(out / "curves.csv")
+    assert len(summary) == 6 and (summary.train_loss_mean < 1e3).all() and (pts["mean"] < 1e3).all()
+    md = (out / "summary.md").read_text()
+    assert f"`{jobs[0].name}`: diverged" in md and f"`{jobs[1].name}`: failed" in md
+
+
+def test_runs_differing_only_in_iters_are_two_curves(tmp_path):
+    base = ["dataset.n=120", "dataset.dim=4", "devices=4", "code.d=2", "seeds=2", "eval_every=5"]
+    for iters in (10, 20):
+        assert runner.invoke(app, ["run", *base, f"iters={iters}", "--out", str(tmp_path / "runs" / f"t{iters}"),
+                                   "-q"]).exit_code == 0
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary.iters) == [10, 20] and sorted(summary["iter"]) == [10, 20] and (summary.seeds == 2).all()
+    assert sorted(summary.curve) == ["T=10", "T=20"]
+    assert "Setting: COCO-EF, M=4, sgc d=2, p=0.2, top-k 10%" in (out / "summary.md").read_text()
+
+
+def test_too_many_varying_keys_exit_2_naming_them(tmp_path):
+    base = ["dataset.n=120", "dataset.dim=4", "devices=4", "code.d=2", "iters=5"]
+    changes = ["optim.lr=0.05", "dataset.noise=0.3", "straggler.p=0.3", "compressor.ratio=0.3", "eval_every=5"]
+    for i, ch in enumerate(["seed=0", *changes]):
+        assert runner.invoke(app, ["run", *base, ch, "--out", str(tmp_path / "runs" / f"r{i}"), "-q"]).exit_code == 0
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
+    assert res.exit_code == 2
+    line = res.stderr.strip()
+    assert "\n" not in line and "more keys vary than the figure can show" in line and "--where" in line
+    for key in ("optim.lr", "dataset.noise", "straggler.p", "compressor.ratio", "eval_every"):
+        assert key in line
+    assert not out.exists()
+    # selecting runs makes it drawable
+    res = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out), "--where", "eval_every=10"])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(out / "summary.csv")) == 5
+
+
+def test_hue_style_facets_and_where(grid_dir, tmp_path):
+    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "a"), "--hue", "method,compressor.ratio",
+                              "--col", "optim.lr", "--row", "dataset.noise", "--title", "my title"])
+    assert res.exit_code == 0, res.output
+    summary = pd.read_csv(tmp_path / "a" / "summary.csv")
+    assert len(summary) == 8 and set(summary.curve) == {"COCO-EF, k/D=0.1", "COCO-EF, k/D=0.3"}
+    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "b"), "--where", "optim.lr=0.05",
+                              "--where", "dataset.noise=0.5"])
+    assert res.exit_code == 0, res.output
+    summary = pd.read_csv(tmp_path / "b" / "summary.csv")
+    assert len(summary) == 2 and list(summary.columns[:2]) == ["curve", "compressor.ratio"]
+    md = (tmp_path / "b" / "summary.md").read_text()
+    assert "k/D" in md or "compressor.ratio" in md
+    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "c"), "--where", "optim.lrr=0.05"])
+    assert res.exit_code == 2 and "did you mean optim.lr" in res.stderr
+    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "c"), "--where", "optim.lr=7"])
+    assert res.exit_code == 2 and "no run has optim.lr=7" in res.stderr
+    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "c"), "--hue", "optim.lr"])
+    assert res.exit_code == 0  # the other two keys go to style and a facet
+    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "d"), "--hue", "optim.lr",
+                              "--style", "optim.lr", "--col", "optim.lr", "--row", "optim.lr"])
+    assert res.exit_code == 2 and "not shown: compressor.ratio, dataset.noise" in res.stderr
+
+
+def test_default_title_states_the_constant_setting(grid_dir, tmp_path):
+    from cocoef_cli.report import load_runs, setting_title
+
+    rows, runs = load_runs(grid_dir)
+    assert setting_title(runs, rows) == "COCO-EF, M=6, sgc d=2, p=0.2, top-k, synthetic_linreg/linear"
+    rows, runs = load_runs(sorted(p.parent for p in grid_dir.glob("*/run.json"))[0])
+    assert setting_title(runs, rows) == "COCO-EF, M=6, sgc d=2, p=0.2, top-k 10%, synthetic_linreg/linear"
