@@ -118,7 +118,7 @@ def test_every_config_folder_ships_with_wheels():
 
     root = Path(__file__).resolve().parent.parent
     shipped = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
-    groups = sorted(p.name for p in (root / "conf").iterdir() if p.is_dir())
+    groups = sorted(str(p.relative_to(root / "conf")) for p in (root / "conf").rglob("*") if p.is_dir())
     expected = {"share/cocoef/conf": ["conf/*.yaml"]} | {f"share/cocoef/conf/{g}": [f"conf/{g}/*.yaml"] for g in groups}
     assert shipped == expected
 
