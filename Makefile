@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m cocoef_cli.demo --out results/demo
+	$(BIN)/python -m cocoef_cli.demo --out runs/demo
 
 # every method at the default setting, 3 seeds, as a resumable sweep; prints the final-metrics table
 baselines: install

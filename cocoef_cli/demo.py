@@ -32,7 +32,7 @@ COMMON = ["devices=100", "straggler=bernoulli", "straggler.p=0.2", "code=sgc", "
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("results/demo"))
+    ap.add_argument("--out", type=Path, default=Path("runs/demo"))  # runs/ is not tracked: a demo leaves the checkout clean
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every run")
     args = ap.parse_args(argv)
     frames = []

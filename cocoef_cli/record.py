@@ -85,7 +85,15 @@ def versions() -> dict[str, str]:
 def run_record(config: dict, status: str, wall_s: float, **extra: Any) -> dict[str, Any]:
     """The ``run.json`` payload (DESIGN §8)."""
     return {"config": config, "status": status, "wall_s": round(float(wall_s), 3), "versions": versions(),
-            "git": git_info(), "command": " ".join(sys.argv), **extra}
+            "git": git_info(), "command": command_line(), **extra}
+
+
+def command_line() -> str:
+    """The command line, with the program named without its folder (no machine path in records)."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if prog.endswith(".py"):  # python -m cocoef_cli.X: argv[0] is the module's file
+        prog = f"python -m cocoef_cli.{prog[:-3]}" if "cocoef_cli" in Path(sys.argv[0]).parts else prog
+    return " ".join([prog, *sys.argv[1:]])
 
 
 def write_run(out: Path, metrics: pd.DataFrame | None, record: dict[str, Any]) -> None:

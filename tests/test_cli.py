@@ -147,3 +147,31 @@ def test_run_checks_against_its_own_config_dir(tmp_path, monkeypatch):
         lines = res.stderr.strip().splitlines()
         assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}="), res.output
         assert "accepted:" in lines[0] and accepted in lines[0] and not (tmp_path / "x").exists()
+
+
+def test_records_name_the_program_without_a_machine_path(monkeypatch):
+    from cocoef_cli.record import command_line
+
+    monkeypatch.setattr("sys.argv", ["/home/me/proj/.venv/bin/cocoef", "run", "iters=3"])
+    assert command_line() == "cocoef run iters=3"
+    monkeypatch.setattr("sys.argv", ["/home/me/proj/cocoef_cli/demo.py", "--out", "runs/demo"])
+    assert command_line() == "python -m cocoef_cli.demo --out runs/demo"
+
+
+def test_the_demo_writes_outside_the_tracked_tree():
+    """`make demo` leaves a clean checkout clean: its default folder is ignored by git, and no
+    committed file is a run record (records hold the machine's commands and versions)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    demo_line = next(ln for ln in (root / "Makefile").read_text().splitlines() if "cocoef_cli.demo" in ln)
+    out = Path(demo_line.partition("--out")[2].split()[0])
+    assert out == Path("runs/demo")
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "x" / "metrics.csv")], cwd=root)
+    assert ignored.returncode == 0
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
+    assert not [f for f in tracked if f.endswith("run.json")]
