@@ -99,7 +99,7 @@ def encode_body(meta: dict, arrays: dict[str, Any]) -> bytes:
     doc = json.dumps({"meta": meta, "arrays": list(arrays)}, allow_nan=True).encode()
     parts = [struct.pack("<Q", len(doc)), doc]
     for name, a in arrays.items():
-        a = np.ascontiguousarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a))
+        a = np.asarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a, order="C")  # 0-d stays 0-d
         code = _CODES.get(a.dtype)
         if code is None or a.ndim > 8:
             raise WireError(f"array {name}: dtype {a.dtype} / {a.ndim} dims cannot be sent")
@@ -135,7 +135,7 @@ def decode_body(body: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
         size = count * DTYPES[code].itemsize
         if size > len(body) - off:
             raise WireError(f"array {name}: {size} bytes beyond the body")
-        a = np.frombuffer(body, dtype=DTYPES[code], count=count, offset=off).reshape(shape[:ndim])
+        a = np.frombuffer(body, dtype=DTYPES[code], count=count, offset=off).reshape(tuple(shape[:ndim]))
         arrays[name] = torch.from_numpy(a.astype(DTYPES[code].newbyteorder("=")))  # a copy, native order
         off += size
     if off != len(body):
