@@ -1,5 +1,6 @@
 """Nothing a file or a peer sends runs code: crafted checkpoints, CIFAR-10 batches and wire messages
 are refused with one clean line, and leave no marker file behind (issue 19)."""
+import io
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -43,7 +45,7 @@ def assert_live(make, tmp_path) -> None:
     probe = tmp_path / "probe"
     blob = make(probe)
     try:
-        torch.load(__import__("io").BytesIO(blob), weights_only=False) if blob[:2] == b"PK" else pickle.loads(blob)
+        torch.load(io.BytesIO(blob), weights_only=False) if blob[:2] == b"PK" else pickle.loads(blob)
     except Exception:  # noqa: BLE001 — the object built may not be what the loader expects
         pass
     assert probe.exists(), "the crafted payload should create its marker when unpickled unsafely"
@@ -61,18 +63,18 @@ def one_line(text: str) -> str:
 RUN = ["iters=20", "eval_every=5", "checkpoint_every=5"]
 
 
-def _evil_checkpoint(path, marker, rid):
-    buf = __import__("io").BytesIO()
+def _evil_checkpoint(marker, rid):
+    buf = io.BytesIO()
     torch.save({"format": checkpoint.FORMAT, "run_id": rid, "t": 5, "sim": Marker(marker), "loop": {}}, buf)
     return buf.getvalue()
 
 
 def test_crafted_checkpoint_is_refused_not_run(tmp_path):
     rid = run_id(config.load(RUN))
-    assert_live(lambda p: _evil_checkpoint(None, p, rid), tmp_path)
+    assert_live(lambda p: _evil_checkpoint(p, rid), tmp_path)
     out, marker = tmp_path / "out", tmp_path / "marker"
     out.mkdir()
-    (out / checkpoint.FILENAME).write_bytes(_evil_checkpoint(None, marker, rid))
+    (out / checkpoint.FILENAME).write_bytes(_evil_checkpoint(marker, rid))
     res = runner.invoke(app, ["run", *RUN, "--out", str(out), "-q"])
     assert res.exit_code == 2, res.output
     line = one_line(res.stderr)
@@ -90,7 +92,7 @@ def test_crafted_checkpoint_is_refused_not_run(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "old_format", "other_format", "malformed"])
-def test_corrupt_or_foreign_checkpoints_are_one_line_exit_2(tmp_path, kind):
+def test_corrupt_or_foreign_checkpoints_are_one_line_exit_2(tmp_path, monkeypatch, kind):
     out = tmp_path / "out"
     cfg = config.load(RUN)
     real = checkpoint.Checkpoint.save
@@ -100,16 +102,11 @@ def test_corrupt_or_foreign_checkpoints_are_one_line_exit_2(tmp_path, kind):
         real(self, sim, loop)
         blobs.append(self.path.read_bytes())
 
-    checkpoint.Checkpoint.save = keep
-    try:
-        execute(cfg, tmp_path / "good")
-    finally:
-        checkpoint.Checkpoint.save = real
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", keep)
+    execute(cfg, tmp_path / "good")
     good = blobs[0]
-    assert checkpoint.unplain(torch.load(__import__("io").BytesIO(good), weights_only=True))["t"] == 5
-    import pandas as pd
-
-    buf = __import__("io").BytesIO()
+    assert checkpoint.unplain(torch.load(io.BytesIO(good), weights_only=True))["t"] == 5
+    buf = io.BytesIO()
     blob = {"truncated": good[: len(good) // 2], "garbage": os.urandom(300)}.get(kind)
     if kind == "old_format":  # what cocoef wrote before format 3: a pickled DataFrame in the loop state
         torch.save({"format": 2, "run_id": run_id(cfg), "t": 5, "sim": {}, "loop": {"rows": [pd.DataFrame({"a": [1]})]}},
@@ -128,8 +125,6 @@ def test_corrupt_or_foreign_checkpoints_are_one_line_exit_2(tmp_path, kind):
 
 
 def test_checkpoint_file_is_plain_data_and_round_trips_exactly(tmp_path):
-    import pandas as pd
-
     loop = {"rows": [pd.DataFrame({"seed": np.array([0, 1]), "x": np.array([1.5, np.nan], np.float32),
                                    "o": np.array([None, 2.0], dtype=object), "s": ["a", "b"]})],
             "diverged": {3: 7}, "alive": np.array([True, False]), "scalar": np.float32(0.1)}
@@ -272,9 +267,11 @@ ROGUE = textwrap.dedent("""
     pg = tp.group(store, rank, world, 20, "127.0.0.1")
     dst = 1 if rank == 0 else 0
     if rank == 0:  # the device's hello
-        n = tp.ENVELOPE.unpack(tp.recv_array(pg, tp.ENVELOPE.size, 1).tobytes())[3]
+        n = tp.ENVELOPE.unpack(tp.recv_array(pg, tp.ENVELOPE_ROOM, 1)[: tp.ENVELOPE.size].tobytes())[3]
         tp.recv_array(pg, n, 1)
-    if mode == "pickle":  # the old wire format: an 8-byte length, then the pickle
+    if mode == "raw":  # a bare pickle, longer than an envelope
+        tp.send_array(pg, np.frombuffer(payload + b" " * 2000, np.uint8), dst)
+    elif mode == "pickle":  # the old wire format: an 8-byte length, then the pickle
         tp.send_array(pg, np.array([len(payload)], "<i8").view(np.uint8), dst)
         tp.send_array(pg, np.frombuffer(payload, np.uint8), dst)
     elif mode == "envelope":  # a well-formed envelope without the token's proof, a pickle as body
@@ -345,8 +342,6 @@ def test_external_devices_with_the_token_run_and_match_the_simulator(tmp_path, m
     assert res.exit_code == 0, (res.output, outs)
     assert [d.returncode for d in devs] == [0, 0], outs
     _, sim = execute(config.load([s for s in SERVER if not s.startswith("runtime")]), None)
-    import pandas as pd
-
     dist = pd.read_csv(tmp_path / "o" / "metrics.csv")
     np.testing.assert_allclose(dist.train_loss, sim.metrics.train_loss, rtol=1e-5)
 
@@ -374,7 +369,7 @@ def test_spawn_false_without_a_token_is_exit_2(tmp_path, monkeypatch):
     assert proc.returncode == 2 and one_line(err).startswith("error: cocoef device 0: COCOEF_TOKEN=None")
 
 
-@pytest.mark.parametrize("mode", ["pickle", "envelope"])
+@pytest.mark.parametrize("mode", ["raw", "pickle", "envelope"])
 def test_a_rogue_device_sending_a_crafted_payload_is_refused(tmp_path, monkeypatch, mode):
     port = free_port()
     dev = _device(1, port, 3, "the-run-token")
@@ -383,7 +378,7 @@ def test_a_rogue_device_sending_a_crafted_payload_is_refused(tmp_path, monkeypat
     outs = _finish(dev, rogue, grace=2.0)
     assert res.exit_code == 1, (res.output, outs)
     line = one_line(res.stderr)
-    expected = "not a cocoef message" if mode == "pickle" else "does not hold this run's token"
+    expected = "does not hold this run's token" if mode == "envelope" else "not a cocoef message"
     assert line.startswith("run failed: WireError: rank 2") and expected in line, line
     assert not (tmp_path / "marker").exists()
     assert json.loads((tmp_path / "o" / "run.json").read_text())["status"] == "failed"

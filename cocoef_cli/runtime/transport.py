@@ -48,6 +48,7 @@ HELLO, SETUP = 1, 2
 SHARD = ("Xp", "Yp", "Wp", "valid", "sizes")  # the objective's (R, N, ...) tensors a device gets sliced
 KINDS = {HELLO: "hello", SETUP: "set-up"}
 HELLO_MAX = 4096  # body bytes a hello may announce
+ENVELOPE_ROOM = 1 << 16  # the envelope is received into this many bytes: a longer first message aborts (gloo)
 DTYPES = {1: np.dtype("?"), 2: np.dtype("u1"), 3: np.dtype("<i4"), 4: np.dtype("<i8"), 5: np.dtype("<f4"),
           6: np.dtype("<f8")}
 _CODES = {dt.newbyteorder("="): code for code, dt in DTYPES.items()} | {dt: code for code, dt in DTYPES.items()}
@@ -155,7 +156,7 @@ def send_message(pg: Any, dst: int, kind: int, token: str, meta: dict, arrays: d
 def recv_message(pg: Any, src: int, kind: int, token: str, max_body: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """The envelope message of ``kind`` from ``src``: (meta, arrays). The proof of the token is
     checked before the body is received; WireError names what is wrong."""
-    head = recv_array(pg, ENVELOPE.size, src).tobytes()
+    head = recv_array(pg, ENVELOPE_ROOM, src)[: ENVELOPE.size].tobytes()  # room for a foreign first message
     magic, version, got, n, proof, mac = ENVELOPE.unpack(head)
     who = f"rank {src}"
     if magic != MAGIC:
