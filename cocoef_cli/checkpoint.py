@@ -15,22 +15,83 @@ What a checkpoint holds (``OUT/checkpoint.pt``, written atomically: temporary fi
 
 The dataset and the partition tensors are not saved: they are rebuilt from the config (the
 checkpoint is tied to the run's ``run_id``, the hash of its results-relevant config).
-Checkpoint files are Python pickles (``torch.load(weights_only=False)``): load only your own.
+
+Safe to read whoever wrote it: the file holds only tensors, numbers, strings, lists and dicts
+(numpy arrays and scalars as raw bytes + dtype + shape, the metrics rows as such columns, see
+:func:`plain`) and is read with ``torch.load(weights_only=True)``, which builds nothing else, so a
+crafted file cannot run code. A file that does not load that way, or is not of this ``FORMAT``
+(corrupt, truncated, foreign, or written by cocoef before format 3, whose pickles cannot be read
+safely), is refused with a :class:`~cocoef_cli.errors.ConfigError` (exit 2): delete it, or pass
+``--force`` to start afresh (it is then overwritten).
 """
 from __future__ import annotations
 
 import io
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 
+from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import atomic_write
 from cocoef_cli.sim.rng import SeedRNG
 
 FILENAME = "checkpoint.pt"
-FORMAT = 2  # 2: θ in torch.nn's layout (MLP weights (out, in), GLM weights (C, f̃)); older files are ignored
+# 2: θ in torch.nn's layout (MLP weights (out, in), GLM weights (C, f̃)); 3: plain data only, read with
+# weights_only=True (older files are refused: they can only be read by unpickling)
+FORMAT = 3
 _SCALARS = (int, float, bool, str, type(None))
+_KINDS = "biufc"  # numpy dtype kinds stored as raw bytes: bool, (unsigned) integers, floats, complex
+
+
+def plain(x: Any) -> Any:
+    """``x`` with numpy arrays/scalars and DataFrames replaced by tagged dicts of tensors, numbers,
+    strings and lists (loadable with ``weights_only=True``); :func:`unplain` inverts it exactly
+    (dtype, shape, bytes). Tensors, scalars, lists and dicts pass through (recursively)."""
+    if isinstance(x, pd.DataFrame):
+        return {"__frame__": [str(c) for c in x.columns], "index": plain(x.index.to_numpy()),
+                "columns": [plain(x[c].to_numpy()) for c in x.columns]}
+    if isinstance(x, (np.ndarray, np.generic)):
+        a = np.asarray(x)
+        if a.dtype.kind == "O":
+            return {"__objects__": [plain(v) for v in a.reshape(-1).tolist()], "shape": list(a.shape)}
+        if a.dtype.kind not in _KINDS:
+            raise TypeError(f"checkpoint: cannot store numpy dtype {a.dtype}")
+        raw = torch.from_numpy(np.frombuffer(np.ascontiguousarray(a).tobytes(), dtype=np.uint8).copy())
+        return {"__ndarray__": a.dtype.str, "shape": list(a.shape), "data": raw, "scalar": isinstance(x, np.generic)}
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
+
+
+def unplain(x: Any) -> Any:
+    """Inverse of :func:`plain` (raises ValueError/TypeError/KeyError on a malformed tag)."""
+    if isinstance(x, dict):
+        if "__ndarray__" in x:
+            dt = np.dtype(str(x["__ndarray__"]))
+            if dt.kind not in _KINDS:
+                raise TypeError(f"dtype {dt} not allowed")
+            shape = tuple(int(n) for n in x["shape"])
+            a = np.frombuffer(x["data"].numpy().tobytes(), dtype=dt).reshape(shape).copy()
+            return a[()] if x.get("scalar") else a
+        if "__objects__" in x:
+            vals = [unplain(v) for v in x["__objects__"]]
+            a = np.empty(len(vals), dtype=object)
+            a[:] = vals
+            return a.reshape(tuple(int(n) for n in x["shape"]))
+        if "__frame__" in x:
+            cols = [unplain(c) for c in x["columns"]]
+            return pd.DataFrame(dict(zip(x["__frame__"], cols, strict=True)), index=unplain(x["index"]))
+        return {k: unplain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [unplain(v) for v in x]
+    return x
 
 
 def _roots(sim: Any) -> dict[str, Any]:
@@ -92,17 +153,40 @@ def apply(sim: Any, saved: dict[str, Any]) -> None:
             g.set_state(s)
 
 
+def _refuse(path: Path, why: str) -> ConfigError:
+    return ConfigError("--out", str(path.parent), f"a folder without {path.name}, a checkpoint of this run written "
+                       f"by this cocoef (format {FORMAT}), or --force (start afresh, overwriting it)",
+                       f"{path.name} is not a readable cocoef checkpoint ({why}); nothing in it was run")
+
+
 def read(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None when absent or unreadable (a torn file cannot exist
-    under the final name, but an incompatible one may)."""
+    """The checkpoint at ``path`` (decoded by :func:`unplain`), or None when absent. Raises
+    :class:`ConfigError` when the file is not one of ours of this format (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 — unreadable: treated as absent
-        return None
-    return payload if isinstance(payload, dict) and payload.get("format") == FORMAT else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on a foreign pickle protocol
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met something else than plain data
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+        raise _refuse(path, "it holds more than tensors, numbers, strings, lists and dicts" +
+                      (f": {why[:160]}" if why else "")) from None
+    except Exception as e:  # noqa: BLE001 — zip, tensor or I/O errors: corrupt or truncated
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        raise _refuse(path, f"corrupt or truncated: {type(e).__name__}: {first[:120]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        fmt = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise _refuse(path, f"format {fmt!r}")
+    try:
+        out = unplain(payload)
+        if not (isinstance(out["run_id"], str) and isinstance(out["t"], int) and isinstance(out["sim"], dict)
+                and isinstance(out["loop"], dict)):
+            raise TypeError("run_id, t, sim, loop")
+    except (KeyError, TypeError, ValueError) as e:
+        raise _refuse(path, f"malformed: {e}") from None
+    return out
 
 
 class Checkpoint:
@@ -119,7 +203,8 @@ class Checkpoint:
 
     def save(self, sim: Any, loop: dict[str, Any]) -> None:
         buf = io.BytesIO()
-        torch.save({"format": FORMAT, "run_id": self.run_id, "t": int(sim.t), "sim": capture(sim), "loop": loop}, buf)
+        torch.save(plain({"format": FORMAT, "run_id": self.run_id, "t": int(sim.t), "sim": capture(sim), "loop": loop}),
+                   buf)
         atomic_write(self.path, buf.getvalue())
 
     def restore(self, sim: Any) -> dict[str, Any] | None:
@@ -128,7 +213,10 @@ class Checkpoint:
         payload = read(self.path) if self.resume is True else self.resume
         if payload is None or payload.get("run_id") != self.run_id:
             return None
-        apply(sim, payload["sim"])
+        try:
+            apply(sim, payload["sim"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise _refuse(self.path, f"does not match this run: {e}") from None
         self.resumed_from = int(payload["t"])
         return payload["loop"]
 

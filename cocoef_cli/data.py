@@ -309,15 +309,62 @@ def fashion_mnist(cfg: Mapping):
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes (latin-1 only)."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: object) -> bytes:
+    """``bytes()`` as protocol-2 pickles write b"" (no argument: nothing else is admitted)."""
+    if args:
+        raise pickle.UnpicklingError("bytes() with arguments")
+    return b""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the official CIFAR-10 batches hold: dicts, lists, bytes,
+    strings, numbers and numpy arrays (``ndarray``, ``dtype`` and numpy's array reconstruct
+    functions, under numpy 1 or 2 names); any other global is refused (UnpicklingError), so a
+    crafted batch cannot run code."""
+
+    NUMPY = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+             ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+             ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
+        if module in ("builtins", "__builtin__") and name == "bytes":
+            return _empty_bytes
+        if (module, name) in self.NUMPY:
+            if hasattr(np, "_core"):  # numpy ≥ 2: the numpy.core names are deprecated aliases
+                module = module.replace("numpy.core.", "numpy._core.")
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
 def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch: a pickled dict with b"data" (n, 3072) uint8 (channel-major
-    3×32×32) and b"labels". Pickle runs code: only read folders you trust."""
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        raise ConfigError("dataset.root", str(path), "CIFAR-10 python batches (dicts with data, labels)", "bad file")
-    return np.asarray(d["data"], np.uint8).reshape(len(d["labels"]), -1), np.asarray(d["labels"], np.int64)
+    3×32×32) and b"labels", read by :class:`CifarUnpickler` (anything else: ConfigError naming it)."""
+    accepted = "official CIFAR-10 python batches (dicts of numpy uint8 data, labels, bytes)"
+    try:
+        with open(path, "rb") as f:
+            d = CifarUnpickler(f, encoding="bytes").load()
+        if not isinstance(d, dict):
+            raise ValueError(f"a pickled {type(d).__name__}, not a dict")
+        d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+        if "data" not in d or "labels" not in d:
+            raise ValueError("no data or labels")
+        data, labels = d["data"], d["labels"]
+        if not isinstance(data, np.ndarray) or data.dtype.kind not in "ui" or not isinstance(labels, (list, np.ndarray)):
+            raise ValueError("data is not an integer numpy array or labels not a list")
+        return np.asarray(data, np.uint8).reshape(len(labels), -1), np.asarray(labels, np.int64)
+    except pickle.UnpicklingError as e:
+        raise ConfigError("dataset.root", str(path), accepted, f"not a CIFAR-10 batch, not loaded ({e})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+        raise ConfigError("dataset.root", str(path), accepted, f"bad or truncated file ({type(e).__name__}: {e})") from None
 
 
 @DATASETS.register("cifar10")

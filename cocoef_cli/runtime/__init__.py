@@ -6,7 +6,8 @@ computes u_i = Σ_j B_ij g_j, applies the method (error feedback included) and s
 (:mod:`~cocoef_cli.runtime.wire`). With ``runtime.replay=true`` the straggler pattern is the
 simulator's seeded draw and ``metrics.csv`` equals the simulator's; without it stragglers are real
 (sleeps and a deadline). Modules: ``options`` (validated keys), ``wire`` (payload codecs),
-``transport`` (rendezvous and message layouts), ``device`` (a device process), ``server`` (the server
+``transport`` (rendezvous, the token-checked set-up messages — JSON and typed arrays, no pickle — and
+the message layouts; docs/runtime.md), ``device`` (a device process), ``server`` (the server
 and the process lifecycle). ``python -m cocoef_cli.runtime`` is the entry point of every rank under
 torchrun (rank 0 = server, which takes the overrides and ``--out``) or of one device process per host.
 """

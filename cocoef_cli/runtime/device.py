@@ -1,7 +1,8 @@
 """A device process: its own partitions, its encoded gradient, the method's state, compact messages.
 
-Device i holds only the partitions it stores (S_ij = 1), sent once by the server at set-up. Per
-iteration t it receives θ^t and computes
+Device i holds only the partitions it stores (S_ij = 1), sent once by the server at set-up (after
+the device's hello proved the run token, :mod:`~cocoef_cli.runtime.transport`). Per iteration t it
+receives θ^t and computes
 
     g_j(θ^t) for its partitions j,   u_i = Σ_j B_ij g_j   (summed in the simulator's order),
 
@@ -29,8 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cocoef_cli.data import Dataset
+from cocoef_cli.errors import ConfigError
+from cocoef_cli.models import Objective, build_model
 from cocoef_cli.runtime import transport as tp
-from cocoef_cli.runtime.wire import HEADER, CompressorStandIn, codec_for, frame, message_nbytes
+from cocoef_cli.runtime.options import TOKEN_ENV, TOKEN_HOW, env_token
+from cocoef_cli.runtime.wire import HEADER, CompressorStandIn, codec_for, frame, header, message_nbytes
 from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.methods import METHODS
 from cocoef_cli.sim.rng import SeedRNG
@@ -70,10 +75,27 @@ class Capture(CompressorStandIn):
         return self.last
 
 
-class Device:
-    """The state and computation of device ``setup['index']`` (see the module docstring)."""
+def shard_objective(cfg: dict, meta: dict, arrays: dict[str, torch.Tensor], dtype: torch.dtype) -> Objective:
+    """The objective of the partitions a device holds, from :func:`cocoef_cli.runtime.server.shard`'s
+    message: the model rebuilt from ``cfg['model']`` and the dataset's description (no samples),
+    the partition tensors :data:`~cocoef_cli.runtime.transport.SHARD` as received."""
+    d = meta["data"]
+    f = int(d["features"])
+    empty = Dataset(str(d["name"]), np.zeros((0, f)), np.zeros(0, np.int64), np.zeros((0, f)), np.zeros(0, np.int64),
+                    str(d["task"]), int(d["n_classes"]), tuple(int(k) for k in d["shape"]) if d["shape"] else None)
+    obj = Objective(build_model(cfg["model"], empty), empty, np.zeros((1, 0, 0), np.int64), float(meta["l2"]), dtype,
+                    torch.device("cpu"), batch_size=meta["batch_size"])
+    obj.n = int(meta["n"])
+    for name in tp.SHARD:
+        setattr(obj, name, arrays[name])
+    return obj
 
-    def __init__(self, setup: dict):
+
+class Device:
+    """The state and computation of device ``setup['index']`` (see the module docstring); ``arrays``
+    are the set-up message's tensors."""
+
+    def __init__(self, setup: dict, arrays: dict[str, torch.Tensor]):
         cfg = setup["cfg"]
         self.i, self.M, self.N, self.D = setup["index"], setup["M"], setup["N"], setup["D"]
         self.dtype = getattr(torch, setup["dtype"])
@@ -87,17 +109,17 @@ class Device:
         self.method = cls(cfg["method"], self.capture, 1, 1, self.D, self.dtype, torch.device("cpu"), self.crng)
         self.states = cls.state_names
         self.draws_keys = cls.compresses and self.C.randomized  # one (M, D) draw per step
-        self.obj = setup["shard"]
-        self.own = setup["own"]
+        self.obj = shard_objective(cfg, setup["shard"], arrays, self.dtype)
+        self.own = [int(j) for j in setup["own"]]
         if self.obj.batch_size:
             self.obj.batch_rng = SliceRNG(SeedRNG([seed], "batch"), self.N, self.own)
-        self.b = setup["b_row"]  # (n_own,) B_ij of the partitions held, ascending j
+        self.b = arrays["b_row"]  # (n_own,) B_ij of the partitions held, ascending j
         self.pending: dict[str, torch.Tensor] | None = None
         self.msg_bytes = message_nbytes(self.codec, bool(self.states))
         rt = setup["runtime"]
         self.slow = float(rt["slow_s"]) if self.i in rt["slow_devices"] else 0.0
         self.time_scale, self.straggle_s = float(rt["time_scale"]), float(rt["straggle_s"])
-        self.straggler = None if self.replay else build_straggler(cfg["straggler"], setup["loads"],
+        self.straggler = None if self.replay else build_straggler(cfg["straggler"], arrays["loads"],
                                                                    SeedRNG([seed], "straggler"))
 
     # -- per iteration
@@ -150,9 +172,8 @@ class Device:
         return d + self.slow
 
     def bye(self) -> np.ndarray:
-        head = np.zeros(1, dtype=HEADER)
-        head["iter"] = tp.STOP_ITER
-        return np.concatenate([head.view(np.uint8), np.zeros(self.msg_bytes - HEADER.itemsize, dtype=np.uint8)])
+        return np.concatenate([header(tp.STOP_ITER).view(np.uint8),
+                               np.zeros(self.msg_bytes - HEADER.itemsize, dtype=np.uint8)])
 
 
 def serve(pg: Any, dev: Device) -> None:
@@ -201,13 +222,21 @@ def main() -> int:
     """Entry of a device process (rank ≥ 1): RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the
     environment; everything else comes from the server."""
     rank, world, addr, port = tp.env_rank()
+    try:
+        token = env_token()
+        if token is None:
+            raise ConfigError(TOKEN_ENV, None, TOKEN_HOW, "not set")
+    except ConfigError as e:
+        print(f"error: cocoef device {rank - 1}: {e}", file=sys.stderr, flush=True)
+        return 2
     timeout = float(os.environ.get("COCOEF_TIMEOUT_S", "600"))
     torch.set_num_threads(int(os.environ.get("COCOEF_DEVICE_THREADS", "1")))
     store = tp.connect(addr, port, world, timeout, host_store=False)
     pg = tp.group(store, rank, world, timeout, addr)
     try:
-        setup = tp.recv_object(pg, 0)
-        serve(pg, Device(setup))
+        tp.send_message(pg, 0, tp.HELLO, token, {"rank": rank})
+        setup, arrays = tp.recv_message(pg, 0, tp.SETUP, token, max_body=1 << 62)
+        serve(pg, Device(setup, arrays))
     except Exception as e:
         print(f"cocoef device {rank - 1}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1

@@ -2,7 +2,7 @@
 
 Imports torch and the device code once, then forks one child per rank in ``COCOEF_RANKS``
 (``first-last``), each running :func:`cocoef_cli.runtime.device.main` with its RANK (WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT from the environment). Forking before any thread pool or process group
+MASTER_ADDR, MASTER_PORT and the run token ``COCOEF_TOKEN`` from the environment). Forking before any thread pool or process group
 exists is safe and saves one torch import per device. The launcher exits when every child has; if
 one fails it terminates the others and exits 1. On Linux the launcher dies with its parent and the
 children with the launcher (no orphans).

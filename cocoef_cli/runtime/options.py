@@ -3,12 +3,46 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from cocoef_cli.errors import ConfigError
 
 BACKENDS = ("gloo",)
+TOKEN_ENV, TOKEN_FILE_ENV = "COCOEF_TOKEN", "COCOEF_TOKEN_FILE"
+TOKEN_HOW = (f"the same secret in {TOKEN_ENV} (or in a file named by {TOKEN_FILE_ENV}) for the server and every "
+             "device, e.g. python -c 'import secrets; print(secrets.token_hex(32))'")
+
+
+def env_token() -> str | None:
+    """The run token from the environment: ``COCOEF_TOKEN``, else the stripped content of the file
+    ``COCOEF_TOKEN_FILE``; None when neither is set. ConfigError for an unreadable or empty file."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        token = open(path, encoding="utf-8").read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(TOKEN_FILE_ENV, path, "a readable file holding the run token", f"unreadable ({e})") from None
+    if not token:
+        raise ConfigError(TOKEN_FILE_ENV, path, "a file holding the run token", "empty")
+    return token
+
+
+def run_token(spawn: bool) -> str:
+    """The secret a device proves in its first message: a fresh random one when the server spawns
+    its devices (handed to them by the launcher), else :func:`env_token` (ConfigError if unset)."""
+    if spawn:
+        return secrets.token_hex(32)
+    token = env_token()
+    if token is None:
+        raise ConfigError(TOKEN_ENV, None, TOKEN_HOW, "runtime.spawn=false: devices started elsewhere must prove "
+                          "they belong to this run")
+    return token
 
 
 def _num(rt: Mapping, key: str, lo: float, allow_none: bool = False, lo_open: bool = False) -> float | None:
@@ -72,6 +106,8 @@ class RuntimeOptions:
         if not spawn and port is None:
             raise ConfigError("runtime.master_port", port, "integers 1..65535",
                               "runtime.spawn=false: devices elsewhere need a known port")
+        if not spawn:
+            run_token(False)  # set, before any work
         if not spawn and int(cfg.get("seeds", 1)) > 1:
             raise ConfigError("seeds", cfg.get("seeds"), "1 with runtime.spawn=false",
                               "external devices serve one replicate; run the seeds one by one")

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from cocoef_cli.runtime import transport as tp
-from cocoef_cli.runtime.options import RuntimeOptions
-from cocoef_cli.runtime.wire import CompressorStandIn, codec_for, message_iter, message_nbytes, unframe
+from cocoef_cli.runtime.options import TOKEN_ENV, TOKEN_FILE_ENV, RuntimeOptions, run_token
+from cocoef_cli.runtime.wire import CompressorStandIn, WireError, codec_for, message_iter, message_nbytes, unframe
 from cocoef_cli.sim.engine import Experiment, RunResult, Simulation, simulate
 from cocoef_cli.sim.methods import message_compressor_config
 from cocoef_cli.sim.rng import SeedRNG
@@ -55,18 +55,15 @@ class Delivered(CompressorStandIn):
         return self.messages
 
 
-def shard(obj: Any, own: list[int]) -> Any:
-    """A copy of the objective holding only partitions ``own`` (the padded (R, N, ...) tensors sliced
-    on N), without the full training/test data; minibatch stream re-attached by the device."""
-    import copy
-
-    sh = copy.copy(obj)
-    for name in ("X", "Y", "Xte", "Yte"):
-        setattr(sh, name, None)
-    for name in ("Xp", "Yp", "Wp", "valid", "sizes"):
-        setattr(sh, name, getattr(obj, name)[:, own].clone())
-    sh.batch_rng = None
-    return sh
+def shard(exp: Experiment, own: list[int]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The objective restricted to partitions ``own``, as (JSON meta, arrays): the padded (R, N, ...)
+    tensors :data:`~cocoef_cli.runtime.transport.SHARD` sliced on N, and what the device needs to
+    rebuild the model (:func:`cocoef_cli.runtime.device.shard_objective`); no training/test data."""
+    obj, data = exp.objective, exp.data
+    meta = {"n": int(obj.n), "l2": float(obj.l2), "batch_size": obj.batch_size,
+            "data": {"name": data.name, "task": data.task, "n_classes": int(data.n_classes),
+                     "features": int(data.features), "shape": list(data.shape) if data.shape else None}}
+    return meta, {name: getattr(obj, name)[:, own] for name in tp.SHARD}
 
 
 class Cluster:
@@ -87,14 +84,19 @@ class Cluster:
     def start(self, setups: list[dict], msg_bytes: int) -> None:
         o, M = self.opts, self.M
         world = M + 1
+        self.token = run_token(o.spawn)
         host = not tp.agent_store()
         port = o.master_port if o.master_port is not None else 0
         self.store = tp.connect(o.master_addr, port, world, o.timeout_s, host_store=host)
         if o.spawn:
             self._spawn(world, self.store.port)
         self.pg = tp.group(self.store, 0, world, o.timeout_s, o.master_addr)
-        for i, s in enumerate(setups):
-            tp.send_object(self.pg, s, i + 1)
+        for i in range(M):  # every device proves the token before it is sent anything
+            meta, _ = tp.recv_message(self.pg, i + 1, tp.HELLO, self.token, tp.HELLO_MAX)
+            if meta.get("rank") != i + 1:
+                raise WireError(f"rank {i + 1} says it is rank {meta.get('rank')!r} (refused)")
+        for i, (meta, arrays) in enumerate(setups):
+            tp.send_message(self.pg, i + 1, tp.SETUP, self.token, meta, arrays)
         self.msg_bytes = msg_bytes
         for i in range(M):
             th = threading.Thread(target=self._receive, args=(i,), name=f"uplink-{i}", daemon=True)
@@ -105,8 +107,9 @@ class Cluster:
         """One launcher process that imports torch once and forks the M device processes."""
         env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR=self.opts.master_addr, MASTER_PORT=str(port),
                    COCOEF_TIMEOUT_S=str(self.opts.timeout_s), COCOEF_RANKS=f"1-{self.M}", OMP_NUM_THREADS="1",
-                   MKL_NUM_THREADS="1")
+                   MKL_NUM_THREADS="1", **{TOKEN_ENV: self.token})
         env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        env.pop(TOKEN_FILE_ENV, None)
         log = tempfile.TemporaryFile(mode="w+")
         self.logs.append(log)
         self.procs.append(subprocess.Popen([sys.executable, "-m", "cocoef_cli.runtime.launch"], env=env,
@@ -142,6 +145,8 @@ class Cluster:
                 if time.perf_counter() >= end:
                     return None
                 continue
+            if isinstance(item[1], WireError):
+                raise WireError(f"device {item[0]}: {item[1]}")
             if isinstance(item[1], BaseException):
                 raise RuntimeError(f"device {item[0]}: connection failed: {item[1]}" + self._log())
             return item
@@ -246,7 +251,8 @@ class DistributedSimulation(Simulation):
             2.0 * self.deadline if math.isfinite(self.deadline) else 1.0)
 
     # -- set-up messages
-    def setups(self) -> list[dict]:
+    def setups(self) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+        """Per device the set-up message: (JSON meta, arrays)."""
         exp, cfg = self.exp, self.exp.cfg
         S, B = exp.code.S[0], exp.code.B[0]
         rt = {"slow_s": self.opts.slow_s, "slow_devices": list(self.opts.slow_devices),
@@ -256,12 +262,11 @@ class DistributedSimulation(Simulation):
         out = []
         for i in range(self.M):
             own = torch.nonzero(S[i]).view(-1).tolist()
-            out.append({"cfg": cfg, "index": i, "M": self.M, "N": exp.code.N, "D": self.D,
-                        "dtype": str(exp.dtype).replace("torch.", ""), "seed": exp.seeds[0],
-                        "replay": self.opts.replay, "comp_cfg": comp_cfg, "own": own,
-                        "b_row": B[i, own].clone(), "shard": shard(exp.objective, own),
-                        "loads": loads,
-                        "runtime": rt})
+            shard_meta, arrays = shard(exp, own)
+            out.append(({"cfg": cfg, "index": i, "M": self.M, "N": exp.code.N, "D": self.D,
+                         "dtype": str(exp.dtype).replace("torch.", ""), "seed": exp.seeds[0],
+                         "replay": self.opts.replay, "comp_cfg": comp_cfg, "own": own, "shard": shard_meta,
+                         "runtime": rt}, {"b_row": B[i, own], "loads": loads, **arrays}))
         return out
 
     def downlink(self, cmd: int, z: np.ndarray) -> np.ndarray:
@@ -303,6 +308,8 @@ class DistributedSimulation(Simulation):
                 break
             i, buf = item
             self.bytes += buf.size
+            if message_iter(buf) > t:
+                raise WireError(f"update {t}: device {i} sent a message of update {message_iter(buf)}")
             if message_iter(buf) != t:  # a late message of an earlier update: dropped
                 self.n_late += 1
                 continue

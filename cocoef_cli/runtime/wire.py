@@ -26,9 +26,11 @@ natural            sign + IEEE exponent per coordinate           ceil(9D/8) (flo
 =================  ============================================  =============================
 
 so payload bytes ≤ bits()/8 + 1 in float32. Each message is framed (:func:`frame`) with an 8-byte
-header (iteration, flags) and, for methods with per-device state, an 8-byte trailer ‖state_i‖²
-(instrumentation for the ``ef_norm`` column). A message holding a non-finite value (a diverging run)
-is sent flagged and decodes to NaNs: the replicate is then marked diverged as in the simulator.
+header (iteration int32, flags uint16, the tag 0xC0EF uint16) and, for methods with per-device state,
+an 8-byte trailer ‖state_i‖² (instrumentation for the ``ef_norm`` column). A message holding a
+non-finite value (a diverging run) is sent flagged and decodes to NaNs: the replicate is then marked
+diverged as in the simulator. A message that is not one (wrong tag, unknown flags, Top-k indices out
+of range or not ascending, QSGD levels above s) raises :class:`WireError`: the run fails with that line.
 """
 from __future__ import annotations
 
@@ -44,13 +46,15 @@ from cocoef_cli.sim.compressors import Compressor, ceil_log2, topk_mask
 
 CODECS: Registry[type["Codec"]] = Registry("wire codec")
 
-HEADER = np.dtype([("iter", "<i4"), ("flags", "<i4")])  # 8 bytes in front of every uplink message
+HEADER = np.dtype([("iter", "<i4"), ("flags", "<u2"), ("tag", "<u2")])  # 8 bytes in front of every uplink message
+TAG = 0xC0EF
 TRAILER = np.dtype("<f8")  # ‖state_i‖² after the step, methods with per-device state only
 FLAG_NONFINITE = 1
 
 
 class WireError(RuntimeError):
-    """A message that the codec cannot represent exactly."""
+    """A message the codec cannot represent exactly, or bytes from a peer that are not a valid
+    message (the run fails with this one line)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,11 +179,15 @@ class TopKCodec(Codec):
     def decode(self, buf, keys=None):
         vals, off = self._read(buf, 0, self.k)
         if self.mode == "bitmap":
-            idx = torch.from_numpy(np.flatnonzero(unpack_bits(buf[off:], 1, self.D)))
+            idx = np.flatnonzero(unpack_bits(buf[off:], 1, self.D))
+            if idx.size != self.k:
+                raise WireError(f"topk: a bitmap of {idx.size} positions, expected k = {self.k}")
         else:
-            idx = torch.from_numpy(unpack_bits(buf[off:], self.width, self.k))
+            idx = unpack_bits(buf[off:], self.width, self.k)
+            if idx.size and (idx[-1] >= self.D or np.any(np.diff(idx) <= 0)):
+                raise WireError(f"topk: indices not ascending in 0..{self.D - 1}")
         out = self._zeros()
-        out[idx] = vals
+        out[torch.from_numpy(idx)] = vals
         return out
 
 
@@ -322,6 +330,8 @@ class QSGDCodec(Codec):
     def decode(self, buf, keys=None):
         c, off = self._read(buf, 0, 1)
         codes = unpack_bits(buf[off:], 1 + self.L, self.D)
+        if codes.size and int((codes & ((1 << self.L) - 1)).max()) > self.s:
+            raise WireError(f"qsgd: a level above s = {self.s}")
         one = torch.ones((), dtype=self.dtype)
         sgn = torch.where(torch.from_numpy((codes >> self.L).astype(bool)), -one, one)
         xi = torch.from_numpy(codes & ((1 << self.L) - 1)).to(self.dtype)
@@ -389,8 +399,7 @@ def message_nbytes(codec: Codec, stateful: bool) -> int:
 
 def frame(codec: Codec, t: int, m: Tensor, keys: Tensor | None = None, state_sq: float | None = None) -> np.ndarray:
     """Header (iteration t, flags) + payload of m + the optional trailer ‖state‖², as uint8."""
-    head = np.zeros(1, dtype=HEADER)
-    head["iter"] = t
+    head = header(t)
     if bool(torch.isfinite(m).all()):
         payload = codec.encode(m, keys)
         if payload.size != codec.nbytes():  # pragma: no cover - codec bug
@@ -404,15 +413,33 @@ def frame(codec: Codec, t: int, m: Tensor, keys: Tensor | None = None, state_sq:
     return np.concatenate(parts)
 
 
+def header(t: int) -> np.ndarray:
+    """The (1,) HEADER record of an uplink message of iteration ``t`` (tagged, no flags)."""
+    head = np.zeros(1, dtype=HEADER)
+    head["iter"], head["tag"] = t, TAG
+    return head
+
+
+def _head(buf: np.ndarray):
+    head = np.frombuffer(np.asarray(buf[: HEADER.itemsize], dtype=np.uint8).tobytes(), dtype=HEADER)
+    if head.size != 1 or int(head[0]["tag"]) != TAG or int(head[0]["flags"]) & ~FLAG_NONFINITE:
+        raise WireError("an uplink message without a valid header (tag, flags)")
+    return head[0]
+
+
 def message_iter(buf: np.ndarray) -> int:
-    """The header iteration of a framed message (``STOP_ITER`` for a device's bye)."""
-    return int(np.frombuffer(buf[: HEADER.itemsize].tobytes(), dtype=HEADER)[0]["iter"])
+    """The header iteration of a framed message (``STOP_ITER`` for a device's bye); WireError if
+    the header is not valid."""
+    return int(_head(buf)["iter"])
 
 
 def unframe(codec: Codec, buf: np.ndarray, keys: Tensor | None = None, stateful: bool = False
             ) -> tuple[int, Tensor, float | None]:
-    """(iteration, m, ‖state‖² or None) of a framed message; m is all NaN when flagged non-finite."""
-    head = np.frombuffer(buf[: HEADER.itemsize].tobytes(), dtype=HEADER)[0]
+    """(iteration, m, ‖state‖² or None) of a framed message; m is all NaN when flagged non-finite.
+    WireError for a message that is not one (see the module docstring)."""
+    if buf.size != message_nbytes(codec, stateful):
+        raise WireError(f"an uplink message of {buf.size} bytes, expected {message_nbytes(codec, stateful)}")
+    head = _head(buf)
     body = buf[HEADER.itemsize: HEADER.itemsize + codec.nbytes()]
     if int(head["flags"]) & FLAG_NONFINITE:
         m = torch.full((codec.D,), math.nan, dtype=codec.dtype)
