@@ -8,6 +8,7 @@ from typing import Callable, List, Optional
 
 import typer
 
+from cocoef_cli import explain
 from cocoef_cli.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,7 +43,9 @@ def run(overrides: Optional[List[str]] = OverridesArg,
         config_dir: Optional[Path] = ConfigDirOpt,
         force: bool = typer.Option(False, "--force", help="Overwrite a finished run (or another run's "
                                    "checkpoint) in --out; start afresh instead of resuming a checkpoint."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved, validated config and its "
+                                     "run_id, and write nothing.")) -> None:
     """One run (all its seeds): writes OUT/metrics.csv and OUT/run.json. With checkpoint_every=K it
     saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
     from cocoef_cli import config
@@ -53,6 +56,9 @@ def run(overrides: Optional[List[str]] = OverridesArg,
     cfg = config.check(config.compose(overrides or [], config_dir), config_dir)
     rid = run_id(cfg)
     out = out or Path("runs") / rid
+    if dry_run:
+        typer.echo(config.to_yaml(cfg).rstrip() + f"\n# run_id: {rid}\n# out: {out}")
+        return
     saved = check_out_dir(out, force, rid)  # this run's checkpoint in OUT (None with --force)
     if saved is not None:
         typer.echo(f"resuming from the checkpoint at update {int(saved['t'])} in {out}", err=True)
@@ -78,36 +84,27 @@ def run(overrides: Optional[List[str]] = OverridesArg,
         typer.echo(f"diverged (seed: iteration): {res.diverged}", err=True)
 
 
-KINDS = ("codes", "compressors", "methods", "stragglers", "datasets", "models", "experiments")
-
-
 @app.command("list")
 @clean_errors
-def list_(kind: Optional[str] = typer.Argument(None, help="One of: " + ", ".join(KINDS)),
+def list_(group: Optional[str] = typer.Argument(None, help="A config group (singular or plural): "
+                                                 + ", ".join(explain.LISTABLE) + ". Default: all of them."),
           config_dir: Optional[Path] = ConfigDirOpt) -> None:
-    """List the registered components and the sweep presets (name and one-line description)."""
-    if kind is not None and kind not in KINDS:
-        raise ConfigError("kind", kind, KINDS, "unknown kind")
-    if kind == "experiments":  # no torch import needed
-        regs: dict = {}
-    else:
-        from cocoef_cli.data import DATASETS
-        from cocoef_cli.models import MODELS
-        from cocoef_cli.sim.codes import CODES
-        from cocoef_cli.sim.compressors import COMPRESSORS
-        from cocoef_cli.sim.methods import METHODS
-        from cocoef_cli.sim.stragglers import STRAGGLERS
-
-        regs = {k: r.describe() for k, r in zip(KINDS, (CODES, COMPRESSORS, METHODS, STRAGGLERS, DATASETS, MODELS))}
-    if kind in (None, "experiments"):
-        from cocoef_cli import config
-        from cocoef_cli.sweep import experiments
-
-        regs["experiments"] = experiments(config.config_dir(config_dir))
-    for k in [kind] if kind else KINDS:
-        typer.echo(f"{k}:")
-        for name, doc in regs[k]:
+    """List the options of every config group (or one): name and one-line description."""
+    groups = [explain.group_of(group)] if group else explain.LISTABLE
+    for g in groups:
+        typer.echo(f"{g}:")
+        for name, doc in explain.listing(g, config_dir):
             typer.echo(f"  {name:<18} {doc}")
+
+
+@app.command()
+@clean_errors
+def show(group: str = typer.Argument(..., help="A config group: " + ", ".join(explain.LISTABLE) + "."),
+         name: Optional[str] = typer.Argument(None, help="One of its options (default: the one conf/config.yaml "
+                                              "selects), e.g. topk."),
+         config_dir: Optional[Path] = ConfigDirOpt) -> None:
+    """An option's keys with their defaults, types and accepted values, and the math of its component."""
+    typer.echo(explain.show(explain.group_of(group), name, config_dir))
 
 
 @app.command()

@@ -63,3 +63,76 @@ def test_undeclared_key_in_a_recorded_config_is_rejected():
     cfg["iterations"] = 5
     with pytest.raises(ConfigError, match="did you mean iters"):
         config.validate(cfg)
+
+
+def test_list_every_group_with_whole_descriptions():
+    from cocoef_cli import explain
+
+    res = runner.invoke(app, ["list"])
+    assert res.exit_code == 0, res.output
+    for g in explain.LISTABLE:
+        assert f"{g}:\n" in res.stdout
+    # whole first paragraphs: the two that used to be cut mid-sentence
+    assert '"unbiased compression in gradient coding" baseline).' in res.stdout
+    assert "ĝ = Σ_i a_i h_i over the devices that answered." in res.stdout
+    for g in explain.LISTABLE:
+        for name, doc in explain.listing(g):
+            assert doc and doc[-1] in ".)", (g, name, doc)
+    for kind in ["baselines", "baseline", "experiments", "compressors", "optim", "runtime"]:
+        res = runner.invoke(app, ["list", kind])
+        assert res.exit_code == 0 and res.stdout.count(":\n") == 1, (kind, res.output)
+    res = runner.invoke(app, ["list", "baselines"])
+    assert "coco_diana" in res.stdout and "COCO-DIANA" in res.stdout
+    res = runner.invoke(app, ["list", "compressorz"])
+    assert res.exit_code == 2 and "did you mean compressor" in res.stderr
+
+
+def test_show_keys_defaults_types_and_math():
+    res = runner.invoke(app, ["show", "compressor", "topk"])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.stdout.splitlines() if line.startswith("compressor.ratio "))
+    assert row.split()[1:3] == ["0.1", "number"] and "(0, 1]" in row
+    assert "‖C(x) − x‖² ≤ (1 − k/D)‖x‖²" in res.stdout  # the docstring's math
+    res = runner.invoke(app, ["show", "straggler"])  # the default option
+    assert res.exit_code == 0 and "straggler=bernoulli" in res.stdout and "straggler.p" in res.stdout
+    res = runner.invoke(app, ["show", "baselines", "coco_diana"])
+    assert res.exit_code == 0 and "override /method: coco_diana" in res.stdout
+    res = runner.invoke(app, ["show", "compressor", "topkk"])
+    assert res.exit_code == 2 and "did you mean topk?" in res.stderr
+
+
+def test_show_and_list_a_plugin_of_a_user_config_folder(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    mine = tmp_path / "mine"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "conf", mine)
+    (mine / "compressor" / "topk_bitmap.yaml").write_text(
+        "# Top-k with a bitmap of the kept indices.\nname: topk\nk: null\nratio: 0.5  # half of D\n"
+        "index_bits: bitmap\nvalue_bits: 32\n")
+    res = runner.invoke(app, ["show", "compressor", "topk_bitmap", "--config-dir", str(mine)])
+    assert res.exit_code == 0, res.output
+    assert "component topk" in res.stdout and "Top-k with a bitmap" in res.stdout and "contraction" in res.stdout
+    row = next(line for line in res.stdout.splitlines() if line.startswith("compressor.ratio "))
+    assert row.split()[1] == "0.5" and row.endswith("half of D")
+    res = runner.invoke(app, ["list", "compressors", "--config-dir", str(mine)])
+    assert "topk_bitmap        Top-k with a bitmap of the kept indices." in res.stdout
+
+
+def test_dry_run_prints_the_config_and_run_id_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["run", *TINY, "straggler.p=0.3", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    import yaml
+
+    printed = yaml.safe_load(res.stdout)
+    assert printed["straggler"] == {"name": "bernoulli", "p": 0.3} and printed["devices"] == 5
+    rid = next(line for line in res.stdout.splitlines() if line.startswith("# run_id: ")).split()[-1]
+    assert list(tmp_path.iterdir()) == []
+    res = runner.invoke(app, ["run", *TINY, "straggler.p=0.3", "--out", "r", "-q"])
+    assert res.exit_code == 0
+    import json
+
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["run_id"] == rid
+    res = runner.invoke(app, ["run", *TINY, "straggler.p=1.3", "--dry-run"])
+    assert res.exit_code == 2 and "straggler.p" in res.stderr
