@@ -41,8 +41,9 @@ def _fmt(x: float) -> str:
 def run(overrides: Optional[List[str]] = OverridesArg,
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/<run_id>)."),
         config_dir: Optional[Path] = ConfigDirOpt,
-        force: bool = typer.Option(False, "--force", help="Overwrite a finished run (or another run's "
-                                   "checkpoint) in --out; start afresh instead of resuming a checkpoint."),
+        force: bool = typer.Option(False, "--force", help="Rerun even when --out holds this finished run; "
+                                   "overwrite a finished run (or the checkpoint) of another config; start afresh "
+                                   "instead of resuming a checkpoint."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved, validated config and its "
                                      "run_id, and write nothing.")) -> None:
@@ -50,7 +51,7 @@ def run(overrides: Optional[List[str]] = OverridesArg,
     saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
     from cocoef_cli import config
     from cocoef_cli.record import run_id
-    from cocoef_cli.run import check_out_dir, execute
+    from cocoef_cli.run import already_done, check_out_dir, execute
 
     # the whole schema, before any work, against the config root the config was composed from
     cfg = config.check(config.compose(overrides or [], config_dir), config_dir)
@@ -58,6 +59,11 @@ def run(overrides: Optional[List[str]] = OverridesArg,
     out = out or Path("runs") / rid
     if dry_run:
         typer.echo(config.to_yaml(cfg).rstrip() + f"\n# run_id: {rid}\n# out: {out}")
+        return
+    done = None if force else already_done(out, rid)
+    if done is not None:  # the same config, finished: nothing to do (as a sweep skips it)
+        typer.echo(f"already done: {out} holds this run ({done['status']}, run_id {rid}); --force reruns it "
+                   f"→ {out}/metrics.csv")
         return
     saved = check_out_dir(out, force, rid)  # this run's checkpoint in OUT (None with --force)
     if saved is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import clean_tmp, read_record, run_id, run_record, write_run
+from cocoef_cli.record import FINISHED, clean_tmp, read_record, run_id, run_record, write_run
 from cocoef_cli.sim.engine import Experiment, RunResult, build_experiment, simulate
 
 
@@ -33,6 +33,13 @@ def check_out_dir(out: Path, force: bool, rid: str | None = None) -> dict[str, A
         raise ConfigError("--out", str(out), "the folder of the same run (same config) to resume it, another "
                           "folder, or --force", f"holds a checkpoint of another run ({ck.get('run_id')})")
     return ck
+
+
+def already_done(out: Path, rid: str) -> dict[str, Any] | None:
+    """The record in ``out`` when it is a finished run (``completed`` or ``diverged``:
+    deterministic, rerunning gives the same) of run ``rid``, else None."""
+    rec = read_record(Path(out))
+    return rec if rec.get("status") in FINISHED and rec.get("run_id") == rid else None
 
 
 @contextmanager
