@@ -14,8 +14,11 @@ from cocoef_cli.errors import ConfigError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="COCO-EF: biased compression with error feedback in gradient coding — simulate, sweep, report.")
 
-OverridesArg = typer.Argument(None, help="Hydra overrides, e.g. method=coco compressor.ratio=0.05 straggler.p=0.3")
-ConfigDirOpt = typer.Option(None, "--config-dir", envvar="COCOEF_CONFIG_DIR", help="Config root (default: conf/).")
+OverridesArg = typer.Argument(None, metavar="KEY=VALUE...", show_default=False,
+                              help="Hydra overrides, e.g. method=coco compressor.ratio=0.05 straggler.p=0.3 "
+                                   "(`cocoef show GROUP` lists a group's keys).")
+ConfigDirOpt = typer.Option(None, "--config-dir", envvar="COCOEF_CONFIG_DIR",
+                            help="Config root holding config.yaml (default: the package's own conf/ folder).")
 
 
 def clean_errors(fn: Callable) -> Callable:
@@ -272,6 +275,21 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Fewer sizes (M ≤ 
 
     typer.echo(run_bench(quick, out, device, log=lambda line: typer.echo(line, err=True)))
     typer.echo(f"wrote {out}", err=True)
+
+
+class _Command(typer.core.TyperCommand):
+    """A flag takes no value: no type placeholder beside it in --help (typer prints ``<bool>``)."""
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201 — click's signature
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False):
+                p.metavar = ""
+        return params
+
+
+for _info in app.registered_commands:  # every verb, --help included
+    _info.cls = _Command if _info.cls in (None, typer.core.TyperCommand) else _info.cls
 
 
 def main() -> None:  # pragma: no cover

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 from cocoef_cli.errors import ConfigError, closest
 
 GROUPS = ("method", "code", "compressor", "straggler", "dataset", "model", "optim", "network", "runtime")
+OPTIONAL_GROUPS = ("logger",)  # absent from configs recorded before it existed; never part of run_id
+ALL_GROUPS = GROUPS + OPTIONAL_GROUPS
 PRECISIONS = ("float32", "float64")
 DEVICES = ("cpu", "cuda", "auto")
 RUNTIMES = ("simulator", "torch_distributed")
@@ -103,7 +105,7 @@ def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
                               "cocoef sweep's)", "Hydra's own keys do nothing in a single run")
         if key in PRESETS and not ov.startswith("+"):
             raise ConfigError(key, value, f"+{key}={value}", f"a {key} preset is added with +")
-        if key in GROUPS + PRESETS and value and "," not in value and not value.startswith(("[", "{", "$")):
+        if key in ALL_GROUPS + PRESETS and value and "," not in value and not value.startswith(("[", "{", "$")):
             if value not in options(key, root):
                 raise ConfigError(key, value, options(key, root), f"unknown {key}")
 
@@ -111,7 +113,7 @@ def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
 def root_keys(root: Path | None = None) -> list[str]:
     """The top-level keys of ``conf/config.yaml``, then the group names."""
     data = _option_defaults(".", "config", root)
-    return [k for k in data if k != "defaults"] + list(GROUPS)
+    return [k for k in data if k != "defaults"] + list(ALL_GROUPS)
 
 
 def group_keys(group: str, name: Any, root: Path | None = None) -> list[str]:
@@ -124,7 +126,7 @@ def unknown_key(dotted: str, value: Any, cfg: dict, root: Path | None = None) ->
     the group's selected option, or the top-level ones), and a hint: the options of the group that
     declare it ("dataset.path belongs to dataset=csv"), else the closest accepted key."""
     group, _, key = dotted.partition(".")
-    if key and group in GROUPS:
+    if key and group in ALL_GROUPS:
         name = (cfg.get(group) or {}).get("name")
         accepted = [f"{group}.{k}" for k in group_keys(group, name, root)]
         others = {o: group_keys(group, o, root) for o in options(group, root or config_dir()) if o != name}
@@ -137,7 +139,7 @@ def unknown_key(dotted: str, value: Any, cfg: dict, root: Path | None = None) ->
         return ConfigError(dotted, value, accepted or f"none ({group}={name} has no keys)",
                            f"unknown key of {group}={name}", hint)
     accepted = root_keys(root)
-    in_groups = [f"{g}.{k}" for g in GROUPS for k in (cfg.get(g) or {}) if k != "name"]
+    in_groups = [f"{g}.{k}" for g in ALL_GROUPS for k in (cfg.get(g) or {}) if k != "name"]
     owner = next((d for d in in_groups if d.split(".", 1)[1] == dotted), None)
     near = owner or closest(dotted, accepted + in_groups)
     return ConfigError(dotted, value, accepted, "unknown key", f"did you mean {near}?" if near else None)
@@ -151,7 +153,7 @@ def _check_declared(cfg: dict, root: Path | None) -> None:
     for k in cfg:
         if k not in top:
             raise unknown_key(k, cfg[k], cfg, root)
-    for g in GROUPS:
+    for g in (g for g in ALL_GROUPS if isinstance(cfg.get(g), dict)):
         declared = _option_defaults(g, cfg[g].get("name"), root)
         for k in cfg[g]:
             if declared and k not in declared:
@@ -244,6 +246,9 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
         raise ConfigError("checkpoint_every", cfg["checkpoint_every"], "null with runtime=torch_distributed",
                           "checkpoints are written by the simulator only")
     validate_groups(cfg, Path(root) if root else None)
+    from cocoef_cli import tracking
+
+    tracking.check(cfg)  # the logger group: its keys, its packages installed (the tracking extra)
     return cfg
 
 
@@ -295,7 +300,7 @@ def validate_groups(cfg: dict, root: Path | None = None) -> None:
         group, key = dotted.split(".", 1)
         if key in cfg.get(group, {}):
             _typed(dotted, cfg[group][key], kind, lo, accepted)
-    for group in GROUPS:
+    for group in (g for g in ALL_GROUPS if isinstance(cfg.get(g), dict)):
         defaults = _option_defaults(group, cfg[group].get("name"), root)
         for key, default in defaults.items():
             dotted, v = f"{group}.{key}", cfg[group].get(key)

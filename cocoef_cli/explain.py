@@ -18,7 +18,7 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import summary
 
 # `cocoef list` also takes the plural of a group (codes, compressors, ...)
-LISTABLE = (*config.GROUPS, *config.PRESETS)
+LISTABLE = (*config.ALL_GROUPS, *config.PRESETS)
 _PLURAL = {g + ("es" if g.endswith("s") else "s"): g for g in LISTABLE}
 _KEY_LINE = re.compile(r"^([A-Za-z_][\w]*):\s*(.*?)\s*(?:#\s?(.*))?$")
 
@@ -37,6 +37,8 @@ def registry(group: str) -> Any:
         from cocoef_cli.data import DATASETS as reg
     elif group == "model":
         from cocoef_cli.models import MODELS as reg
+    elif group == "logger":
+        from cocoef_cli.tracking import LOGGERS as reg
     else:
         return None
     return reg
