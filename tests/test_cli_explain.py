@@ -136,3 +136,16 @@ def test_dry_run_prints_the_config_and_run_id_and_writes_nothing(tmp_path, monke
     assert json.loads((tmp_path / "r" / "run.json").read_text())["run_id"] == rid
     res = runner.invoke(app, ["run", *TINY, "straggler.p=1.3", "--dry-run"])
     assert res.exit_code == 2 and "straggler.p" in res.stderr
+
+
+def test_help_texts_are_clean_for_every_verb():
+    from cocoef_cli.cli import app as the_app
+
+    verbs = [c.name or c.callback.__name__.replace("_", "-") for c in the_app.registered_commands]
+    assert {"run", "list", "show", "sweep", "rerun", "report", "figures", "tune", "check-code", "bench"} <= set(verbs)
+    for verb in verbs:
+        res = runner.invoke(app, [verb, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0 and "Usage" in res.stdout, verb
+        assert "<bool>" not in res.stdout, verb  # a flag takes no value
+    res = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert "the package's own conf/ folder" in res.stdout and "default: conf/)" not in res.stdout
