@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import math
 import numbers
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -70,13 +71,25 @@ class Logger:
         rows = frame[[k not in self.seen for k in new]]
         self.seen.update(new)
         if len(rows):
-            self._log(list(scalars(rows)))
+            self._guard(self._log, list(scalars(rows)))
 
     def close(self, status: str, metrics: Any | None, error: str | None = None) -> None:
         """Log the rows not seen yet, the final values, the status; release the writer."""
         if metrics is not None:
             self.log(metrics)
-        self._close(status, metrics, error)
+        self._guard(self._close, status, metrics, error)
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        """A tracker that fails never fails the run (its record is the source of truth): one
+        warning on stderr, and no more tracking."""
+        if getattr(self, "broken", False):
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            self.broken = True
+            print(f"warning: logger={self.cfg['logger']['name']} stopped tracking: {type(e).__name__}: {e} "
+                  f"(the run and its record go on)", file=sys.stderr)
 
     def _log(self, points: list[tuple[str, int, float]]) -> None:
         pass

@@ -142,3 +142,18 @@ def test_records_stream_to_the_progress_hook(tmp_path):
     text = _live(frames[-1])
     assert text.startswith(f"train_loss {frames[-1]['train_loss'].mean():.4g}") and "test_acc 0." in text
     assert "test_acc" not in _live(frames[-1].assign(test_acc=float("nan")))
+
+
+def test_a_failing_tracker_never_fails_the_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard", reason="the tracking extra is not installed: pip install -e '.[tracking]'")
+    from cocoef_cli.tracking import TensorBoardLogger
+
+    def broken(self, points):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(TensorBoardLogger, "_log", broken)
+    cfg = config.check(config.compose([*TINY, "logger=tensorboard"]), None)
+    _, res = execute(cfg, tmp_path / "r")
+    assert res.status == "completed" and json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "completed"
+    err = capsys.readouterr().err
+    assert err.count("warning: logger=tensorboard stopped tracking: OSError: disk full") == 1
