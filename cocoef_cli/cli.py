@@ -101,7 +101,7 @@ def list_(group: Optional[str] = typer.Argument(None, help="A config group (sing
     """List the options of every config group (or one): name and one-line description."""
     groups = [explain.group_of(group)] if group else explain.LISTABLE
     for g in groups:
-        typer.echo(f"{g}:")
+        typer.echo(f"{explain.PLURAL[g]}:")
         for name, doc in explain.listing(g, config_dir):
             typer.echo(f"  {name:<18} {doc}")
 

@@ -19,7 +19,8 @@ from cocoef_cli.registry import summary
 
 # `cocoef list` also takes the plural of a group (codes, compressors, ...)
 LISTABLE = (*config.ALL_GROUPS, *config.PRESETS)
-_PLURAL = {g + ("es" if g.endswith("s") else "s"): g for g in LISTABLE}
+PLURAL = {g: g + "s" for g in LISTABLE}  # the headers of `cocoef list`
+_GROUP_OF = {p: g for g, p in PLURAL.items()}
 _KEY_LINE = re.compile(r"^([A-Za-z_][\w]*):\s*(.*?)\s*(?:#\s?(.*))?$")
 
 
@@ -46,7 +47,7 @@ def registry(group: str) -> Any:
 
 def group_of(kind: str) -> str:
     """``kind`` as a group name (singular or plural); ConfigError naming the groups otherwise."""
-    group = _PLURAL.get(kind, kind)
+    group = _GROUP_OF.get(kind, kind)
     if group not in LISTABLE:
         raise ConfigError("GROUP", kind, LISTABLE, "unknown group")
     return group

@@ -71,7 +71,7 @@ def test_list_every_group_with_whole_descriptions():
     res = runner.invoke(app, ["list"])
     assert res.exit_code == 0, res.output
     for g in explain.LISTABLE:
-        assert f"{g}:\n" in res.stdout
+        assert f"{g}s:\n" in res.stdout
     # whole first paragraphs: the two that used to be cut mid-sentence
     assert '"unbiased compression in gradient coding" baseline).' in res.stdout
     assert "ĝ = Σ_i a_i h_i over the devices that answered." in res.stdout
