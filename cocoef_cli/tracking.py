@@ -211,8 +211,8 @@ def _sweep_root(out: Path) -> Path | None:
 @LOGGERS.register("mlflow")
 class MLflowLogger(Logger):
     """An MLflow run (experiment ``logger.experiment``) in the store ``logger.tracking_uri`` (any URI
-    MLflow accepts; null: ``sqlite:///DIR/mlflow.db`` with artifacts in DIR/mlartifacts, DIR = the
-    sweep folder for a sweep job, else OUT). Params: the resolved config (dotted keys); metrics:
+    MLflow accepts; null: ``sqlite:///DIR/mlflow.db``, DIR = the sweep folder for a sweep job, else
+    OUT; a local SQLite store keeps its artifacts in mlartifacts/ beside it). Params: the resolved config (dotted keys); metrics:
     ``seed{s}/{column}`` at step = iter, plus ``final/{column}`` (mean over seeds); artifacts:
     ``metrics.csv`` and the run record as ``cocoef-run.json`` (never named run.json, so that the
     store's folders are never taken for runs); tags: ``status`` (running, completed, diverged,
@@ -225,7 +225,9 @@ class MLflowLogger(Logger):
         lcfg = cfg["logger"]
         root = _sweep_root(self.out) or self.out.resolve()
         self.uri = lcfg.get("tracking_uri") or f"sqlite:///{root / 'mlflow.db'}"
-        artifacts = (root / "mlartifacts").as_uri() if not lcfg.get("tracking_uri") else None
+        # a local SQLite store keeps its artifacts beside it (MLflow's default: ./mlruns in the cwd)
+        db = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
+        artifacts = (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
         import logging
 
         from mlflow.entities import Param

@@ -62,6 +62,7 @@ def test_tensorboard_event_files_read_back(tmp_path):
 
 
 def test_mlflow_run_read_back_and_a_failed_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     pytest.importorskip("mlflow", reason="the tracking extra is not installed: pip install -e '.[tracking]'")
     from mlflow.tracking import MlflowClient
 
@@ -99,6 +100,8 @@ def test_mlflow_run_read_back_and_a_failed_run(tmp_path, monkeypatch):
     (failed,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
     assert failed.data.tags["status"] == "failed" and "boom" in failed.data.tags["error"]
     assert failed.info.status == "FAILED"
+    assert [a.path for a in client.list_artifacts(failed.info.run_id)] == ["cocoef-run.json"]
+    assert (tmp_path / "store" / "mlartifacts").is_dir()  # beside the store, not in the cwd
 
 
 def test_mlflow_one_run_per_sweep_job_in_the_sweep_store(tmp_path):
