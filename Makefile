@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install demo test baselines figures figures-quick bench lint clean
+.PHONY: install tracking demo test baselines figures figures-quick bench lint clean
 
 install: $(STAMP)
 
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# the loggers' packages alone (logger=tensorboard | mlflow; `make install` has them too, through the test extra)
+tracking: install
+	$(BIN)/pip install -q -e '.[tracking]'
 
 demo: install
 	$(BIN)/python -m cocoef_cli.demo --out runs/demo

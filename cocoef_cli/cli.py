@@ -9,13 +9,17 @@ from typing import Callable, List, Optional
 
 import typer
 
+from cocoef_cli import explain
 from cocoef_cli.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="COCO-EF: biased compression with error feedback in gradient coding — simulate, sweep, report.")
 
-OverridesArg = typer.Argument(None, help="Hydra overrides, e.g. method=coco compressor.ratio=0.05 straggler.p=0.3")
-ConfigDirOpt = typer.Option(None, "--config-dir", envvar="COCOEF_CONFIG_DIR", help="Config root (default: conf/).")
+OverridesArg = typer.Argument(None, metavar="KEY=VALUE...", show_default=False,
+                              help="Hydra overrides, e.g. method=coco compressor.ratio=0.05 straggler.p=0.3 "
+                                   "(`cocoef show GROUP` lists a group's keys).")
+ConfigDirOpt = typer.Option(None, "--config-dir", envvar="COCOEF_CONFIG_DIR",
+                            help="Config root holding config.yaml (default: the package's own conf/ folder).")
 
 
 EXIT_DIVERGED = 3  # `cocoef run`: the run finished and diverged (run.json status "diverged")
@@ -44,19 +48,30 @@ def _fmt(x: float) -> str:
 def run(overrides: Optional[List[str]] = OverridesArg,
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/<run_id>)."),
         config_dir: Optional[Path] = ConfigDirOpt,
-        force: bool = typer.Option(False, "--force", help="Overwrite a finished run (or another run's "
-                                   "checkpoint) in --out; start afresh instead of resuming a checkpoint."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+        force: bool = typer.Option(False, "--force", help="Rerun even when --out holds this finished run; "
+                                   "overwrite a finished run (or the checkpoint) of another config; start afresh "
+                                   "instead of resuming a checkpoint."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved, validated config and its "
+                                     "run_id, and write nothing.")) -> None:
     """One run (all its seeds): writes OUT/metrics.csv and OUT/run.json. With checkpoint_every=K it
     saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
     from cocoef_cli import config
     from cocoef_cli.record import run_id
-    from cocoef_cli.run import check_out_dir, execute
+    from cocoef_cli.run import already_done, check_out_dir, execute
 
     # the whole schema, before any work, against the config root the config was composed from
     cfg = config.check(config.compose(overrides or [], config_dir), config_dir)
     rid = run_id(cfg)
     out = out or Path("runs") / rid
+    if dry_run:
+        typer.echo(config.to_yaml(cfg).rstrip() + f"\n# run_id: {rid}\n# out: {out}")
+        return
+    done = None if force else already_done(out, rid)
+    if done is not None:  # the same config, finished: nothing to do (as a sweep skips it)
+        typer.echo(f"already done: {out} holds this run ({done['status']}, run_id {rid}); --force reruns it "
+                   f"→ {out}/metrics.csv")
+        return
     saved = check_out_dir(out, force, rid)  # this run's checkpoint in OUT (None with --force)
     if saved is not None:
         typer.echo(f"resuming from the checkpoint at update {int(saved['t'])} in {out}", err=True)
@@ -84,36 +99,27 @@ def run(overrides: Optional[List[str]] = OverridesArg,
         raise typer.Exit(EXIT_DIVERGED)
 
 
-KINDS = ("codes", "compressors", "methods", "stragglers", "datasets", "models", "experiments")
-
-
 @app.command("list")
 @clean_errors
-def list_(kind: Optional[str] = typer.Argument(None, help="One of: " + ", ".join(KINDS)),
+def list_(group: Optional[str] = typer.Argument(None, help="A config group (singular or plural): "
+                                                 + ", ".join(explain.LISTABLE) + ". Default: all of them."),
           config_dir: Optional[Path] = ConfigDirOpt) -> None:
-    """List the registered components and the sweep presets (name and one-line description)."""
-    if kind is not None and kind not in KINDS:
-        raise ConfigError("kind", kind, KINDS, "unknown kind")
-    if kind == "experiments":  # no torch import needed
-        regs: dict = {}
-    else:
-        from cocoef_cli.data import DATASETS
-        from cocoef_cli.models import MODELS
-        from cocoef_cli.sim.codes import CODES
-        from cocoef_cli.sim.compressors import COMPRESSORS
-        from cocoef_cli.sim.methods import METHODS
-        from cocoef_cli.sim.stragglers import STRAGGLERS
-
-        regs = {k: r.describe() for k, r in zip(KINDS, (CODES, COMPRESSORS, METHODS, STRAGGLERS, DATASETS, MODELS))}
-    if kind in (None, "experiments"):
-        from cocoef_cli import config
-        from cocoef_cli.sweep import experiments
-
-        regs["experiments"] = experiments(config.config_dir(config_dir))
-    for k in [kind] if kind else KINDS:
-        typer.echo(f"{k}:")
-        for name, doc in regs[k]:
+    """List the options of every config group (or one): name and one-line description."""
+    groups = [explain.group_of(group)] if group else explain.LISTABLE
+    for g in groups:
+        typer.echo(f"{explain.PLURAL[g]}:")
+        for name, doc in explain.listing(g, config_dir):
             typer.echo(f"  {name:<18} {doc}")
+
+
+@app.command()
+@clean_errors
+def show(group: str = typer.Argument(..., help="A config group: " + ", ".join(explain.LISTABLE) + "."),
+         name: Optional[str] = typer.Argument(None, help="One of its options (default: the one conf/config.yaml "
+                                              "selects), e.g. topk."),
+         config_dir: Optional[Path] = ConfigDirOpt) -> None:
+    """An option's keys with their defaults, types and accepted values, and the math of its component."""
+    typer.echo(explain.show(explain.group_of(group), name, config_dir))
 
 
 @app.command()
@@ -287,6 +293,21 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Fewer sizes (M ≤ 
 
     typer.echo(run_bench(quick, out, device, log=lambda line: typer.echo(line, err=True)))
     typer.echo(f"wrote {out}", err=True)
+
+
+class _Command(typer.core.TyperCommand):
+    """A flag takes no value: no type placeholder beside it in --help (typer prints ``<bool>``)."""
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201 — click's signature
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False):
+                p.metavar = ""
+        return params
+
+
+for _info in app.registered_commands:  # every verb, --help included
+    _info.cls = _Command if _info.cls in (None, typer.core.TyperCommand) else _info.cls
 
 
 def main() -> None:  # pragma: no cover

@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from cocoef_cli.errors import ConfigError
+from cocoef_cli.errors import ConfigError, closest
 
 GROUPS = ("method", "code", "compressor", "straggler", "dataset", "model", "optim", "network", "runtime")
+OPTIONAL_GROUPS = ("logger",)  # absent from configs recorded before it existed; never part of run_id
+ALL_GROUPS = GROUPS + OPTIONAL_GROUPS
 PRECISIONS = ("float32", "float64")
 DEVICES = ("cpu", "cuda", "auto")
 RUNTIMES = ("simulator", "torch_distributed")
@@ -50,22 +52,31 @@ def options(group: str, root: Path | None = None) -> list[str]:
 
 
 def compose(overrides: Sequence[str] = (), root: str | os.PathLike | None = None, name: str = "config") -> dict:
-    """Compose ``conf/<name>.yaml`` with Hydra overrides, resolve it and return a plain dict."""
+    """Compose ``conf/<name>.yaml`` with Hydra overrides, resolve it and return a plain dict.
+
+    An override of a key the config does not have is reported by :func:`unknown_key` (the keys of
+    the option it would belong to, the closest one); keys added with ``+`` are checked by
+    :func:`validate` (the declared keys)."""
+    root_path = config_dir(root)
+    _check_override_syntax(overrides, root_path)
+    try:
+        return _hydra_compose(root_path, name, overrides)
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra's composition errors, rendered as one line naming the key
+        raise _hydra_error(e, overrides, root_path) from None
+
+
+def _hydra_compose(root: Path, name: str, overrides: Sequence[str]) -> dict:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    root_path = config_dir(root)
-    _check_override_syntax(overrides, root_path)
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(root_path), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
             cfg = hydra_compose(name, overrides=list(overrides))
-    except ConfigError:
-        raise
-    except Exception as e:  # Hydra's composition errors, rendered as one line naming the key
-        raise _hydra_error(e, overrides, root_path) from None
     finally:
         GlobalHydra.instance().clear()
     out = OmegaConf.to_container(cfg, resolve=True)
@@ -73,29 +84,102 @@ def compose(overrides: Sequence[str] = (), root: str | os.PathLike | None = None
     return out
 
 
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+# presets added with +NAME=OPTION (``# @package _global_``): tuned method arms, sweep presets
+PRESETS = ("baseline", "experiment")
+
+
 def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
-    """Catch unknown group options before Hydra does (its message names the wrong file)."""
+    """Catch unknown group options and Hydra's own keys before Hydra does (its messages name the
+    wrong file, or it accepts ``hydra.*`` keys that do nothing here)."""
     for ov in overrides:
         key, sep, value = ov.partition("=")
         if not sep:
             raise ConfigError("overrides", ov, "key=value (e.g. straggler.p=0.3)", "not an override")
         key = key.lstrip("+~")
-        if key in GROUPS and value and "," not in value and not value.startswith(("[", "{", "$")):
+        if _is_hydra(key):
+            raise ConfigError(key, value, "the keys of the config (hydra.launcher.* and hydra.sweeper.params are "
+                              "cocoef sweep's)", "Hydra's own keys do nothing in a single run")
+        if key in PRESETS and not ov.startswith("+"):
+            raise ConfigError(key, value, f"+{key}={value}", f"a {key} preset is added with +")
+        if key in ALL_GROUPS + PRESETS and value and "," not in value and not value.startswith(("[", "{", "$")):
             if value not in options(key, root):
                 raise ConfigError(key, value, options(key, root), f"unknown {key}")
 
 
+def root_keys(root: Path | None = None) -> list[str]:
+    """The top-level keys of ``conf/config.yaml``, then the group names."""
+    data = _option_defaults(".", "config", root)
+    return [k for k in data if k != "defaults"] + list(ALL_GROUPS)
+
+
+def group_keys(group: str, name: Any, root: Path | None = None) -> list[str]:
+    """The keys ``conf/<group>/<name>.yaml`` declares (``name`` excluded)."""
+    return [k for k in _option_defaults(group, name, root) if k != "name"]
+
+
+def unknown_key(dotted: str, value: Any, cfg: dict, root: Path | None = None) -> ConfigError:
+    """The error for a key the config does not declare: the accepted keys of its level (those of
+    the group's selected option, or the top-level ones), and a hint: the options of the group that
+    declare it ("dataset.path belongs to dataset=csv"), else the closest accepted key."""
+    group, _, key = dotted.partition(".")
+    if key and group in ALL_GROUPS:
+        name = (cfg.get(group) or {}).get("name")
+        accepted = [f"{group}.{k}" for k in group_keys(group, name, root)]
+        others = {o: group_keys(group, o, root) for o in options(group, root or config_dir()) if o != name}
+        owners = [o for o, keys in others.items() if key in keys]
+        near = closest(key, group_keys(group, name, root))
+        far = closest(key, [k for keys in others.values() for k in keys])
+        hint = (f"{dotted} belongs to {group}=" + ", ".join(owners) if owners else f"did you mean {group}.{near}?" if near
+                else f"did you mean {group}.{far} (of {group}=" + ", ".join(o for o, keys in others.items()
+                                                                             if far in keys) + ")?" if far else None)
+        return ConfigError(dotted, value, accepted or f"none ({group}={name} has no keys)",
+                           f"unknown key of {group}={name}", hint)
+    accepted = root_keys(root)
+    in_groups = [f"{g}.{k}" for g in ALL_GROUPS for k in (cfg.get(g) or {}) if k != "name"]
+    owner = next((d for d in in_groups if d.split(".", 1)[1] == dotted), None)
+    near = owner or closest(dotted, accepted + in_groups)
+    return ConfigError(dotted, value, accepted, "unknown key", f"did you mean {near}?" if near else None)
+
+
+def _check_declared(cfg: dict, root: Path | None) -> None:
+    """Every key of ``cfg`` is declared: top-level keys by conf/config.yaml, group keys by the
+    selected option's YAML file (a key added with ``+group.key=`` that it does not declare is a
+    typo, or a key of another option)."""
+    top = root_keys(root)
+    for k in cfg:
+        if k not in top:
+            raise unknown_key(k, cfg[k], cfg, root)
+    for g in (g for g in ALL_GROUPS if isinstance(cfg.get(g), dict)):
+        declared = _option_defaults(g, cfg[g].get("name"), root)
+        for k in cfg[g]:
+            if declared and k not in declared:
+                raise unknown_key(f"{g}.{k}", cfg[g][k], cfg, root)
+
+
+def _is_hydra(key: str) -> bool:
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
 def _hydra_error(e: Exception, overrides: Sequence[str], root: Path) -> ConfigError:
+    """One line for a Hydra composition error; an unknown key through :func:`unknown_key`, from the
+    config composed without it (``hydra.*`` keys: the caller lists the accepted ones)."""
     msg = str(e)
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
         key = m.group(1)
-        group = key.split(".")[0]
-        value = next((o.partition("=")[2] for o in overrides if o.lstrip("+~").partition("=")[0] == key), None)
-        if group in GROUPS and "." in key:
-            return ConfigError(key, value, "the keys of the chosen option (see conf/" + group + "/)", "unknown key")
-        return ConfigError(key, value, "the keys of conf/config.yaml or a group name: " + ", ".join(GROUPS),
-                           "unknown key")
+        value = next((o.partition("=")[2] for o in overrides if _key(o) == key), None)
+        if _is_hydra(key):
+            return ConfigError(key, value, "the keys of Hydra's config", "unknown key")
+        rest = [o for o in overrides if _key(o) != key and not _is_hydra(_key(o))]
+        try:
+            cfg = compose(rest, root)
+        except ConfigError as other:  # another bad override: that one is reported
+            return other
+        return unknown_key(key, value, cfg, root)
     m = re.search(r"Ambiguous value for argument '([^']+)'", msg)
     if m:
         key, _, value = m.group(1).partition("=")
@@ -121,6 +205,7 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     for g in GROUPS:
         if not isinstance(cfg.get(g), dict) or "name" not in cfg[g]:
             raise ConfigError(g, cfg.get(g), "an option of conf/" + g, "missing group")
+    _check_declared(cfg, Path(root) if root else None)
     _int(cfg, "devices", 1, "integers ≥ 1")
     _int(cfg, "iters", 0, "integers ≥ 0")
     _int(cfg, "seed", 0, "integers ≥ 0")
@@ -164,6 +249,9 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
         raise ConfigError("checkpoint_every", cfg["checkpoint_every"], "null with runtime=torch_distributed",
                           "checkpoints are written by the simulator only")
     validate_groups(cfg, Path(root) if root else None)
+    from cocoef_cli import tracking
+
+    tracking.check(cfg)  # the logger group: its keys, its packages installed (the tracking extra)
     return cfg
 
 
@@ -202,7 +290,7 @@ def _option_defaults(group: str, name: Any, root: Path | None) -> dict:
     try:
         import yaml
 
-        path = (root or config_dir()) / group / f"{name}.yaml"
+        path = (root or config_dir()) / group / f"{name}.yaml"  # group ".": the root config
         data = yaml.safe_load(path.read_text()) if path.is_file() else None
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError, ConfigError):
@@ -215,7 +303,7 @@ def validate_groups(cfg: dict, root: Path | None = None) -> None:
         group, key = dotted.split(".", 1)
         if key in cfg.get(group, {}):
             _typed(dotted, cfg[group][key], kind, lo, accepted)
-    for group in GROUPS:
+    for group in (g for g in ALL_GROUPS if isinstance(cfg.get(g), dict)):
         defaults = _option_defaults(group, cfg[group].get("name"), root)
         for key, default in defaults.items():
             dotted, v = f"{group}.{key}", cfg[group].get(key)

@@ -105,8 +105,9 @@ def write_run(out: Path, metrics: pd.DataFrame | None, record: dict[str, Any]) -
     atomic_write(out / "run.json", json.dumps(record, indent=2, default=str) + "\n")
 
 
-# keys that never change a run's results: left out of its id (a checkpointed run resumes under the same id)
-ID_EXCLUDED = ("checkpoint_every",)
+# keys that never change a run's results: left out of its id (a checkpointed run resumes under the
+# same id; a run tracked by a logger is the same run as without)
+ID_EXCLUDED = ("checkpoint_every", "logger")
 # keys added after runs were recorded: left out of the id at their default, so older ids stay valid
 ID_DEFAULTS = {"threads": 1, "diverge_factor": 1e6}
 

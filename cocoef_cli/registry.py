@@ -1,11 +1,18 @@
 """A tiny name → factory registry, one per kind of component (codes, compressors, ...)."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Generic, TypeVar
 
 from cocoef_cli.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def summary(obj: object) -> str:
+    """The first paragraph of ``obj``'s docstring, on one line (a whole sentence, never cut)."""
+    doc = inspect.cleandoc(getattr(obj, "__doc__", None) or "")
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 class Registry(Generic[T]):
@@ -34,12 +41,8 @@ class Registry(Generic[T]):
         return list(self._items)
 
     def describe(self) -> list[tuple[str, str]]:
-        """(name, first docstring line) for every entry, in registration order."""
-        out = []
-        for name, obj in self._items.items():
-            doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
-            out.append((name, doc[0] if doc else ""))
-        return out
+        """(name, :func:`summary` of its docstring) for every entry, in registration order."""
+        return [(name, summary(obj)) for name, obj in self._items.items()]
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

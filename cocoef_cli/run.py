@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import clean_tmp, read_record, run_id, run_record, write_run
+from cocoef_cli.record import FINISHED, clean_tmp, read_record, run_id, run_record, write_run
 from cocoef_cli.sim.engine import Experiment, RunResult, build_experiment, simulate
+from cocoef_cli.tracking import open_logger
 
 
 def check_out_dir(out: Path, force: bool, rid: str | None = None) -> dict[str, Any] | None:
@@ -33,6 +34,13 @@ def check_out_dir(out: Path, force: bool, rid: str | None = None) -> dict[str, A
         raise ConfigError("--out", str(out), "the folder of the same run (same config) to resume it, another "
                           "folder, or --force", f"holds a checkpoint of another run ({ck.get('run_id')})")
     return ck
+
+
+def already_done(out: Path, rid: str) -> dict[str, Any] | None:
+    """The record in ``out`` when it is a finished run (``completed`` or ``diverged``:
+    deterministic, rerunning gives the same) of run ``rid``, else None."""
+    rec = read_record(Path(out))
+    return rec if rec.get("status") in FINISHED and rec.get("run_id") == rid else None
 
 
 @contextmanager
@@ -75,15 +83,25 @@ def execute(cfg: dict, out: Path | None, progress: bool = False,
                 ckpt = Checkpoint(Path(out) / FILENAME, cfg.get("checkpoint_every"), rid, resume=resume)
                 kwargs["checkpoint"] = ckpt
         bar = _progress(progress, f"{cfg['method']['name']} [{len(exp.seeds)} seed(s)]", T)
+        logger = open_logger(cfg, out, rid)  # logger=none (the default): the record only
+
+        def on_record(frame: Any) -> None:  # each evaluation, as it is recorded
+            logger.log(frame)
+            if bar:
+                bar.update(bar.task_ids[0], live=_live(frame))
+
+        if runner is simulate:
+            kwargs["on_record"] = on_record
         t0 = time.perf_counter()
         try:
             with bar or nullcontext():
                 result = runner(exp, rid, progress=(lambda t: bar.update(bar.task_ids[0], completed=t)) if bar else None,
                                 **kwargs)
         except Exception as e:
+            error = f"{type(e).__name__}: {e}"
             if out is not None:
-                write_run(out, None, run_record(cfg, "failed", time.perf_counter() - t0, run_id=rid,
-                                                error=f"{type(e).__name__}: {e}"))
+                write_run(out, None, run_record(cfg, "failed", time.perf_counter() - t0, run_id=rid, error=error))
+            logger.close("failed", None, error)
             raise
         if out is not None:
             extra: dict[str, Any] = {"run_id": rid, "f_star": exp.f_star, "bits_per_message": exp.bits_per_message}
@@ -96,6 +114,7 @@ def execute(cfg: dict, out: Path | None, progress: bool = False,
             write_run(out, result.metrics, run_record(cfg, result.status, result.wall_s, **extra))
             if ckpt is not None:
                 ckpt.discard()
+        logger.close(result.status, result.metrics)
         return exp, result
 
 
@@ -164,9 +183,19 @@ def _progress(enabled: bool, label: str, total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                 console=Console(stderr=True), transient=True)
-    p.add_task(label, total=total)
+                 TextColumn("{task.fields[live]}"), console=Console(stderr=True), transient=True)
+    p.add_task(label, total=total, live="")
     return p
+
+
+def _live(frame: Any) -> str:
+    """The latest evaluation for the progress bar: train loss (and test accuracy where there is
+    one), mean over the replicates still running."""
+    if not len(frame):
+        return "diverged"
+    text = f"train_loss {float(frame['train_loss'].mean()):.4g}"
+    acc = frame["test_acc"].dropna() if "test_acc" in frame else ()
+    return text + (f"  test_acc {float(acc.mean()):.3f}" if len(acc) else "")
 
 
 def code_residuals(cfg: dict, max_patterns: int = 5000) -> dict:

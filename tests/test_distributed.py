@@ -144,10 +144,10 @@ def test_replay_metrics_equal_simulator(tmp_path, setup):
 def test_bytes_up_every_compressor_within_header_of_bits(tmp_path):
     """End to end for the formats the equality runs above do not cover (topk, qsgd, identity, randk_unbiased
     are checked there); the wire test checks every payload size against bits() for all compressors."""
-    ov = BASE + STRAG + DIST + ["iters=3", "eval_every=3", "method=coco_ef", "++compressor.k=3",
-                                "++compressor.group=2"]
+    ov = BASE + STRAG + DIST + ["iters=3", "eval_every=3", "method=coco_ef"]
     for name in ["randk", "sign", "scaled_sign", "grouped_sign", "onebit", "terngrad"]:
-        _, res = execute(config.load(ov + [f"compressor={name}"]), None)
+        own = [f"compressor.{k}={v}" for k, v in (("k", 3), ("group", 2)) if k in config.group_keys("compressor", name)]
+        _, res = execute(config.load(ov + [f"compressor={name}"] + own), None)
         last = res.metrics.iloc[-1]
         per = res.runtime["message_bytes"]
         sent = last.bytes_up / per  # messages actually received

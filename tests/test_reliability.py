@@ -276,13 +276,21 @@ def test_a_checkpoint_of_another_run_is_not_overwritten_without_force(tmp_path):
     assert res.exit_code == 0 and "resuming" not in res.stderr
 
 
-def test_a_failed_run_is_replaced_a_finished_one_needs_force(tmp_path):
+def test_a_failed_run_is_replaced_a_finished_one_is_done_or_needs_force(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"status": "failed", "config": {}}))
     assert runner.invoke(app, ["run", *TINY, "--out", str(out), "-q"]).exit_code == 0
-    res = runner.invoke(app, ["run", *TINY, "--out", str(out), "-q"])
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    res = runner.invoke(app, ["run", *TINY, "--out", str(out), "-q"])  # the same config: already done
+    assert res.exit_code == 0 and res.stdout.startswith(f"already done: {out} holds this run (completed"), res.output
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == files
+    res = runner.invoke(app, ["run", *TINY, "iters=7", "--out", str(out), "-q"])  # another config
     assert res.exit_code == 2 and "--force" in res.stderr and "holds a finished run" in res.stderr
+    res = runner.invoke(app, ["run", *TINY, "--out", str(out), "-q", "--force"])  # reruns
+    assert res.exit_code == 0 and "already done" not in res.stdout
+    assert (out / "run.json").stat().st_mtime_ns > files["run.json"][0]
+    assert (out / "metrics.csv").read_bytes() == files["metrics.csv"][1]
 
 
 # ----------------------------------------------------------------------- reproducibility

@@ -17,11 +17,13 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = list(sys.argv[1:] if argv is None else argv)
     base = ["dataset.dim=100", "dataset.n=400", "devices=4", "iters=5", "eval_every=5", "straggler=none",
-            "runtime=torch_distributed", "runtime.replay=true", "++compressor.ratio=0.05", "++compressor.group=25"]
+            "runtime=torch_distributed", "runtime.replay=true"]
+    keys = {"ratio": 0.05, "group": 25}  # set where the compressor declares them
     rows = []
     for name in COMPRESSORS.names():
         method = "method=coco" if name == "natural" else "method=coco_ef"
-        cfg = config.load(base + [f"compressor={name}", method] + extra)
+        own = [f"compressor.{k}={v}" for k, v in keys.items() if k in config.group_keys("compressor", name)]
+        cfg = config.load(base + [f"compressor={name}", method] + own + extra)
         exp, res = execute(cfg, None)
         last = res.metrics.iloc[-1]
         n = last.bits_up / exp.bits_per_message

@@ -208,13 +208,16 @@ class Simulation:
 
 
 def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] | None = None,
-             sim: Simulation | None = None, checkpoint: Any = None) -> RunResult:
+             sim: Simulation | None = None, checkpoint: Any = None,
+             on_record: Callable[[pd.DataFrame], None] | None = None) -> RunResult:
     """Run T updates for all replicates and return the metrics rows (DESIGN §8).
 
     ``sim``: the run state to drive (default ``Simulation(exp)``, the vectorised simulator; the
     distributed runtime passes its own subclass). ``checkpoint`` (optional, see
     :class:`cocoef_cli.checkpoint.Checkpoint`): ``restore(sim)`` → the loop state saved by the last
     ``save(sim, state)`` (or None), called every ``checkpoint.every`` updates here in the loop.
+    ``on_record`` (optional) receives the rows of each evaluation as they are recorded (live
+    progress and loggers; the rows restored from a checkpoint are not replayed).
 
     Divergence: a replicate whose θ stops being finite after an update (checked every update on
     CPU, where it costs no sync; at evaluations on GPUs), whose loss is not finite at an
@@ -255,6 +258,8 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
         frame = pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else
                                   v if isinstance(v, list) else [v] * R) for k, v in cols.items()})
         rows.append(frame[alive])
+        if on_record is not None:
+            on_record(rows[-1])
 
     # parameters that decay geometrically become subnormal floats after thousands of updates, and
     # subnormal arithmetic is ~100x slower on CPUs: flush them to zero during the run (< 1e-38)
