@@ -282,11 +282,10 @@ def check_builds(jobs: Sequence[Job], root: Path) -> None:
     from cocoef_cli import config
 
     built: set[str] = set()
-    cache: dict = {}
     for job in jobs:
         sig = json.dumps({k: v for k, v in job.cfg.items() if k not in _NOT_BUILT}, sort_keys=True, default=str)
         if sig not in built:
-            config.check(job.cfg, root, cache)
+            config.check(job.cfg, root)
             built.add(sig)
 
 
