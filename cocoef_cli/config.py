@@ -156,7 +156,8 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     if bw is not None and (not isinstance(bw, (int, float)) or bw <= 0):
         raise ConfigError("network.bandwidth_bps", bw, "null or numbers > 0", "out of range")
     _int(cfg, "checkpoint_every", 1, "null or integers ≥ 1", allow_none=True)
-    _int(cfg, "threads", 1, "integers ≥ 1 (torch CPU threads inside a run)", allow_none=True)
+    if cfg.get("threads") != "auto":
+        _int(cfg, "threads", 1, "auto or integers ≥ 1 (torch CPU threads inside a run)", allow_none=True)
     if cfg.get("checkpoint_every") is not None and cfg["runtime"]["name"] != "simulator":
         raise ConfigError("checkpoint_every", cfg["checkpoint_every"], "null with runtime=torch_distributed",
                           "checkpoints are written by the simulator only")

@@ -110,7 +110,7 @@ def _task(cfg: DictConfig) -> str:
     t0 = time.perf_counter()
     try:
         config.validate(plain, root)
-        _, res = execute(plain, out, progress=False)
+        _, res = execute(plain, out, progress=False, threads=1)  # threads=auto: one per worker
         return res.status
     except Exception as e:  # noqa: BLE001 — a failed job is recorded, not raised
         now = read_record(out)
