@@ -47,3 +47,17 @@ def test_a_changed_file_is_read_again(tmp_path):
     again = load_dataset(cfg)
     assert again is not first and np.all(again.y_train == 5.0)
     assert np.array_equal(again.y_train, build_dataset(cfg).y_train)
+
+
+def test_a_sweep_loads_its_dataset_once_for_the_check_and_every_job(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cocoef_cli.cli import app
+
+    calls = []
+    build = data.build_dataset
+    monkeypatch.setattr(data, "build_dataset", lambda cfg: calls.append(cfg["name"]) or build(cfg))
+    monkeypatch.setattr(data, "_LOADED", type(data._LOADED)())
+    res = CliRunner().invoke(app, ["sweep", "smoke", "--out", str(tmp_path / "s"), "--launcher", "basic", "-q"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "s").glob("*/metrics.csv"))) == 4 and len(calls) == 1  # 4 jobs, one dataset
