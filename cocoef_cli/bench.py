@@ -1,8 +1,12 @@
-"""``cocoef bench``: the simulator against a per-device loop and against the physical limit.
+"""``cocoef bench``: the simulator against a per-device loop and against the machine's limit.
 
 (a) vectorised simulator vs the per-device loop baseline (benchmarks/loop_baseline.py), same run;
-(b) one COCO-EF iteration vs one centralised full-batch autograd step (the limit is about 1×);
-(c) seeds=10 vs seeds=1;  (d) time per iteration and peak memory as M grows.
+(b) one COCO-EF iteration vs one centralised full-batch autograd step and vs the limit = that
+    step + one fused pass over G and the error memory (e ← e + G over two (R·M, D) matrices: an
+    iteration must compute the partition gradients and read G and read and write e once), at 1
+    thread and at every usable core;
+(c) seeds=10 vs 10 × seeds=1 per iteration;  (d) time per iteration and peak memory as M grows,
+    against the state that must exist.
 Times are medians over repeats after warm-up, measured in one process; the two sides of each ratio
 are timed in alternating rounds (:func:`paired_times`), so that a slow phase of a shared machine
 does not land on one side only; each scaling point runs in its own subprocess so that its peak
@@ -11,6 +15,7 @@ resident memory (ru_maxrss) is its own.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -87,6 +92,16 @@ def central_step(sim: Simulation) -> Callable[[], None]:
     return step
 
 
+def fused_pass(sim: Simulation) -> Callable[[], object]:
+    """One pass over G and the error memory at the run's sizes: e ← e + G, both (R·M, D) in the
+    run's dtype (the memory traffic an iteration cannot avoid besides the partition gradients)."""
+    exp = sim.exp
+    rows = len(exp.seeds) * int(exp.cfg["devices"])
+    e = torch.zeros(rows, exp.objective.model.D, dtype=exp.dtype, device=exp.device)
+    G = torch.rand(e.shape, dtype=exp.dtype, device=exp.device, generator=torch.Generator(exp.device).manual_seed(0))
+    return lambda: e.add_(G)
+
+
 def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
     """Median seconds of each part of one coded update, called as ``Simulation.coded_step`` calls
     them (after ``sim`` has run some updates): partition gradients, stragglers + decoding, encoding
@@ -115,56 +130,104 @@ def loop_step(overrides: Sequence[str]) -> Callable[[], object]:
     return lambda: loop_coco_ef(exp, 1)
 
 
-def peak_rss_mib() -> float:
+def peak_rss_mib(current: bool = False) -> float:
     """This process's peak resident memory: VmHWM (reset at exec, unlike ru_maxrss, which a child
-    inherits from the forking parent), else ru_maxrss."""
+    inherits from the forking parent), else ru_maxrss; ``current``: VmRSS, the resident size now."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith("VmRSS:" if current else "VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def state_mib(sim: Simulation) -> float:
+    """The state a run must hold, MiB: the error memory (R·M·D) and the partition gradients G
+    (R·N·D) in the run's dtype, plus the data (training set, its per-replicate partitioned copy,
+    test set)."""
+    exp, obj = sim.exp, sim.exp.objective
+    R, M, D = len(exp.seeds), int(exp.cfg["devices"]), obj.model.D
+    N = exp.code.N if exp.code is not None else 1
+    data = sum(t.numel() * t.element_size() for t in (obj.X, obj.Xp, obj.Xte) if t is not None)
+    return (R * (M + N) * D * torch.finfo(exp.dtype).bits // 8 + data) / 2**20
+
+
 def scaling_point(overrides: Sequence[str], repeat: int = 3) -> dict:
-    """Run in a fresh subprocess: seconds per iteration and peak resident memory (MiB)."""
-    code = ("import json; from cocoef_cli.bench import sim_step_time, peak_rss_mib; "
-            f"t,_=sim_step_time({list(overrides)!r}, {repeat}); "
-            "print(json.dumps({'s': t, 'rss_mib': peak_rss_mib()}))")
+    """Run in a fresh subprocess: seconds per iteration, peak resident memory (MiB), the resident
+    size before the build (imports, the compiled kernel loaded) and :func:`state_mib`."""
+    code = ("import json, numpy as np; from cocoef_cli.bench import sim_step_time, peak_rss_mib, state_mib; "
+            "from cocoef_cli.sim import kernels; "
+            "kernels.AVAILABLE and kernels.topk_rows(np.zeros((2, 16), np.float32), 1, 4, 1, 8, 1); "
+            "base = peak_rss_mib(current=True); "
+            f"t, sim = sim_step_time({list(overrides)!r}, {repeat}); "
+            "print(json.dumps({'s': t, 'rss_mib': peak_rss_mib(), 'base_mib': base, 'state_mib': state_mib(sim)}))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if p.returncode:
-        return {"s": float("nan"), "rss_mib": float("nan"), "error": p.stderr.strip().splitlines()[-1]}
+        nan = float("nan")
+        return {"s": nan, "rss_mib": nan, "base_mib": nan, "state_mib": nan, "error": p.stderr.strip().splitlines()[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    cpu = platform.processor() or ""
+VECTOR_FLAGS = ("sse4_2", "avx", "fma", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "amx_tile")  # the /proc/cpuinfo flags that matter for float kernels
+
+
+def cpu_info() -> dict[str, object]:
+    """The CPU from /proc/cpuinfo (Linux; else ``platform``): vendor, model name, the vector
+    extensions among ``VECTOR_FLAGS``, and the number of cores this process may use."""
+    info: dict[str, object] = {"vendor": "", "model": platform.processor() or platform.machine(), "vector": []}
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
+        fields = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        flags = set(fields.get("flags", "").split())
+        info.update(vendor=fields.get("vendor_id", ""), model=fields.get("model name", info["model"]),
+                    vector=[f for f in VECTOR_FLAGS if f in flags])
+    except OSError:
         pass
-    return (f"{cpu}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    from cocoef_cli.run import usable_cores
+
+    info["cores"] = usable_cores()
+    return info
+
+
+def machine() -> str:
+    """One line: CPU (vendor, model, vector extensions, usable cores), versions."""
+    import numba
+    import numpy
+
+    c = cpu_info()
+    return (f"{c['vendor']} {c['model']} ({', '.join(c['vector']) or 'no AVX'}; {c['cores']} usable cores), "
+            f"Python {platform.python_version()}, torch {torch.__version__}, numba {numba.__version__}, "
+            f"numpy {numpy.__version__}")
 
 
 def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
               log: Callable[[str], None] = print) -> str:
     """Measure (a)–(d) and return the markdown report (also written to ``out`` when given)."""
+    from cocoef_cli.run import pinned_threads, usable_cores
+
     dev = [f"device={device}"]
     rows_a, rows_b, rows_c, rows_d, parts = [], [], [], [], {}
+    thread_counts = sorted({1, usable_cores()})
     for name, wl in WORKLOADS.items():
         base = SETTING + wl + dev + ["devices=100"]
-        sim = simulation(base)
-        t_sim, t_central = paired_times([sim.step, central_step(sim)], [5, 5], rounds=9)
-        rows_b.append((name, sim.exp.objective.model.D, t_sim, t_central))
-        parts[name] = breakdown(sim)
-        log(f"(b) {name}: iteration {t_sim * 1e3:.2f} ms, central step {t_central * 1e3:.2f} ms")
+        for n_threads in thread_counts:
+            with pinned_threads(n_threads):
+                sim = simulation(base)
+                t_sim, t_central, t_pass = paired_times([sim.step, central_step(sim), fused_pass(sim)], [5, 5, 5],
+                                                        rounds=9)
+                if n_threads == thread_counts[-1]:
+                    parts[name] = breakdown(sim)
+            rows_b.append((name, sim.exp.objective.model.D, n_threads, t_sim, t_central, t_pass))
+            log(f"(b) {name}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
+                f"{t_central * 1e3:.2f} ms, pass over G and e {t_pass * 1e3:.2f} ms")
         sim1, sim10 = simulation(base), simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
         t1, t10 = paired_times([sim1.step, sim10.step], [5, 2])
         rows_c.append((name, t1, t10))
         parts[f"{name}, seeds=10"] = breakdown(sim10, repeat=5)
-        log(f"(c) {name}: seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t1 * 1e3:.2f} ms")
+        log(f"(c) {name}: seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t1 * 1e3:.2f} ms ({t10 / (10 * t1):.2f} × 10 seeds=1)")
         for M in ([10, 100] if quick else [10, 100, 1000]):
             ov = SETTING + wl + dev + [f"devices={M}"]
             t_vec, t_loop = paired_times([simulation(ov).step, loop_step(ov)], [5, 1], rounds=9 if M <= 100 else 3,
@@ -175,28 +238,44 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
         for M in (Ms[:2] if quick else Ms):
             p = scaling_point(SETTING + wl + dev + [f"devices={M}"], repeat=9 if M <= 1000 else 3)
             rows_d.append((name, M, p))
-            log(f"(d) {name} M={M}: {p['s'] * 1e3:.1f} ms/iter, peak RSS {p['rss_mib']:.0f} MiB")
-    md = ["# Benchmarks", "", f"Machine: {machine()}. Device: `{device}`.", "",
+            log(f"(d) {name} M={M}: {p['s'] * 1e3:.1f} ms/iter, peak RSS {p['rss_mib']:.0f} MiB "
+                f"({p['rss_mib'] - p['base_mib']:.0f} above the imports; state {p['state_mib']:.0f} MiB)")
+    md = ["# Benchmarks", "", f"Machine: {machine()}. Device: `{device}`; torch threads: "
+          f"{' and '.join(map(str, thread_counts))} in (b), {torch.get_num_threads()} elsewhere.", "",
           f"Command: `cocoef bench{' --quick' if quick else ''}` (medians after warm-up, the two sides of each "
           "ratio timed in alternating rounds; setting: mnist5k, "
           "sgc d=3, Bernoulli p=0.2, COCO-EF with Top-k ratio 0.01).", "",
           "## (a) vectorised simulator vs a per-device Python loop (same algorithm, same draws)", "",
           "| model | M | simulator ms/iter | loop ms/iter | speed-up |", "|---|---|---|---|---|"]
     md += [f"| {n} | {M} | {a * 1e3:.2f} | {b * 1e3:.1f} | {b / a:.1f}× |" for n, M, a, b in rows_a]
-    md += ["", "## (b) one COCO-EF iteration (M=100) vs one centralised full-batch autograd step", "",
-           "| model | D | iteration ms | central step ms | ratio |", "|---|---|---|---|---|"]
-    md += [f"| {n} | {D} | {a * 1e3:.2f} | {b * 1e3:.2f} | {a / b:.2f}× |" for n, D, a, b in rows_b]
+    md += ["", "## (b) one COCO-EF iteration (M=100) vs one centralised full-batch autograd step and vs the limit",
+           "", "limit = central step + one pass e ← e + G over two (M, D) matrices (timed in the same rounds): what "
+           "an iteration must at least do (the partition gradients, and read G and read and write e once).", "",
+           "| model | D | threads | iteration ms | central step ms | pass over G, e ms | limit ms | "
+           "vs central step | vs limit (target ≤ 1.3×) |", "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {n} | {D} | {th} | {a * 1e3:.2f} | {b * 1e3:.2f} | {c * 1e3:.2f} | {(b + c) * 1e3:.2f} | {a / b:.2f}× | "
+           f"{a / (b + c):.2f}× |" for n, D, th, a, b, c in rows_b]
     md += ["", "Where an iteration's time goes (each part timed alone, ms; evaluation is not part of an update; "
            "the seeds=10 columns are the runs of (c)):", "",
            "| part | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     md += [f"| {part} | " + " | ".join(f"{parts[n][part] * 1e3:.2f}" for n in parts) + " |"
            for part in next(iter(parts.values()))]
-    md += ["", "## (c) replicates: seeds=10 vs seeds=1 (M=100)", "",
-           "| model | seeds=1 ms | seeds=10 ms | ratio |", "|---|---|---|---|"]
-    md += [f"| {n} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× |" for n, a, b in rows_c]
+    central = {n: b for n, _, th, _, b, _ in rows_b if th == thread_counts[-1]}
+    md += ["", "Evaluation (every `eval_every` updates; target ≤ one central step): " + ", ".join(
+        f"{n} {parts[n]['evaluation (every eval_every updates)'] / central[n]:.2f}× the central step" for n in central)
+        + "."]
+    md += ["", "## (c) replicates: seeds=10 vs seeds=1 (M=100), per iteration", "",
+           "| model | seeds=1 ms | seeds=10 ms | seeds=10 / seeds=1 | seeds=10 / (10 × seeds=1) (target ≤ 1.1) |",
+           "|---|---|---|---|---|"]
+    md += [f"| {n} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× | {b / (10 * a):.2f} |" for n, a, b in rows_c]
     md += ["", "## (d) scaling with the number of devices (each point in a fresh process)", "",
-           "| model | M | ms/iter | peak RSS MiB |", "|---|---|---|---|"]
-    md += [f"| {n} | {M} | {p['s'] * 1e3:.1f} | {p['rss_mib']:.0f} |" for n, M, p in rows_d]
+           "peak RSS − the resident size before the build (imports, compiled kernel) against the state that must "
+           "exist (error memory R·M·D + partition gradients R·N·D + the data: training set, its partitioned copy, "
+           "test set); target ≤ 2×.", "",
+           "| model | M | ms/iter | peak RSS MiB | before the build MiB | state MiB | (peak − before) / state |",
+           "|---|---|---|---|---|---|---|"]
+    md += [f"| {n} | {M} | {p['s'] * 1e3:.1f} | {p['rss_mib']:.0f} | {p['base_mib']:.0f} | {p['state_mib']:.0f} | "
+           f"{(p['rss_mib'] - p['base_mib']) / p['state_mib']:.2f}× |" for n, M, p in rows_d]
     text = "\n".join(md) + "\n"
     if out is not None:
         from cocoef_cli.record import atomic_write

@@ -244,7 +244,8 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     if df is not None and (not isinstance(df, (int, float)) or isinstance(df, bool) or not 1 < df < float("inf")):
         raise ConfigError("diverge_factor", df, "null or finite numbers > 1", "out of range")
     _int(cfg, "checkpoint_every", 1, "null or integers ≥ 1", allow_none=True)
-    _int(cfg, "threads", 1, "integers ≥ 1 (torch CPU threads inside a run)", allow_none=True)
+    if cfg.get("threads") != "auto":
+        _int(cfg, "threads", 1, "auto or integers ≥ 1 (torch CPU threads inside a run)", allow_none=True)
     if cfg.get("checkpoint_every") is not None and cfg["runtime"]["name"] != "simulator":
         raise ConfigError("checkpoint_every", cfg["checkpoint_every"], "null with runtime=torch_distributed",
                           "checkpoints are written by the simulator only")
@@ -316,14 +317,12 @@ def validate_groups(cfg: dict, root: Path | None = None) -> None:
                 raise ConfigError(dotted, v, "numbers" if isinstance(default, float) else "integers", "not a number")
 
 
-def check(cfg: dict, root: str | os.PathLike | None, cache: dict | None = None) -> dict:
+def check(cfg: dict, root: str | os.PathLike | None) -> dict:
     """The whole schema before any work: :func:`validate` against the config root ``root`` the
     config was composed from (None: the default root), then every component's own validator as
     a run builds it, at the smallest size (one replicate, one device for the method state). Needs
-    the dataset (for D and its files), nothing else heavy. ``cache`` (optional, a dict) keeps
-    loaded datasets across calls (sweeps check many jobs on the same data). Returns ``cfg``."""
-    import json
-
+    the dataset (for D and its files; loaded once per process, the run's build reuses it), nothing
+    else heavy. Returns ``cfg``."""
     import torch
 
     from cocoef_cli.data import load_dataset, partition_indices
@@ -338,11 +337,7 @@ def check(cfg: dict, root: str | os.PathLike | None, cache: dict | None = None) 
     validate(cfg, root)
     resolve_device(cfg["device"])
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["precision"]]
-    cache = {} if cache is None else cache
-    dkey = json.dumps(cfg["dataset"], sort_keys=True, default=str)
-    if dkey not in cache:
-        cache[dkey] = load_dataset(cfg["dataset"])
-    data = cache[dkey]
+    data = load_dataset(cfg["dataset"])
     model = build_model(cfg["model"], data)
     method_cls = METHODS.get(cfg["method"]["name"])
     compressor = build_message_compressor(cfg, model.D)

@@ -105,19 +105,19 @@ def write_run(out: Path, metrics: pd.DataFrame | None, record: dict[str, Any]) -
     atomic_write(out / "run.json", json.dumps(record, indent=2, default=str) + "\n")
 
 
-# keys that never change a run's results: left out of its id (a checkpointed run resumes under the
-# same id; a run tracked by a logger is the same run as without)
-ID_EXCLUDED = ("checkpoint_every", "logger")
+# keys that never change what a run computes: left out of its id (a checkpointed run resumes under the
+# same id; a run tracked by a logger is the same run as without; the thread count changes float
+# rounding only, and run.json records the count used)
+ID_EXCLUDED = ("checkpoint_every", "logger", "threads")
 # keys added after runs were recorded: left out of the id at their default, so older ids stay valid
-ID_DEFAULTS = {"threads": 1, "diverge_factor": 1e6}
+ID_DEFAULTS = {"diverge_factor": 1e6}
 
 
 def run_id(config: dict) -> str:
     """A short stable id of a resolved config (same results-relevant config ⇒ same id)."""
     import hashlib
 
-    keyed = {k: v for k, v in config.items()
-             if k not in ID_EXCLUDED and not (k in ID_DEFAULTS and v == ID_DEFAULTS[k])}
+    keyed = {k: v for k, v in config.items() if k not in ID_EXCLUDED}
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -2,6 +2,7 @@
 from a checkpoint; rerun a recorded run and compare."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -43,30 +44,61 @@ def already_done(out: Path, rid: str) -> dict[str, Any] | None:
     return rec if rec.get("status") in FINISHED and rec.get("run_id") == rid else None
 
 
+AUTO_THREADS_MIN_WORK = 1 << 18  # R·M·D below this: one thread (a parallel region costs more than it saves)
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(cfg: dict, auto: int | None = None) -> int:
+    """torch CPU threads of the run ``cfg``: ``threads`` when it is an integer; ``auto`` (the
+    default): ``auto`` when given (sweeps: 1 per worker), else the usable cores when the state
+    per update R·M·D reaches ``AUTO_THREADS_MIN_WORK`` values, else 1. A function of the config
+    and the machine only, so a run is reproducible on that machine (run.json records the count)."""
+    n = cfg.get("threads")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    if auto is not None:
+        return auto
+    from cocoef_cli.data import load_dataset
+    from cocoef_cli.models import build_model
+
+    D = build_model(cfg["model"], load_dataset(cfg["dataset"])).D
+    work = int(cfg["seeds"]) * int(cfg["devices"]) * D
+    return usable_cores() if work >= AUTO_THREADS_MIN_WORK else 1
+
+
 @contextmanager
-def pinned_threads(n: int | None) -> Iterator[None]:
+def pinned_threads(n: int) -> Iterator[None]:
     """torch CPU threads = ``n`` inside a run (float reductions, e.g. matrix products, can depend
     on the thread count; pinning it makes metrics.csv byte-identical whichever launcher runs it)."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(int(n or 1))
+    torch.set_num_threads(int(n))
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def execute(cfg: dict, out: Path | None, progress: bool = False,
-            resume: bool | dict[str, Any] = True) -> tuple[Experiment, RunResult]:
+def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool | dict[str, Any] = True,
+            threads: int | None = None) -> tuple[Experiment, RunResult]:
     """Build the experiment (may raise ConfigError: nothing is written then), simulate all
     replicates, and, with ``out``, write ``metrics.csv`` and ``run.json`` atomically.
 
     With ``out`` and the simulator runtime, ``checkpoint_every`` = K saves ``OUT/checkpoint.pt``
     every K updates, and a checkpoint of the same run already in ``OUT`` is resumed from (``resume``
     true; a dict: that checkpoint, already read by :func:`check_out_dir`; false: start afresh);
-    the checkpoint is removed once ``run.json`` is written."""
-    with pinned_threads(cfg.get("threads")):
+    the checkpoint is removed once ``run.json`` is written. ``threads``: what ``threads=auto``
+    means here (see :func:`resolve_threads`; ``run.json`` records the count used)."""
+    n_threads = resolve_threads(cfg, threads)
+    with pinned_threads(n_threads):
         exp = build_experiment(cfg)
         rid = run_id(cfg)
         T = int(cfg["iters"])
@@ -100,11 +132,13 @@ def execute(cfg: dict, out: Path | None, progress: bool = False,
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
             if out is not None:
-                write_run(out, None, run_record(cfg, "failed", time.perf_counter() - t0, run_id=rid, error=error))
+                write_run(out, None, run_record(cfg, "failed", time.perf_counter() - t0, run_id=rid,
+                                                threads=n_threads, error=error))
             logger.close("failed", None, error)
             raise
         if out is not None:
-            extra: dict[str, Any] = {"run_id": rid, "f_star": exp.f_star, "bits_per_message": exp.bits_per_message}
+            extra: dict[str, Any] = {"run_id": rid, "threads": n_threads, "f_star": exp.f_star,
+                                     "bits_per_message": exp.bits_per_message}
             if getattr(result, "runtime", None) is not None:
                 extra["runtime"] = result.runtime
             # per seed: the update at which it diverged (empty when none did); report marks these
@@ -147,7 +181,7 @@ def rerun(run_dir: Path, out: Path | None = None, force: bool = False, progress:
             raise ConfigError("--out", str(out), "another folder than RUN_DIR", "would overwrite the recorded run")
         check_out_dir(target, force, run_id(cfg))
     try:
-        _, res = execute(cfg, target, progress=progress, resume=False)
+        _, res = execute(cfg, target, progress=progress, resume=False, threads=rec.get("threads"))
         old, new = run_dir / "metrics.csv", target / "metrics.csv"
         first = None
         identical: bool | None = None

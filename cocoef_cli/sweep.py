@@ -139,7 +139,7 @@ def _task(cfg: DictConfig) -> str:
     t0 = time.perf_counter()
     try:
         config.validate(plain, root)
-        _, res = execute(plain, out, progress=False)
+        _, res = execute(plain, out, progress=False, threads=1)  # threads=auto: one per worker
         return res.status
     except Exception as e:  # noqa: BLE001 — a failed job is recorded, not raised
         now = read_record(out)
@@ -391,11 +391,10 @@ def check_builds(jobs: Sequence[Job], root: Path) -> None:
     from cocoef_cli import config
 
     built: set[str] = set()
-    cache: dict = {}
     for job in jobs:
         sig = json.dumps({k: v for k, v in job.cfg.items() if k not in _NOT_BUILT}, sort_keys=True, default=str)
         if sig not in built:
-            config.check(job.cfg, root, cache)
+            config.check(job.cfg, root)
             built.add(sig)
 
 

@@ -38,3 +38,20 @@ def test_paired_times_alternates_rounds_and_takes_medians(monkeypatch):
 
     assert paired_times([a, b], [2, 1], rounds=3, warmup=1) == [1.0, 3.0]
     assert "".join(calls) == "ab" + "aab" * 3
+
+
+def test_the_limit_pass_and_the_state_have_the_run_sizes():
+    _, sim = sim_step_time(SMALL + ["method=coco_ef", "seeds=2"], repeat=1)
+    obj, D = sim.exp.objective, sim.exp.objective.model.D
+    step = bench.fused_pass(sim)
+    e = step()
+    assert e.shape == (2 * 12, D) and e.dtype == sim.exp.dtype and float(e.sum()) > 0  # e ← 0 + G, G ~ U(0, 1)
+    data = sum(t.numel() * 4 for t in (obj.X, obj.Xp, obj.Xte))  # float32
+    assert bench.state_mib(sim) == (2 * (12 + sim.exp.code.N) * D * 4 + data) / 2**20
+
+
+def test_cpu_info_names_the_machine():
+    info = bench.cpu_info()
+    assert info["cores"] >= 1 and set(info["vector"]) <= set(bench.VECTOR_FLAGS)
+    line = bench.machine()
+    assert "torch" in line and "numba" in line and str(info["model"]) in line

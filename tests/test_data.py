@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cocoef_cli.cli import app
-from cocoef_cli.data import CIFAR_FILES, IDX_FILES, load_dataset, partition_indices, read_idx
+from cocoef_cli.data import CIFAR_FILES, IDX_FILES, build_dataset, load_dataset, partition_indices, read_idx
 from cocoef_cli.errors import ConfigError
 
 runner = CliRunner()
@@ -205,10 +205,10 @@ def test_mnist1d_is_generated_offline_and_leaves_global_rng_alone():
     np.random.seed(123)
     random.seed(7)
     before, pybefore = np.random.get_state()[1].copy(), random.getstate()
-    d = load_dataset({"name": "mnist1d", "standardize": False})
+    d = build_dataset({"name": "mnist1d", "standardize": False})  # not the process's kept copy
     assert np.array_equal(np.random.get_state()[1], before) and random.getstate() == pybefore
     assert (d.n, len(d.y_test), d.features, d.n_classes, d.shape) == (4000, 1000, 40, 10, None)
-    again = load_dataset({"name": "mnist1d", "standardize": False})
+    again = build_dataset({"name": "mnist1d", "standardize": False})
     assert np.array_equal(d.X_train, again.X_train)
     with pytest.raises(ConfigError) as e:
         load_dataset({"name": "mnist1d", "official_split": "yes"})

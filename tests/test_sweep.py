@@ -94,10 +94,10 @@ def test_a_failing_job_is_recorded_and_the_sweep_exits_1(tmp_path, monkeypatch):
 
     real = run_mod.execute
 
-    def flaky(cfg, out, progress=False):
+    def flaky(cfg, out, progress=False, **kwargs):
         if cfg["method"]["name"] == "coco":
             raise RuntimeError("boom")
-        return real(cfg, out, progress)
+        return real(cfg, out, progress, **kwargs)
 
     monkeypatch.setattr(run_mod, "execute", flaky)  # the basic launcher runs jobs in this process
     out = tmp_path / "s"
