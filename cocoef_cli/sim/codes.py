@@ -273,6 +273,12 @@ class Code:
                               r * self.M + i)
         return self._csr[key]
 
+    def full_weights(self) -> torch.Tensor:
+        """ā (R, M) in the code's dtype with āᵀB = 1ᵀ when every device answers: the min-norm
+        least squares pinv(Bᵀ)1 in float64 (for sgc ā_i = 1 − p_i is one solution)."""
+        return _lstsq_weights(self._B64, torch.ones(self.R, self.M, dtype=torch.float64,
+                                                    device=self._val64.device)).to(self.dtype)
+
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decoding weights a (R, M) in B's dtype (0 on stragglers) and the residual (R,) or None."""
         if z.shape != (self.R, self.M):
@@ -446,6 +452,8 @@ class SGC(CodeScheme):
     c_j = Σ_i S_ij is the number of devices holding partition j (= d for the regular allocations
     with M = N). With the ``fixed`` decoder a_i = z_i and z_i ~ Bernoulli(1−p_i),
     E[Σ_i a_i B_ij] = Σ_i S_ij/c_j = 1, so E[ĝ] = Σ_j g_j = ∇F (no residual is reported).
+    ``code.p_assumed`` = p̂ (default null: the true p_i) builds the weights from a misspecified
+    probability, B_ij = S_ij/(c_j(1−p̂)): then E[ĝ] = Σ_j g_j Σ_i S_ij(1−p_i)/(c_j(1−p̂)).
     """
 
     name = "sgc"
@@ -493,6 +501,11 @@ class SGC(CodeScheme):
         c = S.sum(1, dtype=torch.float64)  # (R, N) devices per partition
         if bool((c == 0).any()):
             raise ValueError("sgc: some partition is stored on no device")
+        assumed = _get(cfg, "p_assumed")
+        if assumed is not None:
+            if not isinstance(assumed, (int, float)) or isinstance(assumed, bool) or not 0 <= assumed < 1:
+                raise ConfigError("code.p_assumed", assumed, "null (the true p) or numbers in [0, 1)", "out of range")
+            p = torch.full_like(p, float(assumed))
         r, i, j = S.nonzero(as_tuple=True)  # only the d entries a row: no dense (R, M, N) temporaries
         B = torch.zeros(S.shape, dtype=torch.float64, device=S.device)
         return B.index_put_((r, i, j), 1.0 / (c[r, j] * (1.0 - p)[r, i]))
