@@ -88,3 +88,14 @@ def test_dirichlet_partition_is_rejected_on_regression_and_kept_on_classes():
         partition_indices(np.linspace(0, 1, 50), 5, {"partition": "dirichlet"}, [0])
     parts = partition_indices(np.arange(50) % 3, 5, {"partition": "dirichlet", "alpha": 0.5}, [0])
     assert sorted(parts[parts < 50].tolist()) == list(range(50))
+
+
+def test_final_figure_draws_a_categorical_x_in_the_given_order(tmp_path):
+    import pandas as pd
+
+    from cocoef_cli.report import final_figure
+
+    rows = pd.DataFrame([{"label": "A", "code": c, "iter": t, "opt_gap": g * (1 + t), "seed": 0, "status": "completed",
+                          "run": c} for c, g in [("sgc", 1.0), ("frc", 2.0), ("crc", 3.0)] for t in (0, 10)])
+    out = final_figure(rows, "code", "opt_gap", "label", tmp_path / "f.png", x_order=["frc", "crc", "sgc", "bgc"])
+    assert out.exists() and out.stat().st_size > 1000
