@@ -362,6 +362,10 @@ def check(cfg: dict, root: str | os.PathLike | None) -> dict:
     code = code_and_stragglers(cfg["code"] if method_cls.code is None else
                                {"name": method_cls.code, "d": 1, "decode": "rescale"})
     partition_indices(data.y_train, code.N, cfg["dataset"], seeds)
+    from cocoef_cli.sim.audit import audit
+
+    for line in audit(code, cfg, seeds, compressor, method_cls)[1]:  # one line each, the run goes on
+        print(f"warning: {line}", file=sys.stderr)
     return cfg
 
 

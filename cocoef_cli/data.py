@@ -439,7 +439,8 @@ def partition_indices(y: np.ndarray, N: int, cfg: Mapping, seeds: Sequence[int])
 
     ``iid``: a seeded permutation, cut by ``numpy.array_split``; ``label_sorted``: the permutation
     stably sorted by label, then cut (non-IID); ``dirichlet``: for each class, proportions
-    q ~ Dirichlet(alpha·1_N) of its (permuted) samples go to the partitions.
+    q ~ Dirichlet(alpha·1_N) of its (permuted) samples go to the partitions (classification only:
+    a regression task is rejected).
     """
     scheme = cfg.get("partition", "iid")
     if scheme not in PARTITIONS:
@@ -457,7 +458,10 @@ def partition_indices(y: np.ndarray, N: int, cfg: Mapping, seeds: Sequence[int])
             alpha = cfg.get("alpha", 0.5)
             if not isinstance(alpha, (int, float)) or alpha <= 0:
                 raise ConfigError("dataset.alpha", alpha, "positive numbers", "invalid")
-            labels = y[perm].astype(np.int64) if np.issubdtype(y.dtype, np.integer) else np.zeros(n, np.int64)
+            if not np.issubdtype(y.dtype, np.integer):  # regression: no classes to skew
+                raise ConfigError("dataset.partition", scheme, "iid, label_sorted (dirichlet needs class labels)",
+                                  "a regression task has no classes")
+            labels = y[perm].astype(np.int64)
             buckets: list[list[np.ndarray]] = [[] for _ in range(N)]
             for c in np.unique(labels):
                 members = perm[labels == c]

@@ -381,10 +381,10 @@ def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Pat
                        hue_order=order, facet_fmt=plot.get("facet_fmt", "{col} = {val}"), ylim=plot.get("ylim"))
     else:
         rp.final_figure(rows, plot["x"], plot["y"], "label", out, title=title, facet=plot.get("facet"),
-                        hue_order=order)
+                        hue_order=order, x_order=plot.get("x_order"))
     # compact summary: final values per arm and setting (mean and std over seeds)
     fin = rp.final_rows(rows[rows["status"] == "completed"])
-    keys = ["label", *[k for k in ("p", "d", "compressor.ratio", "compressor.group", "straggler.deadline")
+    keys = ["label", *[k for k in ("code", "p", "d", "compressor.ratio", "compressor.group", "straggler.deadline")
                        if k in fin and fin[k].astype(str).nunique() > 1]]
     ys = [c for c in ("opt_gap", "test_acc", "bits_up", "sim_time") if c in fin and fin[c].notna().any()]
     summ = fin.groupby(keys, sort=False)[ys].agg(["mean", "std"])

@@ -279,9 +279,11 @@ def _fmt_val(v: Any) -> str:
 
 
 def final_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title: str = "",
-                 facet: str | None = None, hue_order: Sequence[str] | None = None) -> Path:
+                 facet: str | None = None, hue_order: Sequence[str] | None = None,
+                 x_order: Sequence[str] | None = None) -> Path:
     """Final value of ``y`` (last evaluated iteration, mean over seeds, 95% CI) against a swept
-    key ``x``, one line per ``hue``; writes PNG and PDF."""
+    key ``x``, one line per ``hue``; writes PNG and PDF. A non-numeric ``x`` (e.g. ``code``) is
+    drawn at positions 0, 1, … in ``x_order`` (default: sorted)."""
     import seaborn as sns
 
     plt = _plt()
@@ -298,17 +300,19 @@ def final_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title:
         markers = True  # the same method twice: let seaborn pick distinct markers
     for ax, fv in zip(axes[0], facets):
         d = fin if fv is None else fin[fin[facet] == fv]
-        d = d.assign(**{x: pd.to_numeric(d[x])})
+        cats = None if pd.to_numeric(d[x], errors="coerce").notna().all() else \
+            [c for c in (x_order or sorted(d[x].astype(str).unique())) if c in set(d[x].astype(str))]
+        d = d.assign(**{x: pd.to_numeric(d[x]) if cats is None else d[x].astype(str).map(cats.index)})
         if y == "opt_gap":
             d = d.assign(opt_gap=d["opt_gap"].clip(lower=GAP_FLOOR))
         sns.lineplot(data=d, x=x, y=y, hue=hue, style=hue, hue_order=hue_order, style_order=hue_order,
                      palette=pal, dashes=dashes, markers=markers, markersize=7, errorbar=("ci", 95), n_boot=300,
                      seed=0, err_style="bars", err_kws={"capsize": 3}, ax=ax, linewidth=1.6)
         vals = sorted(d[x].unique())
-        if _spans_decades(d[x]):
+        if cats is None and _spans_decades(d[x]):
             ax.set_xscale("log")
         ax.set_xticks(vals)
-        ax.set_xticklabels([_fmt_val(float(v)) for v in vals])
+        ax.set_xticklabels([_fmt_val(float(v)) if cats is None else cats[int(v)] for v in vals])
         if ax.get_xscale() == "log":
             ax.minorticks_off()
         if y in LOG_COLUMNS and len(d) and (d[y] > 0).all():

@@ -145,6 +145,10 @@ def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool | 
             extra["diverged"] = {str(k): v for k, v in result.diverged.items()}
             if ckpt is not None and ckpt.resumed_from is not None:
                 extra["resumed_from"] = ckpt.resumed_from
+            from cocoef_cli.sim.audit import audit
+
+            extra["code_conditioning"], extra["warnings"] = audit(exp.code, cfg, exp.seeds, exp.method.C,
+                                                                  type(exp.method))
             write_run(out, result.metrics, run_record(cfg, result.status, result.wall_s, **extra))
             if ckpt is not None:
                 ckpt.discard()
@@ -232,15 +236,14 @@ def _live(frame: Any) -> str:
     return text + (f"  test_acc {float(acc.mean()):.3f}" if len(acc) else "")
 
 
-def code_residuals(cfg: dict, max_patterns: int = 5000) -> dict:
-    """Worst ‖aᵀB_F − 1ᵀ‖₂ of the configured code over every straggler set of size ≤ d−1
-    (all of them when there are at most ``max_patterns``, else a uniform sample of sizes and sets)."""
-    import itertools
-    import math
-
-    import numpy as np
+def code_conditioning(cfg: dict, max_patterns: int = 5000) -> dict:
+    """The configured code (first seed) measured by :func:`cocoef_cli.sim.audit.code_report`:
+    decoding codes over every straggler set of size ≤ d−1 (all of them when there are at most
+    ``max_patterns``, else a seeded sample of sizes and sets), fixed-weight codes over
+    ``max_patterns`` straggler draws (at most 1000)."""
     import torch
 
+    from cocoef_cli.sim.audit import code_report
     from cocoef_cli.sim.codes import allocate, build_code
     from cocoef_cli.sim.rng import SeedRNG
     from cocoef_cli.sim.stragglers import build_straggler
@@ -250,19 +253,5 @@ def code_residuals(cfg: dict, max_patterns: int = 5000) -> dict:
     S = allocate(cfg["code"], M, rng)
     p = build_straggler(cfg["straggler"], S.sum(-1), SeedRNG(seeds, "straggler")).p
     code = build_code(cfg["code"], S, p, rng, torch.float64)
-    sizes = range(min(code.d, M))  # straggler-set sizes 0..d−1 (at least one device answers)
-    total = sum(math.comb(M, s) for s in sizes)
-    if total <= max_patterns:
-        sets = [c for s in sizes for c in itertools.combinations(range(M), s)]
-    else:
-        gen = np.random.default_rng(0)
-        sets = [tuple(gen.choice(M, size=gen.integers(len(sizes)), replace=False)) for _ in range(max_patterns)]
-    worst = 0.0
-    ones = torch.ones(code.N, dtype=torch.float64)
-    for straggling in sets:
-        z = torch.ones(1, M, dtype=torch.bool)
-        z[0, list(straggling)] = False
-        a, _ = code.decode(z)
-        worst = max(worst, float((a.double()[0] @ code.B[0].double() - ones).norm()))
-    return {"code": code.name, "M": M, "N": code.N, "d": code.d, "decode": getattr(code, "decode_name", ""),
-            "checked": len(sets), "exhaustive": total <= max_patterns, "worst": worst}
+    return code_report(code, cfg["code"], cfg["straggler"], seeds, max_patterns if not code.fixed_weights
+                       else min(max_patterns, 1000))

@@ -85,13 +85,31 @@ def test_list():
     assert runner.invoke(app, ["list", "bogus"]).exit_code == 2
 
 
-@pytest.mark.parametrize("code,d,devices,exact", [("crc", 3, 8, True), ("frc", 2, 6, True), ("sgc", 3, 6, False)])
-def test_check_code(code, d, devices, exact):
+@pytest.mark.parametrize("code,d,devices", [("crc", 3, 8), ("frc", 2, 6), ("bgc", 2, 6)])
+def test_check_code(code, d, devices):
     res = runner.invoke(app, ["check-code", f"code={code}", f"code.d={d}", f"devices={devices}"])
     assert res.exit_code == 0, res.output
     worst = float(res.stdout.split()[-1])
     assert "e" in res.stdout.split()[-1]  # scientific notation
-    assert (worst < 1e-9) == exact
+    assert (worst < 1e-9) == (code != "bgc")
+    assert "max |B_ij|" in res.stdout and "max_i |a_i| worst" in res.stdout and "enumerated" in res.stdout
+
+
+def test_check_code_conditioning_of_crc_constructions():
+    def worst_a(*extra):
+        res = runner.invoke(app, ["check-code", "code=crc", "code.d=3", "devices=12", *extra])
+        assert res.exit_code == 0, res.output
+        return float(res.stdout.split("max_i |a_i| worst ")[1].split(",")[0])
+
+    assert worst_a() < 10 < 100 * worst_a() < worst_a("code.construction=random")
+
+
+def test_check_code_sgc_reports_the_spread_not_a_residual():
+    res = runner.invoke(app, ["check-code", "code=sgc", "code.d=3", "devices=6"])
+    assert res.exit_code == 0, res.output
+    assert "worst decoding residual" not in res.stdout and "unbiased in expectation only" in res.stdout
+    spread = float(res.stdout.split("spread (rms) ")[1].split(",")[0])
+    assert spread > 0.01
 
 
 def test_help_of_every_verb():

@@ -81,10 +81,11 @@ def test_exact_codes_decode_every_pattern_of_at_most_d_minus_1_stragglers(name, 
     assert n_patterns == sum(len(list(itertools.combinations(range(M), k))) for k in range(d))
 
 
-def test_crc_decodes_exactly_at_realistic_size():
+@pytest.mark.parametrize("construction", ["random", "cyclic_mds"])
+def test_crc_decodes_exactly_at_realistic_size(construction):
     """M = 100: Tandon's random-H code is badly conditioned; sampled (d−1)-straggler sets still decode."""
     M, d, R = 100, 5, 4
-    code = make({"name": "crc", "d": d}, M, seeds=range(R))
+    code = make({"name": "crc", "d": d, "construction": construction}, M, seeds=range(R))
     g = torch.Generator().manual_seed(0)
     for _ in range(6):
         order = torch.rand(R, M, generator=g).argsort(-1)
@@ -96,7 +97,7 @@ def test_crc_decodes_exactly_at_realistic_size():
 
 def test_crc_structure_follows_tandon_algorithm_2():
     M, d = 8, 3
-    code = make({"name": "crc", "d": d}, M, seeds=(5,))
+    code = make({"name": "crc", "d": d, "construction": "random"}, M, seeds=(5,))
     B, S = code.B[0], code.S[0]
     assert torch.equal(torch.diagonal(B), torch.ones(M, dtype=F64))
     for i in range(M):
@@ -352,3 +353,54 @@ def test_d_above_devices_lists_range():
 
 def test_residual_tolerance_is_a_small_named_constant():
     assert 0 < RESIDUAL_TOL <= 1e-8
+
+
+# ----------------------------------------------------------------------------- crc constructions, conditioning
+@pytest.mark.parametrize("M,d", [(12, 2), (12, 3), (12, 4), (12, 5), (13, 2), (13, 3), (9, 4), (20, 3), (7, 6)])
+def test_crc_cyclic_mds_is_exact_for_every_straggler_set(M, d):
+    """Both parities of M − d (cyclic and negacyclic): every set of ≤ d−1 stragglers decodes."""
+    from cocoef_cli.sim.codes import conditioning, straggler_sets
+
+    code = make({"name": "crc", "d": d, "construction": "cyclic_mds"}, M, seeds=(0,))
+    B, S = code.B[0], code.S[0]
+    assert ((B != 0) <= S).all() and torch.equal(torch.diagonal(B), torch.ones(M, dtype=F64))
+    assert torch.linalg.matrix_rank(B).item() == M - (d - 1)
+    sets, exhaustive = straggler_sets(M, range(d), 10**6)
+    assert exhaustive and len(sets) == sum(len(list(itertools.combinations(range(M), k))) for k in range(d))
+    rep = conditioning(code, sets)
+    assert rep["worst_residual"] <= 1e-6
+    assert rep["max_abs_a_worst"] < 10, rep  # well conditioned at these sizes (Tandon's random H: thousands)
+
+
+def test_crc_constructions_are_seeded_and_better_conditioned_than_random():
+    from cocoef_cli.sim.codes import conditioning, straggler_sets
+
+    M, d = 12, 3
+    sets, _ = straggler_sets(M, range(d), 10**6)
+    worst = {c: conditioning(make({"name": "crc", "d": d, "construction": c, "candidates": 8}, M, seeds=(0, 1)),
+                             sets)["max_abs_a_worst"] for c in ("random", "best_random", "cyclic_mds")}
+    assert worst["cyclic_mds"] < worst["best_random"] <= worst["random"]
+    a = make({"name": "crc", "d": d, "construction": "best_random", "candidates": 8}, M, seeds=(3,)).B
+    b = make({"name": "crc", "d": d, "construction": "best_random", "candidates": 8}, M, seeds=(3,)).B
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cfg,key", [({"name": "crc", "d": 3, "construction": "dft"}, "code.construction"),
+                                     ({"name": "crc", "d": 3, "construction": "best_random", "candidates": 0},
+                                      "code.candidates")])
+def test_crc_construction_keys_are_validated(cfg, key):
+    with pytest.raises(ConfigError, match=key):
+        allocate(cfg, 12, SeedRNG([0], "code"))
+
+
+def test_conditioning_of_frc_uses_its_group_decoder_and_sgc_spread_is_unbiased():
+    from cocoef_cli.sim.codes import conditioning, coverage_spread, straggler_sets
+
+    frc = make({"name": "frc", "d": 3}, 12, seeds=(0,))
+    rep = conditioning(frc, straggler_sets(12, range(3), 10**6)[0])
+    assert rep["max_abs_a_worst"] == 1.0 and rep["worst_residual"] == pytest.approx(0.0, abs=1e-12)
+    sgc = make({"name": "sgc", "d": 3}, 12, seeds=(0,), p=0.25)
+    g = torch.Generator().manual_seed(0)
+    draws = [torch.rand(1, 12, generator=g) >= 0.25 for _ in range(4000)]
+    sp = coverage_spread(sgc, draws)
+    assert sp["bias"] < 0.05 and 0.1 < sp["spread"] < 1.0 and sp["max_abs_a"] == 1.0

@@ -16,7 +16,7 @@ from cocoef_cli.sim.rng import SeedRNG
 
 ALL = ["identity", "topk", "randk", "randk_unbiased", "sign", "scaled_sign", "grouped_sign", "qsgd", "onebit",
        "terngrad", "natural"]
-UNBIASED = ["randk_unbiased", "qsgd", "onebit", "terngrad", "natural"]
+UNBIASED = ["randk_unbiased", "qsgd", "onebit", "terngrad", "natural"]  # terngrad with clip=None
 F64 = torch.float64
 
 
@@ -330,7 +330,7 @@ def test_value_sets_of_random_quantisers():
     assert ((q == 0) | (torch.sign(q) == torch.sign(x))).all()
     o = make("onebit", 13).compress(x, r)
     assert torch.allclose(o.abs(), inf.expand_as(o))
-    t = make("terngrad", 13).compress(x, r)
+    t = make("terngrad", 13, clip=None).compress(x, r)
     assert ((t == 0) | (t.abs() == inf)).all() and ((t == 0) | (torch.sign(t) == torch.sign(x))).all()
     n = make("natural", 13).compress(x, r)
     lo = 2.0 ** torch.floor(torch.log2(x.abs()))
@@ -362,7 +362,7 @@ X_TEST = torch.tensor([0.9, -2.0, 0.0, 0.3, 1.7, -0.05, 3.1], dtype=F64)
 @pytest.mark.parametrize("name", UNBIASED)
 def test_unbiased_mean_within_4_standard_errors(name):
     D, M = X_TEST.numel(), 40_000
-    c = make(name, D, k=2, levels=2)
+    c = make(name, D, k=2, levels=2, clip=None)
     v = X_TEST.expand(1, M, D)
     out = c.compress(v, rng(11))[0]  # (M, D): M independent draws
     mean = out.mean(0)
@@ -385,7 +385,7 @@ OMEGA_XS = {
 
 
 @pytest.mark.parametrize("name,kw", [("randk_unbiased", {"k": 3}), ("qsgd", {"levels": 1}), ("qsgd", {"levels": 2}),
-                                     ("qsgd", {"levels": 8}), ("onebit", {}), ("terngrad", {}), ("natural", {}),
+                                     ("qsgd", {"levels": 8}), ("onebit", {}), ("terngrad", {"clip": None}), ("natural", {}),
                                      ("identity", {})])
 @pytest.mark.parametrize("xname", list(OMEGA_XS))
 def test_omega_bound_holds_empirically(name, kw, xname):
@@ -556,3 +556,26 @@ def test_error_feedback_invariant(name):
     # EF with a non-contractive compressor (randk_unbiased) lets e grow: 1e-10 relative to its scale
     scale = max(1.0, e.abs().max().item(), sum_m.abs().max().item())
     torch.testing.assert_close(sum_m + e, sum_u, rtol=0, atol=1e-10 * scale)
+
+
+def test_terngrad_clips_at_clip_sigma_by_default_and_is_then_biased():
+    D, M = 8, 4000
+    x = torch.tensor([10.0, 0.1, -0.2, 0.3, 0.1, -0.1, 0.2, 0.0], dtype=F64)
+    sigma = x.pow(2).mean().sqrt()
+    c = make("terngrad", D)
+    assert c.clip == 2.5 and not c.unbiased and c.omega() is None
+    out = c.compress(x.expand(1, M, D), rng(2))[0]
+    assert torch.allclose(out.abs().amax(-1), torch.full((M,), 2.5 * float(sigma), dtype=F64))  # s = ‖clip(x)‖∞
+    se = out.std(0) / math.sqrt(M)
+    assert (out.mean(0)[0] - x[0]).abs() > 10 * se[0]  # biased on the clipped coordinate
+    clipped = torch.clamp(x, -2.5 * sigma, 2.5 * sigma)
+    assert ((out.mean(0) - clipped).abs() <= 4 * se + 1e-12).all()  # unbiased for clip(x)
+    flat = make("terngrad", 3).compress(torch.full((1, 1, 3), 2.0, dtype=F64), rng(0))
+    assert torch.equal(flat, torch.full((1, 1, 3), 2.0, dtype=F64))  # σ-clipping never zeroes a constant message
+    with pytest.raises(ConfigError, match="compressor.clip"):
+        make("terngrad", D, clip=0)
+
+
+def test_onebit_says_it_is_not_seide_1bit_sgd():
+    line = dict(COMPRESSORS.describe())["onebit"]
+    assert "Seide" in line and "unbiased" in line

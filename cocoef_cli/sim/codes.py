@@ -109,16 +109,21 @@ def _decode_unbiased(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]
     return (z.to(torch.float64) / (1.0 - code.p)).to(code.dtype), None
 
 
-def _decode_lstsq(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-norm least squares a = pinv(B_Fᵀ) 1, B_F = B with straggler rows zeroed (float64)."""
-    zf = z.to(torch.float64)
-    BmT = (code._B64 * zf[..., None]).transpose(1, 2)  # (R, N, M)
+def _lstsq_weights(B64: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
+    """Min-norm least squares a = pinv(B_Fᵀ) 1 for B64 (R, M, N) float64 and zf (R, M) float64
+    0/1 (B_F = B with straggler rows zeroed), refined; exact zeros on stragglers. (R, M)."""
+    BmT = (B64 * zf[..., None]).transpose(1, 2)  # (R, N, M)
     ones = torch.ones(BmT.shape[0], BmT.shape[1], 1, dtype=torch.float64, device=BmT.device)
     P = torch.linalg.pinv(BmT)  # (R, M, N), one batched SVD
     a = P @ ones
     for _ in range(LSTSQ_REFINE):  # iterative refinement: Tandon's B is badly conditioned (cond ~ 1e10)
         a = a + P @ (ones - BmT @ a)
-    a64 = a[..., 0] * zf  # (R, M); exact zeros on stragglers
+    return a[..., 0] * zf
+
+
+def _decode_lstsq(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-norm least squares a = pinv(B_Fᵀ) 1, B_F = B with straggler rows zeroed (float64)."""
+    a64 = _lstsq_weights(code._B64, z.to(torch.float64))
     return a64.to(code.dtype), _residual(code, a64)
 
 
@@ -267,6 +272,12 @@ class Code:
             self._csr[key] = (self._crow.to(device), j + r * self.N, self._val64.to(dtype=dtype, device=device),
                               r * self.M + i)
         return self._csr[key]
+
+    def full_weights(self) -> torch.Tensor:
+        """ā (R, M) in the code's dtype with āᵀB = 1ᵀ when every device answers: the min-norm
+        least squares pinv(Bᵀ)1 in float64 (for sgc ā_i = 1 − p_i is one solution)."""
+        return _lstsq_weights(self._B64, torch.ones(self.R, self.M, dtype=torch.float64,
+                                                    device=self._val64.device)).to(self.dtype)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decoding weights a (R, M) in B's dtype (0 on stragglers) and the residual (R,) or None."""
@@ -441,6 +452,8 @@ class SGC(CodeScheme):
     c_j = Σ_i S_ij is the number of devices holding partition j (= d for the regular allocations
     with M = N). With the ``fixed`` decoder a_i = z_i and z_i ~ Bernoulli(1−p_i),
     E[Σ_i a_i B_ij] = Σ_i S_ij/c_j = 1, so E[ĝ] = Σ_j g_j = ∇F (no residual is reported).
+    ``code.p_assumed`` = p̂ (default null: the true p_i) builds the weights from a misspecified
+    probability, B_ij = S_ij/(c_j(1−p̂)): then E[ĝ] = Σ_j g_j Σ_i S_ij(1−p_i)/(c_j(1−p̂)).
     """
 
     name = "sgc"
@@ -488,6 +501,11 @@ class SGC(CodeScheme):
         c = S.sum(1, dtype=torch.float64)  # (R, N) devices per partition
         if bool((c == 0).any()):
             raise ValueError("sgc: some partition is stored on no device")
+        assumed = _get(cfg, "p_assumed")
+        if assumed is not None:
+            if not isinstance(assumed, (int, float)) or isinstance(assumed, bool) or not 0 <= assumed < 1:
+                raise ConfigError("code.p_assumed", assumed, "null (the true p) or numbers in [0, 1)", "out of range")
+            p = torch.full_like(p, float(assumed))
         r, i, j = S.nonzero(as_tuple=True)  # only the d entries a row: no dense (R, M, N) temporaries
         B = torch.zeros(S.shape, dtype=torch.float64, device=S.device)
         return B.index_put_((r, i, j), 1.0 / (c[r, j] * (1.0 - p)[r, i]))
@@ -529,16 +547,145 @@ class FRC(CodeScheme):
         return S.to(torch.float64)
 
 
+#: ``code.construction`` of crc (first = default).
+CRC_CONSTRUCTIONS = ("cyclic_mds", "best_random", "random")
+#: Straggler sets of size d − 1 on which ``best_random`` scores its candidates (all when fewer).
+SEARCH_SETS = 128
+
+
+def _tandon_rows(H: torch.Tensor) -> torch.Tensor:
+    """B (..., M, M) from parity checks H (..., d−1, M): B_ii = 1 and the d−1 other entries x of
+    row i (columns i+1..i+d−1 mod M) solve H_{:,supp∖i} x = −H_{:,i}, so H Bᵀ = 0."""
+    *lead, m, M = H.shape
+    i = torch.arange(M, device=H.device)
+    B = torch.zeros(*lead, M, M, dtype=torch.float64, device=H.device)
+    B[..., i, i] = 1.0
+    if m == 0:
+        return B
+    others = (i[:, None] + torch.arange(1, m + 1, device=H.device)[None, :]) % M  # (M, d−1)
+    A = H[..., others].transpose(-3, -2)  # (..., M, d−1 rows of H, d−1 unknowns)
+    x = torch.linalg.solve(A, -H.transpose(-1, -2))  # rhs −H_{:, i}: (..., M, d−1)
+    return B.scatter_(-1, others.expand(*lead, M, m), x)
+
+
+def _cyclic_mds_rows(M: int, d: int, device: torch.device | str) -> torch.Tensor:
+    """(M, M) float64 rows of the real (nega)cyclic MDS construction of :class:`CRC` (B_ii = 1)."""
+    theta = np.pi + 2 * np.pi * (np.arange(d - 1) - (d - 2) / 2) / M  # roots e^{iθ}, symmetric about π
+    sgn = 1.0 if (M - d) % 2 == 0 else -1.0  # e^{iMθ}: x^M − 1 (cyclic) or x^M + 1 (negacyclic)
+    g = np.poly(np.exp(1j * theta))[::-1].real  # g_0..g_{d−1}; real since the roots come in conjugate pairs
+    B = np.zeros((M, M))
+    for t in range(d):  # row i = x^i g(x) mod (x^M − sgn): a coefficient wrapping past M is multiplied by sgn
+        cols = np.arange(M) + t
+        B[np.arange(M), cols % M] = g[t] * np.where(cols >= M, sgn, 1.0)
+    if sgn < 0:  # 1 ∉ C: rescale partitions by the projection t of 1 onto C = rowspan(B)
+        t = B.T @ np.linalg.lstsq(B.T, np.ones(M), rcond=None)[0]
+        if np.abs(t).min() < 1e-6:
+            raise ValueError(f"crc cyclic_mds: the projection of 1 has a zero entry (M={M}, d={d})")
+        B = B / t[None, :]
+    return torch.as_tensor(B / np.diag(B)[:, None], dtype=torch.float64, device=device)
+
+
+def straggler_sets(M: int, sizes: Sequence[int], max_sets: int, seed: int = 0) -> tuple[list[tuple[int, ...]], bool]:
+    """Every straggler set (tuple of devices) of the given sizes when there are at most
+    ``max_sets``, else ``max_sets`` drawn with numpy seed ``seed`` (a size uniformly among
+    ``sizes``, then a uniform set of that size). Returns (sets, exhaustive)."""
+    import itertools
+
+    sizes = [s for s in sizes if 0 <= s < M]
+    if sum(math.comb(M, s) for s in sizes) <= max_sets:
+        return [c for s in sizes for c in itertools.combinations(range(M), s)], True
+    gen = np.random.default_rng(seed)
+    return [tuple(sorted(int(j) for j in gen.choice(M, size=int(gen.choice(sizes)), replace=False)))
+            for _ in range(max_sets)], False
+
+
+def _set_masks(M: int, sets: Sequence[tuple[int, ...]], device: torch.device | str) -> torch.Tensor:
+    """(P, M) float64: 0 on the devices of each straggler set, 1 elsewhere."""
+    z = torch.ones(len(sets), M, dtype=torch.float64, device=device)
+    for k, st in enumerate(sets):
+        z[k, list(st)] = 0.0
+    return z
+
+
+def _weights_over_sets(B64: torch.Tensor, sets: Sequence[tuple[int, ...]],
+                       decode: "Code | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights for every straggler set, a (P, R, M), and the raw residuals ‖aᵀB − 1ᵀ‖₂ (P, R):
+    least squares of B64 (R, M, N) in chunks of sets (one batched pinv each), or the decoder of
+    ``decode`` set by set."""
+    R, M, N = B64.shape
+    z = _set_masks(M, sets, B64.device)
+    if decode is not None:
+        a = torch.stack([decode.decode(zk.bool().expand(R, M))[0].to(torch.float64) for zk in z]) if len(sets) \
+            else torch.zeros(0, R, M, dtype=torch.float64)
+    else:
+        chunk, out = max(1, (1 << 22) // max(R * M * N, 1)), []
+        for lo in range(0, len(sets), chunk):
+            zc = z[lo:lo + chunk]  # (p, M)
+            p = zc.shape[0]
+            Bc = B64[None].expand(p, R, M, N).reshape(p * R, M, N)
+            out.append(_lstsq_weights(Bc, zc[:, None, :].expand(p, R, M).reshape(p * R, M)).reshape(p, R, M))
+        a = torch.cat(out) if out else torch.zeros(0, R, M, dtype=torch.float64)
+    res = torch.linalg.vector_norm(torch.einsum("prm,rmn->prn", a, B64) - 1.0, dim=-1)
+    return a, res
+
+
+def conditioning(code: "Code", sets: Sequence[tuple[int, ...]]) -> dict[str, float]:
+    """How a decoding code amplifies message errors, over the straggler ``sets`` and the R
+    replicates: ``worst_residual`` = max ‖aᵀB_F − 1ᵀ‖₂, ``max_abs_B`` = max |B_ij|, and the worst
+    and median over (set, replicate) of max_i |a_i| and of ‖a‖₂. ĝ − ∇F = Σ_i a_i (m_i − u_i)
+    for exact a, so a compression error is multiplied by up to max|a|."""
+    a, res = _weights_over_sets(code._B64, sets, None if code._decoder is _decode_lstsq else code)
+    amax, anorm = a.abs().amax(-1).flatten(), torch.linalg.vector_norm(a, dim=-1).flatten()
+    return {"worst_residual": float(res.max()), "max_abs_B": float(code._val64.abs().max()),
+            "max_abs_a_worst": float(amax.max()), "max_abs_a_median": float(amax.median()),
+            "norm_a_worst": float(anorm.max()), "norm_a_median": float(anorm.median())}
+
+
+def coverage_spread(code: "Code", draws: Sequence[torch.Tensor]) -> dict[str, float]:
+    """For fixed-weight codes (unbiased only in expectation): e = aᵀB − 1ᵀ (per partition) over
+    straggler ``draws`` z (R, M) each: ``bias`` = max_j |mean e_j| (→ 0 for an unbiased code),
+    ``spread`` = the root mean square of e, ``max_abs_e`` = max |e_j|, plus ``max_abs_B`` and
+    ``max_abs_a``."""
+    r, i, j = code._nz.T  # aᵀB from the nonzero entries (no dense B)
+    e, amax = [], 0.0
+    for z in draws:
+        a = code.decode(z)[0].to(torch.float64)
+        amax = max(amax, float(a.abs().max()))
+        cov = torch.zeros(code.R * code.N, dtype=torch.float64, device=a.device)
+        e.append(cov.index_add_(0, r * code.N + j, a[r, i] * code._val64).reshape(code.R, code.N) - 1.0)
+    E = torch.stack(e)  # (T, R, N)
+    return {"bias": float(E.mean(0).abs().max()), "spread": float(E.pow(2).mean().sqrt()),
+            "max_abs_e": float(E.abs().max()), "max_abs_B": float(code._val64.abs().max()), "max_abs_a": amax}
+
+
 @CODES.register("crc")
 class CRC(CodeScheme):
-    """Cyclic repetition code (Tandon et al. 2017, Algorithm 2): device i holds i..i+d−1 mod M.
+    """Cyclic repetition code (Tandon et al. 2017): device i holds i..i+d−1 mod M, N = M.
 
-    Draw H ∈ ℝ^{(d−1)×M} with i.i.d. N(0,1) entries, then set its last column to minus the sum of
-    the others so H·1 = 0. Row i of B is supported on i..i+d−1 mod M with B_ii = 1 and the other
-    d−1 entries x solving H_{:,supp∖i} x = −H_{:,i}, so every row of B lies in null(H) and 1ᵀ lies
-    in the row span of any M−(d−1) rows. Requires N = M. ``exact``: a solving aᵀB_F = 1ᵀ on the
-    survivors F — the min-norm least squares a = pinv(B_Fᵀ)1 in float64, which is also the
-    ``optimal`` fallback when more than d−1 devices straggle.
+    Every construction gives rows b_i supported on i..i+d−1 with B_ii = 1, all in an
+    (M−d+1)-dimensional code C ∋ 1 such that any M−d+1 rows are independent, hence span C:
+    1ᵀ = aᵀB_F for every survivor set F of size ≥ M−d+1. ``code.construction``:
+
+    - ``cyclic_mds`` (default; Raviv et al. 2020 in a real form): with the d−1 angles
+      θ_m = π + 2π(m − (d−2)/2)/M (m = 0..d−2, symmetric about π, so g is real) and
+      g(x) = ∏_m (x − e^{iθ_m}), row i is x^i g(x) mod (x^M − σ), σ = e^{iMθ_m} = (−1)^{M−d}:
+      cyclic when M − d is even, negacyclic (a coefficient wrapping past M changes sign) when
+      odd. C = {c : c(e^{iθ_m}) = 0 ∀m}. Rows F independent: Σ_{i∈F} α_i x^i g ≡ 0 mod
+      (x^M − σ) forces α(ζ) = 0 at the M−d+1 other roots ζ of x^M − σ, consecutive on the
+      circle, a Vandermonde system in the distinct e^{2πij/M}, j ∈ F, so α = 0. For σ = 1,
+      1 ∈ C (1(ζ) = 0 for ζ ≠ 1). For σ = −1 (no real cyclic code works then, e.g. d = 3,
+      M even: α_j = sin(2πkj/M) vanishes on {0, M/2}), 1 ∉ C: with t the orthogonal
+      projection of 1 onto C (t_j = 1 − O(d/M), all nonzero, checked), B = B_C diag(1/t)
+      has rowspan C·diag(1/t) ∋ 1 and the same supports and independence.
+    - ``random`` (Tandon's Algorithm 2): H ∈ ℝ^{(d−1)×M} i.i.d. N(0,1), last column set so
+      H·1 = 0; b_i is the vector of null(H) on its window (H_{:,supp∖i} x = −H_{:,i}). Exact with
+      probability 1, but badly conditioned (max|a| in the thousands at M = 12).
+    - ``best_random``: ``code.candidates`` such H drawn from the code stream; keeps the one
+      with the smallest worst max_i|a_i| over the straggler sets of size d−1 (all of them, or
+      :data:`SEARCH_SETS` drawn with numpy seed 0), among the candidates exact on all of them.
+
+    Rows are scaled so that B_ii = 1.     ``exact``: a solving aᵀB_F = 1ᵀ on the survivors F — the min-norm least squares
+    a = pinv(B_Fᵀ)1 in float64, also the ``optimal`` fallback beyond d−1 stragglers.
     """
 
     name = "crc"
@@ -546,7 +693,18 @@ class CRC(CodeScheme):
     square = True
 
     @classmethod
+    def construction(cls, cfg: Any, M: int, d: int) -> str:
+        """``code.construction`` (validated, with ``code.candidates`` for best_random)."""
+        name = _get(cfg, "construction", CRC_CONSTRUCTIONS[0]) or CRC_CONSTRUCTIONS[0]
+        if name not in CRC_CONSTRUCTIONS:
+            raise ConfigError("code.construction", name, CRC_CONSTRUCTIONS, "unknown crc construction")
+        if name == "best_random":
+            _int_in("code.candidates", _get(cfg, "candidates", 32), 1, 4096)
+        return name
+
+    @classmethod
     def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:
+        cls.construction(cfg, M, d)  # fail early
         return _cyclic(M, M, range(d), rng.device).expand(rng.R, M, M).clone()
 
     @classmethod
@@ -554,19 +712,23 @@ class CRC(CodeScheme):
         R, M, _ = S.shape
         if not bool((S == _cyclic(M, M, range(d), S.device)).all()):
             raise ValueError("crc: S is not the cyclic allocation")
-        B = torch.zeros(R, M, M, dtype=torch.float64, device=S.device)
-        i = torch.arange(M, device=S.device)
-        B[:, i, i] = 1.0
+        how = cls.construction(cfg, M, d)
         if d == 1:
-            return B
-        H = rng.randn(d - 1, M, dtype=torch.float64)  # (R, d−1, M)
+            return torch.eye(M, dtype=torch.float64, device=S.device).expand(R, M, M).clone()
+        if how == "cyclic_mds":
+            return _cyclic_mds_rows(M, d, S.device).expand(R, M, M).clone()
+        C = 1 if how == "random" else int(_get(cfg, "candidates", 32))
+        H = rng.randn(d - 1, M, dtype=torch.float64) if how == "random" else \
+            rng.randn(C, d - 1, M, dtype=torch.float64).reshape(R * C, d - 1, M)
         H[:, :, -1] = -H[:, :, :-1].sum(-1)
-        others = (i[:, None] + torch.arange(1, d, device=S.device)[None, :]) % M  # (M, d−1)
-        A = H[:, :, others].permute(0, 2, 1, 3)  # (R, M, d−1 rows of H, d−1 unknowns)
-        rhs = -H.transpose(1, 2)  # (R, M, d−1): −H_{:, i}
-        x = torch.linalg.solve(A, rhs)  # (R, M, d−1), batched over replicates and devices
-        B.scatter_(2, others[None].expand(R, M, d - 1), x)
-        return B
+        B = _tandon_rows(H)  # (R·C, M, M)
+        if how == "random":
+            return B
+        sets, _ = straggler_sets(M, [d - 1], SEARCH_SETS, seed=0)
+        a, res = _weights_over_sets(B, sets)  # (P, R·C, M), (P, R·C)
+        score = a.abs().amax(-1).amax(0).masked_fill(res.amax(0) > 1e-6, math.inf).reshape(R, C)
+        best = score.argmin(-1)  # (R,)
+        return B.reshape(R, C, M, M)[torch.arange(R, device=S.device), best]
 
 
 @CODES.register("bgc")

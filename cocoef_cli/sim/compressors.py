@@ -536,7 +536,10 @@ class QSGD(Compressor):
 
 @COMPRESSORS.register("onebit")
 class OneBit(Compressor):
-    """Unbiased stochastic 1-bit: each coordinate becomes ±‖x‖_∞ (unbiased).
+    """Stochastic ±‖x‖_∞ quantiser, one bit a coordinate (unbiased; not Seide et al.'s 1-bit SGD).
+
+    Not the 1-bit SGD of Seide et al. (2014), which is deterministic sign quantisation with error
+    feedback and per-column means: use ``sign``/``scaled_sign`` with ``coco_ef`` for that family.
 
     With R = ‖x‖_∞: C(x)_j = +R with probability (1 + x_j/R)/2, else −R; C(0) = 0.
     Unbiased; E‖C(x) − x‖² = D·R² − ‖x‖² ≤ (D − 1)‖x‖², ω = D − 1. Bits: D + value_bits.
@@ -563,21 +566,40 @@ class OneBit(Compressor):
 
 @COMPRESSORS.register("terngrad")
 class TernGrad(Compressor):
-    """TernGrad: ternarise to {−s, 0, +s} with s = ‖x‖_∞ (unbiased).
+    """TernGrad: clip to ±c·σ, ternarise to {−s, 0, +s} with s = ‖x‖_∞ (biased when clipped).
 
-    C(x)_j = s·sign(x_j)·b_j, b_j ~ Bernoulli(|x_j|/s), s = ‖x‖_∞; C(0) = 0 (Wen et al. 2017).
-    Unbiased; E‖C(x) − x‖² = s‖x‖₁ − ‖x‖² ≤ (√D − 1)‖x‖², ω = √D − 1. Bits: 2·D + value_bits.
+    With ``clip`` = c (default 2.5, as the reference implementation of Wen et al. 2017): x_j ←
+    max(−cσ, min(x_j, cσ)), σ = (Σ_j x_j²/D)^½ of the message (no clipping when σ = 0); then
+    C(x)_j = s·sign(x_j)·b_j, b_j ~ Bernoulli(|x_j|/s), s = ‖x‖_∞; C(0) = 0. Clipping makes C
+    biased (E C(x) = clip(x)); ``clip=null``: unbiased, E‖C(x) − x‖² = s‖x‖₁ − ‖x‖² ≤
+    (√D − 1)‖x‖², ω = √D − 1. Bits: 2·D + value_bits.
     """
 
     name = "terngrad"
-    unbiased = True
+    unbiased = True  # the class without clipping; an instance with clip is biased
     randomized = True
 
-    def omega(self) -> float:
-        return math.sqrt(self.D) - 1.0
+    def __init__(self, D: int, clip: float | None = 2.5, value_bits: int = 32):
+        super().__init__(D, value_bits)
+        if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool)
+                                 or not math.isfinite(clip) or clip <= 0):
+            raise ConfigError("compressor.clip", clip, "null or finite numbers > 0", "out of range")
+        self.clip = None if clip is None else float(clip)
+        self.unbiased = self.clip is None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+        return cls(D, clip=_cfg_get(cfg, "clip", 2.5), value_bits=_cfg_get(cfg, "value_bits", 32))
+
+    def omega(self) -> float | None:
+        return math.sqrt(self.D) - 1.0 if self.clip is None else None
 
     def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
         u = _uniform(rng, v, self.name)
+        if self.clip is not None:
+            sigma = v.pow(2).mean(dim=-1, keepdim=True).sqrt()
+            c = torch.where(sigma > 0, self.clip * sigma, torch.full_like(sigma, math.inf))
+            v = torch.minimum(torch.maximum(v, -c), c)
         s = v.abs().amax(dim=-1, keepdim=True)
         safe = torch.where(s > 0, s, torch.ones_like(s))
         keep = u < v.abs() / safe

@@ -36,7 +36,7 @@ def build_message_compressor(cfg: Mapping, D: int) -> Compressor:
     compressor = build_compressor(comp_cfg, D)
     if METHODS.get(cfg["method"]["name"]).needs_unbiased and not compressor.unbiased \
             and not cfg["method"].get("allow_biased", False):
-        raise ConfigError("compressor", comp_cfg["name"], "randk_unbiased, qsgd, onebit, terngrad, natural, identity",
+        raise ConfigError("compressor", comp_cfg["name"], "randk_unbiased, qsgd, onebit, terngrad with compressor.clip=null, natural, identity",
                           f"method {cfg['method']['name']} needs an unbiased compressor (or method.allow_biased=true)")
     return compressor
 
@@ -129,14 +129,40 @@ class Coco(Method):
         return aggregate(a, self.C.compress(U, self.rng))
 
 
+class _Shifts(Method):
+    """Per-device shifts h_i kept by device and server. ``method.stale_shifts`` (default false):
+    the server also uses the last shift it holds of a straggler (partial-participation variants
+    in the style of DIANA-PP / EF21-PP), weighted by the full-participation weights ā (āᵀB = 1ᵀ,
+    :meth:`~cocoef_cli.sim.codes.Code.full_weights`); false: a straggler's shift drops out of ĝ."""
+
+    state_names = ("h",)
+
+    def __init__(self, cfg, compressor, R, M, D, dtype, device, rng):
+        super().__init__(cfg, compressor, R, M, D, dtype, device, rng)
+        self.stale = cfg.get("stale_shifts", False)
+        if not isinstance(self.stale, bool):
+            raise ConfigError("method.stale_shifts", self.stale, "true, false", "not a boolean")
+        self.full: torch.Tensor | None = None  # ā, taken from the code at the first coded step
+
+    def coded_step(self, U, z, a):
+        if self.stale and self.full is None:
+            self.full = U.code.full_weights()
+        return self.step(U.dense(), z, a)
+
+    def _full(self) -> torch.Tensor:
+        if self.full is None:
+            raise RuntimeError("method.stale_shifts needs the code's full-participation weights (simulator runtime)")
+        return self.full
+
+
 @METHODS.register("coco_diana")
-class CocoDiana(Method):
+class CocoDiana(_Shifts):
     """Unbiased compression of gradient differences (DIANA shifts) under gradient coding.
 
     Δ_i = C(u_i − h_i),  ĝ = Σ_i a_i (h_i + Δ_i),  h_i ← h_i + α Δ_i,  α = 1/(ω + 1) by default.
+    ``stale_shifts`` (DIANA-PP style): ĝ = Σ_i ā_i h_i + Σ_i a_i Δ_i, every stored shift counts.
     """
 
-    state_names = ("h",)
     needs_unbiased = True
 
     def __init__(self, cfg, compressor, R, M, D, dtype, device, rng):
@@ -151,21 +177,20 @@ class CocoDiana(Method):
 
     def step(self, U, z, a):
         delta = self.C.compress(U - self.h, self.rng)
-        g = aggregate(a, self.h + delta)
+        g = aggregate(self._full(), self.h) + aggregate(a, delta) if self.stale else aggregate(a, self.h + delta)
         self.h = self._keep(z, self.h + self.alpha * delta, self.h)
         return g
 
 
 @METHODS.register("coco_ef21")
-class CocoEF21(Method):
+class CocoEF21(_Shifts):
     """EF21 shifts under gradient coding (an extension): Δ_i = C(u_i − h_i), h_i ← h_i + Δ_i,
-    ĝ = Σ_i a_i h_i over the devices that answered."""
-
-    state_names = ("h",)
+    ĝ = Σ_i a_i h_i over the devices that answered; ``stale_shifts`` (EF21-PP style):
+    ĝ = Σ_i ā_i h_i over every device, a straggler's h_i as last received."""
 
     def step(self, U, z, a):
         self.h = self._keep(z, self.h + self.C.compress(U - self.h, self.rng), self.h)
-        return aggregate(a, self.h)
+        return aggregate(self._full() if self.stale else a, self.h)
 
 
 @METHODS.register("gc")
