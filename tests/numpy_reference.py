@@ -196,6 +196,10 @@ def simulate(cfg: dict) -> list[dict]:
     masks = straggler_masks(cfg, np.tile(B.astype(bool).sum(1), (len(seeds), 1)), seeds, T) if method != "gd" else None
     F = lambda th: model.losses(th, X, y).mean() + 0.5 * lam * th @ th
     gradF = lambda th: model.grad_sum(th, X, y) / n + lam * th
+    f_star = None
+    if model.name == "linear":  # min F: the ridge normal equations (XᵀX/n + λI) w = Xᵀy/n
+        w = np.linalg.lstsq(X.T @ X / n + lam * np.eye(X.shape[1]), X.T @ y / n, rcond=None)[0]
+        f_star = F(w)
 
     rows = []
     for r, seed in enumerate(seeds):
@@ -243,5 +247,6 @@ def simulate(cfg: dict) -> list[dict]:
                              "test_loss": model.losses(theta, Xte, yte).mean(), "test_acc": model.correct(theta, Xte, yte),
                              "ef_norm": np.linalg.norm(state) if kind in ("coco_ef", "coco_diana", "coco_ef21") else None,
                              "bits_up": None if method == "gd" else sent_bits,
-                             "n_received": None if t == 0 or method == "gd" else received})
+                             "n_received": None if t == 0 or method == "gd" else received,
+                             "opt_gap": None if f_star is None else F(theta) - f_star})
     return rows
