@@ -10,9 +10,11 @@ match draw for draw.
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cocoef_cli import config
 from cocoef_cli.run import execute
+from cocoef_cli.sim.rng import SeedRNG
 
 import numpy_reference
 
@@ -94,3 +96,26 @@ def test_linear_model_with_ridge_and_markov_stragglers_equals_numpy_reference():
     multiple of eval_every (the last update still has its row)."""
     compare(LINREG + ["model.l2=0.1", "iters=22", "straggler=markov", "straggler.p=0.3", "straggler.stay=0.6",
                       "method=coco_ef", "compressor=topk", "compressor.k=2"])
+
+
+def test_delay_stragglers_and_simulated_time_equal_numpy_reference():
+    """delay: T_i = load_i (t0 + Exp(mu)) by inversion of the straggler stream's uniforms, straggler
+    iff T_i > deadline; sim_time adds per update the deadline (or max_i T_i if all answered) plus
+    the upload time of one message, bits / bandwidth (DESIGN §3)."""
+    t0, mu, deadline, bw, T = 1.0, 2.0, 1.6, 20000.0, 24
+    linreg = [o for o in LINREG if not o.startswith("straggler.p=")]
+    got = compare(linreg + ["method=ignore_stragglers", "straggler=delay", f"straggler.t0={t0}", f"straggler.mu={mu}",
+                            f"straggler.deadline={deadline}", f"network.bandwidth_bps={bw}"])
+    rng, D, M = SeedRNG([0], "straggler"), 8, 6
+    clock, times, answered = 0.0, [0.0], []
+    for t in range(1, T + 1):
+        u = rng.rand(M, dtype=torch.float64).numpy()[0]
+        Ti = 1.0 * (t0 - np.log1p(-u) / mu)  # uncoded: load 1
+        late = Ti > deadline
+        clock += (deadline if late.any() else Ti.max()) + 32 * D / bw
+        answered.append(int((~late).sum()))
+        if t % 4 == 0:
+            times.append(clock)
+    np.testing.assert_allclose(got.sim_time.to_numpy(float), times, rtol=1e-12)
+    np.testing.assert_array_equal(got.n_received.to_numpy(float)[1:], answered[3::4])
+    assert 0 < np.mean(answered) < M

@@ -68,7 +68,7 @@ ENGINE = [
     M(S + "engine.py", "if sim.t % every == 0 or sim.t == T:", "if sim.t % every == 0:", REF, K("markov")),
     M(S + "engine.py", "seeds = [int(cfg[\"seed\"]) + r for r in range(R)]", "seeds = [int(cfg[\"seed\"]) for r in range(R)]", REF, K("reset")),
     M(S + "engine.py", "\"d\": 1, \"decode\": \"rescale\"}", "\"d\": 1, \"decode\": \"unbiased\"}", REF, K("ef_sgd or ignore")),
-    M(S + "engine.py", "self.sim_time += exp.straggler.last_time + self.upload_s", "self.sim_time += exp.straggler.last_time", ENG, K("delay")),
+    M(S + "engine.py", "self.sim_time += exp.straggler.last_time + self.upload_s", "self.sim_time += exp.straggler.last_time", REF, ENG, K("delay")),
 ]
 CODES = [
     M(S + "codes.py", "1.0 / (c[r, j] * (1.0 - p)[r, i])", "1.0 / c[r, j]", REF, K("coco_ef-topk")),
@@ -120,9 +120,9 @@ STRAGGLERS = [
     M(S + "stragglers.py", "q = p * (1.0 - stay) / (1.0 - p)", "q = p * (1.0 - stay)", STR),
     M(S + "stragglers.py", "torch.where(self.state, u < self.stay, u < self.q)", "torch.where(self.state, u < self.q, u < self.stay)", STR),
     M(S + "stragglers.py", "self.state = u < self.p", "self.state = u < self.q", STR),
-    M(S + "stragglers.py", "T = self.loads * (self.t0 - torch.log1p(-u) / self.mu)", "T = self.loads * (self.t0 - torch.log1p(-u) * self.mu)", STR),
+    M(S + "stragglers.py", "T = self.loads * (self.t0 - torch.log1p(-u) / self.mu)", "T = self.loads * (self.t0 - torch.log1p(-u) * self.mu)", STR, REF, K("delay")),
     M(S + "stragglers.py", "torch.exp(-mu * slack.clamp_min(0.0))", "torch.exp(-slack.clamp_min(0.0) / mu)", STR),
-    M(S + "stragglers.py", "T.max(-1).values)", "T.min(-1).values)", STR, ENG),
+    M(S + "stragglers.py", "T.max(-1).values)", "T.min(-1).values)", STR, REF, ENG, K("delay")),
     M(S + "stragglers.py", "p = torch.linspace(lo, hi, M, dtype=F64", "p = torch.linspace(hi, lo, M, dtype=F64", STR),
     M(S + "rng.py", "STREAMS.index(stream)]", "0]", STR, ENG),
 ]
