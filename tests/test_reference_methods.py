@@ -101,7 +101,7 @@ def test_linear_model_with_ridge_and_markov_stragglers_equals_numpy_reference():
 def test_delay_stragglers_and_simulated_time_equal_numpy_reference():
     """delay: T_i = load_i (t0 + Exp(mu)) by inversion of the straggler stream's uniforms, straggler
     iff T_i > deadline; sim_time adds per update the deadline (or max_i T_i if all answered) plus
-    the upload time of one message, bits / bandwidth (DESIGN §3)."""
+    the upload time of one message, bits / bandwidth (DESIGN §3); the marginal p of the p column."""
     t0, mu, deadline, bw, T = 1.0, 2.0, 1.6, 20000.0, 24
     linreg = [o for o in LINREG if not o.startswith("straggler.p=")]
     got = compare(linreg + ["method=ignore_stragglers", "straggler=delay", f"straggler.t0={t0}", f"straggler.mu={mu}",
@@ -119,3 +119,5 @@ def test_delay_stragglers_and_simulated_time_equal_numpy_reference():
     np.testing.assert_allclose(got.sim_time.to_numpy(float), times, rtol=1e-12)
     np.testing.assert_array_equal(got.n_received.to_numpy(float)[1:], answered[3::4])
     assert 0 < np.mean(answered) < M
+    # the marginal P(T_i > deadline) = exp(−mu (deadline/load − t0)), the run's p column
+    assert got.p.iloc[0] == pytest.approx(np.exp(-mu * (deadline - t0)), rel=1e-12)
