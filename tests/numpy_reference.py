@@ -9,7 +9,7 @@ It follows DESIGN §1–§5 and the published updates, one device at a time, in 
 Only what is data or randomness comes from the package: the dataset (``load_dataset``), the
 partition indices (``partition_indices``) and the straggler masks z^t, drawn by a fresh copy of the
 run's straggler model on the same seeded stream (``SeedRNG(seeds, "straggler")``), which is exactly
-what the run draws. Codes (S, B), decoding weights, compressors, bits, losses, gradients, schedules
+what the run draws, and, with ``model.init=normal``, the standard normal draws of the init stream. Codes (S, B), decoding weights, compressors, bits, losses, gradients, schedules
 and updates are written here again.
 """
 from __future__ import annotations
@@ -204,6 +204,8 @@ def simulate(cfg: dict) -> list[dict]:
     rows = []
     for r, seed in enumerate(seeds):
         theta, buf = np.zeros(D), np.zeros(D)
+        if cfg["model"].get("init") == "normal":  # θ⁰ = init_scale · N(0, I), drawn from the run's init stream
+            theta = cfg["model"]["init_scale"] * SeedRNG([seed], "init").randn(D, dtype=torch.float64).numpy()[0]
         state = np.zeros((M, D))  # e (EF) or h (DIANA, EF21)
         sent_bits, received = 0, None
         for t in range(T + 1):

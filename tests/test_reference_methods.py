@@ -44,6 +44,8 @@ CASES = {
     "coco_ef-scaled_sign": ["method=coco_ef", "compressor=scaled_sign", "optim.lr=0.1"],
     "coco_ef-grouped_sign": ["method=coco_ef", "compressor=grouped_sign", "compressor.group=3", "optim.lr=0.1"],
     "coco_ef-topk-frc": ["method=coco_ef", "compressor=topk", "compressor.k=3", "code=frc", "code.d=2"],
+    "coco_ef-topk-normal-init": ["method=coco_ef", "compressor=topk", "compressor.k=2", "model.init=normal",
+                                 "model.init_scale=0.5", "seeds=2"],
     "coco-topk": ["method=coco", "compressor=topk", "compressor.k=3"],
     "coco-scaled_sign-uncoded-unbiased": ["method=coco", "compressor=scaled_sign", "code=uncoded",
                                           "code.decode=unbiased", "optim.lr=0.1"],

@@ -10,7 +10,7 @@ test can tell them apart: they are still run, and reported apart from the rate w
 (one that is killed counts as killed and is flagged: its argument is wrong). A snippet that is not found exactly once
 is an error (the list is stale): the run stops before testing anything.
 
-    python tools/mutate.py [--jobs 2] [--only SUBSTRING] [--out docs/mutation.md]
+    python tools/mutate.py [--jobs 2] [--only SUBSTRING ...] [--out docs/mutation.md]
 
 Prints one line per mutation, then the kill rate and the survivors, and writes them to ``--out``.
 """
@@ -125,10 +125,11 @@ def report(results: list[tuple[Mutation, str, float]], wall: float, jobs: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2, help="mutations tested in parallel (one scratch copy each)")
-    ap.add_argument("--only", default=None, help="only mutations whose file or snippet contains this string")
+    ap.add_argument("--only", action="append", help="only mutations whose file or snippet contains this string "
+                                                     "(repeatable: any of them)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "mutation.md"), help="markdown report ('' for none)")
     args = ap.parse_args()
-    todo = [m for m in MUTATIONS if args.only is None or args.only in m.file or args.only in m.original]
+    todo = [m for m in MUTATIONS if args.only is None or any(o in m.file or o in m.original for o in args.only)]
     check(todo)
     t0 = time.perf_counter()
     trees = [scratch_copy() for _ in range(max(1, args.jobs))]

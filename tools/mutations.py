@@ -142,7 +142,7 @@ MODELS = [
     M(C, "self.Wp = valid.to(dtype) / self.n", "self.Wp = valid.to(dtype) / valid.sum(-1, keepdim=True)", REF, K("coco_ef-topk")),
     M(C, "W = theta.view(-1, self.C, self.f)", "W = theta.view(-1, self.f, self.C).transpose(1, 2)", REF, K("classification")),
     M(C, "A = X.T @ X / n + self.l2 * np.eye(f)", "A = X.T @ X / n", REF, K("ridge")),
-    M(C, "return self.init_scale * rng.randn(self.D, dtype=dtype)", "return rng.randn(self.D, dtype=dtype)", MOD, ENG, K("not cnn and not mnist5k")),
+    M(C, "return self.init_scale * rng.randn(self.D, dtype=dtype)", "return rng.randn(self.D, dtype=dtype)", REF, K("init")),
     M(C, "return (Z.argmax(-1) == Y).to(Z.dtype)", "return (Z.argmin(-1) == Y).to(Z.dtype)", REF, K("classification")),
 ]
 N = "cocoef_cli/nets.py"
