@@ -31,6 +31,7 @@ COD = "tests/test_codes.py"
 CMP = "tests/test_compressors.py"
 STR = "tests/test_stragglers.py"
 MOD = "tests/test_models.py"
+RMD = "tests/test_reference_models.py"
 
 
 def K(expr: str) -> str:
@@ -153,13 +154,13 @@ NETS = [
     M(N, "c = 1.0 / math.sqrt(fan_in)", "c = 1.0 / fan_in", MOD, NOCNN),
     M(N, "c = math.sqrt(6.0 / fan_in)", "c = math.sqrt(2.0 / fan_in)", MOD, NOCNN),
     M(N, "c = math.sqrt(6.0 / (fan_in + fan_out))", "c = math.sqrt(6.0 / fan_in)", MOD, NOCNN),
-    M(N, "return (2 * rng.rand(self.D, dtype=dtype) - 1) * torch.cat(bounds)", "return rng.rand(self.D, dtype=dtype) * torch.cat(bounds)", MOD, NOCNN),
+    M(N, "return (2 * rng.rand(self.D, dtype=dtype) - 1) * torch.cat(bounds)", "return rng.rand(self.D, dtype=dtype) * torch.cat(bounds)", RMD, MOD, NOCNN),
     M(N, "delta = torch.bmm(delta, P[2 * l]) * self.dact(A)", "delta = torch.bmm(delta, P[2 * l])", MOD, NOCNN),
     M(N, "for l in range(len(self.sizes) - 2, -1, -1):", "for l in range(len(self.sizes) - 2, 0, -1):", MOD, NOCNN),
     M(N, "A = self.act(Z) if l < L - 1 else Z", "A = self.act(Z)", MOD, NOCNN),
     M(N, "w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0],", "w = torch.full((Xf.shape[0],), 1.0,", MOD, NOCNN),
-    M(N, "return torch.logsumexp(Z, -1) - Z.gather(", "return torch.logsumexp(Z, -1) + Z.gather(", MOD, NOCNN),
-    M(N, "return (Z.argmax(-1) == Y).to(Z.dtype)", "return (Z.argmin(-1) == Y).to(Z.dtype)", MOD, K("cnn and not mnist5k")),
+    M(N, "return torch.logsumexp(Z, -1) - Z.gather(", "return torch.logsumexp(Z, -1) + Z.gather(", RMD, MOD, NOCNN),
+    M(N, "return (Z.argmax(-1) == Y).to(Z.dtype)", "return (Z.argmin(-1) == Y).to(Z.dtype)", RMD, MOD, K("cnn and not mnist5k or mlp_run")),
     M(N, "                if l < nfc - 1:\n                    a = self.act(a)", "                if l < nfc:\n                    a = self.act(a)", MOD, K("cnn and not mnist5k")),
     M(N, "w = torch.full((n,), 1.0 / n,", "w = torch.full((n,), 1.0,", MOD, K("cnn and not mnist5k")),
 ]
