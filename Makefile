@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install tracking demo test baselines figures figures-quick bench lint clean
+.PHONY: install tracking demo test baselines figures figures-quick bench mutate lint clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ test: install
 # simulator vs per-device loop, vs a centralised step, seeds, scaling in M → results/bench.md
 bench: install
 	$(BIN)/cocoef bench --out results/bench.md
+
+# mutation testing, not part of `make test` (~30-60 min on 2 cores): each mutation of tools/mutations.py
+# alone in a scratch copy of the tree, its tests run there; kill rate and survivors → docs/mutation.md
+mutate: install
+	$(BIN)/python tools/mutate.py --jobs 2
 
 lint: install
 	$(BIN)/python -m compileall -q cocoef_cli
