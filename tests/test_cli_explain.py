@@ -74,7 +74,7 @@ def test_list_every_group_with_whole_descriptions():
         assert f"{g}s:\n" in res.stdout
     # whole first paragraphs: the two that used to be cut mid-sentence
     assert '"unbiased compression in gradient coding" baseline).' in res.stdout
-    assert "ĝ = Σ_i a_i h_i over the devices that answered." in res.stdout
+    assert "ĝ = Σ_i a_i h_i over the devices that answered; " in res.stdout and "as last received." in res.stdout
     for g in explain.LISTABLE:
         for name, doc in explain.listing(g):
             assert doc and doc[-1] in ".)", (g, name, doc)

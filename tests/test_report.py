@@ -233,3 +233,16 @@ def test_default_title_states_the_constant_setting(grid_dir, tmp_path):
     assert setting_title(runs, rows) == "COCO-EF, M=6, sgc d=2, p=0.2, top-k, synthetic_linreg/linear"
     rows, runs = load_runs(sorted(p.parent for p in grid_dir.glob("*/run.json"))[0])
     assert setting_title(runs, rows) == "COCO-EF, M=6, sgc d=2, p=0.2, top-k 10%, synthetic_linreg/linear"
+
+
+def test_runs_of_one_config_in_several_folders_are_one_curve_averaging_their_seeds(tmp_path):
+    """seed=0,1,2 as three sweep jobs: one configuration, one curve over the three seeds."""
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["sweep", "none", "seed=0,1,2", "devices=6", "code.d=2", "iters=10", "dataset.n=240",
+                              "--launcher", "basic", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")]).exit_code == 0
+    summary = pd.read_csv(tmp_path / "rep" / "summary.csv")
+    assert len(summary) == 1 and summary.seeds.iloc[0] == 3 and summary.runs.iloc[0] == 3
+    finals = [pd.read_csv(p).query("iter == 10").train_loss.iloc[0] for p in sorted(out.glob("*/metrics.csv"))]
+    assert summary.train_loss_mean.iloc[0] == pytest.approx(np.mean(finals), rel=1e-12)

@@ -45,7 +45,7 @@ S = "cocoef_cli/sim/"
 METHODS = [
     M(S + "methods.py", "self.alpha = float(alpha)", "self.alpha = 1.0", REF, K("diana")),
     M(S + "methods.py", "1.0 / (omega + 1.0)", "1.0 / (omega + 2.0)", OPT, K("diana")),
-    M(S + "methods.py", "g = aggregate(a, self.h + delta)", "g = aggregate(a, delta)", REF, K("diana")),
+    M(S + "methods.py", "else aggregate(a, self.h + delta)", "else aggregate(a, delta)", REF, K("diana")),
     M(S + "methods.py", "self.h + self.alpha * delta, self.h)", "self.h - self.alpha * delta, self.h)", REF, K("diana")),
     M(S + "methods.py", "self.h + self.C.compress(U - self.h, self.rng)", "self.C.compress(U - self.h, self.rng)", REF, OPT, K("ef21")),
     M(S + "methods.py", "self.h + self.C.compress(U - self.h, self.rng)", "self.h + self.C.compress(U, self.rng)", REF, K("ef21")),
@@ -80,10 +80,10 @@ CODES = [
     M(S + "codes.py", "a = a + P @ (ones - BmT @ a)", "a = a - P @ (ones - BmT @ a)", COD),
     M(S + "codes.py", "S.scatter_(1, (i + o) % N, True)", "S.scatter_(1, (i - o) % N, True)", REF, K("coco_ef-topk")),
     M(S + "codes.py", "H[:, :, -1] = -H[:, :, :-1].sum(-1)", "H[:, :, -1] = H[:, :, :-1].sum(-1)", COD),
-    M(S + "codes.py", "B[:, i, i] = 1.0", "B[:, i, i] = 2.0", COD),
+    M(S + "codes.py", "B[..., i, i] = 1.0", "B[..., i, i] = 2.0", COD),
     M(S + "codes.py", "rng.rand(M, N, dtype=torch.float64) < d / N", "rng.rand(M, N, dtype=torch.float64) < 1 / N", COD),
     M(S + "codes.py", "vals = vals * z.reshape(-1).to(vals.dtype)[row]", "vals = vals", REF, K("freeze")),
-    M(S + "codes.py", "a64 = a[..., 0] * zf  # (R, M)", "a64 = a[..., 0]  # (R, M)", COD),
+    M(S + "codes.py", "    return a[..., 0] * zf\n", "    return a[..., 0]\n", COD),
 ]
 COMPRESSORS = [
     M(S + "compressors.py", "by_position = torch.arange(L, 0, -1,", "by_position = torch.arange(1, L + 1,", CMP, K("tie")),
@@ -164,9 +164,19 @@ NETS = [
     M(N, "                if l < nfc - 1:\n                    a = self.act(a)", "                if l < nfc:\n                    a = self.act(a)", MOD, K("cnn and not mnist5k")),
     M(N, "w = torch.full((n,), 1.0 / n,", "w = torch.full((n,), 1.0,", MOD, K("cnn and not mnist5k")),
 ]
+RP, REP = "cocoef_cli/report.py", "tests/test_report.py"
+CURVES = K("grid or curves or diverged or iters or several_folders")
 REPORT: list[Mutation] = [
-    # cocoef_cli/report.py: one M(...) line per mutation, e.g.
-    # M("cocoef_cli/report.py", "<exact snippet>", "<replacement>", "tests/test_report.py"),
+    M(RP, 'ok = runs[runs["status"] == "completed"].copy()', "ok = runs.copy()", REP, CURVES),  # diverged/failed averaged in
+    M(RP, "* std / n.pow(0.5)", "* std", REP, CURVES),  # band not shrinking with the seeds
+    M(RP, "t.ppf(0.975, (n - 1).clip(lower=1))", "t.ppf(0.975, n)", REP, CURVES),  # wrong degrees of freedom
+    M(RP, "t.ppf(0.975,", "t.ppf(0.95,", REP, CURVES),  # a 90% interval
+    M(RP, 'g = d.groupby(["curve_id", "iter"], sort=True)', 'g = d.groupby(["run", "iter"], sort=True)', REP, CURVES),
+    M(RP, 'x=(x, "mean")', 'x=(x, "max")', REP, CURVES),  # x of a curve: the seeds' mean bits
+    M(RP, 'data.groupby(["curve_id", "seed"])["iter"].transform("max")', 'data.groupby(["curve_id", "seed"])["iter"].transform("min")', REP, CURVES),
+    M(RP, "runs[k].map(_value).nunique() > 1]", "runs[k].map(_value).nunique() > 2]", REP, CURVES),  # a 2-valued key averaged
+    M(RP, 'NOT_CONFIG = ("seed", "seeds", "checkpoint_every")', 'NOT_CONFIG = ("seeds", "checkpoint_every")', REP, CURVES),
+    M(RP, 'table["seeds"] = g["seed"].nunique()', 'table["seeds"] = g["run"].nunique()', REP, CURVES),  # runs counted as seeds
 ]
 
 MUTATIONS: list[Mutation] = METHODS + ENGINE + CODES + COMPRESSORS + KERNELS + STRAGGLERS + MODELS + NETS + REPORT
