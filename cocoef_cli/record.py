@@ -110,7 +110,9 @@ def write_run(out: Path, metrics: pd.DataFrame | None, record: dict[str, Any]) -
 # rounding only, and run.json records the count used)
 ID_EXCLUDED = ("checkpoint_every", "logger", "threads")
 # keys added after runs were recorded: left out of the id at their default, so older ids stay valid
-ID_DEFAULTS = {"diverge_factor": 1e6}
+# (dotted keys for group keys; a key whose default changed what runs compute, e.g. code.construction
+# or compressor.clip, is not listed: those runs get a new id)
+ID_DEFAULTS: dict[str, Any] = {"diverge_factor": 1e6, "code.p_assumed": None, "method.stale_shifts": False}
 
 
 def run_id(config: dict) -> str:
@@ -118,6 +120,12 @@ def run_id(config: dict) -> str:
     import hashlib
 
     keyed = {k: v for k, v in config.items() if k not in ID_EXCLUDED}
+    for dotted, default in ID_DEFAULTS.items():
+        group, _, key = dotted.rpartition(".")
+        node = keyed.get(group) if group else keyed
+        if isinstance(node, dict) and key in node and node[key] == default:
+            node = {k: v for k, v in node.items() if k != key}
+            keyed = node if not group else {**keyed, group: node}
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -373,3 +373,22 @@ def test_sweep_sigkilled_midway_resumes_complete_and_duplicate_free(tmp_path):
         m = pd.read_csv(out / j / "metrics.csv")
         assert not m.duplicated(["seed", "iter"]).any() and len(m) == 2 * 16  # 2 seeds × iters 0, 100, ..., 1500
         assert not (out / j / checkpoint.FILENAME).exists() and not list((out / j).glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("overrides,key", [([], "diverge_factor"), ([], "code.p_assumed"),
+                                           (["method=coco_diana", "compressor=randk_unbiased"], "method.stale_shifts"),
+                                           (["method=coco_ef21"], "method.stale_shifts")])
+def test_keys_added_later_keep_older_run_ids_at_their_default(overrides, key):
+    """A run recorded before a key existed keeps its id (its sweep folder is not stale) while the
+    key is at its default; set to another value, the id changes."""
+    from cocoef_cli.record import run_id
+
+    cfg = config.load(overrides)
+    group, _, name = key.rpartition(".")
+    older = json.loads(json.dumps(cfg))
+    (older[group] if group else older).pop(name)
+    assert run_id(cfg) == run_id(older)
+    other = {"diverge_factor": 1e3, "code.p_assumed": 0.3, "method.stale_shifts": True}[key]
+    changed = json.loads(json.dumps(cfg))
+    (changed[group] if group else changed)[name] = other
+    assert run_id(changed) != run_id(cfg)
