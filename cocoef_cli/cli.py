@@ -71,6 +71,8 @@ def run(overrides: Optional[List[str]] = OverridesArg,
     if done is not None:  # the same config, finished: nothing to do (as a sweep skips it)
         typer.echo(f"already done: {out} holds this run ({done['status']}, run_id {rid}); --force reruns it "
                    f"→ {out}/metrics.csv")
+        if done["status"] == "diverged":  # the same exit status as when it ran
+            raise typer.Exit(EXIT_DIVERGED)
         return
     saved = check_out_dir(out, force, rid)  # this run's checkpoint in OUT (None with --force)
     if saved is not None:

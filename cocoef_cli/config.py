@@ -84,7 +84,8 @@ def _hydra_compose(root: Path, name: str, overrides: Sequence[str]) -> dict:
     return out
 
 
-def _key(override: str) -> str:
+def override_key(override: str) -> str:
+    """The key of an override ``[+|++|~]key=value``, without its prefix."""
     return override.partition("=")[0].lstrip("+~")
 
 
@@ -100,7 +101,7 @@ def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
         if not sep:
             raise ConfigError("overrides", ov, "key=value (e.g. straggler.p=0.3)", "not an override")
         key = key.lstrip("+~")
-        if _is_hydra(key):
+        if is_hydra_key(key):
             raise ConfigError(key, value, "the keys of the config (hydra.launcher.* and hydra.sweeper.params are "
                               "cocoef sweep's)", "Hydra's own keys do nothing in a single run")
         if key in PRESETS and not ov.startswith("+"):
@@ -160,7 +161,8 @@ def _check_declared(cfg: dict, root: Path | None) -> None:
                 raise unknown_key(f"{g}.{k}", cfg[g][k], cfg, root)
 
 
-def _is_hydra(key: str) -> bool:
+def is_hydra_key(key: str) -> bool:
+    """A key of Hydra's own config (``hydra.*``, ``hydra/*``)."""
     return key == "hydra" or key.startswith(("hydra.", "hydra/"))
 
 
@@ -171,10 +173,10 @@ def _hydra_error(e: Exception, overrides: Sequence[str], root: Path) -> ConfigEr
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
         key = m.group(1)
-        value = next((o.partition("=")[2] for o in overrides if _key(o) == key), None)
-        if _is_hydra(key):
+        value = next((o.partition("=")[2] for o in overrides if override_key(o) == key), None)
+        if is_hydra_key(key):
             return ConfigError(key, value, "the keys of Hydra's config", "unknown key")
-        rest = [o for o in overrides if _key(o) != key and not _is_hydra(_key(o))]
+        rest = [o for o in overrides if override_key(o) != key and not is_hydra_key(override_key(o))]
         try:
             cfg = compose(rest, root)
         except ConfigError as other:  # another bad override: that one is reported

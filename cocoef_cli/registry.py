@@ -16,7 +16,7 @@ def summary(obj: object) -> str:
 
 
 class Registry(Generic[T]):
-    """Maps a config name (e.g. ``topk``) to a factory; ``cocoef list`` prints :meth:`describe`."""
+    """Maps a config name (e.g. ``topk``) to a factory; :meth:`describe` lists (name, summary)."""
 
     def __init__(self, kind: str):
         self.kind = kind  # the config group, e.g. "compressor"

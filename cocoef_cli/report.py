@@ -42,7 +42,6 @@ AXIS_LABELS = {
 }
 LOG_COLUMNS = {"bits_up", "opt_gap", "train_loss", "grad_norm", "test_loss", "ef_norm", "optim.lr"}
 GAP_FLOOR = 1e-8  # optimality gaps below this (float32 rounding) are drawn at this floor
-IDENTITY = ("method", "compressor", "code", "d", "p", "straggler", "dataset", "model", "devices")
 METRICS = ("train_loss", "test_loss", "test_acc", "grad_norm", "opt_gap", "bits_up", "sim_time")
 
 # Fixed colour and dash pattern per (method, compressor), or per method ("*"), used by every figure.
@@ -150,16 +149,6 @@ def final_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """The last evaluated row of every (run, seed)."""
     last = rows.groupby(["run", "seed"])["iter"].transform("max")
     return rows[rows["iter"] == last]
-
-
-def default_label(rows: pd.DataFrame) -> pd.Series:
-    """A curve label from the identity columns (and the step size) that vary across runs."""
-    keys = [c for c in (*IDENTITY, "optim.lr") if c in rows and rows[c].astype(str).nunique() > 1]
-    if not keys:
-        keys = [c for c in ("method", "compressor") if c in rows]
-    first = {"method", "compressor"}
-    return rows[keys].astype(str).apply(
-        lambda r: ", ".join(v if k in first else f"{k}={v}" for k, v in r.items()), axis=1)
 
 
 # ------------------------------------------------------------------------------------ drawing

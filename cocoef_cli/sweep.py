@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from cocoef_cli import config
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import FINISHED, read_record
 
@@ -123,9 +124,8 @@ def _task(cfg: DictConfig) -> str:
     records ``status: failed`` in ``run.json`` instead, so the other jobs go on."""
     from hydra.core.hydra_config import HydraConfig
 
-    from cocoef_cli import config
     from cocoef_cli.record import run_id, run_record, write_run
-    from cocoef_cli.run import execute
+    from cocoef_cli.run import already_done, execute
 
     runtime = HydraConfig.get().runtime
     out = Path(runtime.output_dir)
@@ -133,8 +133,7 @@ def _task(cfg: DictConfig) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
     rid = run_id(plain)
-    rec = read_record(out)
-    if rec.get("status") in FINISHED and rec.get("run_id") == rid:
+    if already_done(out, rid) is not None:
         return "skipped"
     t0 = time.perf_counter()
     try:
@@ -152,20 +151,10 @@ def _task(cfg: DictConfig) -> str:
 
 # ------------------------------------------------------------------------------------------ plan
 def experiments(root: Path | None = None) -> list[tuple[str, str]]:
-    """(name, one-line description) of every preset: the first comment line after ``@package``."""
-    from cocoef_cli import config
+    """(name, one-line description) of every preset (as ``cocoef list experiments`` prints them)."""
+    from cocoef_cli import explain
 
-    root = root or config.config_dir()
-    out = []
-    for path in sorted((root / "experiment").glob("*.yaml")):
-        desc = ""
-        for line in path.read_text().splitlines():
-            s = line.strip()
-            if s.startswith("#") and "@package" not in s:
-                desc = s.lstrip("#").strip()
-                break
-        out.append((path.stem, desc))
-    return out
+    return explain.listing("experiment", root)
 
 
 def _quote(value: str) -> str:
@@ -173,17 +162,12 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _is_hydra(ov: str) -> bool:
-    key = ov.partition("=")[0].lstrip("+~")
-    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
-
-
 def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """(task overrides, hydra overrides); refuses the keys the CLI owns."""
     task, hyd = [], []
     for ov in overrides:
-        key = ov.partition("=")[0].lstrip("+~")
-        if _is_hydra(ov):
+        key = config.override_key(ov)
+        if config.is_hydra_key(key):
             if key in ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.run.dir", "hydra/launcher", "hydra.mode") \
                     or key.startswith("hydra.job.config.override_dirname"):  # job folder names: see conf/hydra/
                 raise ConfigError(key, ov.partition("=")[2], {"hydra.sweep.dir": "--out", "hydra/launcher": "--launcher"}
@@ -219,11 +203,10 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from cocoef_cli import config
     from cocoef_cli.record import run_id
 
     root = config.config_dir(root)
-    names = [n for n, _ in experiments(root)]
+    names = config.options("experiment", root)
     if experiment not in names and experiment != NO_PRESET:
         raise ConfigError("experiment", experiment, [*names, NO_PRESET], "unknown experiment")
     if launcher not in LAUNCHERS:
@@ -290,8 +273,8 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
         GlobalHydra.instance().clear()
     if not batch:
         raise ConfigError("overrides", " ".join([*preset, *task_ovs]), "sweeps with at least one value", "0 jobs")
-    user_keys = {_key(o) for o in task_ovs}
-    preset_keys = {_key(o) for o in preset} - user_keys
+    user_keys = {config.override_key(o) for o in task_ovs}
+    preset_keys = {config.override_key(o) for o in preset} - user_keys
     arms: dict[str, set[str]] = {}
     expanded: list[dict[str, str]] = []  # per job: key (as written, with +/~) -> override
     for job_ovs in batch:
@@ -299,7 +282,7 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
         arm = next((o.partition("=")[2] for k, o in ovs.items() if k.lstrip("+~") == "baseline"), None)
         if arm is not None:
             owned = arms.setdefault(arm, _arm_keys(root, arm))
-            kept = {k: o for k, o in ovs.items() if not (_key(o) in preset_keys and _key(o) in owned)}
+            kept = {k: o for k, o in ovs.items() if not (config.override_key(o) in preset_keys and config.override_key(o) in owned)}
             if kept != ovs and kept in expanded:
                 continue  # the arm's value replaced the preset's: one job per arm, not one per preset value
             ovs = kept
@@ -307,7 +290,7 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
     keys = list(dict.fromkeys(k for ovs in expanded for k in ovs))
     swept_keys = [k for k in keys if len({ovs.get(k) for ovs in expanded}) > 1]
     constant = [expanded[0][k] for k in keys if k not in swept_keys]
-    exclude = [_key(o) for o in constant]
+    exclude = [config.override_key(o) for o in constant]
     out: list[Job] = []
     first: dict[str, str] = {}
     for ovs in expanded:
@@ -328,11 +311,6 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
     if check:
         check_builds(result.unique, root)
     return result
-
-
-def _key(override: str) -> str:
-    """The key of an override, without ``+``/``~``/``++``."""
-    return override.partition("=")[0].lstrip("+~")
 
 
 def _arm_keys(root: Path, arm: str) -> set[str]:
@@ -388,7 +366,6 @@ def check_builds(jobs: Sequence[Job], root: Path) -> None:
     """Check each job's config with :func:`config.check` against the config root ``root`` (the
     whole schema: every component's validator at the smallest size, datasets loaded once), once per
     group of jobs that differ only in keys :func:`config.validate` checks fully."""
-    from cocoef_cli import config
 
     built: set[str] = set()
     for job in jobs:
@@ -421,7 +398,6 @@ def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None =
     folder names, or with other swept keys) are moved to their job's folder first."""
     import pandas as pd
 
-    from cocoef_cli import config
     from cocoef_cli.record import atomic_write
 
     t0 = time.perf_counter()
@@ -450,7 +426,7 @@ def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None =
     if todo:
         argv = ["cocoef", "-m", *pl.constant, f"hydra.sweep.dir={_quote(str(out))}", "hydra/sweeper=cocoef",
                 f"hydra.sweeper.jobs_file={_quote(str(out / SWEEP_FILE))}",
-                "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(_quote(_key(o)) for o in pl.constant) + "]",
+                "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(_quote(config.override_key(o)) for o in pl.constant) + "]",
                 *pl.hydra]
         with _JobProgress(out, todo, enabled=not quiet):
             _launch(root, argv)

@@ -119,8 +119,14 @@ def open_logger(cfg: dict, out: Path | None, run_id: str) -> Logger:
     cls = LOGGERS.get(lcfg.get("name", "none"))
     if out is None:
         cls = Logger
-    cls.check(lcfg)
-    return cls(cfg, Path(out) if out is not None else Path("."), run_id)
+    cls.check(lcfg)  # a missing extra or a bad key: ConfigError (exit 2), before any work
+    where = Path(out) if out is not None else Path(".")
+    try:
+        return cls(cfg, where, run_id)
+    except Exception as e:  # noqa: BLE001 — a tracker that cannot start never fails the run
+        print(f"warning: logger={lcfg.get('name')} could not start: {type(e).__name__}: {e} "
+              f"(the run and its record go on, untracked)", file=sys.stderr)
+        return Logger(cfg, where, run_id)
 
 
 def check(cfg: dict) -> None:

@@ -146,6 +146,8 @@ def test_a_blow_up_is_a_divergence_in_float64(tmp_path):
     assert res.exit_code == 3, res.output
     rec = json.loads((tmp_path / "a" / "run.json").read_text())
     assert rec["status"] == "diverged" and list(rec["diverged"]) == ["0"]
+    again = runner.invoke(app, ["run", *CRC, "--out", str(tmp_path / "a"), "-q"])
+    assert again.exit_code == 3 and "already done" in again.output  # the same status as when it ran
     m = pd.read_csv(tmp_path / "a" / "metrics.csv")
     f0, t = m.train_loss.iloc[0], rec["diverged"]["0"]
     assert (m.train_loss <= 1e6 * f0).all() and m.iter.max() < t  # the rows before it, none past it

@@ -160,3 +160,17 @@ def test_a_failing_tracker_never_fails_the_run(tmp_path, monkeypatch, capsys):
     assert res.status == "completed" and json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "completed"
     err = capsys.readouterr().err
     assert err.count("warning: logger=tensorboard stopped tracking: OSError: disk full") == 1
+
+
+def test_a_tracker_that_cannot_start_never_fails_the_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard", reason="the tracking extra is not installed: pip install -e '.[tracking]'")
+    from cocoef_cli.tracking import TensorBoardLogger
+
+    def broken(self, *args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(TensorBoardLogger, "__init__", broken)
+    cfg = config.check(config.compose([*TINY, "logger=tensorboard"]), None)
+    _, res = execute(cfg, tmp_path / "r")
+    assert res.status == "completed" and json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "completed"
+    assert "warning: logger=tensorboard could not start: OSError: read-only file system" in capsys.readouterr().err

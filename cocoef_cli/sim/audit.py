@@ -56,7 +56,8 @@ def run_warnings(report: Mapping[str, Any] | None, compressor: Compressor, metho
     if report is not None and report.get("kind") == "decoding" and not compressor.unbiased \
             and report["max_abs_a_worst"] > WEIGHT_BOUND:
         how = f" (construction={report['construction']})" if "construction" in report else ""
-        safer = [s for s in ("code.construction=cyclic_mds", "code=frc", "code=sgc")
+        options = ("code.construction=cyclic_mds",) * (report["code"] == "crc") + ("code=frc", "code=sgc")
+        safer = [s for s in options
                  if s != f"code.construction={report.get('construction')}" and s != f"code={report['code']}"]
         out.append(f"code={report['code']}{how}: measured max|a_i| = {report['max_abs_a_worst']:.3g} > {WEIGHT_BOUND:g} "
                    f"with the biased compressor {compressor.name}: compression errors are multiplied by the decoding "

@@ -276,8 +276,12 @@ class Code:
     def full_weights(self) -> torch.Tensor:
         """ā (R, M) in the code's dtype with āᵀB = 1ᵀ when every device answers: the min-norm
         least squares pinv(Bᵀ)1 in float64 (for sgc ā_i = 1 − p_i is one solution)."""
-        return _lstsq_weights(self._B64, torch.ones(self.R, self.M, dtype=torch.float64,
-                                                    device=self._val64.device)).to(self.dtype)
+        a64 = _lstsq_weights(self._B64, torch.ones(self.R, self.M, dtype=torch.float64, device=self._val64.device))
+        res = _residual(self, a64)
+        if bool((res > 0).any()):  # 1ᵀ not in the row span of B (e.g. bgc): no unbiased full-participation sum
+            raise ValueError(f"code={self.name}: no weights with āᵀB = 1ᵀ (residual {float(res.max()):.3g}); "
+                             "method.stale_shifts needs a code whose rows span 1ᵀ (sgc, uncoded, frc, crc)")
+        return a64.to(self.dtype)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decoding weights a (R, M) in B's dtype (0 on stragglers) and the residual (R,) or None."""
@@ -615,8 +619,7 @@ def _weights_over_sets(B64: torch.Tensor, sets: Sequence[tuple[int, ...]],
     R, M, N = B64.shape
     z = _set_masks(M, sets, B64.device)
     if decode is not None:
-        a = torch.stack([decode.decode(zk.bool().expand(R, M))[0].to(torch.float64) for zk in z]) if len(sets) \
-            else torch.zeros(0, R, M, dtype=torch.float64)
+        a = torch.stack([decode.decode(zk.bool().expand(R, M))[0].to(torch.float64) for zk in z])
     else:
         chunk, out = max(1, (1 << 22) // max(R * M * N, 1)), []
         for lo in range(0, len(sets), chunk):
@@ -624,7 +627,7 @@ def _weights_over_sets(B64: torch.Tensor, sets: Sequence[tuple[int, ...]],
             p = zc.shape[0]
             Bc = B64[None].expand(p, R, M, N).reshape(p * R, M, N)
             out.append(_lstsq_weights(Bc, zc[:, None, :].expand(p, R, M).reshape(p * R, M)).reshape(p, R, M))
-        a = torch.cat(out) if out else torch.zeros(0, R, M, dtype=torch.float64)
+        a = torch.cat(out)
     res = torch.linalg.vector_norm(torch.einsum("prm,rmn->prn", a, B64) - 1.0, dim=-1)
     return a, res
 
@@ -727,6 +730,9 @@ class CRC(CodeScheme):
         sets, _ = straggler_sets(M, [d - 1], SEARCH_SETS, seed=0)
         a, res = _weights_over_sets(B, sets)  # (P, R·C, M), (P, R·C)
         score = a.abs().amax(-1).amax(0).masked_fill(res.amax(0) > 1e-6, math.inf).reshape(R, C)
+        if bool(torch.isinf(score.amin(-1)).any()):
+            raise ValueError(f"crc construction=best_random: none of the {C} random H decodes every straggler "
+                             "set exactly; use code.construction=cyclic_mds")
         best = score.argmin(-1)  # (R,)
         return B.reshape(R, C, M, M)[torch.arange(R, device=S.device), best]
 

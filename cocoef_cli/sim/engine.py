@@ -244,16 +244,16 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
         mark_diverged(torch.isfinite(sim.theta).all(-1))
 
     factor = exp.cfg.get("diverge_factor")
-    loss0: list[torch.Tensor] = []  # F(θ⁰) per replicate, for the blow-up rule
+    loss0: torch.Tensor | None = None  # F(θ⁰) per replicate, for the blow-up rule
 
     def record() -> None:
+        nonlocal loss0
         cols = sim.row()
         loss = cols["train_loss"]
         ok = torch.isfinite(loss) & torch.isfinite(sim.theta).all(-1)
         if factor is not None:
-            if not loss0:
-                loss0.append(loss.detach().clone())
-            ok &= ~(loss > float(factor) * loss0[0])  # blow-up: F(θᵗ) > diverge_factor · F(θ⁰)
+            loss0 = loss.detach().clone() if loss0 is None else loss0
+            ok &= ~(loss > float(factor) * loss0)  # blow-up: F(θᵗ) > diverge_factor · F(θ⁰)
         mark_diverged(ok)
         frame = pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else
                                   v if isinstance(v, list) else [v] * R) for k, v in cols.items()})
@@ -272,8 +272,8 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
             rows, diverged = list(saved["rows"]), dict(saved["diverged"])
             alive[:] = saved["alive"]
             first = rows[0].set_index("seed")["train_loss"]  # the rows at t = 0 of the replicates alive then
-            loss0.append(torch.tensor([float(first.get(s, math.nan)) for s in exp.seeds], 
-                                      dtype=sim.theta.dtype, device=sim.theta.device))
+            loss0 = torch.tensor([float(first.get(s, math.nan)) for s in exp.seeds],
+                                 dtype=sim.theta.dtype, device=sim.theta.device)
         while sim.t < T and alive.any():
             sim.step()
             if per_update_check:

@@ -147,7 +147,7 @@ class _Shifts(Method):
     def coded_step(self, U, z, a):
         if self.stale and self.full is None:
             self.full = U.code.full_weights()
-        return self.step(U.dense(), z, a)
+        return super().coded_step(U, z, a)
 
     def _full(self) -> torch.Tensor:
         if self.full is None:
