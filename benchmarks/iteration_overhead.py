@@ -9,6 +9,7 @@ iteration's time goes (partition gradients, stragglers + decoding, encoding with
 
     .venv/bin/python benchmarks/iteration_overhead.py [--iters 100] [--rounds 5] [--threads T] [OVERRIDES...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,8 @@ import time
 import torch
 
 from cocoef_cli import config
-from cocoef_cli.bench import SETTING as BENCH_SETTING, WORKLOADS, breakdown, fused_pass, machine
+from cocoef_cli.bench import SETTING as BENCH_SETTING
+from cocoef_cli.bench import WORKLOADS, breakdown, fused_pass, machine
 from cocoef_cli.sim.engine import Simulation, build_experiment, simulate
 
 # the bench setting (mnist5k, sgc d=3, p=0.2, COCO-EF + Top-k 1%) on the default 784-64-10 ReLU MLP
@@ -78,15 +80,23 @@ def main() -> None:
         sim.step()
     parts = {name: sec * 1e3 for name, sec in breakdown(sim, repeat=max(9, args.iters // 4)).items()}
     print(machine())
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, D = {obj.model.D}, "
-          f"partitions {tuple(obj.Xp.shape[:3])}, rounds {args.rounds} × {args.iters}")
-    print(f"full-batch autograd step (nn.Sequential {'-'.join(map(str, sizes))}, 4,000 samples): {ref_ms:7.2f} ms "
-          f"(rounds: {', '.join(f'{v:.1f}' for v in ref)})")
-    print(f"one simulator iteration (simulate, {cfg['method']['name']}):            {it_ms:7.2f} ms "
-          f"(rounds: {', '.join(f'{v:.1f}' for v in it)})")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, D = {obj.model.D}, "
+        f"partitions {tuple(obj.Xp.shape[:3])}, rounds {args.rounds} × {args.iters}"
+    )
+    print(
+        f"full-batch autograd step (nn.Sequential {'-'.join(map(str, sizes))}, 4,000 samples): {ref_ms:7.2f} ms "
+        f"(rounds: {', '.join(f'{v:.1f}' for v in ref)})"
+    )
+    print(
+        f"one simulator iteration (simulate, {cfg['method']['name']}):            {it_ms:7.2f} ms "
+        f"(rounds: {', '.join(f'{v:.1f}' for v in it)})"
+    )
     print(f"one pass e ← e + G over the (M, D) matrices:                {pass_ms:7.2f} ms")
-    print(f"ratio: {it_ms / ref_ms:.2f}× the autograd step, {it_ms / (ref_ms + pass_ms):.2f}× the limit "
-          f"(autograd step + that pass; target ≤ 1.3×)")
+    print(
+        f"ratio: {it_ms / ref_ms:.2f}× the autograd step, {it_ms / (ref_ms + pass_ms):.2f}× the limit "
+        f"(autograd step + that pass; target ≤ 1.3×)"
+    )
     print("where an iteration's time goes:")
     for name, ms in parts.items():
         print(f"  {name:<52} {ms:7.2f} ms")

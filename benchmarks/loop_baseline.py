@@ -5,6 +5,7 @@ error memory, compresses, keeps the new error, and the server sums a_i·m_i. Sam
 seeded draws as the vectorised simulator (``cocoef_cli.sim.engine.simulate``), so the two agree to
 float tolerance; ``cocoef bench`` times both side by side. One replicate (seeds=1) only.
 """
+
 from __future__ import annotations
 
 import torch

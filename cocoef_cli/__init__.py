@@ -1,2 +1,3 @@
 """cocoef: COCO-EF simulator."""
+
 __version__ = "0.1.0"

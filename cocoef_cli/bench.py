@@ -12,18 +12,18 @@ are timed in alternating rounds (:func:`paired_times`), so that a slow phase of 
 does not land on one side only; each scaling point runs in its own subprocess so that its peak
 resident memory (ru_maxrss) is its own.
 """
+
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -31,8 +31,16 @@ from cocoef_cli import config
 from cocoef_cli.sim.codes import CodedSum
 from cocoef_cli.sim.engine import Simulation, build_experiment
 
-SETTING = ["code=sgc", "code.d=3", "straggler=bernoulli", "straggler.p=0.2", "method=coco_ef", "compressor=topk",
-           "compressor.ratio=0.01", "seeds=1"]
+SETTING = [
+    "code=sgc",
+    "code.d=3",
+    "straggler=bernoulli",
+    "straggler.p=0.2",
+    "method=coco_ef",
+    "compressor=topk",
+    "compressor.ratio=0.01",
+    "seeds=1",
+]
 WORKLOADS = {"softmax": ["dataset=mnist5k", "model=softmax"], "mlp": ["dataset=mnist5k", "model=mlp"]}
 
 
@@ -48,8 +56,9 @@ def median_time(fn: Callable[[], object], repeat: int = 7, warmup: int = 3) -> f
     return statistics.median(times)
 
 
-def paired_times(fns: Sequence[Callable[[], object]], calls: Sequence[int], rounds: int = 5,
-                 warmup: int = 2) -> list[float]:
+def paired_times(
+    fns: Sequence[Callable[[], object]], calls: Sequence[int], rounds: int = 5, warmup: int = 2
+) -> list[float]:
     """Median wall seconds per call of each of ``fns``, timed in alternating rounds (``calls[i]``
     calls of ``fns[i]`` per round, one function after the other) after ``warmup`` calls of each:
     a slow phase of a shared machine then hits every side of a ratio alike."""
@@ -156,12 +165,14 @@ def state_mib(sim: Simulation) -> float:
 def scaling_point(overrides: Sequence[str], repeat: int = 3) -> dict:
     """Run in a fresh subprocess: seconds per iteration, peak resident memory (MiB), the resident
     size before the build (imports, the compiled kernel loaded) and :func:`state_mib`."""
-    code = ("import json, numpy as np; from cocoef_cli.bench import sim_step_time, peak_rss_mib, state_mib; "
-            "from cocoef_cli.sim import kernels; "
-            "kernels.AVAILABLE and kernels.topk_rows(np.zeros((2, 16), np.float32), 1, 4, 1, 8, 1); "
-            "base = peak_rss_mib(current=True); "
-            f"t, sim = sim_step_time({list(overrides)!r}, {repeat}); "
-            "print(json.dumps({'s': t, 'rss_mib': peak_rss_mib(), 'base_mib': base, 'state_mib': state_mib(sim)}))")
+    code = (
+        "import json, numpy as np; from cocoef_cli.bench import sim_step_time, peak_rss_mib, state_mib; "
+        "from cocoef_cli.sim import kernels; "
+        "kernels.AVAILABLE and kernels.topk_rows(np.zeros((2, 16), np.float32), 1, 4, 1, 8, 1); "
+        "base = peak_rss_mib(current=True); "
+        f"t, sim = sim_step_time({list(overrides)!r}, {repeat}); "
+        "print(json.dumps({'s': t, 'rss_mib': peak_rss_mib(), 'base_mib': base, 'state_mib': state_mib(sim)}))"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if p.returncode:
         nan = float("nan")
@@ -169,8 +180,18 @@ def scaling_point(overrides: Sequence[str], repeat: int = 3) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-VECTOR_FLAGS = ("sse4_2", "avx", "fma", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                "amx_tile")  # the /proc/cpuinfo flags that matter for float kernels
+VECTOR_FLAGS = (
+    "sse4_2",
+    "avx",
+    "fma",
+    "avx2",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+)  # the /proc/cpuinfo flags that matter for float kernels
 
 
 def cpu_info() -> dict[str, object]:
@@ -178,12 +199,16 @@ def cpu_info() -> dict[str, object]:
     extensions among ``VECTOR_FLAGS``, and the number of cores this process may use."""
     info: dict[str, object] = {"vendor": "", "model": platform.processor() or platform.machine(), "vector": []}
     try:
-        fields = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
-                      if ":" in line)
+        fields = dict(
+            line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines() if ":" in line
+        )
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         flags = set(fields.get("flags", "").split())
-        info.update(vendor=fields.get("vendor_id", ""), model=fields.get("model name", info["model"]),
-                    vector=[f for f in VECTOR_FLAGS if f in flags])
+        info.update(
+            vendor=fields.get("vendor_id", ""),
+            model=fields.get("model name", info["model"]),
+            vector=[f for f in VECTOR_FLAGS if f in flags],
+        )
     except OSError:
         pass
     from cocoef_cli.run import usable_cores
@@ -198,13 +223,16 @@ def machine() -> str:
     import numpy
 
     c = cpu_info()
-    return (f"{c['vendor']} {c['model']} ({', '.join(c['vector']) or 'no AVX'}; {c['cores']} usable cores), "
-            f"Python {platform.python_version()}, torch {torch.__version__}, numba {numba.__version__}, "
-            f"numpy {numpy.__version__}")
+    return (
+        f"{c['vendor']} {c['model']} ({', '.join(c['vector']) or 'no AVX'}; {c['cores']} usable cores), "
+        f"Python {platform.python_version()}, torch {torch.__version__}, numba {numba.__version__}, "
+        f"numpy {numpy.__version__}"
+    )
 
 
-def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
-              log: Callable[[str], None] = print) -> str:
+def run_bench(
+    quick: bool = False, out: Path | None = None, device: str = "cpu", log: Callable[[str], None] = print
+) -> str:
     """Measure (a)–(d) and return the markdown report (also written to ``out`` when given)."""
     from cocoef_cli.run import pinned_threads, usable_cores
 
@@ -216,66 +244,116 @@ def run_bench(quick: bool = False, out: Path | None = None, device: str = "cpu",
         for n_threads in thread_counts:
             with pinned_threads(n_threads):
                 sim = simulation(base)
-                t_sim, t_central, t_pass = paired_times([sim.step, central_step(sim), fused_pass(sim)], [5, 5, 5],
-                                                        rounds=9)
+                t_sim, t_central, t_pass = paired_times(
+                    [sim.step, central_step(sim), fused_pass(sim)], [5, 5, 5], rounds=9
+                )
                 if n_threads == thread_counts[-1]:
                     parts[name] = breakdown(sim)
             rows_b.append((name, sim.exp.objective.model.D, n_threads, t_sim, t_central, t_pass))
-            log(f"(b) {name}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
-                f"{t_central * 1e3:.2f} ms, pass over G and e {t_pass * 1e3:.2f} ms")
+            log(
+                f"(b) {name}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
+                f"{t_central * 1e3:.2f} ms, pass over G and e {t_pass * 1e3:.2f} ms"
+            )
         sim1, sim10 = simulation(base), simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
         t1, t10 = paired_times([sim1.step, sim10.step], [5, 2])
         rows_c.append((name, t1, t10))
         parts[f"{name}, seeds=10"] = breakdown(sim10, repeat=5)
-        log(f"(c) {name}: seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t1 * 1e3:.2f} ms ({t10 / (10 * t1):.2f} × 10 seeds=1)")
-        for M in ([10, 100] if quick else [10, 100, 1000]):
+        log(
+            f"(c) {name}: seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t1 * 1e3:.2f} ms ({t10 / (10 * t1):.2f} × 10 seeds=1)"
+        )
+        for M in [10, 100] if quick else [10, 100, 1000]:
             ov = SETTING + wl + dev + [f"devices={M}"]
-            t_vec, t_loop = paired_times([simulation(ov).step, loop_step(ov)], [5, 1], rounds=9 if M <= 100 else 3,
-                                         warmup=1)
+            t_vec, t_loop = paired_times(
+                [simulation(ov).step, loop_step(ov)], [5, 1], rounds=9 if M <= 100 else 3, warmup=1
+            )
             rows_a.append((name, M, t_vec, t_loop))
             log(f"(a) {name} M={M}: simulator {t_vec * 1e3:.2f} ms, loop {t_loop * 1e3:.1f} ms")
         Ms = {"softmax": [10, 100, 1000, 10000], "mlp": [10, 100, 1000]}[name]
-        for M in (Ms[:2] if quick else Ms):
+        for M in Ms[:2] if quick else Ms:
             p = scaling_point(SETTING + wl + dev + [f"devices={M}"], repeat=9 if M <= 1000 else 3)
             rows_d.append((name, M, p))
-            log(f"(d) {name} M={M}: {p['s'] * 1e3:.1f} ms/iter, peak RSS {p['rss_mib']:.0f} MiB "
-                f"({p['rss_mib'] - p['base_mib']:.0f} above the imports; state {p['state_mib']:.0f} MiB)")
-    md = ["# Benchmarks", "", f"Machine: {machine()}. Device: `{device}`; torch threads: "
-          f"{' and '.join(map(str, thread_counts))} in (b), {torch.get_num_threads()} elsewhere.", "",
-          f"Command: `cocoef bench{' --quick' if quick else ''}` (medians after warm-up, the two sides of each "
-          "ratio timed in alternating rounds; setting: mnist5k, "
-          "sgc d=3, Bernoulli p=0.2, COCO-EF with Top-k ratio 0.01).", "",
-          "## (a) vectorised simulator vs a per-device Python loop (same algorithm, same draws)", "",
-          "| model | M | simulator ms/iter | loop ms/iter | speed-up |", "|---|---|---|---|---|"]
+            log(
+                f"(d) {name} M={M}: {p['s'] * 1e3:.1f} ms/iter, peak RSS {p['rss_mib']:.0f} MiB "
+                f"({p['rss_mib'] - p['base_mib']:.0f} above the imports; state {p['state_mib']:.0f} MiB)"
+            )
+    md = [
+        "# Benchmarks",
+        "",
+        f"Machine: {machine()}. Device: `{device}`; torch threads: "
+        f"{' and '.join(map(str, thread_counts))} in (b), {torch.get_num_threads()} elsewhere.",
+        "",
+        f"Command: `cocoef bench{' --quick' if quick else ''}` (medians after warm-up, the two sides of each "
+        "ratio timed in alternating rounds; setting: mnist5k, "
+        "sgc d=3, Bernoulli p=0.2, COCO-EF with Top-k ratio 0.01).",
+        "",
+        "## (a) vectorised simulator vs a per-device Python loop (same algorithm, same draws)",
+        "",
+        "| model | M | simulator ms/iter | loop ms/iter | speed-up |",
+        "|---|---|---|---|---|",
+    ]
     md += [f"| {n} | {M} | {a * 1e3:.2f} | {b * 1e3:.1f} | {b / a:.1f}× |" for n, M, a, b in rows_a]
-    md += ["", "## (b) one COCO-EF iteration (M=100) vs one centralised full-batch autograd step and vs the limit",
-           "", "limit = central step + one pass e ← e + G over two (M, D) matrices (timed in the same rounds): what "
-           "an iteration must at least do (the partition gradients, and read G and read and write e once).", "",
-           "| model | D | threads | iteration ms | central step ms | pass over G, e ms | limit ms | "
-           "vs central step | vs limit (target ≤ 1.3×) |", "|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {n} | {D} | {th} | {a * 1e3:.2f} | {b * 1e3:.2f} | {c * 1e3:.2f} | {(b + c) * 1e3:.2f} | {a / b:.2f}× | "
-           f"{a / (b + c):.2f}× |" for n, D, th, a, b, c in rows_b]
-    md += ["", "Where an iteration's time goes (each part timed alone, ms; evaluation is not part of an update; "
-           "the seeds=10 columns are the runs of (c)):", "",
-           "| part | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
-    md += [f"| {part} | " + " | ".join(f"{parts[n][part] * 1e3:.2f}" for n in parts) + " |"
-           for part in next(iter(parts.values()))]
+    md += [
+        "",
+        "## (b) one COCO-EF iteration (M=100) vs one centralised full-batch autograd step and vs the limit",
+        "",
+        "limit = central step + one pass e ← e + G over two (M, D) matrices (timed in the same rounds): what "
+        "an iteration must at least do (the partition gradients, and read G and read and write e once).",
+        "",
+        "| model | D | threads | iteration ms | central step ms | pass over G, e ms | limit ms | "
+        "vs central step | vs limit (target ≤ 1.3×) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {n} | {D} | {th} | {a * 1e3:.2f} | {b * 1e3:.2f} | {c * 1e3:.2f} | {(b + c) * 1e3:.2f} | {a / b:.2f}× | "
+        f"{a / (b + c):.2f}× |"
+        for n, D, th, a, b, c in rows_b
+    ]
+    md += [
+        "",
+        "Where an iteration's time goes (each part timed alone, ms; evaluation is not part of an update; "
+        "the seeds=10 columns are the runs of (c)):",
+        "",
+        "| part | " + " | ".join(parts) + " |",
+        "|---|" + "---|" * len(parts),
+    ]
+    md += [
+        f"| {part} | " + " | ".join(f"{parts[n][part] * 1e3:.2f}" for n in parts) + " |"
+        for part in next(iter(parts.values()))
+    ]
     central = {n: b for n, _, th, _, b, _ in rows_b if th == thread_counts[-1]}
-    md += ["", "Evaluation (every `eval_every` updates; target ≤ one central step): " + ", ".join(
-        f"{n} {parts[n]['evaluation (every eval_every updates)'] / central[n]:.2f}× the central step" for n in central)
-        + "."]
-    md += ["", "## (c) replicates: seeds=10 vs seeds=1 (M=100), per iteration", "",
-           "| model | seeds=1 ms | seeds=10 ms | seeds=10 / seeds=1 | seeds=10 / (10 × seeds=1) (target ≤ 1.1) |",
-           "|---|---|---|---|---|"]
+    md += [
+        "",
+        "Evaluation (every `eval_every` updates; target ≤ one central step): "
+        + ", ".join(
+            f"{n} {parts[n]['evaluation (every eval_every updates)'] / central[n]:.2f}× the central step"
+            for n in central
+        )
+        + ".",
+    ]
+    md += [
+        "",
+        "## (c) replicates: seeds=10 vs seeds=1 (M=100), per iteration",
+        "",
+        "| model | seeds=1 ms | seeds=10 ms | seeds=10 / seeds=1 | seeds=10 / (10 × seeds=1) (target ≤ 1.1) |",
+        "|---|---|---|---|---|",
+    ]
     md += [f"| {n} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× | {b / (10 * a):.2f} |" for n, a, b in rows_c]
-    md += ["", "## (d) scaling with the number of devices (each point in a fresh process)", "",
-           "peak RSS − the resident size before the build (imports, compiled kernel) against the state that must "
-           "exist (error memory R·M·D + partition gradients R·N·D + the data: training set, its partitioned copy, "
-           "test set); target ≤ 2×.", "",
-           "| model | M | ms/iter | peak RSS MiB | before the build MiB | state MiB | (peak − before) / state |",
-           "|---|---|---|---|---|---|---|"]
-    md += [f"| {n} | {M} | {p['s'] * 1e3:.1f} | {p['rss_mib']:.0f} | {p['base_mib']:.0f} | {p['state_mib']:.0f} | "
-           f"{(p['rss_mib'] - p['base_mib']) / p['state_mib']:.2f}× |" for n, M, p in rows_d]
+    md += [
+        "",
+        "## (d) scaling with the number of devices (each point in a fresh process)",
+        "",
+        "peak RSS − the resident size before the build (imports, compiled kernel) against the state that must "
+        "exist (error memory R·M·D + partition gradients R·N·D + the data: training set, its partitioned copy, "
+        "test set); target ≤ 2×.",
+        "",
+        "| model | M | ms/iter | peak RSS MiB | before the build MiB | state MiB | (peak − before) / state |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {n} | {M} | {p['s'] * 1e3:.1f} | {p['rss_mib']:.0f} | {p['base_mib']:.0f} | {p['state_mib']:.0f} | "
+        f"{(p['rss_mib'] - p['base_mib']) / p['state_mib']:.2f}× |"
+        for n, M, p in rows_d
+    ]
     text = "\n".join(md) + "\n"
     if out is not None:
         from cocoef_cli.record import atomic_write

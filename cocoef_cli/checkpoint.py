@@ -24,6 +24,7 @@ crafted file cannot run code. A file that does not load that way, or is not of t
 safely), is refused with a :class:`~cocoef_cli.errors.ConfigError` (exit 2): delete it, or pass
 ``--force`` to start afresh (it is then overwritten).
 """
+
 from __future__ import annotations
 
 import io
@@ -53,8 +54,11 @@ def plain(x: Any) -> Any:
     strings and lists (loadable with ``weights_only=True``); :func:`unplain` inverts it exactly
     (dtype, shape, bytes). Tensors, scalars, lists and dicts pass through (recursively)."""
     if isinstance(x, pd.DataFrame):
-        return {"__frame__": [str(c) for c in x.columns], "index": plain(x.index.to_numpy()),
-                "columns": [plain(x[c].to_numpy()) for c in x.columns]}
+        return {
+            "__frame__": [str(c) for c in x.columns],
+            "index": plain(x.index.to_numpy()),
+            "columns": [plain(x[c].to_numpy()) for c in x.columns],
+        }
     if isinstance(x, (np.ndarray, np.generic)):
         a = np.asarray(x)
         if a.dtype.kind == "O":
@@ -98,8 +102,14 @@ def _roots(sim: Any) -> dict[str, Any]:
     """The objects whose state changes during a run (the objective only for its generators)."""
     exp = sim.exp
     method = exp.method
-    return {"sim": sim, "method": method, "compressor": getattr(method, "C", None), "straggler": exp.straggler,
-            "code": exp.code, "objective": exp.objective}
+    return {
+        "sim": sim,
+        "method": method,
+        "compressor": getattr(method, "C", None),
+        "straggler": exp.straggler,
+        "code": exp.code,
+        "objective": exp.objective,
+    }
 
 
 def _attrs(obj: Any) -> dict[str, Any]:
@@ -136,8 +146,13 @@ def apply(sim: Any, saved: dict[str, Any]) -> None:
         for k, v in values.items():
             cur = getattr(obj, k, None)
             if isinstance(v, torch.Tensor):
-                if isinstance(cur, torch.Tensor) and cur.shape == v.shape and cur.dtype == v.dtype \
-                        and cur.device == v.device and not cur.is_inference():
+                if (
+                    isinstance(cur, torch.Tensor)
+                    and cur.shape == v.shape
+                    and cur.dtype == v.dtype
+                    and cur.device == v.device
+                    and not cur.is_inference()
+                ):
                     with torch.no_grad():
                         cur.copy_(v)
                 else:
@@ -154,9 +169,13 @@ def apply(sim: Any, saved: dict[str, Any]) -> None:
 
 
 def _refuse(path: Path, why: str) -> ConfigError:
-    return ConfigError("--out", str(path.parent), f"a folder without {path.name}, a checkpoint of this run written "
-                       f"by this cocoef (format {FORMAT}), or --force (start afresh, overwriting it)",
-                       f"{path.name} is not a readable cocoef checkpoint ({why}); nothing in it was run")
+    return ConfigError(
+        "--out",
+        str(path.parent),
+        f"a folder without {path.name}, a checkpoint of this run written "
+        f"by this cocoef (format {FORMAT}), or --force (start afresh, overwriting it)",
+        f"{path.name} is not a readable cocoef checkpoint ({why}); nothing in it was run",
+    )
 
 
 def read(path: Path) -> dict[str, Any] | None:
@@ -171,9 +190,10 @@ def read(path: Path) -> dict[str, Any] | None:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # the weights-only unpickler met something else than plain data
         why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
-        raise _refuse(path, "it holds more than tensors, numbers, strings, lists and dicts" +
-                      (f": {why[:160]}" if why else "")) from None
-    except Exception as e:  # noqa: BLE001 — zip, tensor or I/O errors: corrupt or truncated
+        raise _refuse(
+            path, "it holds more than tensors, numbers, strings, lists and dicts" + (f": {why[:160]}" if why else "")
+        ) from None
+    except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
         raise _refuse(path, f"corrupt or truncated: {type(e).__name__}: {first[:120]}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -181,8 +201,12 @@ def read(path: Path) -> dict[str, Any] | None:
         raise _refuse(path, f"format {fmt!r}")
     try:
         out = unplain(payload)
-        if not (isinstance(out["run_id"], str) and isinstance(out["t"], int) and isinstance(out["sim"], dict)
-                and isinstance(out["loop"], dict)):
+        if not (
+            isinstance(out["run_id"], str)
+            and isinstance(out["t"], int)
+            and isinstance(out["sim"], dict)
+            and isinstance(out["loop"], dict)
+        ):
             raise TypeError("run_id, t, sim, loop")
     except (KeyError, TypeError, ValueError) as e:
         raise _refuse(path, f"malformed: {e}") from None
@@ -203,8 +227,9 @@ class Checkpoint:
 
     def save(self, sim: Any, loop: dict[str, Any]) -> None:
         buf = io.BytesIO()
-        torch.save(plain({"format": FORMAT, "run_id": self.run_id, "t": int(sim.t), "sim": capture(sim), "loop": loop}),
-                   buf)
+        torch.save(
+            plain({"format": FORMAT, "run_id": self.run_id, "t": int(sim.t), "sim": capture(sim), "loop": loop}), buf
+        )
         atomic_write(self.path, buf.getvalue())
 
     def restore(self, sim: Any) -> dict[str, Any] | None:

@@ -14,13 +14,15 @@ Validation happens in two layers, both before any work or any file is written:
 
 Errors are :class:`ConfigError` (key, value, what is accepted): the CLI prints one line, exit 2.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cocoef_cli.errors import ConfigError, closest
 
@@ -102,8 +104,12 @@ def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
             raise ConfigError("overrides", ov, "key=value (e.g. straggler.p=0.3)", "not an override")
         key = key.lstrip("+~")
         if is_hydra_key(key):
-            raise ConfigError(key, value, "the keys of the config (hydra.launcher.* and hydra.sweeper.params are "
-                              "cocoef sweep's)", "Hydra's own keys do nothing in a single run")
+            raise ConfigError(
+                key,
+                value,
+                "the keys of the config (hydra.launcher.* and hydra.sweeper.params are cocoef sweep's)",
+                "Hydra's own keys do nothing in a single run",
+            )
         if key in PRESETS and not ov.startswith("+"):
             raise ConfigError(key, value, f"+{key}={value}", f"a {key} preset is added with +")
         if key in ALL_GROUPS + PRESETS and value and "," not in value and not value.startswith(("[", "{", "$")):
@@ -134,11 +140,20 @@ def unknown_key(dotted: str, value: Any, cfg: dict, root: Path | None = None) ->
         owners = [o for o, keys in others.items() if key in keys]
         near = closest(key, group_keys(group, name, root))
         far = closest(key, [k for keys in others.values() for k in keys])
-        hint = (f"{dotted} belongs to {group}=" + ", ".join(owners) if owners else f"did you mean {group}.{near}?" if near
-                else f"did you mean {group}.{far} (of {group}=" + ", ".join(o for o, keys in others.items()
-                                                                             if far in keys) + ")?" if far else None)
-        return ConfigError(dotted, value, accepted or f"none ({group}={name} has no keys)",
-                           f"unknown key of {group}={name}", hint)
+        hint = (
+            f"{dotted} belongs to {group}=" + ", ".join(owners)
+            if owners
+            else f"did you mean {group}.{near}?"
+            if near
+            else f"did you mean {group}.{far} (of {group}="
+            + ", ".join(o for o, keys in others.items() if far in keys)
+            + ")?"
+            if far
+            else None
+        )
+        return ConfigError(
+            dotted, value, accepted or f"none ({group}={name} has no keys)", f"unknown key of {group}={name}", hint
+        )
     accepted = root_keys(root)
     in_groups = [f"{g}.{k}" for g in ALL_GROUPS for k in (cfg.get(g) or {}) if k != "name"]
     owner = next((d for d in in_groups if d.split(".", 1)[1] == dotted), None)
@@ -198,7 +213,12 @@ def _int(cfg: dict, key: str, lo: int, accepted: str, allow_none: bool = False, 
     if v is None and allow_none:
         return
     if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ConfigError(prefix + key, v, accepted, "not an integer" if not isinstance(v, int) or isinstance(v, bool) else "out of range")
+        raise ConfigError(
+            prefix + key,
+            v,
+            accepted,
+            "not an integer" if not isinstance(v, int) or isinstance(v, bool) else "out of range",
+        )
 
 
 def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
@@ -249,8 +269,12 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     if cfg.get("threads") != "auto":
         _int(cfg, "threads", 1, "auto or integers ≥ 1 (torch CPU threads inside a run)", allow_none=True)
     if cfg.get("checkpoint_every") is not None and cfg["runtime"]["name"] != "simulator":
-        raise ConfigError("checkpoint_every", cfg["checkpoint_every"], "null with runtime=torch_distributed",
-                          "checkpoints are written by the simulator only")
+        raise ConfigError(
+            "checkpoint_every",
+            cfg["checkpoint_every"],
+            "null with runtime=torch_distributed",
+            "checkpoints are written by the simulator only",
+        )
     validate_groups(cfg, Path(root) if root else None)
     from cocoef_cli import tracking
 
@@ -314,8 +338,11 @@ def validate_groups(cfg: dict, root: Path | None = None) -> None:
                 continue
             if isinstance(default, bool) and not isinstance(v, bool):
                 raise ConfigError(dotted, v, "true, false", "not a boolean")
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                    isinstance(v, (bool, str, list, dict))):
+            if (
+                isinstance(default, (int, float))
+                and not isinstance(default, bool)
+                and (isinstance(v, (bool, str, list, dict)))
+            ):
                 raise ConfigError(dotted, v, "numbers" if isinstance(default, float) else "integers", "not a number")
 
 
@@ -361,8 +388,9 @@ def check(cfg: dict, root: str | os.PathLike | None) -> dict:
     if method_cls.centralized:
         partition_indices(data.y_train, 1, {"partition": "iid"}, seeds)
         return cfg
-    code = code_and_stragglers(cfg["code"] if method_cls.code is None else
-                               {"name": method_cls.code, "d": 1, "decode": "rescale"})
+    code = code_and_stragglers(
+        cfg["code"] if method_cls.code is None else {"name": method_cls.code, "d": 1, "decode": "rescale"}
+    )
     partition_indices(data.y_train, code.N, cfg["dataset"], seeds)
     from cocoef_cli.sim.audit import audit
 

@@ -13,6 +13,7 @@ scaled to [0, 1] (x = byte / 255). Datasets that come with an official train/tes
 default; ``test_fraction`` is then ignored); with ``official_split: false`` both parts are pooled
 and re-split with ``test_fraction`` like every other dataset.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,9 +21,9 @@ import json
 import os
 import pickle
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.sim.rng import stream_seed
 
-DATASETS: Registry[Callable[[Mapping], "Dataset"]] = Registry("dataset")
+DATASETS: Registry[Callable[[Mapping], Dataset]] = Registry("dataset")
 PARTITIONS = ("iid", "label_sorted", "dirichlet")
 
 
@@ -212,7 +213,11 @@ def _sklearn(loader_name: str, shape: tuple[int, ...] | None = None):
 
 for _name, _loader, _doc in [
     ("digits", "load_digits", "8×8 handwritten digits, 1,797 samples, 10 classes (shipped in scikit-learn)."),
-    ("breast_cancer", "load_breast_cancer", "Breast cancer Wisconsin, 569 samples, 30 features, binary (scikit-learn)."),
+    (
+        "breast_cancer",
+        "load_breast_cancer",
+        "Breast cancer Wisconsin, 569 samples, 30 features, binary (scikit-learn).",
+    ),
     ("wine", "load_wine", "Wine recognition, 178 samples, 13 features, 3 classes (scikit-learn)."),
     ("iris", "load_iris", "Iris, 150 samples, 4 features, 3 classes (scikit-learn)."),
 ]:
@@ -293,8 +298,12 @@ def _root(cfg: Mapping, expected: str) -> Path:
     return path
 
 
-IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -336,8 +345,14 @@ def _idx_folder(cfg: Mapping, torchvision_name: str):
             raise ConfigError("dataset.root", str(root), "images (n, H, W) with n labels", f"{part} files disagree")
     H, W = a["train_x"].shape[1:]
     flat = lambda x: x.reshape(len(x), -1).astype(np.float64) / 255.0  # noqa: E731
-    return Loaded(flat(a["train_x"]), a["train_y"].astype(np.int64), "classification", flat(a["test_x"]),
-                  a["test_y"].astype(np.int64), shape=(1, int(H), int(W)))
+    return Loaded(
+        flat(a["train_x"]),
+        a["train_y"].astype(np.int64),
+        "classification",
+        flat(a["test_x"]),
+        a["test_y"].astype(np.int64),
+        shape=(1, int(H), int(W)),
+    )
 
 
 @DATASETS.register("mnist")
@@ -375,9 +390,14 @@ class CifarUnpickler(pickle.Unpickler):
     functions, under numpy 1 or 2 names); any other global is refused (UnpicklingError), so a
     crafted batch cannot run code."""
 
-    NUMPY = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-             ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
-             ("numpy._core.numeric", "_frombuffer")}
+    NUMPY = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("_codecs", "encode"):
@@ -404,13 +424,19 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         if "data" not in d or "labels" not in d:
             raise ValueError("no data or labels")
         data, labels = d["data"], d["labels"]
-        if not isinstance(data, np.ndarray) or data.dtype.kind not in "ui" or not isinstance(labels, (list, np.ndarray)):
+        if (
+            not isinstance(data, np.ndarray)
+            or data.dtype.kind not in "ui"
+            or not isinstance(labels, (list, np.ndarray))
+        ):
             raise ValueError("data is not an integer numpy array or labels not a list")
         return np.asarray(data, np.uint8).reshape(len(labels), -1), np.asarray(labels, np.int64)
     except pickle.UnpicklingError as e:
         raise ConfigError("dataset.root", str(path), accepted, f"not a CIFAR-10 batch, not loaded ({e})") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
-        raise ConfigError("dataset.root", str(path), accepted, f"bad or truncated file ({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            "dataset.root", str(path), accepted, f"bad or truncated file ({type(e).__name__}: {e})"
+        ) from None
 
 
 @DATASETS.register("cifar10")
@@ -418,9 +444,13 @@ def cifar10(cfg: Mapping):
     """CIFAR-10, 50,000 + 10,000 3×32×32 images from the python batches in `dataset.root`."""
     names = ", ".join(CIFAR_FILES) + " (in cifar-10-batches-py/ or directly in the folder)"
     root = _root(cfg, names)
-    folder = next((f for f in (root / "cifar-10-batches-py", root) if all((f / n).is_file() for n in CIFAR_FILES)), None)
+    folder = next(
+        (f for f in (root / "cifar-10-batches-py", root) if all((f / n).is_file() for n in CIFAR_FILES)), None
+    )
     if folder is None:
-        raise ConfigError("dataset.root", str(root), f"a folder holding {names}", "CIFAR-10 batches missing or incomplete")
+        raise ConfigError(
+            "dataset.root", str(root), f"a folder holding {names}", "CIFAR-10 batches missing or incomplete"
+        )
     tr = [read_cifar_batch(folder / n) for n in CIFAR_FILES[:-1]]
     Xte, yte = read_cifar_batch(folder / "test_batch")
     Xtr, ytr = np.concatenate([x for x, _ in tr]), np.concatenate([y for _, y in tr])
@@ -459,8 +489,12 @@ def partition_indices(y: np.ndarray, N: int, cfg: Mapping, seeds: Sequence[int])
             if not isinstance(alpha, (int, float)) or alpha <= 0:
                 raise ConfigError("dataset.alpha", alpha, "positive numbers", "invalid")
             if not np.issubdtype(y.dtype, np.integer):  # regression: no classes to skew
-                raise ConfigError("dataset.partition", scheme, "iid, label_sorted (dirichlet needs class labels)",
-                                  "a regression task has no classes")
+                raise ConfigError(
+                    "dataset.partition",
+                    scheme,
+                    "iid, label_sorted (dirichlet needs class labels)",
+                    "a regression task has no classes",
+                )
             labels = y[perm].astype(np.int64)
             buckets: list[list[np.ndarray]] = [[] for _ in range(N)]
             for c in np.unique(labels):

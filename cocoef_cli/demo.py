@@ -5,6 +5,7 @@ to 3% of the coordinates, 3 seeds.
 Writes one run folder per method under ``--out``, a figure of the optimality gap F(θ) − F* against
 cumulative uplink bits, and prints the final numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,24 @@ DEMO_RUNS = [
     ("GC, full precision", ["method=gc", "optim.lr=0.2"]),
     ("Ignore stragglers, uncoded", ["method=ignore_stragglers", "optim.lr=0.2"]),
 ]
-COMMON = ["devices=100", "straggler=bernoulli", "straggler.p=0.2", "code=sgc", "code.d=3", "compressor.ratio=0.03",
-          "seeds=3", "iters=300", "eval_every=10"]
+COMMON = [
+    "devices=100",
+    "straggler=bernoulli",
+    "straggler.p=0.2",
+    "code=sgc",
+    "code.d=3",
+    "compressor.ratio=0.03",
+    "seeds=3",
+    "iters=300",
+    "eval_every=10",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/demo"))  # runs/ is not tracked: a demo leaves the checkout clean
+    ap.add_argument(
+        "--out", type=Path, default=Path("runs/demo")
+    )  # runs/ is not tracked: a demo leaves the checkout clean
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every run")
     args = ap.parse_args(argv)
     frames = []
@@ -48,10 +60,19 @@ def main(argv: list[str] | None = None) -> None:
     data = pd.concat(frames, ignore_index=True)
     from cocoef_cli.report import line_figure
 
-    path = line_figure(data, x="bits_up", y="opt_gap", hue="label", out=args.out / "gap_vs_bits.png",
-                       title="Synthetic least squares, 100 devices, p = 0.2, SGC d = 3, k = 4 of D = 101\n(mean of 3 seeds, 95% CI)")
-    table = (data[data.iter == data.iter.max()].groupby("label", sort=False)
-             .agg(final_gap=("opt_gap", "mean"), total_bits=("bits_up", "mean")))
+    path = line_figure(
+        data,
+        x="bits_up",
+        y="opt_gap",
+        hue="label",
+        out=args.out / "gap_vs_bits.png",
+        title="Synthetic least squares, 100 devices, p = 0.2, SGC d = 3, k = 4 of D = 101\n(mean of 3 seeds, 95% CI)",
+    )
+    table = (
+        data[data.iter == data.iter.max()]
+        .groupby("label", sort=False)
+        .agg(final_gap=("opt_gap", "mean"), total_bits=("bits_up", "mean"))
+    )
     print(table.to_string(float_format=lambda v: f"{v:.3e}"))
     print(f"wrote {args.out}/*/metrics.csv and {path}")
 

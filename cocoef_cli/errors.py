@@ -1,8 +1,9 @@
 """The one error type for bad user input: the CLI turns it into one line on stderr and exit 2."""
+
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def closest(word: object, candidates: Iterable[object]) -> str | None:
@@ -18,8 +19,14 @@ class ConfigError(ValueError):
     ``accepted`` is a list and the value a string, the hint defaults to the closest accepted one
     ("did you mean topk?")."""
 
-    def __init__(self, key: str, value: object, accepted: str | Iterable[str], reason: str = "invalid value",
-                 hint: str | None = None):
+    def __init__(
+        self,
+        key: str,
+        value: object,
+        accepted: str | Iterable[str],
+        reason: str = "invalid value",
+        hint: str | None = None,
+    ):
         if not isinstance(accepted, str):
             accepted = [str(a) for a in accepted]
             if hint is None and isinstance(value, str) and value not in accepted:

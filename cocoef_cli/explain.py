@@ -6,6 +6,7 @@ Its one-line description is the file's leading comment, else the first paragraph
 component's docstring; ``show`` prints every key with its default, type and the comment beside it
 (where the accepted values are documented), then the component's whole docstring (its math).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -102,7 +103,9 @@ def listing(group: str, root: Path | None = None) -> list[tuple[str, str]]:
 def _type(v: Any) -> str:
     if v is None:
         return "optional"  # null by default; the comment says what it takes
-    return {bool: "bool", int: "int", float: "number", str: "string", list: "list", dict: "mapping"}.get(type(v), type(v).__name__)
+    return {bool: "bool", int: "int", float: "number", str: "string", list: "list", dict: "mapping"}.get(
+        type(v), type(v).__name__
+    )
 
 
 def _value(v: Any) -> str:
@@ -138,8 +141,15 @@ def show(group: str, option: str | None = None, root: Path | None = None) -> str
     lines += [doc, ""] if doc else [""]
     keys = [k for k in values if k != "name"]
     rows = [("key", "default", "type", "accepted values / meaning")]
-    rows += [(f"{group}.{k}", _value(values[k]), config.GROUP_RULES.get(f"{group}.{k}", (_type(values[k]),))[0],
-              comments.get(k, "")) for k in keys]
+    rows += [
+        (
+            f"{group}.{k}",
+            _value(values[k]),
+            config.GROUP_RULES.get(f"{group}.{k}", (_type(values[k]),))[0],
+            comments.get(k, ""),
+        )
+        for k in keys
+    ]
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}".rstrip() for a, b, c, d in rows] if keys else ["(no keys)"]
     return "\n".join(lines)

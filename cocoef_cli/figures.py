@@ -18,6 +18,7 @@ RUNS/<sweep>/<arm>`` (a real Hydra multirun, resumable: finished jobs are skippe
 in ``--jobs`` long-lived worker processes. Figures go to ``OUT/figures/<name>.png|pdf`` with a
 compact CSV of final values, and the gallery to ``OUT/README.md``.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,10 @@ import re
 import shlex
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -85,8 +87,12 @@ def load_experiments(root: Path | None = None) -> dict[str, Experiment]:
         src = spec.get("runs_of")
         if src:
             if src not in raw or raw[src][1].get("runs_of"):
-                raise ConfigError(f"{path.name}: runs_of", src, [n for n, v in raw.items() if not v[1].get("runs_of")],
-                                  "unknown experiment")
+                raise ConfigError(
+                    f"{path.name}: runs_of",
+                    src,
+                    [n for n, v in raw.items() if not v[1].get("runs_of")],
+                    "unknown experiment",
+                )
             spec = {**{k: v for k, v in raw[src][1].items() if k in ("sweep", "arms", "tune", "lr_from")}, **spec}
         kind = spec.get("plot", {}).get("kind", "line")
         if kind not in KINDS:
@@ -99,8 +105,9 @@ def load_experiments(root: Path | None = None) -> dict[str, Experiment]:
         lookup = {a["id"]: a.get("lr") for a in raw[lr_src][1].get("arms", [])} if lr_src in raw else {}
         for a in exp.spec.get("arms", []):
             lr = a.get("lr", lookup.get(a["id"]))
-            exp.arms.append(Arm(a["id"], a.get("label", a["id"]), list(a.get("overrides", [])),
-                                None if lr is None else float(lr)))
+            exp.arms.append(
+                Arm(a["id"], a.get("label", a["id"]), list(a.get("overrides", [])), None if lr is None else float(lr))
+            )
     return exps
 
 
@@ -117,6 +124,7 @@ def select(exps: dict[str, Experiment], only: list[str] | None) -> list[Experime
 @dataclass
 class Task:
     """One ``cocoef sweep`` call: one arm of one sweep."""
+
     sweep: str
     arm: Arm
     argv: list[str]
@@ -140,8 +148,12 @@ def arm_task(exp: Experiment, arm: Arm, runs: Path, quick: bool, tune: bool = Fa
         if grid:  # the best step size per setting is chosen from this grid when drawing
             lr_ov = "optim.lr=" + ",".join(f"{g:g}" for g in grid)
         elif arm.lr is None:
-            raise ConfigError(f"{exp.path.name}: arms[{arm.id}].lr", None, "a step size (run `cocoef tune "
-                              f"{exp.name}`) or sweep.lr_grid", "missing")
+            raise ConfigError(
+                f"{exp.path.name}: arms[{arm.id}].lr",
+                None,
+                f"a step size (run `cocoef tune {exp.name}`) or sweep.lr_grid",
+                "missing",
+            )
         else:
             lr_ov = f"optim.lr={arm.lr:g}"
         swept = [*sw.get("overrides", []), lr_ov]
@@ -149,10 +161,24 @@ def arm_task(exp: Experiment, arm: Arm, runs: Path, quick: bool, tune: bool = Fa
     quick_ovs = sw.get("quick", []) if quick else []
     for ov in [*arm.overrides, *swept, *quick_ovs]:
         if not isinstance(ov, str) or "=" not in ov:
-            raise ConfigError(f"{exp.path.name}: overrides", ov, "quoted Hydra overrides, e.g. \"straggler.p=0.1,0.3\"",
-                              "not a key=value string (quote sweeps: YAML splits them at the commas)")
-    argv = ["sweep", sw["preset"], *arm.overrides, *swept, *quick_ovs, "--out", str(out), "--launcher", "basic",
-            "--quiet"]
+            raise ConfigError(
+                f"{exp.path.name}: overrides",
+                ov,
+                'quoted Hydra overrides, e.g. "straggler.p=0.1,0.3"',
+                "not a key=value string (quote sweeps: YAML splits them at the commas)",
+            )
+    argv = [
+        "sweep",
+        sw["preset"],
+        *arm.overrides,
+        *swept,
+        *quick_ovs,
+        "--out",
+        str(out),
+        "--launcher",
+        "basic",
+        "--quiet",
+    ]
     return Task(sw["name"], arm, argv, out)
 
 
@@ -200,8 +226,12 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
     t0 = time.perf_counter()
     if not tasks:
         return counts
-    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(tasks))), mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init, initargs=(env,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=max(1, min(jobs, len(tasks))),
+        mp_context=mp.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(env,),
+    ) as pool:
         started = {pool.submit(_worker_sweep, t.argv): t for t in tasks}
         for fut in as_completed(started):
             task = started[fut]
@@ -219,8 +249,7 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
                 failures.append(f"bad input in {task.command}: {msg}")
             elif code != 0:
                 failures.append(f"{task.command}: exit {code}: {msg}")
-            echo(f"  [{time.perf_counter() - t0:6.1f}s] {task.sweep}/{task.arm.id}: "
-                 f"{'ok' if code == 0 else 'FAILED'}")
+            echo(f"  [{time.perf_counter() - t0:6.1f}s] {task.sweep}/{task.arm.id}: {'ok' if code == 0 else 'FAILED'}")
     if failures:
         if any(f.startswith("bad input") for f in failures):
             raise ConfigError("experiments", failures[0].split(": ", 1)[0], "valid overrides", failures[0])
@@ -237,8 +266,12 @@ def _tasks(exps: list[Experiment], runs: Path, quick: bool, tune: bool = False) 
             key = (exp.sweep["name"], arm.id)
             task = arm_task(exp, arm, runs, quick, tune)
             if key in seen and seen[key].argv != task.argv:
-                raise ConfigError(f"{exp.path.name}: sweep.name", exp.sweep["name"], "one spec per sweep name",
-                                  f"arm {arm.id} differs from another experiment's arm of the same sweep")
+                raise ConfigError(
+                    f"{exp.path.name}: sweep.name",
+                    exp.sweep["name"],
+                    "one spec per sweep name",
+                    f"arm {arm.id} differs from another experiment's arm of the same sweep",
+                )
             seen[key] = task
     # MNIST-sized sweeps first so that the small ones fill the gaps
     return sorted(seen.values(), key=lambda t: "mnist" not in t.sweep)
@@ -273,8 +306,15 @@ def experiment_rows(exp: Experiment, runs: Path, quick: bool) -> tuple[pd.DataFr
 
 
 # ------------------------------------------------------------------------------------- tuning
-def tune(exp: Experiment, runs: Path, quick: bool, jobs: int, echo: Callable[[str], None],
-         write: bool, config_dir: Path | None = None) -> pd.DataFrame:
+def tune(
+    exp: Experiment,
+    runs: Path,
+    quick: bool,
+    jobs: int,
+    echo: Callable[[str], None],
+    write: bool,
+    config_dir: Path | None = None,
+) -> pd.DataFrame:
     """Run each arm's step-size grid at the tuning setting; return (arm, lr, final metric) and,
     with ``write``, record each arm's best lr in the experiment file."""
     t = exp.spec.get("tune")
@@ -293,8 +333,15 @@ def tune(exp: Experiment, runs: Path, quick: bool, jobs: int, echo: Callable[[st
         for lr, g in info.groupby("optim.lr"):
             status = g["status"].iloc[0]
             val = fin.loc[fin["optim.lr"] == lr, metric].mean() if len(fin) else float("nan")
-            rows.append({"arm": task.arm.id, "label": task.arm.label, "lr": float(lr), "status": status,
-                         f"final_{metric}": val if status == "completed" else float("nan")})
+            rows.append(
+                {
+                    "arm": task.arm.id,
+                    "label": task.arm.label,
+                    "lr": float(lr),
+                    "status": status,
+                    f"final_{metric}": val if status == "completed" else float("nan"),
+                }
+            )
     table = pd.DataFrame(rows)
     col = f"final_{metric}"
     best = {}
@@ -328,16 +375,20 @@ def write_lrs(path: Path, best: dict[str, float]) -> None:
         pat = re.compile(rf"^(\s*-\s*\{{\s*id:\s*{re.escape(arm)}\s*,.*?\blr:\s*)([^,}}\s]+)", re.M)
         text, n = pat.subn(lambda m: m.group(1) + f"{lr:g}", text)
         if n != 1:
-            raise ConfigError(f"{path.name}: arms", arm, "one line `- {id: ARM, ..., lr: X}` per arm",
-                              "cannot record the tuned lr")
+            raise ConfigError(
+                f"{path.name}: arms", arm, "one line `- {id: ARM, ..., lr: X}` per arm", "cannot record the tuned lr"
+            )
     path.write_text(text)
 
 
 # ------------------------------------------------------------------------------------ drawing
 def _filter(rows: pd.DataFrame, flt: dict | None) -> pd.DataFrame:
     for k, v in (flt or {}).items():
-        rows = rows[pd.to_numeric(rows[k], errors="coerce").sub(float(v)).abs() < 1e-12] \
-            if isinstance(v, (int, float)) else rows[rows[k].astype(str) == str(v)]
+        rows = (
+            rows[pd.to_numeric(rows[k], errors="coerce").sub(float(v)).abs() < 1e-12]
+            if isinstance(v, (int, float))
+            else rows[rows[k].astype(str) == str(v)]
+        )
     return rows
 
 
@@ -371,21 +422,50 @@ def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Pat
     info["excluded"] = _excluded(runs_info)
     chosen = None
     if exp.sweep.get("lr_grid"):
-        rows, chosen = best_lr_rows(rows, [plot["x"], *([plot["facet"]] if plot.get("facet") else [])],
-                                    plot["y"], plot.get("mode", "max" if plot["y"] == "test_acc" else "min"))
+        rows, chosen = best_lr_rows(
+            rows,
+            [plot["x"], *([plot["facet"]] if plot.get("facet") else [])],
+            plot["y"],
+            plot.get("mode", "max" if plot["y"] == "test_acc" else "min"),
+        )
         info["excluded"] = [e for e in info["excluded"] if any(f"[{r}]" in e for r in rows["run"].unique())]
     order = [a.label for a in exp.arms]
     title = plot.get("title", "") + ("" if not quick else "  [--quick]")
     if kind == "line":
-        rp.line_panels(rows, plot.get("x", "iter"), plot["y"], "label", out, title=title, facet=plot.get("facet"),
-                       hue_order=order, facet_fmt=plot.get("facet_fmt", "{col} = {val}"), ylim=plot.get("ylim"))
+        rp.line_panels(
+            rows,
+            plot.get("x", "iter"),
+            plot["y"],
+            "label",
+            out,
+            title=title,
+            facet=plot.get("facet"),
+            hue_order=order,
+            facet_fmt=plot.get("facet_fmt", "{col} = {val}"),
+            ylim=plot.get("ylim"),
+        )
     else:
-        rp.final_figure(rows, plot["x"], plot["y"], "label", out, title=title, facet=plot.get("facet"),
-                        hue_order=order, x_order=plot.get("x_order"))
+        rp.final_figure(
+            rows,
+            plot["x"],
+            plot["y"],
+            "label",
+            out,
+            title=title,
+            facet=plot.get("facet"),
+            hue_order=order,
+            x_order=plot.get("x_order"),
+        )
     # compact summary: final values per arm and setting (mean and std over seeds)
     fin = rp.final_rows(rows[rows["status"] == "completed"])
-    keys = ["label", *[k for k in ("code", "p", "d", "compressor.ratio", "compressor.group", "straggler.deadline")
-                       if k in fin and fin[k].astype(str).nunique() > 1]]
+    keys = [
+        "label",
+        *[
+            k
+            for k in ("code", "p", "d", "compressor.ratio", "compressor.group", "straggler.deadline")
+            if k in fin and fin[k].astype(str).nunique() > 1
+        ],
+    ]
     ys = [c for c in ("opt_gap", "test_acc", "bits_up", "sim_time") if c in fin and fin[c].notna().any()]
     summ = fin.groupby(keys, sort=False)[ys].agg(["mean", "std"])
     summ.columns = [f"{a}_{b}" for a, b in summ.columns]
@@ -393,8 +473,14 @@ def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Pat
     if chosen is not None:
         lr = fin.groupby(keys, sort=False)["optim.lr"].first().reset_index(drop=True)
         summ.insert(len(keys), "lr", lr.values)
-        info["lr_table"] = summ[keys + ["lr"]].pivot(index="label", columns=keys[1], values="lr") \
-            .reindex([a.label for a in exp.arms]).reset_index() if len(keys) == 2 else None
+        info["lr_table"] = (
+            summ[keys + ["lr"]]
+            .pivot(index="label", columns=keys[1], values="lr")
+            .reindex([a.label for a in exp.arms])
+            .reset_index()
+            if len(keys) == 2
+            else None
+        )
     else:
         summ.insert(1, "lr", summ["label"].map({a.label: a.lr for a in exp.arms}))
     summ.to_csv(out.with_suffix(".csv"), index=False, float_format="%.4g")
@@ -408,8 +494,9 @@ def best_lr_rows(rows: pd.DataFrame, keys: list[str], y: str, mode: str) -> tupl
 
     ok = rows[rows["status"] == "completed"]
     fin = final_rows(ok).groupby(["label", *keys, "optim.lr"], sort=False)[y].mean().reset_index()
-    pick = fin.loc[(fin.groupby(["label", *keys])[y].idxmin() if mode == "min"
-                    else fin.groupby(["label", *keys])[y].idxmax())]
+    pick = fin.loc[
+        (fin.groupby(["label", *keys])[y].idxmin() if mode == "min" else fin.groupby(["label", *keys])[y].idxmax())
+    ]
     keep = rows.merge(pick[["label", *keys, "optim.lr"]], on=["label", *keys, "optim.lr"])
     return keep, pick
 
@@ -426,8 +513,9 @@ def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:
     plt = rp._plt()
     table = table.assign(panel=table["task"] + ": " + table["target"])
     tasks = list(dict.fromkeys(table["panel"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 0.42 * table.groupby("panel").size().max() + 1.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(5.6 * len(tasks), 0.42 * table.groupby("panel").size().max() + 1.6), squeeze=False
+    )
     for ax, task in zip(axes[0], tasks):
         t = table[table["panel"] == task].reset_index(drop=True)
         reached = t["bits_to_target"].notna()
@@ -438,8 +526,16 @@ def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:
                 ax.barh(i, r["bits_to_target"], color=color, alpha=0.85)
                 ax.text(r["bits_to_target"] * 1.08, i, f"{r['bits_to_target']:.2g}", va="center", fontsize=8)
             else:  # x in axes coordinates: readable whatever the bars' range (or with no bar at all)
-                ax.text(0.02, i, "not reached", va="center", fontsize=8, color="#a00", style="italic",
-                        transform=ax.get_yaxis_transform())
+                ax.text(
+                    0.02,
+                    i,
+                    "not reached",
+                    va="center",
+                    fontsize=8,
+                    color="#a00",
+                    style="italic",
+                    transform=ax.get_yaxis_transform(),
+                )
         ax.set_yticks(range(len(t)))
         ax.set_yticklabels(t["label"], fontsize=8.5)
         ax.set_ylim(len(t) - 0.5, -0.5)  # first row on top, no row clipped
@@ -459,22 +555,34 @@ def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------ gallery
-def gallery(exps: list[Experiment], infos: dict[str, dict], out: Path, quick: bool, runs: Path,
-            tuning: dict[str, Path], timing: str) -> Path:
+def gallery(
+    exps: list[Experiment],
+    infos: dict[str, dict],
+    out: Path,
+    quick: bool,
+    runs: Path,
+    tuning: dict[str, Path],
+    timing: str,
+) -> Path:
     """``OUT/README.md``: each figure, what it shows, what it says, its commands and step sizes."""
     from cocoef_cli.report import markdown_table
 
-    lines = ["# Results: the paper's figures, regenerated", "",
-             "Regenerate everything with `make figures` (= `cocoef figures`; raw runs go to `runs/figures/`, "
-             "resumable, not committed); one figure with `cocoef figures --only NAME`; a 3-minute "
-             "smoke version with `cocoef figures --quick` (writes `runs/quick/`, never this folder). "
-             "`cocoef tune NAME` re-runs a step-size grid and records the best step size per method in "
-             "`experiments/NAME.yaml`; `cocoef figures --tune` does that first for every figure.", "",
-             "Every curve is the mean over 3 seeds (seeds run together) with a 95% bootstrap confidence band; "
-             "every method runs at its own best step size from the grid 0.05·2^i, tuned on the same "
-             "iteration budget (tables below each figure). Colours and dash patterns are fixed per method: "
-             "solid = error feedback with a biased compressor, dashed = the same compressor without error "
-             "feedback, dash-dot = unbiased compressors, dotted = full precision.", ""]
+    lines = [
+        "# Results: the paper's figures, regenerated",
+        "",
+        "Regenerate everything with `make figures` (= `cocoef figures`; raw runs go to `runs/figures/`, "
+        "resumable, not committed); one figure with `cocoef figures --only NAME`; a 3-minute "
+        "smoke version with `cocoef figures --quick` (writes `runs/quick/`, never this folder). "
+        "`cocoef tune NAME` re-runs a step-size grid and records the best step size per method in "
+        "`experiments/NAME.yaml`; `cocoef figures --tune` does that first for every figure.",
+        "",
+        "Every curve is the mean over 3 seeds (seeds run together) with a 95% bootstrap confidence band; "
+        "every method runs at its own best step size from the grid 0.05·2^i, tuned on the same "
+        "iteration budget (tables below each figure). Colours and dash patterns are fixed per method: "
+        "solid = error feedback with a biased compressor, dashed = the same compressor without error "
+        "feedback, dash-dot = unbiased compressors, dotted = full precision.",
+        "",
+    ]
     if quick:
         lines += ["**This is a `--quick` run** (shorter budgets): the captions below describe the full run.", ""]
     if timing:
@@ -492,11 +600,18 @@ def gallery(exps: list[Experiment], infos: dict[str, dict], out: Path, quick: bo
             continue
         plot = exp.plot
         rel = os.path.relpath(info["png"], out)
-        lines += [f"## {exp.name}", "", f"**{plot.get('title', exp.name)}**", "",
-                  f"![{exp.name}]({rel})", "",
-                  f"[PDF]({os.path.relpath(Path(info['png']).with_suffix('.pdf'), out)}) · "
-                  f"[final values (CSV)]({os.path.relpath(Path(info['png']).with_suffix('.csv'), out)}) · "
-                  f"spec: [`experiments/{exp.path.name}`](../experiments/{exp.path.name})", ""]
+        lines += [
+            f"## {exp.name}",
+            "",
+            f"**{plot.get('title', exp.name)}**",
+            "",
+            f"![{exp.name}]({rel})",
+            "",
+            f"[PDF]({os.path.relpath(Path(info['png']).with_suffix('.pdf'), out)}) · "
+            f"[final values (CSV)]({os.path.relpath(Path(info['png']).with_suffix('.csv'), out)}) · "
+            f"spec: [`experiments/{exp.path.name}`](../experiments/{exp.path.name})",
+            "",
+        ]
         if plot.get("shows"):
             lines += [f"*What it shows.* {plot['shows'].strip()}", ""]
         if plot.get("says"):
@@ -511,24 +626,43 @@ def gallery(exps: list[Experiment], infos: dict[str, dict], out: Path, quick: bo
             lines += [arm_task(exp, a, runs, quick).command for a in exp.arms]
         lines += ["```", ""]
         if info.get("lr_table") is not None:
-            lines += ["Step size chosen per method and setting (best final value of the grid "
-                      f"{exp.sweep.get('lr_grid')}, in the sweep itself):", "",
-                      markdown_table(info["lr_table"].rename(columns={"label": "method"})), ""]
+            lines += [
+                "Step size chosen per method and setting (best final value of the grid "
+                f"{exp.sweep.get('lr_grid')}, in the sweep itself):",
+                "",
+                markdown_table(info["lr_table"].rename(columns={"label": "method"})),
+                "",
+            ]
         elif plot.get("kind") != "table" and exp.arms and not exp.sweep.get("lr_grid"):
             src = exp.spec.get("lr_from") or exp.spec.get("runs_of") or exp.name
             tuned = tuning.get(src)
-            lines += [f"Step sizes (tuned by `cocoef tune {src}`"
-                      + (f", grid results: [{tuned.name}]({os.path.relpath(tuned, out)})" if tuned else "") + "):", "",
-                      markdown_table(pd.DataFrame({"method": [a.label for a in exp.arms],
-                                                   "step size η": [f"{a.lr:g}" for a in exp.arms]})), ""]
+            lines += [
+                f"Step sizes (tuned by `cocoef tune {src}`"
+                + (f", grid results: [{tuned.name}]({os.path.relpath(tuned, out)})" if tuned else "")
+                + "):",
+                "",
+                markdown_table(
+                    pd.DataFrame(
+                        {"method": [a.label for a in exp.arms], "step size η": [f"{a.lr:g}" for a in exp.arms]}
+                    )
+                ),
+                "",
+            ]
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def figures(quick: bool = False, only: list[str] | None = None, out: Path | None = None, runs: Path | None = None,
-            jobs: int = 2, do_tune: bool = False, echo: Callable[[str], None] = print,
-            config_dir: Path | None = None) -> Path:
+def figures(
+    quick: bool = False,
+    only: list[str] | None = None,
+    out: Path | None = None,
+    runs: Path | None = None,
+    jobs: int = 2,
+    do_tune: bool = False,
+    echo: Callable[[str], None] = print,
+    config_dir: Path | None = None,
+) -> Path:
     """Run the sweeps of the selected experiments (resuming), draw them, write the gallery."""
     t0 = time.perf_counter()
     exps = load_experiments(config_dir)
@@ -562,22 +696,35 @@ def figures(quick: bool = False, only: list[str] | None = None, out: Path | None
         infos[exp.name] = render(exp, exps, runs, figdir, quick)
         echo(f"  wrote {infos[exp.name]['png']}")
     ran = counts["jobs"] - counts["skipped"]
-    timing = (f"Last run that simulated: `cocoef figures{' --quick' if quick else ''}"
-              f"{' --only ' + ' --only '.join(only) if only else ''} --jobs {jobs}`: {len(tasks)} sweeps, "
-              f"{ran} of {counts['jobs']} jobs run ({counts['skipped']} resumed), {t_runs:.0f} s of simulation, "
-              f"{time.perf_counter() - t0:.0f} s in total ({jobs} parallel sweeps, {os.cpu_count()} cores).")
+    timing = (
+        f"Last run that simulated: `cocoef figures{' --quick' if quick else ''}"
+        f"{' --only ' + ' --only '.join(only) if only else ''} --jobs {jobs}`: {len(tasks)} sweeps, "
+        f"{ran} of {counts['jobs']} jobs run ({counts['skipped']} resumed), {t_runs:.0f} s of simulation, "
+        f"{time.perf_counter() - t0:.0f} s in total ({jobs} parallel sweeps, {os.cpu_count()} cores)."
+    )
     old_readme = out / "README.md"
     if ran == 0 and old_readme.exists():  # a pure re-draw: keep the timing of the run that simulated
         prev = [ln for ln in old_readme.read_text().splitlines() if ln.startswith("Last run")]
         timing = prev[0] if prev else timing
-    path = gallery(list(exps.values()), infos, out, quick, runs, tuning, timing) if not only \
+    path = (
+        gallery(list(exps.values()), infos, out, quick, runs, tuning, timing)
+        if not only
         else _gallery_merge(exps, chosen, infos, out, quick, runs, tuning, timing)
+    )
     echo(f"{len(chosen)} figure(s) in {time.perf_counter() - t0:.0f}s → {figdir}, gallery {path}")
     return path
 
 
-def _gallery_merge(exps: dict[str, Experiment], chosen: list[Experiment], infos: dict, out: Path, quick: bool,
-                   runs: Path, tuning: dict, timing: str) -> Path:
+def _gallery_merge(
+    exps: dict[str, Experiment],
+    chosen: list[Experiment],
+    infos: dict,
+    out: Path,
+    quick: bool,
+    runs: Path,
+    tuning: dict,
+    timing: str,
+) -> Path:
     """With ``--only``: keep the other figures already in OUT/figures in the gallery."""
     figdir = out / "figures"
     for exp in exps.values():

@@ -8,11 +8,12 @@ Generalised linear models have closed-form gradients: with logits Z = X̃Wᵀ, W
 (``logistic``) or the softmax (``softmax``). All N partition gradients of all R replicates are two
 batched matrix products over a padded (R, N, B, f) layout of the partitions.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -100,8 +101,14 @@ class GLM:
         """Column blocks of the partition gradients (see :meth:`weighted_grads`): one, all of θ."""
         return (self.D,)
 
-    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
-                       out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def weighted_grads(
+        self,
+        theta: torch.Tensor,
+        Xp: torch.Tensor,
+        Yp: torch.Tensor,
+        Wp: torch.Tensor,
+        out: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}) for features Xp (R, N, B, f̃), targets Yp and weights Wp (R, N, B),
         as the column blocks (R, N, D_l) of ``blocks`` (here one, (R, N, D)), written into ``out``
         (contiguous tensors of those shapes) when given. Two batched products, class-major
@@ -117,7 +124,9 @@ class GLM:
         torch.bmm(Et, Xp.reshape(R * N, Bsz, f), out=out[0].view(R * N, self.C, f))
         return out
 
-    def full_loss_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def full_loss_grad(
+        self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """((1/n) Σ_s ℓ_s(θ), (1/n) Σ_s ∇ℓ_s(θ)) for shared features Xf (n, f̃): (R,), (R, D); one forward."""
         Z = self.logits(theta, Xf)
         E = self.residual(Z, Y) / Xf.shape[0]
@@ -151,7 +160,9 @@ class Logistic(GLM):
 
     def outputs(self, data: Dataset) -> int:
         if data.n_classes != 2:
-            raise ConfigError("model", "logistic", "softmax for this dataset", f"needs 2 classes, {data.name} has {data.n_classes}")
+            raise ConfigError(
+                "model", "logistic", "softmax for this dataset", f"needs 2 classes, {data.name} has {data.n_classes}"
+            )
         return 1
 
     def residual(self, Z, Y):
@@ -190,7 +201,9 @@ def build_model(cfg: Mapping, data: Dataset) -> GLM:
     """Instantiate ``model.name`` for ``data`` (checks the model suits the dataset's task)."""
     cls = MODELS.get(cfg.get("name"))
     if cls.task == "regression" and data.task != "regression":
-        raise ConfigError("model", cfg.get("name"), "logistic, softmax", f"dataset {data.name} is a classification task")
+        raise ConfigError(
+            "model", cfg.get("name"), "logistic, softmax", f"dataset {data.name} is a classification task"
+        )
     if cls.task == "classification" and data.task != "classification":
         raise ConfigError("model", cfg.get("name"), "linear", f"dataset {data.name} is a regression task")
     return cls(cfg, data)
@@ -217,8 +230,17 @@ class Objective:
     |P_j|/min(b, |P_j|) so that g_j stays unbiased.
     """
 
-    def __init__(self, model: GLM, data: Dataset, parts: np.ndarray, l2: float, dtype: torch.dtype,
-                 device: torch.device, batch_size: int | None = None, batch_rng: SeedRNG | None = None):
+    def __init__(
+        self,
+        model: GLM,
+        data: Dataset,
+        parts: np.ndarray,
+        l2: float,
+        dtype: torch.dtype,
+        device: torch.device,
+        batch_size: int | None = None,
+        batch_rng: SeedRNG | None = None,
+    ):
         self.model, self.l2, self.batch_size, self.batch_rng = model, float(l2), batch_size, batch_rng
         self.n = data.n
         ydtype = torch.int64 if data.task == "classification" else dtype
@@ -255,8 +277,12 @@ class Objective:
         in one storage (a kernel can read them as one flat array)."""
         R, N = theta.shape[0], self.N
         shapes = [(R, N, int(size)) for size in self.model.blocks]
-        if self._G is None or [tuple(b.shape) for b in self._G] != shapes or self._G[0].dtype != theta.dtype \
-                or self._G[0].device != theta.device:
+        if (
+            self._G is None
+            or [tuple(b.shape) for b in self._G] != shapes
+            or self._G[0].dtype != theta.dtype
+            or self._G[0].device != theta.device
+        ):
             flat = torch.empty(R * N * sum(self.model.blocks), dtype=theta.dtype, device=theta.device)
             self._G = [b.view(shape) for b, shape in zip(flat.split([math.prod(sh) for sh in shapes]), shapes)]
         if self.batch_size is None:

@@ -17,10 +17,11 @@ replicates computed in one batched pass (no loop over partitions or replicates):
   ∇b_l[r, j] = Σ_b δ_l[r, j, b]. Padding rows carry w = 0, hence δ = 0: sizes may differ exactly.
 - ``cnn``: ``torch.func.vmap`` (over R, then over N) of ``torch.func.grad`` of the functional net.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as Fn
@@ -31,10 +32,16 @@ from cocoef_cli.models import MODELS, softmax_residual_t
 from cocoef_cli.sim.rng import SeedRNG
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
 # σ'(z) written with the activation a = σ(z), so the backward needs no pre-activations
 DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": lambda a: (a > 0).to(a.dtype), "tanh": lambda a: 1 - a * a, "sigmoid": lambda a: a * (1 - a)}
+    "relu": lambda a: (a > 0).to(a.dtype),
+    "tanh": lambda a: 1 - a * a,
+    "sigmoid": lambda a: a * (1 - a),
+}
 INITS = ("torch", "kaiming", "xavier")
 
 
@@ -81,7 +88,7 @@ class Network:
         out, off = [], 0
         for _, shape, _, _ in self.params:
             size = math.prod(shape)
-            out.append(theta[..., off:off + size].unflatten(-1, shape))
+            out.append(theta[..., off : off + size].unflatten(-1, shape))
             off += size
         return out
 
@@ -140,8 +147,9 @@ class MLP(Network):
         """Column blocks of the partition gradients: one per parameter tensor (W_0, b_0, W_1, …)."""
         return tuple(math.prod(shape) for _, shape, _, _ in self.params)
 
-    def _forward(self, theta: torch.Tensor, X: torch.Tensor,
-                 class_major: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _forward(
+        self, theta: torch.Tensor, X: torch.Tensor, class_major: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (R, S, C), or (R, C, S) if ``class_major``, and the layer inputs [a_0 = X, a_1, …]
         for X (S, f) shared or (R, S, f)."""
         P = self.unflatten(theta)
@@ -152,7 +160,9 @@ class MLP(Network):
             W, b = P[2 * l], P[2 * l + 1]
             if l == L - 1 and class_major:  # Zᵀ = W Aᵀ + b
                 At = A.transpose(-2, -1)
-                return (torch.baddbmm(b.unsqueeze(-1), W, At) if A.dim() == 3 else torch.matmul(W, At) + b.unsqueeze(-1)), acts
+                return (
+                    torch.baddbmm(b.unsqueeze(-1), W, At) if A.dim() == 3 else torch.matmul(W, At) + b.unsqueeze(-1)
+                ), acts
             Wt = W.transpose(-2, -1)
             Z = torch.baddbmm(b.unsqueeze(1), A, Wt) if A.dim() == 3 else torch.matmul(A, Wt) + b.unsqueeze(1)
             A = self.act(Z) if l < L - 1 else Z
@@ -165,8 +175,15 @@ class MLP(Network):
         R = theta.shape[0]
         return self._forward(theta, Xf.reshape(R, -1, Xf.shape[-1]))[0].view(*Xf.shape[:-1], self.C)
 
-    def _backward(self, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, N: int,
-                  out: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _backward(
+        self,
+        theta: torch.Tensor,
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        w: torch.Tensor,
+        N: int,
+        out: list[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Σ_b w ∇ℓ per group of S/N consecutive rows: X (R, S, f) or (S, f) (then N = 1),
         Y, w (R, S) or (S,) → (one block (R, N, size) per parameter tensor (``blocks``), written in
         place into ``out`` (allocated when None); the logits Z of the forward pass)."""
@@ -190,14 +207,24 @@ class MLP(Network):
                 delta = torch.bmm(delta, P[2 * l]) * self.dact(A)
         return out, Zt.transpose(1, 2)
 
-    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
-                       out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def weighted_grads(
+        self,
+        theta: torch.Tensor,
+        Xp: torch.Tensor,
+        Yp: torch.Tensor,
+        Wp: torch.Tensor,
+        out: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B), as one block
         (R, N, size) per parameter tensor, written into ``out`` when given."""
         R, N, Bsz, f = Xp.shape
-        return self._backward(theta, Xp.reshape(R, N * Bsz, f), Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz), N, out)[0]
+        return self._backward(theta, Xp.reshape(R, N * Bsz, f), Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz), N, out)[
+            0
+        ]
 
-    def full_loss_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def full_loss_grad(
+        self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """((1/n) Σ_s ℓ_s(θ), (1/n) Σ_s ∇ℓ_s(θ)) for shared Xf (n, f): (R,), (R, D); one forward."""
         w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0], dtype=Xf.dtype, device=Xf.device)
         blocks, Z = self._backward(theta, Xf, Y, w, 1)
@@ -222,8 +249,12 @@ class CNN(Network):
     def __init__(self, cfg: Mapping, data: Dataset):
         super().__init__(cfg, data)
         if data.shape is None or len(data.shape) != 3:
-            raise ConfigError("model", "cnn", "mlp, softmax (or an image dataset: mnist5k, mnist, fashion_mnist, cifar10)",
-                              f"dataset {data.name} has no image shape")
+            raise ConfigError(
+                "model",
+                "cnn",
+                "mlp, softmax (or an image dataset: mnist5k, mnist, fashion_mnist, cifar10)",
+                f"dataset {data.name} has no image shape",
+            )
         self.shape = tuple(data.shape)
         Cin, H, W = self.shape
         self.channels = _int_list(cfg, "channels", allow_empty=False)
@@ -238,8 +269,12 @@ class CNN(Network):
             p = self.pad if l == 0 else 0
             h, wd = (h + 2 * p - k + 1) // 2, (wd + 2 * p - k + 1) // 2
             if h < 1 or wd < 1:
-                raise ConfigError("model.channels", self.channels, "fewer convolution layers for this image size",
-                                  f"{H}×{W} images shrink to nothing")
+                raise ConfigError(
+                    "model.channels",
+                    self.channels,
+                    "fewer convolution layers for this image size",
+                    f"{H}×{W} images shrink to nothing",
+                )
             self._add(f"conv{l}.weight", (co, c, k, k), c * k * k, co * k * k)
             self._add(f"conv{l}.bias", (co,), c * k * k, co * k * k)
             c = co
@@ -283,8 +318,14 @@ class CNN(Network):
         R = theta.shape[0]
         return self._logits_each(theta, Xf.reshape(R, -1, Xf.shape[-1])).view(*Xf.shape[:-1], self.C)
 
-    def weighted_grads(self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor,
-                       out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def weighted_grads(
+        self,
+        theta: torch.Tensor,
+        Xp: torch.Tensor,
+        Yp: torch.Tensor,
+        Wp: torch.Tensor,
+        out: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B) as one block
         (R, N, D) (copied into ``out[0]`` when given)."""
         G = self._grads(theta, Xp, Yp, Wp)
@@ -294,5 +335,7 @@ class CNN(Network):
         """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D), accumulated over chunks of samples."""
         n = Xf.shape[0]
         w = torch.full((n,), 1.0 / n, dtype=Xf.dtype, device=Xf.device)
-        return sum(self._grad_shared(theta, Xc, Yc, wc)
-                   for Xc, Yc, wc in zip(Xf.split(self.chunk), Y.split(self.chunk), w.split(self.chunk)))
+        return sum(
+            self._grad_shared(theta, Xc, Yc, wc)
+            for Xc, Yc, wc in zip(Xf.split(self.chunk), Y.split(self.chunk), w.split(self.chunk))
+        )

@@ -1,4 +1,5 @@
 """Run records: atomic ``metrics.csv`` / ``run.json`` writers and the provenance they carry."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def atomic_write(path: Path, text: str | bytes) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", newline="")) as f:
+        with os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -65,8 +66,13 @@ def git_info() -> dict[str, Any] | None:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if commit.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return None
@@ -78,14 +84,25 @@ def versions() -> dict[str, str]:
 
     from cocoef_cli import __version__
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "cocoef": __version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cocoef": __version__,
+    }
 
 
 def run_record(config: dict, status: str, wall_s: float, **extra: Any) -> dict[str, Any]:
     """The ``run.json`` payload (DESIGN §8)."""
-    return {"config": config, "status": status, "wall_s": round(float(wall_s), 3), "versions": versions(),
-            "git": git_info(), "command": command_line(), **extra}
+    return {
+        "config": config,
+        "status": status,
+        "wall_s": round(float(wall_s), 3),
+        "versions": versions(),
+        "git": git_info(),
+        "command": command_line(),
+        **extra,
+    }
 
 
 def command_line() -> str:

@@ -1,8 +1,10 @@
 """A tiny name → factory registry, one per kind of component (codes, compressors, ...)."""
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from cocoef_cli.errors import ConfigError
 

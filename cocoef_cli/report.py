@@ -12,11 +12,13 @@
 Runs whose ``run.json`` says ``diverged`` or ``failed`` are never plotted; they are listed in the
 summary and named in a note under the figure.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -67,11 +69,21 @@ STYLES: dict[tuple[str, str], tuple[str, Any]] = {
 }
 # Fixed marker per method/compressor (final-value figures), so a method also keeps its marker.
 MARKERS: dict[tuple[str, str], str] = {
-    ("coco_ef", "topk"): "o", ("coco_ef", "grouped_sign"): "X", ("coco_ef", "*"): "P",
-    ("coco", "topk"): "s", ("coco", "grouped_sign"): "D", ("coco", "randk_unbiased"): "^",
-    ("coco", "qsgd"): "v", ("coco", "onebit"): "<", ("coco", "*"): ">",
-    ("coco_diana", "*"): "p", ("coco_ef21", "*"): "h", ("ef_sgd", "*"): "*",
-    ("gc", "*"): "d", ("ignore_stragglers", "*"): "8", ("gd", "*"): "H",
+    ("coco_ef", "topk"): "o",
+    ("coco_ef", "grouped_sign"): "X",
+    ("coco_ef", "*"): "P",
+    ("coco", "topk"): "s",
+    ("coco", "grouped_sign"): "D",
+    ("coco", "randk_unbiased"): "^",
+    ("coco", "qsgd"): "v",
+    ("coco", "onebit"): "<",
+    ("coco", "*"): ">",
+    ("coco_diana", "*"): "p",
+    ("coco_ef21", "*"): "h",
+    ("ef_sgd", "*"): "*",
+    ("gc", "*"): "d",
+    ("ignore_stragglers", "*"): "8",
+    ("gd", "*"): "H",
 }
 _SPARE = ["#637939", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1", "#636363", "#e7ba52"]
 
@@ -128,8 +140,13 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         rel = str(folder.relative_to(root)) if folder != root else folder.name
         rec = read_record(folder)
         cfg = {k: v for k, v in _flatten(rec.get("config", {})).items() if not k.startswith("hydra")}
-        info = {"run": rel, "status": rec.get("status", "unknown"), "wall_s": rec.get("wall_s"),
-                "diverged": rec.get("diverged"), **cfg}
+        info = {
+            "run": rel,
+            "status": rec.get("status", "unknown"),
+            "wall_s": rec.get("wall_s"),
+            "diverged": rec.get("diverged"),
+            **cfg,
+        }
         path = folder / "metrics.csv"
         if path.exists():
             if info["status"] == "unknown":
@@ -139,8 +156,12 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             frames.append(df.assign(run=rel, status=info["status"], **extra))
         runs.append(info)
     if not runs:
-        raise ConfigError("RUNS_DIR", str(root), "a run folder (metrics.csv, run.json) or a sweep/figures folder "
-                          "holding run folders", "no runs found")
+        raise ConfigError(
+            "RUNS_DIR",
+            str(root),
+            "a run folder (metrics.csv, run.json) or a sweep/figures folder holding run folders",
+            "no runs found",
+        )
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return rows, pd.DataFrame(runs)
 
@@ -219,9 +240,18 @@ def _plottable(data: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return data[ok], sorted(data.loc[~ok, "run"].astype(str).unique()) if "run" in data else []
 
 
-def line_panels(data: pd.DataFrame, x: str | Sequence[str], y: str, hue: str, out: Path, title: str = "",
-                facet: str | None = None, hue_order: Sequence[str] | None = None,
-                facet_fmt: str = "{col} = {val}", ylim: Sequence[float] | None = None) -> Path:
+def line_panels(
+    data: pd.DataFrame,
+    x: str | Sequence[str],
+    y: str,
+    hue: str,
+    out: Path,
+    title: str = "",
+    facet: str | None = None,
+    hue_order: Sequence[str] | None = None,
+    facet_fmt: str = "{col} = {val}",
+    ylim: Sequence[float] | None = None,
+) -> Path:
     """Mean of ``y`` over seeds against each ``x`` (one panel per x column and per ``facet``
     value), 95% bootstrap CI bands, one shared legend below; writes PNG and PDF. ``ylim``
     (low, high) zooms every panel to the same y range."""
@@ -234,8 +264,7 @@ def line_panels(data: pd.DataFrame, x: str | Sequence[str], y: str, hue: str, ou
     facets = [None] if facet is None else sorted(data[facet].dropna().unique())
     panels = [(xc, fv) for fv in facets for xc in xs]
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 0.6 if n > 1 else 7.0, 4.6), squeeze=False,
-                             sharey=len(xs) == 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 0.6 if n > 1 else 7.0, 4.6), squeeze=False, sharey=len(xs) == 1)
     pal, dashes = _styles(data, hue, hue_order)
     for ax, (xc, fv) in zip(axes[0], panels):
         d = data if fv is None else data[data[facet] == fv]
@@ -246,8 +275,22 @@ def line_panels(data: pd.DataFrame, x: str | Sequence[str], y: str, hue: str, ou
             d = d[d[xc] > 0]
         if y == "opt_gap":  # float32 rounding can give F − F* ≤ 0 at convergence: show it at the floor
             d[y] = d[y].clip(lower=GAP_FLOOR)
-        sns.lineplot(data=d, x=xc, y=y, hue=hue, style=hue, hue_order=hue_order, style_order=hue_order,
-                     palette=pal, dashes=dashes, errorbar=("ci", 95), n_boot=300, seed=0, ax=ax, linewidth=1.6)
+        sns.lineplot(
+            data=d,
+            x=xc,
+            y=y,
+            hue=hue,
+            style=hue,
+            hue_order=hue_order,
+            style_order=hue_order,
+            palette=pal,
+            dashes=dashes,
+            errorbar=("ci", 95),
+            n_boot=300,
+            seed=0,
+            ax=ax,
+            linewidth=1.6,
+        )
         if xc in LOG_COLUMNS or (xc != "iter" and _spans_decades(d[xc])):
             ax.set_xscale("log")
         if y in LOG_COLUMNS and len(d) and (d[y] > 0).all():
@@ -267,9 +310,17 @@ def _fmt_val(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def final_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title: str = "",
-                 facet: str | None = None, hue_order: Sequence[str] | None = None,
-                 x_order: Sequence[str] | None = None) -> Path:
+def final_figure(
+    data: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str,
+    out: Path,
+    title: str = "",
+    facet: str | None = None,
+    hue_order: Sequence[str] | None = None,
+    x_order: Sequence[str] | None = None,
+) -> Path:
     """Final value of ``y`` (last evaluated iteration, mean over seeds, 95% CI) against a swept
     key ``x``, one line per ``hue``; writes PNG and PDF. A non-numeric ``x`` (e.g. ``code``) is
     drawn at positions 0, 1, … in ``x_order`` (default: sorted)."""
@@ -289,14 +340,34 @@ def final_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title:
         markers = True  # the same method twice: let seaborn pick distinct markers
     for ax, fv in zip(axes[0], facets):
         d = fin if fv is None else fin[fin[facet] == fv]
-        cats = None if pd.to_numeric(d[x], errors="coerce").notna().all() else \
-            [c for c in (x_order or sorted(d[x].astype(str).unique())) if c in set(d[x].astype(str))]
+        cats = (
+            None
+            if pd.to_numeric(d[x], errors="coerce").notna().all()
+            else [c for c in (x_order or sorted(d[x].astype(str).unique())) if c in set(d[x].astype(str))]
+        )
         d = d.assign(**{x: pd.to_numeric(d[x]) if cats is None else d[x].astype(str).map(cats.index)})
         if y == "opt_gap":
             d = d.assign(opt_gap=d["opt_gap"].clip(lower=GAP_FLOOR))
-        sns.lineplot(data=d, x=x, y=y, hue=hue, style=hue, hue_order=hue_order, style_order=hue_order,
-                     palette=pal, dashes=dashes, markers=markers, markersize=7, errorbar=("ci", 95), n_boot=300,
-                     seed=0, err_style="bars", err_kws={"capsize": 3}, ax=ax, linewidth=1.6)
+        sns.lineplot(
+            data=d,
+            x=x,
+            y=y,
+            hue=hue,
+            style=hue,
+            hue_order=hue_order,
+            style_order=hue_order,
+            palette=pal,
+            dashes=dashes,
+            markers=markers,
+            markersize=7,
+            errorbar=("ci", 95),
+            n_boot=300,
+            seed=0,
+            err_style="bars",
+            err_kws={"capsize": 3},
+            ax=ax,
+            linewidth=1.6,
+        )
         vals = sorted(d[x].unique())
         if cats is None and _spans_decades(d[x]):
             ax.set_xscale("log")
@@ -333,16 +404,23 @@ def bits_to_target(rows: pd.DataFrame, hue: str, y: str, target: float, mode: st
             per_seed.append((hit["bits_up"].iloc[0], hit["iter"].iloc[0]) if len(hit) else None)
         fin = final_rows(g)[y].mean()
         reached = all(v is not None for v in per_seed)
-        out.append({hue: h, "method": g["method"].iloc[0], "compressor": g["compressor"].iloc[0],
-                    "seeds_reached": f"{sum(v is not None for v in per_seed)}/{len(per_seed)}",
-                    "bits_to_target": float(pd.Series([v[0] for v in per_seed]).mean()) if reached else math.nan,
-                    "iters_to_target": float(pd.Series([v[1] for v in per_seed]).mean()) if reached else math.nan,
-                    f"final_{y}": fin})
+        out.append(
+            {
+                hue: h,
+                "method": g["method"].iloc[0],
+                "compressor": g["compressor"].iloc[0],
+                "seeds_reached": f"{sum(v is not None for v in per_seed)}/{len(per_seed)}",
+                "bits_to_target": float(pd.Series([v[0] for v in per_seed]).mean()) if reached else math.nan,
+                "iters_to_target": float(pd.Series([v[1] for v in per_seed]).mean()) if reached else math.nan,
+                f"final_{y}": fin,
+            }
+        )
     return pd.DataFrame(out)
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
     """A GitHub markdown table (no tabulate dependency)."""
+
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return "–" if v != v else format(v, floatfmt)
@@ -363,18 +441,54 @@ RUN_INFO = ("run", "status", "wall_s", "diverged")
 PRIMARY = ("method.name", "compressor.name")
 GROUP_KEYS = ("code.name", "straggler.name", "dataset.name", "model.name", "optim.name", "runtime.name")
 # readable names of options and keys (legends, titles), shared with `cocoef figures`' axis labels
-NAMES = {"coco_ef": "COCO-EF", "coco": "COCO (no EF)", "coco_diana": "COCO-DIANA", "coco_ef21": "COCO-EF21",
-         "gc": "GC", "ef_sgd": "EF-SGD", "ignore_stragglers": "ignore stragglers", "gd": "GD",
-         "topk": "top-k", "randk": "rand-k", "randk_unbiased": "unbiased rand-k", "sign": "sign",
-         "scaled_sign": "scaled sign", "grouped_sign": "grouped sign", "qsgd": "QSGD", "onebit": "unbiased 1-bit",
-         "terngrad": "TernGrad", "natural": "natural", "identity": "full precision"}
-SHORT = {"straggler.p": "p", "code.d": "d", "compressor.ratio": "k/D", "compressor.k": "k", "optim.lr": "η",
-         "devices": "M", "iters": "T", "batch_size": "b", "compressor.group": "group", "compressor.levels": "s",
-         "straggler.s": "s", "straggler.deadline": "deadline", "optim.momentum": "momentum"}
+NAMES = {
+    "coco_ef": "COCO-EF",
+    "coco": "COCO (no EF)",
+    "coco_diana": "COCO-DIANA",
+    "coco_ef21": "COCO-EF21",
+    "gc": "GC",
+    "ef_sgd": "EF-SGD",
+    "ignore_stragglers": "ignore stragglers",
+    "gd": "GD",
+    "topk": "top-k",
+    "randk": "rand-k",
+    "randk_unbiased": "unbiased rand-k",
+    "sign": "sign",
+    "scaled_sign": "scaled sign",
+    "grouped_sign": "grouped sign",
+    "qsgd": "QSGD",
+    "onebit": "unbiased 1-bit",
+    "terngrad": "TernGrad",
+    "natural": "natural",
+    "identity": "full precision",
+}
+SHORT = {
+    "straggler.p": "p",
+    "code.d": "d",
+    "compressor.ratio": "k/D",
+    "compressor.k": "k",
+    "optim.lr": "η",
+    "devices": "M",
+    "iters": "T",
+    "batch_size": "b",
+    "compressor.group": "group",
+    "compressor.levels": "s",
+    "straggler.s": "s",
+    "straggler.deadline": "deadline",
+    "optim.momentum": "momentum",
+}
 # metrics identity columns → config keys, for runs without a run.json
-_FROM_METRICS = {"method": "method.name", "compressor": "compressor.name", "code": "code.name",
-                 "straggler": "straggler.name", "dataset": "dataset.name", "model": "model.name",
-                 "devices": "devices", "d": "code.d", "p": "straggler.p"}
+_FROM_METRICS = {
+    "method": "method.name",
+    "compressor": "compressor.name",
+    "code": "code.name",
+    "straggler": "straggler.name",
+    "dataset": "dataset.name",
+    "model": "model.name",
+    "devices": "devices",
+    "d": "code.d",
+    "p": "straggler.p",
+}
 SLOTS = ("hue", "style", "col", "row")
 
 
@@ -389,8 +503,9 @@ def _value(v: Any) -> str:
 
 def config_keys(runs: pd.DataFrame) -> list[str]:
     """The flattened config keys that identify a configuration (every key but :data:`NOT_CONFIG`)."""
-    return [c for c in runs.columns if c not in RUN_INFO and c not in NOT_CONFIG
-            and not c.startswith(NOT_CONFIG_PREFIXES)]
+    return [
+        c for c in runs.columns if c not in RUN_INFO and c not in NOT_CONFIG and not c.startswith(NOT_CONFIG_PREFIXES)
+    ]
 
 
 def varying_keys(runs: pd.DataFrame, keys: Sequence[str]) -> list[str]:
@@ -423,12 +538,17 @@ def _resolve_key(key: str, keys: Sequence[str], vary: Sequence[str], opt: str) -
     import difflib
 
     close = difflib.get_close_matches(key, [*vary, *keys], n=1)
-    raise ConfigError(opt, key, list(vary) or list(keys), "not a config key of these runs"
-                      + (f" (did you mean {close[0]}?)" if close else ""))
+    raise ConfigError(
+        opt,
+        key,
+        list(vary) or list(keys),
+        "not a config key of these runs" + (f" (did you mean {close[0]}?)" if close else ""),
+    )
 
 
-def assign_slots(runs: pd.DataFrame, vary: Sequence[str], keys: Sequence[str],
-                 chosen: dict[str, list[str]]) -> dict[str, list[str]]:
+def assign_slots(
+    runs: pd.DataFrame, vary: Sequence[str], keys: Sequence[str], chosen: dict[str, list[str]]
+) -> dict[str, list[str]]:
     """Keys per slot (hue, style, col, row). ``chosen``: the user's keys per slot; the other
     curve dimensions fill the free slots in order (method and compressor share the hue). Raises
     ConfigError (exit 2) when the keys cannot tell every configuration apart: a figure never
@@ -446,9 +566,13 @@ def assign_slots(runs: pd.DataFrame, vary: Sequence[str], keys: Sequence[str],
     shown = [k for ks in slots.values() for k in ks]
     if left or _distinct(runs, shown) < _distinct(runs, vary):
         hidden = [k for k in vary if k not in shown]
-        raise ConfigError("report", f"{_distinct(runs, vary)} configurations", "--hue KEY[,KEY...], --style KEY, "
-                          "--col KEY, --row KEY for the keys that vary, or --where KEY=VALUE to select runs",
-                          f"more keys vary than the figure can show: {', '.join(vary)} (not shown: {', '.join(hidden)})")
+        raise ConfigError(
+            "report",
+            f"{_distinct(runs, vary)} configurations",
+            "--hue KEY[,KEY...], --style KEY, "
+            "--col KEY, --row KEY for the keys that vary, or --where KEY=VALUE to select runs",
+            f"more keys vary than the figure can show: {', '.join(vary)} (not shown: {', '.join(hidden)})",
+        )
     return slots
 
 
@@ -465,6 +589,7 @@ def slot_label(row: Any, keys: Sequence[str]) -> str:
 
 def setting_title(runs: pd.DataFrame, rows: pd.DataFrame) -> str:
     """The setting every run shares, e.g. "M=100, sgc d=3, p=0.2, top-k 1%, mnist5k/mlp"."""
+
     def const(k: str) -> Any:
         if k in runs and runs[k].map(_value).nunique() == 1:
             return runs[k].iloc[0]
@@ -484,8 +609,13 @@ def setting_title(runs: pd.DataFrame, rows: pd.DataFrame) -> str:
         text = NAMES.get(str(comp), str(comp))
         ratio, k = const("compressor.ratio"), const("compressor.k")
         if str(comp) in ("topk", "randk", "randk_unbiased"):
-            text += f" k={_value(k)}" if k is not None and _value(k) != "null" else \
-                f" {float(ratio) * 100:g}%" if ratio is not None else ""
+            text += (
+                f" k={_value(k)}"
+                if k is not None and _value(k) != "null"
+                else f" {float(ratio) * 100:g}%"
+                if ratio is not None
+                else ""
+            )
         parts.append(text)
     if const("dataset.name") is not None and const("model.name") is not None:
         parts.append(f"{const('dataset.name')}/{const('model.name')}")
@@ -520,8 +650,13 @@ def _curve_styles(curves: pd.DataFrame, slots: dict[str, list[str]]) -> tuple[di
     import seaborn as sns
 
     hues = list(dict.fromkeys(curves["hue"]))
-    arms = {h: (str(curves.loc[curves["hue"] == h, "method"].iloc[0]),
-                str(curves.loc[curves["hue"] == h, "compressor"].iloc[0])) for h in hues}
+    arms = {
+        h: (
+            str(curves.loc[curves["hue"] == h, "method"].iloc[0]),
+            str(curves.loc[curves["hue"] == h, "compressor"].iloc[0]),
+        )
+        for h in hues
+    }
     colour = {h: style_for(*arms[h])[0] for h in hues}
     if len(set(colour.values())) < len(colour) or not set(slots["hue"]) <= set(PRIMARY):
         colour = dict(zip(hues, sns.color_palette("tab10" if len(hues) <= 10 else "tab20", len(hues))))
@@ -533,16 +668,30 @@ def _curve_styles(curves: pd.DataFrame, slots: dict[str, list[str]]) -> tuple[di
     return colour, dash
 
 
-def curve_grid(stats: pd.DataFrame, curves: pd.DataFrame, slots: dict[str, list[str]], x: str, y: str,
-               out: Path, title: str, excluded: Sequence[str]) -> Path:
+def curve_grid(
+    stats: pd.DataFrame,
+    curves: pd.DataFrame,
+    slots: dict[str, list[str]],
+    x: str,
+    y: str,
+    out: Path,
+    title: str,
+    excluded: Sequence[str],
+) -> Path:
     """One panel per (row, col) facet value, one line per curve (colour = hue, dashes = style),
     mean over seeds with its 95% band, y shared across the panels; PNG + PDF."""
     plt = _plt()
     rows_v = list(dict.fromkeys(curves["row"])) if slots["row"] else [""]
     cols_v = list(dict.fromkeys(curves["col"])) if slots["col"] else [""]
     nr, nc = len(rows_v), len(cols_v)
-    fig, axes = plt.subplots(nr, nc, figsize=(4.6 * nc + 0.6 if nc > 1 else 7.0, 4.2 * nr + 0.4), squeeze=False,
-                             sharey=True, sharex=x == "iter")
+    fig, axes = plt.subplots(
+        nr,
+        nc,
+        figsize=(4.6 * nc + 0.6 if nc > 1 else 7.0, 4.2 * nr + 0.4),
+        squeeze=False,
+        sharey=True,
+        sharex=x == "iter",
+    )
     colour, dash = _curve_styles(curves, slots)
     stats = stats.copy()
     if y == "opt_gap":  # float32 rounding can give F − F* ≤ 0 at convergence: show it at the floor
@@ -590,13 +739,28 @@ def _finish_legend(fig: Any, handles: list, labels_: list, n_panels: int, title:
     ncol = max(1, min(n, 4 if n_panels > 2 else 2))
     y0 = 0.0
     if handles:
-        fig.legend(handles, labels_, loc="upper center", ncol=ncol, fontsize=9, frameon=False, handlelength=3.4,
-                   bbox_to_anchor=(0.5, 0.0))
+        fig.legend(
+            handles,
+            labels_,
+            loc="upper center",
+            ncol=ncol,
+            fontsize=9,
+            frameon=False,
+            handlelength=3.4,
+            bbox_to_anchor=(0.5, 0.0),
+        )
         y0 = -0.055 * math.ceil(n / ncol) - 0.02
     if excluded:
         text = "not plotted (diverged or failed): " + "; ".join(excluded)
-        fig.text(0.5, y0 - 0.02, text[:160] + ("…" if len(text) > 160 else ""), fontsize=7.5, color="#a00",
-                 ha="center", va="top")
+        fig.text(
+            0.5,
+            y0 - 0.02,
+            text[:160] + ("…" if len(text) > 160 else ""),
+            fontsize=7.5,
+            color="#a00",
+            ha="center",
+            va="top",
+        )
 
 
 def _ci_text(m: float, h: float) -> str:
@@ -629,9 +793,18 @@ def _where(runs: pd.DataFrame, keys: Sequence[str], where: Sequence[str]) -> pd.
     return runs
 
 
-def report(runs_dir: Path, out: Path | None = None, x: str | None = None, y: str | None = None,
-           hue: str | Sequence[str] | None = None, style: str | None = None, col: str | None = None,
-           row: str | None = None, where: Sequence[str] = (), title: str | None = None) -> list[Path]:
+def report(
+    runs_dir: Path,
+    out: Path | None = None,
+    x: str | None = None,
+    y: str | None = None,
+    hue: str | Sequence[str] | None = None,
+    style: str | None = None,
+    col: str | None = None,
+    row: str | None = None,
+    where: Sequence[str] = (),
+    title: str | None = None,
+) -> list[Path]:
     """Figures (PNG + PDF), ``summary.csv``/``summary.md`` and ``curves.csv`` for the runs under
     ``runs_dir`` (``cocoef report``).
 
@@ -663,9 +836,16 @@ def report(runs_dir: Path, out: Path | None = None, x: str | None = None, y: str
     if ok.empty:
         raise ConfigError("RUNS_DIR", str(runs_dir), "at least one completed run", "every run diverged or failed")
     vary = varying_keys(ok, keys)
-    chosen = {"hue": [h.strip() for h in (hue.split(",") if isinstance(hue, str) else hue or []) if h.strip()
-                      and h.strip() != "label"],
-              "style": [style] if style else [], "col": [col] if col else [], "row": [row] if row else []}
+    chosen = {
+        "hue": [
+            h.strip()
+            for h in (hue.split(",") if isinstance(hue, str) else hue or [])
+            if h.strip() and h.strip() != "label"
+        ],
+        "style": [style] if style else [],
+        "col": [col] if col else [],
+        "row": [row] if row else [],
+    }
     slots = assign_slots(ok, vary, keys, chosen)
     shown = [k for s in SLOTS for k in slots[s]]
     ok["curve_id"] = ok[vary].map(_value).agg("\x1f".join, axis=1) if vary else ""
@@ -675,18 +855,28 @@ def report(runs_dir: Path, out: Path | None = None, x: str | None = None, y: str
         ok["hue"] = ok.apply(lambda r: slot_label(r, [k for k in PRIMARY if k in ok]), axis=1)
     ok["legend"] = ok.apply(lambda r: ", ".join(t for t in (r["hue"], r["style"]) if t), axis=1)
     ok["method"] = ok["method.name"].astype(str) if "method.name" in ok else ok["run"].map(firsts["method"])
-    ok["compressor"] = ok["compressor.name"].astype(str) if "compressor.name" in ok else \
-        ok["run"].map(firsts["compressor"]) if "compressor" in firsts else "*"
+    ok["compressor"] = (
+        ok["compressor.name"].astype(str)
+        if "compressor.name" in ok
+        else ok["run"].map(firsts["compressor"])
+        if "compressor" in firsts
+        else "*"
+    )
     curve_cols = ["curve_id", "legend", *SLOTS, "method", "compressor"]
     data = rows.merge(ok[["run", *curve_cols]], on="run", how="inner")
     data = data.drop_duplicates(["curve_id", "seed", "iter"])  # one replicate counted once per curve
     curves = ok.drop_duplicates("curve_id")[[*curve_cols, *vary]]
-    order = sorted(range(len(curves)), key=lambda i: tuple(str(curves.iloc[i][s]) for s in ("row", "col", "hue", "style")))
+    order = sorted(
+        range(len(curves)), key=lambda i: tuple(str(curves.iloc[i][s]) for s in ("row", "col", "hue", "style"))
+    )
     curves = curves.iloc[order].reset_index(drop=True)
     excluded = [f"{r.run}: {r.status}" for r in bad.itertuples()]
     setting = setting_title(ok, rows[rows["run"].isin(ok["run"])])
-    fig_title = title if title is not None else (f"{setting} — mean over seeds, 95% CI" if setting
-                                                 else f"{runs_dir.name}: mean over seeds, 95% CI")
+    fig_title = (
+        title
+        if title is not None
+        else (f"{setting} — mean over seeds, 95% CI" if setting else f"{runs_dir.name}: mean over seeds, 95% CI")
+    )
     ys = [y] if y else [next(c for c in ("opt_gap", "test_acc", "train_loss") if _nonempty(data, c))]
     xs = [x] if x else [c for c in ("iter", "bits_up", "sim_time") if _nonempty(data, c)]
     files, points = [], []
@@ -712,17 +902,24 @@ def report(runs_dir: Path, out: Path | None = None, x: str | None = None, y: str
         table[k] = table[k].map(_value)
     out.mkdir(parents=True, exist_ok=True)
     pts = pd.concat(points, ignore_index=True).merge(curves[["curve_id", "legend", *vary]], on="curve_id")
-    pts = pts.rename(columns={"legend": "curve"})[["figure", "curve", *vary, "x_col", "y_col", "iter", "x", "mean",
-                                                    "lo", "hi", "seeds"]]
+    pts = pts.rename(columns={"legend": "curve"})[
+        ["figure", "curve", *vary, "x_col", "y_col", "iter", "x", "mean", "lo", "hi", "seeds"]
+    ]
     md_table = table[["curve", *vary, "seeds"]].copy()
     for m in metrics:
         md_table[m] = [_ci_text(a, b) for a, b in zip(table[f"{m}_mean"], table[f"{m}_ci95"])]
     shown_txt = "; ".join(f"{s}: {', '.join(slots[s])}" for s in SLOTS if slots[s]) or "one configuration"
-    lines = [f"# Report: `{runs_dir}`", "",
-             f"{len(runs)} run(s), {len(ok)} completed, {len(curves)} curve(s) (one per configuration; {shown_txt})."
-             + (f" Setting: {setting}." if setting else ""), "",
-             "Final values (last evaluated iteration), mean ± 95% CI (Student t) over the seeds of each curve.", "",
-             markdown_table(md_table), ""]
+    lines = [
+        f"# Report: `{runs_dir}`",
+        "",
+        f"{len(runs)} run(s), {len(ok)} completed, {len(curves)} curve(s) (one per configuration; {shown_txt})."
+        + (f" Setting: {setting}." if setting else ""),
+        "",
+        "Final values (last evaluated iteration), mean ± 95% CI (Student t) over the seeds of each curve.",
+        "",
+        markdown_table(md_table),
+        "",
+    ]
     if len(bad):
         lines += ["## Not plotted (diverged or failed)", ""]
         for r in bad.itertuples():

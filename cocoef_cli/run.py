@@ -1,13 +1,15 @@
 """One run end to end: build (validating everything first), simulate, write the records; resume
 from a checkpoint; rerun a recorded run and compare."""
+
 from __future__ import annotations
 
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import FINISHED, clean_tmp, read_record, run_id, run_record, write_run
@@ -32,8 +34,12 @@ def check_out_dir(out: Path, force: bool, rid: str | None = None) -> dict[str, A
 
     ck = checkpoint.read(out / checkpoint.FILENAME)
     if ck is not None and ck.get("run_id") != rid:
-        raise ConfigError("--out", str(out), "the folder of the same run (same config) to resume it, another "
-                          "folder, or --force", f"holds a checkpoint of another run ({ck.get('run_id')})")
+        raise ConfigError(
+            "--out",
+            str(out),
+            "the folder of the same run (same config) to resume it, another folder, or --force",
+            f"holds a checkpoint of another run ({ck.get('run_id')})",
+        )
     return ck
 
 
@@ -87,8 +93,13 @@ def pinned_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool | dict[str, Any] = True,
-            threads: int | None = None) -> tuple[Experiment, RunResult]:
+def execute(
+    cfg: dict,
+    out: Path | None,
+    progress: bool = False,
+    resume: bool | dict[str, Any] = True,
+    threads: int | None = None,
+) -> tuple[Experiment, RunResult]:
     """Build the experiment (may raise ConfigError: nothing is written then), simulate all
     replicates, and, with ``out``, write ``metrics.csv`` and ``run.json`` atomically.
 
@@ -127,18 +138,26 @@ def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool | 
         t0 = time.perf_counter()
         try:
             with bar or nullcontext():
-                result = runner(exp, rid, progress=(lambda t: bar.update(bar.task_ids[0], completed=t)) if bar else None,
-                                **kwargs)
+                result = runner(
+                    exp, rid, progress=(lambda t: bar.update(bar.task_ids[0], completed=t)) if bar else None, **kwargs
+                )
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
             if out is not None:
-                write_run(out, None, run_record(cfg, "failed", time.perf_counter() - t0, run_id=rid,
-                                                threads=n_threads, error=error))
+                write_run(
+                    out,
+                    None,
+                    run_record(cfg, "failed", time.perf_counter() - t0, run_id=rid, threads=n_threads, error=error),
+                )
             logger.close("failed", None, error)
             raise
         if out is not None:
-            extra: dict[str, Any] = {"run_id": rid, "threads": n_threads, "f_star": exp.f_star,
-                                     "bits_per_message": exp.bits_per_message}
+            extra: dict[str, Any] = {
+                "run_id": rid,
+                "threads": n_threads,
+                "f_star": exp.f_star,
+                "bits_per_message": exp.bits_per_message,
+            }
             if getattr(result, "runtime", None) is not None:
                 extra["runtime"] = result.runtime
             # per seed: the update at which it diverged (empty when none did); report marks these
@@ -147,8 +166,9 @@ def execute(cfg: dict, out: Path | None, progress: bool = False, resume: bool | 
                 extra["resumed_from"] = ckpt.resumed_from
             from cocoef_cli.sim.audit import audit
 
-            extra["code_conditioning"], extra["warnings"] = audit(exp.code, cfg, exp.seeds, exp.method.C,
-                                                                  type(exp.method))
+            extra["code_conditioning"], extra["warnings"] = audit(
+                exp.code, cfg, exp.seeds, exp.method.C, type(exp.method)
+            )
             write_run(out, result.metrics, run_record(cfg, result.status, result.wall_s, **extra))
             if ckpt is not None:
                 ckpt.discard()
@@ -172,8 +192,9 @@ def rerun(run_dir: Path, out: Path | None = None, force: bool = False, progress:
     run_dir = Path(run_dir)
     rec = read_record(run_dir)
     if not rec or not isinstance(rec.get("config"), dict):
-        raise ConfigError("RUN_DIR", str(run_dir), "a run folder holding run.json (written by cocoef run/sweep)",
-                          "no run record")
+        raise ConfigError(
+            "RUN_DIR", str(run_dir), "a run folder holding run.json (written by cocoef run/sweep)", "no run record"
+        )
     cfg = config.check(rec["config"], None)  # run.json keeps no config root: the default one
     tmp = None
     if out is None:
@@ -198,16 +219,25 @@ def rerun(run_dir: Path, out: Path | None = None, force: bool = False, progress:
         changed: dict[str, str] = {}
         now = versions()
         if rec.get("versions") and rec["versions"] != now:
-            changed["versions"] = ", ".join(f"{k} {rec['versions'].get(k)} → {v}" for k, v in now.items()
-                                            if rec["versions"].get(k) != v)
+            changed["versions"] = ", ".join(
+                f"{k} {rec['versions'].get(k)} → {v}" for k, v in now.items() if rec["versions"].get(k) != v
+            )
         old_git, git_now = rec.get("git") or {}, git_info() or {}
         if old_git.get("commit") != git_now.get("commit"):
             changed["git commit"] = f"{old_git.get('commit')} → {git_now.get('commit')}"
         if old_git.get("dirty") or git_now.get("dirty"):
             changed["git dirty"] = f"recorded {old_git.get('dirty')}, now {git_now.get('dirty')} (uncommitted changes)"
-        return {"identical": identical, "rows": len(res.metrics), "first_diff": first, "recorded_status": rec.get("status"),
-                "status": res.status, "changed": changed, "out": None if tmp else str(target),
-                "recorded_run_id": rec.get("run_id"), "run_id": run_id(cfg)}
+        return {
+            "identical": identical,
+            "rows": len(res.metrics),
+            "first_diff": first,
+            "recorded_status": rec.get("status"),
+            "status": res.status,
+            "changed": changed,
+            "out": None if tmp else str(target),
+            "recorded_run_id": rec.get("run_id"),
+            "run_id": run_id(cfg),
+        }
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -220,8 +250,15 @@ def _progress(enabled: bool, label: str, total: int):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                 TextColumn("{task.fields[live]}"), console=Console(stderr=True), transient=True)
+    p = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[live]}"),
+        console=Console(stderr=True),
+        transient=True,
+    )
     p.add_task(label, total=total, live="")
     return p
 
@@ -253,5 +290,6 @@ def code_conditioning(cfg: dict, max_patterns: int = 5000) -> dict:
     S = allocate(cfg["code"], M, rng)
     p = build_straggler(cfg["straggler"], S.sum(-1), SeedRNG(seeds, "straggler")).p
     code = build_code(cfg["code"], S, p, rng, torch.float64)
-    return code_report(code, cfg["code"], cfg["straggler"], seeds, max_patterns if not code.fixed_weights
-                       else min(max_patterns, 1000))
+    return code_report(
+        code, cfg["code"], cfg["straggler"], seeds, max_patterns if not code.fixed_weights else min(max_patterns, 1000)
+    )

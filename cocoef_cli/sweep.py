@@ -14,6 +14,7 @@
 3. **Index**: read every job folder's ``run.json`` and write ``DIR/index.csv`` (job, overrides,
    status, wall_s).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +24,10 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,10 +36,12 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import FINISHED, read_record
 
 LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm", "ray")
-PLUGINS = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
-           "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-           "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-           "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}
+PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+}
 JOBS_KEY = {"joblib": "hydra.launcher.n_jobs", "submitit_slurm": "hydra.launcher.array_parallelism"}
 INDEX_COLUMNS = ["job", "overrides", "status", "wall_s"]  # plus swept keys and note: index_columns
 EXCLUDED_FROM_NAME = ("experiment",)  # = hydra.job.config.override_dirname.exclude_keys in conf/hydra/
@@ -59,7 +63,7 @@ def job_name(override_dirname: str) -> str:
     if safe == override_dirname and len(safe) <= _MAX_NAME:
         return safe
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-    return f"{safe[:_MAX_NAME - 9]}-{digest}"
+    return f"{safe[: _MAX_NAME - 9]}-{digest}"
 
 
 if not OmegaConf.has_resolver("cocoef_job"):  # used by hydra.sweep.subdir in conf/hydra/default.yaml
@@ -84,6 +88,7 @@ class Job:
 @dataclass
 class Plan:
     """A sweep expanded into jobs (nothing run, nothing written)."""
+
     experiment: str
     jobs: list[Job]
     constant: list[str]  # overrides every job shares: recorded once (sweep.json, multirun.yaml), in no name
@@ -113,8 +118,9 @@ class SweepResult:
     def failed(self) -> list[tuple[str, str]]:
         """(job, one-line reason from its run.json) of every job that did not finish."""
         bad = self.index[~self.index["status"].isin((*FINISHED, "duplicate"))]
-        return [(str(r.job), str(r.note) if isinstance(r.note, str) and r.note else str(r.status))
-                for r in bad.itertuples()]
+        return [
+            (str(r.job), str(r.note) if isinstance(r.note, str) and r.note else str(r.status)) for r in bad.itertuples()
+        ]
 
 
 # ---------------------------------------------------------------------------------------- the task
@@ -140,12 +146,15 @@ def _task(cfg: DictConfig) -> str:
         config.validate(plain, root)
         _, res = execute(plain, out, progress=False, threads=1)  # threads=auto: one per worker
         return res.status
-    except Exception as e:  # noqa: BLE001 — a failed job is recorded, not raised
+    except Exception as e:
         now = read_record(out)
         if now.get("status") != "failed" or now.get("run_id") != rid:
             # execute() failed while building (nothing written yet): record the failure here
-            write_run(out, None, run_record(plain, "failed", time.perf_counter() - t0, run_id=rid,
-                                            error=f"{type(e).__name__}: {e}"))
+            write_run(
+                out,
+                None,
+                run_record(plain, "failed", time.perf_counter() - t0, run_id=rid, error=f"{type(e).__name__}: {e}"),
+            )
         return "failed"
 
 
@@ -168,10 +177,21 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     for ov in overrides:
         key = config.override_key(ov)
         if config.is_hydra_key(key):
-            if key in ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.run.dir", "hydra/launcher", "hydra.mode") \
-                    or key.startswith("hydra.job.config.override_dirname"):  # job folder names: see conf/hydra/
-                raise ConfigError(key, ov.partition("=")[2], {"hydra.sweep.dir": "--out", "hydra/launcher": "--launcher"}
-                                  .get(key, "the value set by cocoef sweep"), "set by the CLI")
+            if key in (
+                "hydra.sweep.dir",
+                "hydra.sweep.subdir",
+                "hydra.run.dir",
+                "hydra/launcher",
+                "hydra.mode",
+            ) or key.startswith("hydra.job.config.override_dirname"):  # job folder names: see conf/hydra/
+                raise ConfigError(
+                    key,
+                    ov.partition("=")[2],
+                    {"hydra.sweep.dir": "--out", "hydra/launcher": "--launcher"}.get(
+                        key, "the value set by cocoef sweep"
+                    ),
+                    "set by the CLI",
+                )
             hyd.append(ov)
         elif key in ("experiment",):
             raise ConfigError(key, ov.partition("=")[2], "the EXPERIMENT argument of cocoef sweep", "set by the CLI")
@@ -180,8 +200,14 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     return task, hyd
 
 
-def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib", jobs: int | None = None,
-         root: Path | None = None, check: bool = True) -> Plan:
+def plan(
+    experiment: str,
+    overrides: Sequence[str] = (),
+    launcher: str = "joblib",
+    jobs: int | None = None,
+    root: Path | None = None,
+    check: bool = True,
+) -> Plan:
     """Validate a sweep and expand it into jobs, writing nothing.
 
     The preset's ``hydra.sweeper.params`` and the command-line overrides are expanded as Hydra's
@@ -216,12 +242,20 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
 
         mod, pkg = PLUGINS[launcher]
         if importlib.util.find_spec(mod) is None:
-            raise ConfigError("--launcher", launcher, f"an installed launcher: pip install {pkg} (or cocoef[cluster])",
-                              "launcher plugin not installed")
+            raise ConfigError(
+                "--launcher",
+                launcher,
+                f"an installed launcher: pip install {pkg} (or cocoef[cluster])",
+                "launcher plugin not installed",
+            )
     if jobs is not None:
         if launcher not in JOBS_KEY:
-            raise ConfigError("--jobs", jobs, "joblib or submitit_slurm launchers (set hydra.launcher.* for others)",
-                              f"not supported by launcher {launcher}")
+            raise ConfigError(
+                "--jobs",
+                jobs,
+                "joblib or submitit_slurm launchers (set hydra.launcher.* for others)",
+                f"not supported by launcher {launcher}",
+            )
         if jobs < 1 and not (launcher == "joblib" and jobs == -1):
             raise ConfigError("--jobs", jobs, "integers ≥ 1 (-1: all cores, joblib)", "out of range")
     task_ovs, hydra_ovs = _split_overrides(overrides)
@@ -233,10 +267,14 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
     parser = OverridesParser.create()
     try:
         parsed_user = parser.parse_overrides([*exp_ovs, *task_ovs])
-    except Exception as e:  # noqa: BLE001 — Hydra's parse errors: one line
+    except Exception as e:
         bad = next((o for o in task_ovs if not _parses(parser, o)), " ".join(task_ovs))
-        raise ConfigError("overrides", bad, "Hydra override syntax key=value, sweeps key=a,b or key=range(0,3)",
-                          str(e).strip().splitlines()[0]) from None
+        raise ConfigError(
+            "overrides",
+            bad,
+            "Hydra override syntax key=value, sweeps key=a,b or key=range(0,3)",
+            str(e).strip().splitlines()[0],
+        ) from None
     # the preset's hydra.sweeper.params and the hydra overrides, composed once (validates the
     # latter), then the sweep expanded by Hydra's own basic sweeper code (glob() needs the loader)
     plain_user = [o.input_line for o in parsed_user if not o.is_sweep_override()]
@@ -245,7 +283,7 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
         with initialize_config_dir(config_dir=str(root), version_base="1.3"):
             try:
                 hcfg = compose("config", overrides=[*plain_user, *hydra_ovs], return_hydra_config=True)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise config._hydra_error(e, [*plain_user, *hydra_ovs], root) from None
             params = OmegaConf.select(hcfg, "hydra.sweeper.params") or {}
             preset = [f"{k}={v}" for k, v in params.items()]
@@ -254,9 +292,13 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
             def expand(ovs: list[str]) -> list[list[str]]:
                 try:
                     return BasicSweeper.split_arguments(loader_parser.parse_overrides(ovs), None)[0]
-                except Exception as e:  # noqa: BLE001
-                    raise ConfigError("overrides", " ".join(ovs), "Hydra sweep syntax (key=a,b, key=range(0,3), "
-                                      "key=glob(*))", str(e).strip().splitlines()[0]) from None
+                except Exception as e:
+                    raise ConfigError(
+                        "overrides",
+                        " ".join(ovs),
+                        "Hydra sweep syntax (key=a,b, key=range(0,3), key=glob(*))",
+                        str(e).strip().splitlines()[0],
+                    ) from None
 
             for ov in [*preset, *task_ovs]:  # a glob or sweep that matches nothing: name it
                 if not expand([ov]):
@@ -268,7 +310,9 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
     except ConfigError as err:
         if not err.key.startswith("hydra.launcher."):
             raise
-        raise ConfigError(err.key, err.value, _launcher_keys(root, launcher), f"unknown key of launcher {launcher}") from None
+        raise ConfigError(
+            err.key, err.value, _launcher_keys(root, launcher), f"unknown key of launcher {launcher}"
+        ) from None
     finally:
         GlobalHydra.instance().clear()
     if not batch:
@@ -282,7 +326,11 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
         arm = next((o.partition("=")[2] for k, o in ovs.items() if k.lstrip("+~") == "baseline"), None)
         if arm is not None:
             owned = arms.setdefault(arm, _arm_keys(root, arm))
-            kept = {k: o for k, o in ovs.items() if not (config.override_key(o) in preset_keys and config.override_key(o) in owned)}
+            kept = {
+                k: o
+                for k, o in ovs.items()
+                if not (config.override_key(o) in preset_keys and config.override_key(o) in owned)
+            }
             if kept != ovs and kept in expanded:
                 continue  # the arm's value replaced the preset's: one job per arm, not one per preset value
             ovs = kept
@@ -298,9 +346,16 @@ def plan(experiment: str, overrides: Sequence[str] = (), launcher: str = "joblib
         cfg = config.load(job_ovs, root)
         dirname = get_overrides_dirname(parser.parse_overrides(job_ovs), exclude, ",", "=")
         rid = run_id(cfg)
-        job = Job(job_name(dirname), job_ovs, rid, cfg,
-                  swept={k.lstrip("+~"): ovs[k].partition("=")[2] if k in ovs else ""
-                         for k in sorted(swept_keys, key=lambda k: k.lstrip("+~"))})
+        job = Job(
+            job_name(dirname),
+            job_ovs,
+            rid,
+            cfg,
+            swept={
+                k.lstrip("+~"): ovs[k].partition("=")[2] if k in ovs else ""
+                for k in sorted(swept_keys, key=lambda k: k.lstrip("+~"))
+            },
+        )
         if rid in first:
             job.same_as = first[rid]
         else:
@@ -354,7 +409,7 @@ def _parses(parser: Any, ov: str) -> bool:
     try:
         parser.parse_overrides([ov])
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -387,9 +442,17 @@ def job_status(out: Path, job: Job) -> tuple[str, float | None]:
 
 
 # ---------------------------------------------------------------------------------------- launch
-def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None = None, launcher: str = "joblib",
-              jobs: int | None = None, root: Path | None = None, quiet: bool = False,
-              echo: Any = print, force: bool = False) -> SweepResult:
+def run_sweep(
+    experiment: str,
+    overrides: Sequence[str] = (),
+    out: Path | None = None,
+    launcher: str = "joblib",
+    jobs: int | None = None,
+    root: Path | None = None,
+    quiet: bool = False,
+    echo: Any = print,
+    force: bool = False,
+) -> SweepResult:
     """Plan, launch (unless every job is done) and index a sweep. See the module docstring.
 
     A job folder holding a finished run of another config (``stale``: the preset or the code's
@@ -408,26 +471,40 @@ def run_sweep(experiment: str, overrides: Sequence[str] = (), out: Path | None =
     before = {j.name: job_status(out, j)[0] for j in pl.unique}
     stale = [n for n, st in before.items() if st == "stale" and read_record(out / n).get("status") in FINISHED]
     if stale and not force:
-        raise ConfigError("--out", str(out), "--force to overwrite them, or another --out",
-                          f"{len(stale)} job folder(s) hold finished runs of another config: {', '.join(stale[:3])}"
-                          + (", ..." if len(stale) > 3 else ""))
+        raise ConfigError(
+            "--out",
+            str(out),
+            "--force to overwrite them, or another --out",
+            f"{len(stale)} job folder(s) hold finished runs of another config: {', '.join(stale[:3])}"
+            + (", ..." if len(stale) > 3 else ""),
+        )
     todo = [j for j in pl.unique if before[j.name] not in FINISHED]
     check_builds(todo, root)  # finished jobs were valid; the others are built once before anything is written
     skipped = len(pl.unique) - len(todo)
     dups = len(pl.jobs) - len(pl.unique)
-    echo(f"sweep {experiment}: {len(pl.jobs)} job(s), {skipped} already done, "
-         + (f"{dups} duplicate(s) of another job's config, " if dups else "")
-         + f"{len(todo)} to run [launcher {launcher}] → {out}"
-         + (f" ({moved} finished job folder(s) renamed to the current names)" if moved else ""))
+    echo(
+        f"sweep {experiment}: {len(pl.jobs)} job(s), {skipped} already done, "
+        + (f"{dups} duplicate(s) of another job's config, " if dups else "")
+        + f"{len(todo)} to run [launcher {launcher}] → {out}"
+        + (f" ({moved} finished job folder(s) renamed to the current names)" if moved else "")
+    )
     if pl.swept:
         echo("swept: " + ", ".join(pl.swept) + (" | constant: " + " ".join(pl.constant) if pl.constant else ""))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / SWEEP_FILE, json.dumps(_sweep_record(pl, launcher, todo), indent=2, default=str) + "\n")
     if todo:
-        argv = ["cocoef", "-m", *pl.constant, f"hydra.sweep.dir={_quote(str(out))}", "hydra/sweeper=cocoef",
-                f"hydra.sweeper.jobs_file={_quote(str(out / SWEEP_FILE))}",
-                "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(_quote(config.override_key(o)) for o in pl.constant) + "]",
-                *pl.hydra]
+        argv = [
+            "cocoef",
+            "-m",
+            *pl.constant,
+            f"hydra.sweep.dir={_quote(str(out))}",
+            "hydra/sweeper=cocoef",
+            f"hydra.sweeper.jobs_file={_quote(str(out / SWEEP_FILE))}",
+            "hydra.job.config.override_dirname.exclude_keys=["
+            + ",".join(_quote(config.override_key(o)) for o in pl.constant)
+            + "]",
+            *pl.hydra,
+        ]
         with _JobProgress(out, todo, enabled=not quiet):
             _launch(root, argv)
     index = pd.DataFrame([index_row(out, j, pl.swept) for j in pl.jobs], columns=index_columns(pl.swept))
@@ -440,9 +517,14 @@ SWEEP_FILE = "sweep.json"  # the plan: constant overrides, swept keys, jobs; the
 
 def _sweep_record(pl: Plan, launcher: str, todo: Sequence[Job]) -> dict[str, Any]:
     n = len(pl.constant)
-    return {"experiment": pl.experiment, "launcher": launcher, "constant": pl.constant, "swept": pl.swept,
-            "jobs": [{"job": j.name, **j.swept, "run_id": j.run_id, "same_as": j.same_as} for j in pl.jobs],
-            "launch": [j.overrides[n:] for j in todo]}
+    return {
+        "experiment": pl.experiment,
+        "launcher": launcher,
+        "constant": pl.constant,
+        "swept": pl.swept,
+        "jobs": [{"job": j.name, **j.swept, "run_id": j.run_id, "same_as": j.same_as} for j in pl.jobs],
+        "launch": [j.overrides[n:] for j in todo],
+    }
 
 
 def index_columns(swept: Sequence[str]) -> list[str]:
@@ -462,8 +544,14 @@ def index_row(out: Path, job: Job, swept: Sequence[str]) -> dict[str, Any]:
             note = err.splitlines()[0] if err else "no reason recorded"
         elif status in ("missing", "stale"):
             note = "no run.json of this config: the job did not finish (see the launcher's output)"
-    return {"job": job.name, **{k: job.swept.get(k, "") for k in swept}, "overrides": job.label, "status": status,
-            "wall_s": wall, "note": note}
+    return {
+        "job": job.name,
+        **{k: job.swept.get(k, "") for k in swept},
+        "overrides": job.label,
+        "status": status,
+        "wall_s": wall,
+        "note": note,
+    }
 
 
 def adopt_folders(out: Path, jobs: Sequence[Job]) -> int:
@@ -544,14 +632,20 @@ class _JobProgress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=Console(stderr=True), transient=True) as bar:
+        with Progress(
+            TextColumn("jobs"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bar:
             task = bar.add_task("jobs", total=len(self.todo))
             while not self._stop.wait(0.5):
                 bar.update(task, completed=self._finished())
             bar.update(task, completed=self._finished())
 
-    def __enter__(self) -> "_JobProgress":
+    def __enter__(self) -> _JobProgress:
         if self.enabled:
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
@@ -581,8 +675,12 @@ def summary(out: Path, index: Any | None = None) -> Any:
         if path.exists() and job["status"] != "duplicate":
             df = pd.read_csv(path)
             last = df[df["iter"] == df.groupby("seed")["iter"].transform("max")]
-            row.update(method=last["method"].iloc[0], compressor=last["compressor"].iloc[0],
-                       seeds=last["seed"].nunique(), train_loss=last["train_loss"].mean())
+            row.update(
+                method=last["method"].iloc[0],
+                compressor=last["compressor"].iloc[0],
+                seeds=last["seed"].nunique(),
+                train_loss=last["train_loss"].mean(),
+            )
             for col in ("opt_gap", "test_acc", "bits_up"):
                 if col in last and last[col].notna().any():
                     row[col] = last[col].mean()

@@ -9,6 +9,7 @@ Scalars are named ``seed{s}/{column}`` (e.g. ``seed0/train_loss``) at step = ``i
 
 Both loggers work offline and come with the optional extra ``pip install -e '.[tracking]'``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,17 +17,30 @@ import importlib.util
 import math
 import numbers
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 
-LOGGERS: Registry[type["Logger"]] = Registry("logger")
+LOGGERS: Registry[type[Logger]] = Registry("logger")
 EXTRA = "pip install -e '.[tracking]'"
 # columns of a metrics row that are not metrics
-_NOT_METRICS = ("run_id", "method", "code", "compressor", "straggler", "dataset", "model", "devices", "d", "p",
-                "seed", "iter")
+_NOT_METRICS = (
+    "run_id",
+    "method",
+    "code",
+    "compressor",
+    "straggler",
+    "dataset",
+    "model",
+    "devices",
+    "d",
+    "p",
+    "seed",
+    "iter",
+)
 
 
 def flatten(cfg: dict) -> dict[str, Any]:
@@ -62,8 +76,9 @@ class Logger:
         """Refuse before any work: a missing package (exit 2 naming the pip command), bad keys."""
         for mod in cls.requires:
             if importlib.util.find_spec(mod) is None:
-                raise ConfigError("logger", lcfg.get("name"), f"{EXTRA} (or pip install {mod})",
-                                  f"{mod} is not installed")
+                raise ConfigError(
+                    "logger", lcfg.get("name"), f"{EXTRA} (or pip install {mod})", f"{mod} is not installed"
+                )
 
     def log(self, frame: Any) -> None:
         """The rows of one evaluation."""
@@ -86,10 +101,13 @@ class Logger:
             return
         try:
             fn(*args)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.broken = True
-            print(f"warning: logger={self.cfg['logger']['name']} stopped tracking: {type(e).__name__}: {e} "
-                  f"(the run and its record go on)", file=sys.stderr)
+            print(
+                f"warning: logger={self.cfg['logger']['name']} stopped tracking: {type(e).__name__}: {e} "
+                f"(the run and its record go on)",
+                file=sys.stderr,
+            )
 
     def _log(self, points: list[tuple[str, int, float]]) -> None:
         pass
@@ -123,9 +141,12 @@ def open_logger(cfg: dict, out: Path | None, run_id: str) -> Logger:
     where = Path(out) if out is not None else Path(".")
     try:
         return cls(cfg, where, run_id)
-    except Exception as e:  # noqa: BLE001 — a tracker that cannot start never fails the run
-        print(f"warning: logger={lcfg.get('name')} could not start: {type(e).__name__}: {e} "
-              f"(the run and its record go on, untracked)", file=sys.stderr)
+    except Exception as e:
+        print(
+            f"warning: logger={lcfg.get('name')} could not start: {type(e).__name__}: {e} "
+            f"(the run and its record go on, untracked)",
+            file=sys.stderr,
+        )
         return Logger(cfg, where, run_id)
 
 
@@ -190,7 +211,7 @@ def _store_lock(uri: str) -> Iterator[None]:
         return
     import fcntl
 
-    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock = Path(uri[len("sqlite:///") :] + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -209,7 +230,7 @@ def _sweep_root(out: Path) -> Path | None:
             hc = HydraConfig.get()
             if Path(hc.runtime.output_dir).resolve() == out.resolve():
                 return Path(hc.sweep.dir).resolve()
-    except Exception:  # noqa: BLE001 — not inside a Hydra job
+    except Exception:
         pass
     return None
 
@@ -232,7 +253,7 @@ class MLflowLogger(Logger):
         root = _sweep_root(self.out) or self.out.resolve()
         self.uri = lcfg.get("tracking_uri") or f"sqlite:///{root / 'mlflow.db'}"
         # a local SQLite store keeps its artifacts beside it (MLflow's default: ./mlruns in the cwd)
-        db = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
+        db = Path(self.uri[len("sqlite:///") :]) if self.uri.startswith("sqlite:///") else None
         artifacts = (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
         import logging
 
@@ -248,12 +269,15 @@ class MLflowLogger(Logger):
             name = lcfg.get("experiment") or "cocoef"
             exp = self.client.get_experiment_by_name(name)
             eid = exp.experiment_id if exp else self.client.create_experiment(name, artifact_location=artifacts)
-            run = self.client.create_run(eid, run_name=self.out.name, tags={
-                "status": "running", "cocoef.run_id": run_id, "cocoef.out": str(self.out.resolve())})
+            run = self.client.create_run(
+                eid,
+                run_name=self.out.name,
+                tags={"status": "running", "cocoef.run_id": run_id, "cocoef.out": str(self.out.resolve())},
+            )
             self.id = run.info.run_id
             params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(self.id, params=params[i:i + 100])
+                self.client.log_batch(self.id, params=params[i : i + 100])
 
     def _log(self, points: list[tuple[str, int, float]]) -> None:
         from mlflow.entities import Metric
@@ -261,7 +285,7 @@ class MLflowLogger(Logger):
         ms = [Metric(tag, v, 0, step) for tag, step, v in points]
         with _store_lock(self.uri):
             for i in range(0, len(ms), 1000):  # MLflow takes at most 1000 metrics per batch
-                self.client.log_batch(self.id, metrics=ms[i:i + 1000])
+                self.client.log_batch(self.id, metrics=ms[i : i + 1000])
 
     def _close(self, status: str, metrics: Any | None, error: str | None) -> None:
         import shutil

@@ -12,6 +12,7 @@ run's straggler model on the same seeded stream (``SeedRNG(seeds, "straggler")``
 what the run draws, and, with ``model.init=normal``, the standard normal draws of the init stream. Codes (S, B), decoding weights, compressors, bits, losses, gradients, schedules
 and updates are written here again.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,7 +86,7 @@ def compress(cfg: dict, v: np.ndarray) -> np.ndarray:
     if name == "identity":
         return v.copy()
     if name == "topk":
-        keep = np.argsort(-np.abs(v), kind="stable")[:topk_k(cfg, D)]  # ties: the lower index first
+        keep = np.argsort(-np.abs(v), kind="stable")[: topk_k(cfg, D)]  # ties: the lower index first
         out = np.zeros(D)
         out[keep] = v[keep]
         return out
@@ -96,7 +97,7 @@ def compress(cfg: dict, v: np.ndarray) -> np.ndarray:
     if name == "grouped_sign":
         out, g = np.empty(D), cfg["group"]
         for s in range(0, D, g):
-            out[s:s + g] = np.abs(v[s:s + g]).mean() * sgn(v[s:s + g])
+            out[s : s + g] = np.abs(v[s : s + g]).mean() * sgn(v[s : s + g])
         return out
     raise ValueError(f"no numpy reference for compressor {name}")
 
@@ -131,7 +132,7 @@ def encoding(code: dict, M: int, p: float) -> np.ndarray:
             S[i, [(i + o) % M for o in range(d)]] = 1.0
         else:  # frc: group ⌊i/d⌋ holds partitions of that group
             g = i // d
-            S[i, g * d:(g + 1) * d] = 1.0
+            S[i, g * d : (g + 1) * d] = 1.0
     return S / (d * (1.0 - p)) if code["name"] == "sgc" else S
 
 
@@ -148,7 +149,7 @@ def decode(code: dict, z: np.ndarray, p: float) -> np.ndarray:
         return zf * M / zf.sum() if zf.sum() > 0 else np.zeros(M)
     a, d = np.zeros(M), code["d"]
     for g in range(M // d):
-        alive = np.flatnonzero(z[g * d:(g + 1) * d])
+        alive = np.flatnonzero(z[g * d : (g + 1) * d])
         if len(alive):
             a[g * d + alive[0]] = 1.0
     return a
@@ -245,10 +246,18 @@ def simulate(cfg: dict) -> list[dict]:
                 buf = mu * buf + g if mu else g
                 theta = theta - lr(optim, t) * buf
             if t % every == 0 or t == T:
-                rows.append({"seed": seed, "iter": t, "train_loss": F(theta), "grad_norm": np.linalg.norm(gradF(theta)),
-                             "test_loss": model.losses(theta, Xte, yte).mean(), "test_acc": model.correct(theta, Xte, yte),
-                             "ef_norm": np.linalg.norm(state) if kind in ("coco_ef", "coco_diana", "coco_ef21") else None,
-                             "bits_up": None if method == "gd" else sent_bits,
-                             "n_received": None if t == 0 or method == "gd" else received,
-                             "opt_gap": None if f_star is None else F(theta) - f_star})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "iter": t,
+                        "train_loss": F(theta),
+                        "grad_norm": np.linalg.norm(gradF(theta)),
+                        "test_loss": model.losses(theta, Xte, yte).mean(),
+                        "test_acc": model.correct(theta, Xte, yte),
+                        "ef_norm": np.linalg.norm(state) if kind in ("coco_ef", "coco_diana", "coco_ef21") else None,
+                        "bits_up": None if method == "gd" else sent_bits,
+                        "n_received": None if t == 0 or method == "gd" else received,
+                        "opt_gap": None if f_star is None else F(theta) - f_star,
+                    }
+                )
     return rows

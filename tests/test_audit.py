@@ -1,4 +1,5 @@
 """Conditioning records and fidelity warnings (cocoef_cli/sim/audit.py): stderr at config-check time, run.json."""
+
 import json
 
 import pytest
@@ -8,8 +9,16 @@ from cocoef_cli.cli import app
 from cocoef_cli.sim.audit import WEIGHT_BOUND
 
 runner = CliRunner()
-SMALL = ["dataset.n=240", "dataset.dim=6", "devices=12", "iters=4", "eval_every=2", "precision=float64",
-         "straggler=fixed", "straggler.s=2"]
+SMALL = [
+    "dataset.n=240",
+    "dataset.dim=6",
+    "devices=12",
+    "iters=4",
+    "eval_every=2",
+    "precision=float64",
+    "straggler=fixed",
+    "straggler.s=2",
+]
 
 
 def _run(tmp_path, *overrides):
@@ -29,10 +38,20 @@ def test_random_crc_with_a_biased_compressor_warns_on_stderr_and_in_run_json(tmp
     assert len(rec["warnings"]) == 1 and rec["warnings"][0] in lines[0]
 
 
-@pytest.mark.parametrize("overrides", [["code=crc", "code.d=3", "compressor=topk"],  # default construction
-                                       ["code=crc", "code.d=3", "code.construction=random",
-                                        "compressor=randk_unbiased", "method=coco"],  # unbiased compressor
-                                       ["code=frc", "code.d=3", "compressor=scaled_sign"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["code=crc", "code.d=3", "compressor=topk"],  # default construction
+        [
+            "code=crc",
+            "code.d=3",
+            "code.construction=random",
+            "compressor=randk_unbiased",
+            "method=coco",
+        ],  # unbiased compressor
+        ["code=frc", "code.d=3", "compressor=scaled_sign"],
+    ],
+)
 def test_no_warning_for_well_conditioned_codes_or_unbiased_compressors(tmp_path, overrides):
     res, rec = _run(tmp_path, *overrides)
     assert "warning:" not in res.stderr and rec["warnings"] == []

@@ -1,4 +1,5 @@
 """The `cocoef` command line through Typer's CliRunner and as a real subprocess."""
+
 import json
 import subprocess
 import sys
@@ -69,8 +70,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path, overrides, key):
 
 
 def test_bad_input_as_a_process_has_no_traceback(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "cocoef_cli.cli", "run", "straggler.p=1.5", "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "cocoef_cli.cli", "run", "straggler.p=1.5", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "straggler.p=1.5" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
 
@@ -152,14 +156,17 @@ def test_run_checks_against_its_own_config_dir(tmp_path, monkeypatch):
     (other / "model" / "linear.yaml").write_text("name: linear\nbias: true\nl2: 0.0\ninit: 0.0\ninit_scale: 0.01\n")
     monkeypatch.setenv("COCOEF_CONFIG_DIR", str(other))
     shutil.copytree(conf, mine)  # the run's root: the shipped one plus a compressor preset of its own
-    (mine / "compressor" / "topk_bitmap.yaml").write_text("name: topk\nk: null\nratio: 0.5\nindex_bits: bitmap\n"
-                                                          "value_bits: 32\n")
+    (mine / "compressor" / "topk_bitmap.yaml").write_text(
+        "name: topk\nk: null\nratio: 0.5\nindex_bits: bitmap\nvalue_bits: 32\n"
+    )
     out = tmp_path / "r"
     res = runner.invoke(app, ["run", *TINY, "compressor=topk_bitmap", "--config-dir", str(mine), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "run.json").read_text())["config"]["compressor"]["index_bits"] == "bitmap"
-    bad = [(["compressor=nope"], "compressor", "topk_bitmap"),  # accepted: the options of the run's root
-           (["compressor=topk_bitmap", "compressor.ratio=2"], "compressor.ratio", "(0, 1]")]
+    bad = [
+        (["compressor=nope"], "compressor", "topk_bitmap"),  # accepted: the options of the run's root
+        (["compressor=topk_bitmap", "compressor.ratio=2"], "compressor.ratio", "(0, 1]"),
+    ]
     for overrides, key, accepted in bad:
         res = runner.invoke(app, ["run", *TINY, *overrides, "--config-dir", str(mine), "--out", str(tmp_path / "x")])
         lines = res.stderr.strip().splitlines()

@@ -1,5 +1,6 @@
 """A CLI that explains itself: unknown keys and options (closest match, accepted keys, hints),
 `cocoef list` / `cocoef show`, `--dry-run`, an identical rerun, help texts."""
+
 import pytest
 from typer.testing import CliRunner
 
@@ -12,12 +13,22 @@ TINY = ["dataset.n=200", "dataset.dim=4", "devices=5", "iters=6", "eval_every=3"
 
 UNKNOWN = [  # overrides, start of the message, what it must say
     (["straggler.pp=0.3"], "straggler.pp=", ["did you mean straggler.p?", "accepted: straggler.p"]),
-    (["compressor.ratoi=0.1"], "compressor.ratoi=", ["unknown key of compressor=topk", "did you mean compressor.ratio?",
-                                                     "compressor.k, compressor.ratio, compressor.index_bits"]),
+    (
+        ["compressor.ratoi=0.1"],
+        "compressor.ratoi=",
+        [
+            "unknown key of compressor=topk",
+            "did you mean compressor.ratio?",
+            "compressor.k, compressor.ratio, compressor.index_bits",
+        ],
+    ),
     (["dataset.path=x.csv"], "dataset.path=", ["dataset.path belongs to dataset=csv", "dataset.n"]),
     (["+compressor.levelz=3"], "compressor.levelz=", ["did you mean compressor.levels (of compressor=qsgd)?"]),
-    (["compressor=sign", "+compressor.k=3"], "compressor.k=",
-     ["compressor.k belongs to compressor=randk, randk_unbiased, topk", "accepted: compressor.value_bits"]),
+    (
+        ["compressor=sign", "+compressor.k=3"],
+        "compressor.k=",
+        ["compressor.k belongs to compressor=randk, randk_unbiased, topk", "accepted: compressor.value_bits"],
+    ),
     (["+itres=4"], "itres=", ["did you mean iters?", "accepted: devices, iters"]),
     (["p=0.3"], "p=", ["did you mean straggler.p?"]),
     (["stragler.p=0.3"], "stragler.p=", ["did you mean straggler.p?"]),
@@ -109,7 +120,8 @@ def test_show_and_list_a_plugin_of_a_user_config_folder(tmp_path):
     shutil.copytree(Path(__file__).resolve().parent.parent / "conf", mine)
     (mine / "compressor" / "topk_bitmap.yaml").write_text(
         "# Top-k with a bitmap of the kept indices.\nname: topk\nk: null\nratio: 0.5  # half of D\n"
-        "index_bits: bitmap\nvalue_bits: 32\n")
+        "index_bits: bitmap\nvalue_bits: 32\n"
+    )
     res = runner.invoke(app, ["show", "compressor", "topk_bitmap", "--config-dir", str(mine)])
     assert res.exit_code == 0, res.output
     assert "component topk" in res.stdout and "Top-k with a bitmap" in res.stdout and "contraction" in res.stdout

@@ -1,4 +1,5 @@
 """Compressors (DESIGN §4): reconstructions, conventions, unbiasedness, ω, bits, config errors."""
+
 from __future__ import annotations
 
 import math
@@ -10,12 +11,23 @@ from hypothesis import strategies as st
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.sim import compressors
-from cocoef_cli.sim.compressors import SAMPLE_HITS, COMPRESSORS, Compressor, build_compressor, topk_indices, topk_mask
 from cocoef_cli.sim.codes import CodedSum, allocate, build_code
+from cocoef_cli.sim.compressors import COMPRESSORS, SAMPLE_HITS, Compressor, build_compressor, topk_indices, topk_mask
 from cocoef_cli.sim.rng import SeedRNG
 
-ALL = ["identity", "topk", "randk", "randk_unbiased", "sign", "scaled_sign", "grouped_sign", "qsgd", "onebit",
-       "terngrad", "natural"]
+ALL = [
+    "identity",
+    "topk",
+    "randk",
+    "randk_unbiased",
+    "sign",
+    "scaled_sign",
+    "grouped_sign",
+    "qsgd",
+    "onebit",
+    "terngrad",
+    "natural",
+]
 UNBIASED = ["randk_unbiased", "qsgd", "onebit", "terngrad", "natural"]  # terngrad with clip=None
 F64 = torch.float64
 
@@ -145,7 +157,7 @@ def _threshold_cases() -> list[tuple[str, torch.Tensor]]:
     periodic = 1e-3 * torch.rand(R, M, D, generator=g)  # the large entries sit exactly on the sample grid
     periodic[..., :: 200 // SAMPLE_HITS] += 1.0
     skewed = torch.rand(R, M, D, generator=g)
-    skewed[..., D // 2:] += 10.0  # every large entry in one half of the row
+    skewed[..., D // 2 :] += 10.0  # every large entry in one half of the row
     return [("gauss", gauss), ("ties", ties), ("zeros", zeros), ("periodic", periodic), ("skewed", skewed)]
 
 
@@ -300,10 +312,18 @@ def test_grouped_sign_limits_and_short_last_block():
     g = torch.Generator().manual_seed(2)
     for D in (1, 5, 10, 64, 100):
         x = torch.randn(2, 3, D, dtype=F64, generator=g)
-        torch.testing.assert_close(make("grouped_sign", D, group=D).compress(x, None),
-                                   make("scaled_sign", D).compress(x, None), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(make("grouped_sign", D, group=D + 7).compress(x, None),
-                                   make("scaled_sign", D).compress(x, None), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            make("grouped_sign", D, group=D).compress(x, None),
+            make("scaled_sign", D).compress(x, None),
+            rtol=1e-12,
+            atol=1e-12,
+        )
+        torch.testing.assert_close(
+            make("grouped_sign", D, group=D + 7).compress(x, None),
+            make("scaled_sign", D).compress(x, None),
+            rtol=1e-12,
+            atol=1e-12,
+        )
         torch.testing.assert_close(make("grouped_sign", D, group=1).compress(x, None), x, rtol=1e-12, atol=1e-12)
     # D = 10, group = 4: blocks [0:4], [4:8], [8:10]; the last one is scaled by its own length 2
     x = torch.arange(1.0, 11.0, dtype=F64) * torch.tensor([1, -1] * 5, dtype=F64)
@@ -384,16 +404,31 @@ OMEGA_XS = {
 }
 
 
-@pytest.mark.parametrize("name,kw", [("randk_unbiased", {"k": 3}), ("qsgd", {"levels": 1}), ("qsgd", {"levels": 2}),
-                                     ("qsgd", {"levels": 8}), ("onebit", {}), ("terngrad", {"clip": None}), ("natural", {}),
-                                     ("identity", {})])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("randk_unbiased", {"k": 3}),
+        ("qsgd", {"levels": 1}),
+        ("qsgd", {"levels": 2}),
+        ("qsgd", {"levels": 8}),
+        ("onebit", {}),
+        ("terngrad", {"clip": None}),
+        ("natural", {}),
+        ("identity", {}),
+    ],
+)
 @pytest.mark.parametrize("xname", list(OMEGA_XS))
 def test_omega_bound_holds_empirically(name, kw, xname):
     x = OMEGA_XS[xname]
     D, M = x.numel(), 20_000
     c = make(name, D, **kw)
-    expected = {"randk_unbiased": D / 3 - 1, "onebit": D - 1, "terngrad": math.sqrt(D) - 1, "natural": 1 / 8,
-                "identity": 0.0}.get(name)
+    expected = {
+        "randk_unbiased": D / 3 - 1,
+        "onebit": D - 1,
+        "terngrad": math.sqrt(D) - 1,
+        "natural": 1 / 8,
+        "identity": 0.0,
+    }.get(name)
     if name == "qsgd":
         s = kw["levels"]
         expected = min(D / s**2, math.sqrt(D) / s)
@@ -439,9 +474,19 @@ def test_bits_match_design_formulas(D):
 
 def test_value_bits_replace_32():
     D, k, vb = 100, 10, 16
-    expect = {"identity": vb * D, "topk": k * (vb + 7), "randk": vb * k, "randk_unbiased": vb * k, "sign": D,
-              "scaled_sign": D + vb, "grouped_sign": D + vb * 2, "qsgd": D * 4 + vb, "onebit": D + vb,
-              "terngrad": 2 * D + vb, "natural": 9 * D}
+    expect = {
+        "identity": vb * D,
+        "topk": k * (vb + 7),
+        "randk": vb * k,
+        "randk_unbiased": vb * k,
+        "sign": D,
+        "scaled_sign": D + vb,
+        "grouped_sign": D + vb * 2,
+        "qsgd": D * 4 + vb,
+        "onebit": D + vb,
+        "terngrad": 2 * D + vb,
+        "natural": 9 * D,
+    }
     for name in ALL:
         assert make(name, D, k=k, value_bits=vb, group=64, levels=4).bits() == expect[name], name
     assert make("topk", D, k=k, value_bits=vb, index_bits="bitmap").bits() == vb * k + D
@@ -463,8 +508,9 @@ def test_k_from_ratio():
 
 def test_omegaconf_config():
     omegaconf = pytest.importorskip("omegaconf")
-    cfg = omegaconf.OmegaConf.create({"name": "topk", "k": None, "ratio": 0.25, "index_bits": "bitmap",
-                                      "value_bits": 32})
+    cfg = omegaconf.OmegaConf.create(
+        {"name": "topk", "k": None, "ratio": 0.25, "index_bits": "bitmap", "value_bits": 32}
+    )
     c = build_compressor(cfg, 40)
     assert c.k == 10 and c.bits() == 32 * 10 + 40
 

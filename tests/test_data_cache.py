@@ -1,4 +1,5 @@
 """Datasets are read once per process: mnist5k's fast parser, the kept copies and their keys."""
+
 import os
 
 import numpy as np

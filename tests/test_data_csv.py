@@ -1,4 +1,5 @@
 """The `csv` dataset: the user's own table, regression and classification."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,8 +24,18 @@ BASE = ["dataset=csv", "devices=5", "code.d=2", "iters=40", "eval_every=40", "pr
 
 
 def test_csv_regression_reaches_the_least_squares_optimum(table):
-    cfg = config.load(BASE + [f"dataset.path={table}", "dataset.target=y", "optim.lr=0.5", "straggler=none",
-                              "method=gc", "iters=200", "eval_every=200"])
+    cfg = config.load(
+        BASE
+        + [
+            f"dataset.path={table}",
+            "dataset.target=y",
+            "optim.lr=0.5",
+            "straggler=none",
+            "method=gc",
+            "iters=200",
+            "eval_every=200",
+        ]
+    )
     exp, res = execute(cfg, None)
     assert exp.data.features == 3 and exp.objective.model.D == 4  # a, b, c + intercept
     assert res.metrics.opt_gap.iloc[-1] < 1e-8
@@ -34,8 +45,16 @@ def test_csv_classification(table):
     df = pd.read_csv(table)
     df["label"] = np.where(df.y > 0, "pos", "neg")
     df.drop(columns=["y"]).to_csv(table, index=False)
-    cfg = config.load(BASE + [f"dataset.path={table}", "dataset.target=label", "dataset.task=classification",
-                              "model=logistic", "optim.lr=1.0"])
+    cfg = config.load(
+        BASE
+        + [
+            f"dataset.path={table}",
+            "dataset.target=label",
+            "dataset.task=classification",
+            "model=logistic",
+            "optim.lr=1.0",
+        ]
+    )
     _, res = execute(cfg, None)
     assert res.metrics.test_acc.iloc[-1] > 0.9
 

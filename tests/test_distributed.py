@@ -1,4 +1,5 @@
 """runtime=torch_distributed: real processes, compact messages, equal to the simulator under replay."""
+
 import json
 import os
 import threading
@@ -71,8 +72,10 @@ def no_orphans():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name,extra", [(n, {}) for n in COMPRESSORS.names()]
-                         + [("topk", {"index_bits": "32"}), ("topk", {"index_bits": "bitmap"})])
+@pytest.mark.parametrize(
+    "name,extra",
+    [(n, {}) for n in COMPRESSORS.names()] + [("topk", {"index_bits": "32"}), ("topk", {"index_bits": "bitmap"})],
+)
 def test_wire_roundtrip_is_exact_and_compact(name, extra, dtype):
     D = 37
     C = build_compressor({"name": name, "k": 5, "levels": 5, "group": 8, **extra}, D)
@@ -111,14 +114,18 @@ def _csv(path) -> pd.DataFrame:
     return pd.read_csv(path / "metrics.csv")
 
 
-@pytest.mark.parametrize("setup", [["method=coco_ef", "compressor=topk", "compressor.k=2"],
-                                   # k ≥ 16 and D ≥ 8k: the simulator's compiled kernel (encoding fused)
-                                   ["method=coco_ef", "compressor=topk", "compressor.k=20", "dataset.dim=400"],
-                                   ["method=coco", "compressor=qsgd", "compressor.levels=4"],
-                                   ["method=gc"],
-                                   ["method=coco_diana", "compressor=randk_unbiased", "compressor.k=3", "code=frc",
-                                    "batch_size=16"]],
-                         ids=["coco_ef-topk", "coco_ef-topk-kernel", "coco-qsgd", "gc", "diana-randk-frc-minibatch"])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        ["method=coco_ef", "compressor=topk", "compressor.k=2"],
+        # k ≥ 16 and D ≥ 8k: the simulator's compiled kernel (encoding fused)
+        ["method=coco_ef", "compressor=topk", "compressor.k=20", "dataset.dim=400"],
+        ["method=coco", "compressor=qsgd", "compressor.levels=4"],
+        ["method=gc"],
+        ["method=coco_diana", "compressor=randk_unbiased", "compressor.k=3", "code=frc", "batch_size=16"],
+    ],
+    ids=["coco_ef-topk", "coco_ef-topk-kernel", "coco-qsgd", "gc", "diana-randk-frc-minibatch"],
+)
 def test_replay_metrics_equal_simulator(tmp_path, setup):
     execute(config.load(BASE + STRAG + setup), tmp_path / "sim")
     execute(config.load(BASE + STRAG + setup + DIST), tmp_path / "dist")
@@ -132,8 +139,10 @@ def test_replay_metrics_equal_simulator(tmp_path, setup):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, equal_nan=True)
     assert sim.n_received.iloc[1:].lt(4).any(), "the pattern should have stragglers"
     # bytes actually sent: bits formula / 8 plus a small per-message header
-    msgs = np.concatenate([[0], np.cumsum(np.diff(dist.bits_up.to_numpy()))]) / json.loads(
-        (tmp_path / "dist" / "run.json").read_text())["bits_per_message"]
+    msgs = (
+        np.concatenate([[0], np.cumsum(np.diff(dist.bits_up.to_numpy()))])
+        / json.loads((tmp_path / "dist" / "run.json").read_text())["bits_per_message"]
+    )
     assert (dist.bytes_up >= dist.bits_up / 8).all()
     assert (dist.bytes_up <= dist.bits_up / 8 + msgs * OVERHEAD).all()
     assert (dist.n_late == 0).all() and dist.wall_time.is_monotonic_increasing
@@ -155,7 +164,11 @@ def test_bytes_up_every_compressor_within_header_of_bits(tmp_path):
         assert last.bits_up / 8 <= last.bytes_up <= last.bits_up / 8 + sent * OVERHEAD, name
     _, res = execute(config.load(ov + ["method=coco", "compressor=natural"]), None)
     last = res.metrics.iloc[-1]
-    assert last.bits_up / 8 <= last.bytes_up <= last.bits_up / 8 + (last.bytes_up / res.runtime["message_bytes"]) * OVERHEAD
+    assert (
+        last.bits_up / 8
+        <= last.bytes_up
+        <= last.bits_up / 8 + (last.bytes_up / res.runtime["message_bytes"]) * OVERHEAD
+    )
 
 
 def test_seeds_run_one_after_another(tmp_path):
@@ -170,9 +183,19 @@ def test_seeds_run_one_after_another(tmp_path):
 
 
 def test_slow_device_is_dropped_at_the_deadline_and_training_goes_on():
-    ov = BASE + ["iters=8", "eval_every=1", "straggler=none", "method=coco_ef", "compressor=topk",
-                 "compressor.k=2", "runtime=torch_distributed", "runtime.deadline_s=0.4",
-                 "runtime.slow_devices=[2]", "runtime.slow_s=2.0", "runtime.timeout_s=30"]
+    ov = BASE + [
+        "iters=8",
+        "eval_every=1",
+        "straggler=none",
+        "method=coco_ef",
+        "compressor=topk",
+        "compressor.k=2",
+        "runtime=torch_distributed",
+        "runtime.deadline_s=0.4",
+        "runtime.slow_devices=[2]",
+        "runtime.slow_s=2.0",
+        "runtime.timeout_s=30",
+    ]
     _, res = execute(config.load(ov), None)
     df = res.metrics
     after = df[df.iter > 0]
@@ -194,8 +217,15 @@ def test_without_stragglers_real_mode_matches_simulator():
 
 
 def test_a_killed_device_fails_the_run_and_nothing_is_left(tmp_path):
-    ov = BASE + ["iters=200", "straggler=none", "runtime=torch_distributed", "runtime.deadline_s=0.1",
-                 "runtime.slow_devices=[0,1,2,3]", "runtime.slow_s=0.05", "runtime.timeout_s=20"]
+    ov = BASE + [
+        "iters=200",
+        "straggler=none",
+        "runtime=torch_distributed",
+        "runtime.deadline_s=0.1",
+        "runtime.slow_devices=[0,1,2,3]",
+        "runtime.slow_s=0.05",
+        "runtime.timeout_s=20",
+    ]
     me = os.getpid()
 
     def kill_one():
@@ -237,11 +267,16 @@ def test_port_is_released_after_a_run():
     assert ports and not listening(ports[0])
 
 
-@pytest.mark.parametrize("bad,key", [(["runtime.slow_devices=[9]"], "runtime.slow_devices"),
-                                     (["method=gd"], "method"),
-                                     (["runtime.spawn=false"], "runtime.master_port"),
-                                     (["runtime.backend=nccl"], "runtime.backend"),
-                                     (["runtime.deadline_s=0"], "runtime.deadline_s")])
+@pytest.mark.parametrize(
+    "bad,key",
+    [
+        (["runtime.slow_devices=[9]"], "runtime.slow_devices"),
+        (["method=gd"], "method"),
+        (["runtime.spawn=false"], "runtime.master_port"),
+        (["runtime.backend=nccl"], "runtime.backend"),
+        (["runtime.deadline_s=0"], "runtime.deadline_s"),
+    ],
+)
 def test_bad_runtime_options_are_config_errors(bad, key):
     with pytest.raises(ConfigError) as e:
         config.load(BASE + ["runtime=torch_distributed"] + bad)

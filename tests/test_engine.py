@@ -1,4 +1,5 @@
 """The simulator end to end against independent references."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,9 +8,9 @@ import torch
 from cocoef_cli import config
 from cocoef_cli.data import load_dataset
 from cocoef_cli.run import execute
+from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.engine import COLUMNS
 from cocoef_cli.sim.methods import METHODS
-from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.rng import SeedRNG
 
 
@@ -27,8 +28,14 @@ def gd_losses(cfg: dict, lr: float, T: int, every: int) -> list[float]:
     return out
 
 
-CODES = [["code=uncoded"], ["code=sgc", "code.d=3"], ["code=sgc", "code.d=2", "code.allocation=random"],
-         ["code=frc", "code.d=3"], ["code=crc", "code.d=3"], ["code=bgc", "code.d=3"]]
+CODES = [
+    ["code=uncoded"],
+    ["code=sgc", "code.d=3"],
+    ["code=sgc", "code.d=2", "code.allocation=random"],
+    ["code=frc", "code.d=3"],
+    ["code=crc", "code.d=3"],
+    ["code=bgc", "code.d=3"],
+]
 
 
 @pytest.mark.parametrize("method", ["coco_ef", "coco", "gc"])
@@ -50,14 +57,25 @@ def test_gd_method_is_gradient_descent(small):
     assert res.metrics.bits_up.isna().all() and (res.metrics.code == "none").all()
 
 
-RANDOM_SETUP = ["method=coco_ef", "compressor=randk", "compressor.k=2", "straggler=bernoulli", "straggler.p=0.3",
-                "code=sgc", "code.allocation=random", "code.d=2", "batch_size=8"]
+RANDOM_SETUP = [
+    "method=coco_ef",
+    "compressor=randk",
+    "compressor.k=2",
+    "straggler=bernoulli",
+    "straggler.p=0.3",
+    "code=sgc",
+    "code.allocation=random",
+    "code.d=2",
+    "batch_size=8",
+]
 
 
 def test_seeds_run_together_equal_separate_runs(small):
     together = execute(config.load(small + RANDOM_SETUP + ["seed=3", "seeds=4"]), None)[1].metrics
-    apart = pd.concat([execute(config.load(small + RANDOM_SETUP + [f"seed={s}"]), None)[1].metrics
-                       for s in range(3, 7)], ignore_index=True)
+    apart = pd.concat(
+        [execute(config.load(small + RANDOM_SETUP + [f"seed={s}"]), None)[1].metrics for s in range(3, 7)],
+        ignore_index=True,
+    )
     assert list(together.seed.unique()) == [3, 4, 5, 6]
     num = ["train_loss", "test_loss", "grad_norm", "bits_up", "n_received", "ef_norm", "opt_gap"]
     np.testing.assert_allclose(together[num].to_numpy(float), apart[num].to_numpy(float), rtol=1e-12, atol=1e-15)
@@ -120,11 +138,20 @@ def test_coco_ef_coded_step_equals_step_on_the_formed_sum(comp, reset):
 
     R, M, D, T = 2, 12, 3000, 4
     rng_ = SeedRNG([0, 1], "code")
-    code = build_code({"name": "sgc", "d": 3}, allocate({"name": "sgc", "d": 3}, M, rng_),
-                      torch.full((R, M), 0.2, dtype=torch.float64), rng_, torch.float64)
+    code = build_code(
+        {"name": "sgc", "d": 3},
+        allocate({"name": "sgc", "d": 3}, M, rng_),
+        torch.full((R, M), 0.2, dtype=torch.float64),
+        rng_,
+        torch.float64,
+    )
     C = build_compressor({"name": comp, "k": 40}, D)
-    fused, formed = (METHODS.get("coco_ef")({"straggler_state": reset}, C, R, M, D, torch.float64,
-                                            torch.device("cpu"), SeedRNG([0, 1], "compressor")) for _ in range(2))
+    fused, formed = (
+        METHODS.get("coco_ef")(
+            {"straggler_state": reset}, C, R, M, D, torch.float64, torch.device("cpu"), SeedRNG([0, 1], "compressor")
+        )
+        for _ in range(2)
+    )
     g = torch.Generator().manual_seed(4)
     for _ in range(T):
         G = torch.randn(R, code.N, D, generator=g, dtype=torch.float64)
@@ -151,8 +178,9 @@ def test_a_straggler_memory_holding_inf_does_not_reach_the_aggregate():
 def test_reset_straggler_state_zeroes_memory():
     R, M, D = 1, 3, 5
     C = build_compressor({"name": "topk", "k": 1}, D)
-    m = METHODS.get("coco_ef")({"straggler_state": "reset"}, C, R, M, D, torch.float64, torch.device("cpu"),
-                               SeedRNG([0], "compressor"))
+    m = METHODS.get("coco_ef")(
+        {"straggler_state": "reset"}, C, R, M, D, torch.float64, torch.device("cpu"), SeedRNG([0], "compressor")
+    )
     U = torch.randn(R, M, D, dtype=torch.float64)
     m.step(U.clone(), torch.ones(R, M, dtype=torch.bool), torch.ones(R, M, dtype=torch.float64))
     assert (m.e.norm(dim=-1) > 0).all()
@@ -169,12 +197,16 @@ def test_momentum_and_schedules_run(small):
         assert res.metrics.train_loss.iloc[-1] < res.metrics.train_loss.iloc[0]
 
 
-@pytest.mark.parametrize("setup", [["dataset=iris", "model=softmax"], ["dataset=breast_cancer", "model=logistic"],
-                                   ["dataset=wine", "model=softmax", "code=crc"],
-                                   ["dataset=synthetic_logreg", "model=logistic", "method=coco_diana",
-                                    "compressor=qsgd"],
-                                   ["dataset=digits", "model=softmax", "method=coco_ef21", "compressor=scaled_sign",
-                                    "straggler=markov"]])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        ["dataset=iris", "model=softmax"],
+        ["dataset=breast_cancer", "model=logistic"],
+        ["dataset=wine", "model=softmax", "code=crc"],
+        ["dataset=synthetic_logreg", "model=logistic", "method=coco_diana", "compressor=qsgd"],
+        ["dataset=digits", "model=softmax", "method=coco_ef21", "compressor=scaled_sign", "straggler=markov"],
+    ],
+)
 def test_classification_workloads_learn(setup):
     cfg = config.load(setup + ["devices=10", "iters=60", "eval_every=30", "optim.lr=0.5", "code.d=2"])
     _, res = execute(cfg, None)

@@ -1,4 +1,5 @@
 """Fidelity details of issue 16: stale shifts (DIANA-PP / EF21-PP style), sgc's assumed p, dirichlet on regression."""
+
 import numpy as np
 import pytest
 import torch
@@ -20,8 +21,16 @@ def _code(cfg, M, p=0.0):
 
 
 def _method(name, stale, D, M, comp="identity"):
-    return METHODS.get(name)({"stale_shifts": stale}, build_compressor({"name": comp}, D), 1, M, D, F64,
-                             torch.device("cpu"), SeedRNG([0], "compressor"))
+    return METHODS.get(name)(
+        {"stale_shifts": stale},
+        build_compressor({"name": comp}, D),
+        1,
+        M,
+        D,
+        F64,
+        torch.device("cpu"),
+        SeedRNG([0], "compressor"),
+    )
 
 
 def test_full_weights_decode_every_code_without_stragglers():
@@ -95,7 +104,12 @@ def test_final_figure_draws_a_categorical_x_in_the_given_order(tmp_path):
 
     from cocoef_cli.report import final_figure
 
-    rows = pd.DataFrame([{"label": "A", "code": c, "iter": t, "opt_gap": g * (1 + t), "seed": 0, "status": "completed",
-                          "run": c} for c, g in [("sgc", 1.0), ("frc", 2.0), ("crc", 3.0)] for t in (0, 10)])
+    rows = pd.DataFrame(
+        [
+            {"label": "A", "code": c, "iter": t, "opt_gap": g * (1 + t), "seed": 0, "status": "completed", "run": c}
+            for c, g in [("sgc", 1.0), ("frc", 2.0), ("crc", 3.0)]
+            for t in (0, 10)
+        ]
+    )
     out = final_figure(rows, "code", "opt_gap", "label", tmp_path / "f.png", x_order=["frc", "crc", "sgc", "bgc"])
     assert out.exists() and out.stat().st_size > 1000

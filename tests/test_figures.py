@@ -11,8 +11,16 @@ runner = CliRunner()
 
 def test_experiment_files_are_consistent():
     exps = load_experiments()
-    assert {"fig1_gap_iters", "fig2_gap_bits", "fig3_mnist", "fig4_vs_p", "fig5a_vs_ratio", "fig6_vs_d",
-            "fig7_vs_time", "fig8_bits_table"} <= set(exps)
+    assert {
+        "fig1_gap_iters",
+        "fig2_gap_bits",
+        "fig3_mnist",
+        "fig4_vs_p",
+        "fig5a_vs_ratio",
+        "fig6_vs_d",
+        "fig7_vs_time",
+        "fig8_bits_table",
+    } <= set(exps)
     for exp in exps.values():
         if exp.plot["kind"] == "table":
             assert all(p["runs_of"] in exps for p in exp.plot["tables"])
@@ -31,8 +39,10 @@ def test_unknown_experiment_exits_2(tmp_path):
 
 def test_write_lrs_keeps_comments(tmp_path):
     p = tmp_path / "e.yaml"
-    p.write_text("arms:  # keep me\n  - {id: a, label: \"A, x\", overrides: [method=coco], lr: 0.2}\n"
-                 "  - {id: b, overrides: [method=gc], lr: 0.4}  # and me\n")
+    p.write_text(
+        'arms:  # keep me\n  - {id: a, label: "A, x", overrides: [method=coco], lr: 0.2}\n'
+        "  - {id: b, overrides: [method=gc], lr: 0.4}  # and me\n"
+    )
     write_lrs(p, {"a": 0.8, "b": 0.05})
     text = p.read_text()
     assert "lr: 0.8}" in text and "lr: 0.05}  # and me" in text and "# keep me" in text

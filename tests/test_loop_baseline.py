@@ -1,4 +1,5 @@
 """The per-device loop baseline (benchmarks/) and the vectorised simulator compute the same run."""
+
 import sys
 
 import numpy as np
@@ -8,14 +9,29 @@ from cocoef_cli import config
 from cocoef_cli.sim.engine import build_experiment, simulate
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
-from loop_baseline import loop_coco_ef  # noqa: E402
+from loop_baseline import loop_coco_ef
 
 
-@pytest.mark.parametrize("setup", [["dataset=iris", "model=softmax", "code=sgc", "code.d=3", "model.l2=0.01"],
-                                   ["dataset.n=300", "dataset.dim=8", "code=crc", "code.d=2"]])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        ["dataset=iris", "model=softmax", "code=sgc", "code.d=3", "model.l2=0.01"],
+        ["dataset.n=300", "dataset.dim=8", "code=crc", "code.d=2"],
+    ],
+)
 def test_loop_baseline_matches_simulator(setup):
-    ov = setup + ["devices=6", "iters=15", "eval_every=1", "precision=float64", "method=coco_ef", "compressor=topk",
-                  "compressor.k=3", "straggler=bernoulli", "straggler.p=0.3", "optim.lr=0.3"]
+    ov = setup + [
+        "devices=6",
+        "iters=15",
+        "eval_every=1",
+        "precision=float64",
+        "method=coco_ef",
+        "compressor=topk",
+        "compressor.k=3",
+        "straggler=bernoulli",
+        "straggler.p=0.3",
+        "optim.lr=0.3",
+    ]
     cfg = config.load(ov)
     sim = simulate(build_experiment(cfg)).metrics
     exp = build_experiment(cfg)

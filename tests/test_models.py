@@ -1,4 +1,5 @@
 """Networks and batched partition gradients: exact against autograd run on each partition alone."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,9 @@ def image_data(n=23, shape=(1, 28, 28), classes=4, seed=0) -> Dataset:
     return Dataset("tiny", X, y, g.random((7, f)), np.arange(7) % classes, "classification", classes, tuple(shape))
 
 
-def reference_grad(model_name: str, model, theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+def reference_grad(
+    model_name: str, model, theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor, scale: float
+) -> torch.Tensor:
     """scale · Σ_s ∇ℓ_s(θ) by autograd through torch.nn layers built independently of the model code."""
     th = theta.detach().clone().requires_grad_(True)
     if model_name == "softmax":
@@ -31,8 +34,8 @@ def reference_grad(model_name: str, model, theta: torch.Tensor, X: torch.Tensor,
         act = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[model.activation]
         z, off = X, 0
         for l, (i, o) in enumerate(zip(model.sizes[:-1], model.sizes[1:])):
-            W = th[off:off + i * o].view(o, i)  # (out, in), as torch.nn.Linear.weight
-            b = th[off + i * o: off + i * o + o]
+            W = th[off : off + i * o].view(o, i)  # (out, in), as torch.nn.Linear.weight
+            b = th[off + i * o : off + i * o + o]
             off += i * o + o
             z = Fn.linear(z, W, b)
             if l < len(model.sizes) - 2:
@@ -42,7 +45,11 @@ def reference_grad(model_name: str, model, theta: torch.Tensor, X: torch.Tensor,
         act = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}[model.activation]
         layers, c = [], C
         for l, co in enumerate(model.channels):
-            layers += [torch.nn.Conv2d(c, co, model.kernel, padding=model.pad if l == 0 else 0), act(), torch.nn.MaxPool2d(2)]
+            layers += [
+                torch.nn.Conv2d(c, co, model.kernel, padding=model.pad if l == 0 else 0),
+                act(),
+                torch.nn.MaxPool2d(2),
+            ]
             c = co
         layers.append(torch.nn.Flatten())
         sizes = [model.flat, *model.hidden, model.C]
@@ -74,9 +81,19 @@ CASES = [
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
 def test_partition_grads_equal_autograd_per_partition(name, mcfg, shape, scheme):
     n = 23
-    data = image_data(n, shape) if len(shape) == 3 else Dataset("flat", np.random.default_rng(1).random((n, shape[0])),
-                                                                   np.arange(n) % 4, np.zeros((0, shape[0])),
-                                                                   np.zeros(0, np.int64), "classification", 4)
+    data = (
+        image_data(n, shape)
+        if len(shape) == 3
+        else Dataset(
+            "flat",
+            np.random.default_rng(1).random((n, shape[0])),
+            np.arange(n) % 4,
+            np.zeros((0, shape[0])),
+            np.zeros(0, np.int64),
+            "classification",
+            4,
+        )
+    )
     model = build_model({**mcfg, "init": mcfg.get("init", "torch")} if name != "softmax" else mcfg, data)
     parts = partition_indices(data.y_train, 4, {"partition": scheme, "alpha": 0.3}, SEEDS)
     sizes = (parts < n).sum(-1)
@@ -108,9 +125,14 @@ def test_partition_grads_equal_autograd_per_partition(name, mcfg, shape, scheme)
     torch.testing.assert_close(g, full, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name,mcfg", [("mlp", {"name": "mlp", "hidden": [5], "activation": "relu"}),
-                                       ("softmax", {"name": "softmax"}),
-                                       ("cnn", {"name": "cnn", "channels": [2], "kernel": 5, "hidden": [4]})])
+@pytest.mark.parametrize(
+    "name,mcfg",
+    [
+        ("mlp", {"name": "mlp", "hidden": [5], "activation": "relu"}),
+        ("softmax", {"name": "softmax"}),
+        ("cnn", {"name": "cnn", "channels": [2], "kernel": 5, "hidden": [4]}),
+    ],
+)
 def test_minibatch_grads_are_autograd_on_the_drawn_samples(name, mcfg):
     """batch_size=b: g_j = (|P_j| / (b_j n)) Σ_{s ∈ batch_j} ∇ℓ_s with b_j = min(b, |P_j|) distinct samples
     of P_j, drawn from the run's ``batch`` stream (reproduced here from a fresh copy of the stream)."""
@@ -118,8 +140,9 @@ def test_minibatch_grads_are_autograd_on_the_drawn_samples(name, mcfg):
     data = image_data(n, (1, 12, 12))
     model = build_model({**mcfg, "init": "torch"} if name != "softmax" else mcfg, data)
     parts = partition_indices(data.y_train, 9, {"partition": "iid"}, SEEDS)  # sizes 4 and 3: b_j < b too
-    obj = Objective(model, data, parts, 0.0, torch.float64, torch.device("cpu"), batch_size=b,
-                    batch_rng=SeedRNG(SEEDS, "batch"))
+    obj = Objective(
+        model, data, parts, 0.0, torch.float64, torch.device("cpu"), batch_size=b, batch_rng=SeedRNG(SEEDS, "batch")
+    )
     theta = 0.2 * torch.randn(len(SEEDS), model.D, dtype=torch.float64)
     twin = SeedRNG(SEEDS, "batch")
     X, Y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
@@ -142,8 +165,9 @@ def test_minibatch_at_least_the_partition_is_the_full_partition_gradient():
     parts = partition_indices(data.y_train, 5, {"partition": "iid"}, SEEDS)
     theta = model.init(SeedRNG(SEEDS, "init"), torch.float64)
     full = Objective(model, data, parts, 0.1, torch.float64, torch.device("cpu")).partition_grads(theta)
-    mb = Objective(model, data, parts, 0.1, torch.float64, torch.device("cpu"), batch_size=50,
-                   batch_rng=SeedRNG(SEEDS, "batch")).partition_grads(theta)
+    mb = Objective(
+        model, data, parts, 0.1, torch.float64, torch.device("cpu"), batch_size=50, batch_rng=SeedRNG(SEEDS, "batch")
+    ).partition_grads(theta)
     torch.testing.assert_close(mb, full, rtol=1e-10, atol=1e-13)
 
 
@@ -175,11 +199,16 @@ def test_network_logits_shared_and_per_replicate_agree():
         torch.testing.assert_close(Zr.reshape(2, 9, 4), Z)
 
 
-@pytest.mark.parametrize("cfg,key", [({"name": "mlp", "hidden": [64], "activation": "gelu"}, "model.activation"),
-                                     ({"name": "mlp", "hidden": [0]}, "model.hidden"),
-                                     ({"name": "mlp", "hidden": 64}, "model.hidden"),
-                                     ({"name": "mlp", "hidden": [8], "init": "zeros"}, "model.init"),
-                                     ({"name": "cnn", "channels": [6, 16], "hidden": [8], "kernel": 0}, "model.kernel")])
+@pytest.mark.parametrize(
+    "cfg,key",
+    [
+        ({"name": "mlp", "hidden": [64], "activation": "gelu"}, "model.activation"),
+        ({"name": "mlp", "hidden": [0]}, "model.hidden"),
+        ({"name": "mlp", "hidden": 64}, "model.hidden"),
+        ({"name": "mlp", "hidden": [8], "init": "zeros"}, "model.init"),
+        ({"name": "cnn", "channels": [6, 16], "hidden": [8], "kernel": 0}, "model.kernel"),
+    ],
+)
 def test_bad_network_config_names_the_key(cfg, key):
     with pytest.raises(ConfigError) as e:
         build_model(cfg, image_data(5, (1, 28, 28)))
@@ -187,19 +216,37 @@ def test_bad_network_config_names_the_key(cfg, key):
 
 
 def test_cnn_needs_images():
-    flat = Dataset("flat", np.zeros((4, 5)), np.arange(4) % 2, np.zeros((0, 5)), np.zeros(0, np.int64), "classification", 2)
+    flat = Dataset(
+        "flat", np.zeros((4, 5)), np.arange(4) % 2, np.zeros((0, 5)), np.zeros(0, np.int64), "classification", 2
+    )
     with pytest.raises(ConfigError) as e:
         build_model({"name": "cnn", "channels": [6, 16], "kernel": 5, "hidden": [8]}, flat)
     assert e.value.key == "model" and "image" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        build_model({"name": "cnn", "channels": [6, 16, 32, 64], "kernel": 5, "hidden": [8]}, image_data(4, (1, 28, 28)))
+        build_model(
+            {"name": "cnn", "channels": [6, 16, 32, 64], "kernel": 5, "hidden": [8]}, image_data(4, (1, 28, 28))
+        )
     assert e.value.key == "model.channels"
 
 
 def test_short_mnist5k_run_improves_test_accuracy():
-    cfg = config.load(["dataset=mnist5k", "model=mlp", "model.hidden=[32]", "devices=20", "code=sgc", "code.d=2",
-                       "straggler.p=0.2", "compressor=topk", "compressor.ratio=0.05", "optim.lr=0.5", "iters=25",
-                       "eval_every=25", "seeds=2"])
+    cfg = config.load(
+        [
+            "dataset=mnist5k",
+            "model=mlp",
+            "model.hidden=[32]",
+            "devices=20",
+            "code=sgc",
+            "code.d=2",
+            "straggler.p=0.2",
+            "compressor=topk",
+            "compressor.ratio=0.05",
+            "optim.lr=0.5",
+            "iters=25",
+            "eval_every=25",
+            "seeds=2",
+        ]
+    )
     exp = build_experiment(cfg)
     assert (exp.data.n, len(exp.data.y_test), exp.data.shape) == (4000, 1000, (1, 28, 28))
     df = simulate(exp).metrics

@@ -7,7 +7,9 @@ fresh copy of the run's straggler model on the same seeded stream; everything el
 updates) is its own. Top-k, scaled/grouped sign and the identity are deterministic, so they must
 match draw for draw.
 """
+
 import numpy as np
+import numpy_reference
 import pandas as pd
 import pytest
 import torch
@@ -16,10 +18,7 @@ from cocoef_cli import config
 from cocoef_cli.run import execute
 from cocoef_cli.sim.rng import SeedRNG
 
-import numpy_reference
-
-BASE = ["devices=6", "iters=24", "eval_every=4", "precision=float64",
-        "straggler.p=0.3", "code.d=2", "optim.lr=0.3"]
+BASE = ["devices=6", "iters=24", "eval_every=4", "precision=float64", "straggler.p=0.3", "code.d=2", "optim.lr=0.3"]
 LINREG = BASE + ["dataset.n=300", "dataset.dim=7"]
 COLS = ["train_loss", "test_loss", "test_acc", "grad_norm", "ef_norm", "bits_up", "n_received", "opt_gap"]
 
@@ -44,14 +43,30 @@ CASES = {
     "coco_ef-scaled_sign": ["method=coco_ef", "compressor=scaled_sign", "optim.lr=0.1"],
     "coco_ef-grouped_sign": ["method=coco_ef", "compressor=grouped_sign", "compressor.group=3", "optim.lr=0.1"],
     "coco_ef-topk-frc": ["method=coco_ef", "compressor=topk", "compressor.k=3", "code=frc", "code.d=2"],
-    "coco_ef-topk-normal-init": ["method=coco_ef", "compressor=topk", "compressor.k=2", "model.init=normal",
-                                 "model.init_scale=0.5", "seeds=2"],
+    "coco_ef-topk-normal-init": [
+        "method=coco_ef",
+        "compressor=topk",
+        "compressor.k=2",
+        "model.init=normal",
+        "model.init_scale=0.5",
+        "seeds=2",
+    ],
     "coco-topk": ["method=coco", "compressor=topk", "compressor.k=3"],
-    "coco-scaled_sign-uncoded-unbiased": ["method=coco", "compressor=scaled_sign", "code=uncoded",
-                                          "code.decode=unbiased", "optim.lr=0.1"],
+    "coco-scaled_sign-uncoded-unbiased": [
+        "method=coco",
+        "compressor=scaled_sign",
+        "code=uncoded",
+        "code.decode=unbiased",
+        "optim.lr=0.1",
+    ],
     "coco_diana-identity": ["method=coco_diana", "compressor=identity"],
-    "coco_diana-topk-alpha": ["method=coco_diana", "compressor=topk", "compressor.k=2", "method.allow_biased=true",
-                              "method.alpha=0.4"],
+    "coco_diana-topk-alpha": [
+        "method=coco_diana",
+        "compressor=topk",
+        "compressor.k=2",
+        "method.allow_biased=true",
+        "method.alpha=0.4",
+    ],
     "coco_ef21-topk": ["method=coco_ef21", "compressor=topk", "compressor.k=2"],
     "coco_ef21-grouped_sign": ["method=coco_ef21", "compressor=grouped_sign", "compressor.group=4", "optim.lr=0.1"],
     "gc": ["method=gc"],
@@ -78,10 +93,13 @@ def test_straggler_state_trajectory_equals_numpy_reference(method, state):
     assert (got.n_received.dropna() < 6).any()  # some updates had stragglers
 
 
-@pytest.mark.parametrize("setup", [
-    ["dataset=synthetic_logreg", "dataset.n=300", "dataset.dim=6", "model=logistic", "model.l2=0.01"],
-    ["dataset=iris", "model=softmax", "model.l2=0.02"],
-])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        ["dataset=synthetic_logreg", "dataset.n=300", "dataset.dim=6", "model=logistic", "model.l2=0.01"],
+        ["dataset=iris", "model=softmax", "model.l2=0.02"],
+    ],
+)
 @pytest.mark.parametrize("method", ["coco_ef", "coco_ef21"])
 def test_classification_trajectory_equals_numpy_reference(setup, method):
     compare(BASE + setup + [f"method={method}", "compressor=topk", "compressor.k=3", "optim.lr=0.5"])
@@ -89,15 +107,36 @@ def test_classification_trajectory_equals_numpy_reference(setup, method):
 
 def test_coco_ef_on_the_compiled_topk_kernel_path_equals_numpy_reference():
     """D = 201, k = 20: Top-k runs in the compiled threshold kernel with U = B G fused into it."""
-    compare(LINREG + ["dataset.dim=200", "dataset.n=400", "method=coco_ef", "compressor=topk", "compressor.k=20",
-                      "optim.lr=0.1", "iters=12"])
+    compare(
+        LINREG
+        + [
+            "dataset.dim=200",
+            "dataset.n=400",
+            "method=coco_ef",
+            "compressor=topk",
+            "compressor.k=20",
+            "optim.lr=0.1",
+            "iters=12",
+        ]
+    )
 
 
 def test_linear_model_with_ridge_and_markov_stragglers_equals_numpy_reference():
     """l2 > 0 adds (|P_j|/n) λ θ to every partition gradient; persistent (markov) stragglers; T not a
     multiple of eval_every (the last update still has its row)."""
-    compare(LINREG + ["model.l2=0.1", "iters=22", "straggler=markov", "straggler.p=0.3", "straggler.stay=0.6",
-                      "method=coco_ef", "compressor=topk", "compressor.k=2"])
+    compare(
+        LINREG
+        + [
+            "model.l2=0.1",
+            "iters=22",
+            "straggler=markov",
+            "straggler.p=0.3",
+            "straggler.stay=0.6",
+            "method=coco_ef",
+            "compressor=topk",
+            "compressor.k=2",
+        ]
+    )
 
 
 def test_delay_stragglers_and_simulated_time_equal_numpy_reference():
@@ -106,8 +145,17 @@ def test_delay_stragglers_and_simulated_time_equal_numpy_reference():
     the upload time of one message, bits / bandwidth (DESIGN §3); the marginal p of the p column."""
     t0, mu, deadline, bw, T = 1.0, 2.0, 1.6, 20000.0, 24
     linreg = [o for o in LINREG if not o.startswith("straggler.p=")]
-    got = compare(linreg + ["method=ignore_stragglers", "straggler=delay", f"straggler.t0={t0}", f"straggler.mu={mu}",
-                            f"straggler.deadline={deadline}", f"network.bandwidth_bps={bw}"])
+    got = compare(
+        linreg
+        + [
+            "method=ignore_stragglers",
+            "straggler=delay",
+            f"straggler.t0={t0}",
+            f"straggler.mu={mu}",
+            f"straggler.deadline={deadline}",
+            f"network.bandwidth_bps={bw}",
+        ]
+    )
     rng, D, M = SeedRNG([0], "straggler"), 8, 6
     clock, times, answered = 0.0, [0.0], []
     for t in range(1, T + 1):

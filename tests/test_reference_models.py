@@ -1,4 +1,5 @@
 """The networks' initialisation and evaluation against independent references (torch.nn, statistics)."""
+
 import math
 
 import numpy as np
@@ -23,8 +24,11 @@ def test_network_init_is_uniform_on_minus_c_to_c(init):
     theta = model.init(SeedRNG([0], "init"), torch.float64)
     for (name, _, fan_in, fan_out), x in zip(model.params, model.unflatten(theta[0])):
         bias = name.endswith("bias")
-        c = {"torch": 1 / math.sqrt(fan_in), "kaiming": 0.0 if bias else math.sqrt(6 / fan_in),
-             "xavier": 0.0 if bias else math.sqrt(6 / (fan_in + fan_out))}[init]
+        c = {
+            "torch": 1 / math.sqrt(fan_in),
+            "kaiming": 0.0 if bias else math.sqrt(6 / fan_in),
+            "xavier": 0.0 if bias else math.sqrt(6 / (fan_in + fan_out)),
+        }[init]
         x = x.flatten().numpy()
         if c == 0.0:
             assert (x == 0).all(), name
@@ -41,8 +45,20 @@ def test_mlp_run_metrics_equal_torch_nn(activation):
     """A run of the MLP on iris: the row at t = 0 (θ⁰ from the init stream) against an
     nn.Sequential loaded with θ⁰: train loss = mean cross-entropy, ‖∇F‖ by autograd, test loss and
     accuracy (argmax of the logits)."""
-    cfg = config.load(["dataset=iris", "model=mlp", "model.hidden=[6]", f"model.activation={activation}",
-                       "devices=3", "code.d=2", "iters=2", "eval_every=1", "precision=float64", "seeds=2"])
+    cfg = config.load(
+        [
+            "dataset=iris",
+            "model=mlp",
+            "model.hidden=[6]",
+            f"model.activation={activation}",
+            "devices=3",
+            "code.d=2",
+            "iters=2",
+            "eval_every=1",
+            "precision=float64",
+            "seeds=2",
+        ]
+    )
     exp, res = execute(cfg, None)
     data = exp.data
     theta = exp.objective.model.init(SeedRNG(exp.seeds, "init"), torch.float64)

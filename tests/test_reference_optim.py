@@ -7,11 +7,14 @@ independent draws must lie within Z_BOUND standard errors of the exact expectati
 coordinate (with K ≥ 2000 draws and fixed seeds each such test is deterministic; a wrong rescale
 or a biased update moves the mean by many standard errors).
 """
+
 import math
 
 import numpy as np
+import numpy_reference
 import pytest
 import torch
+from test_reference_methods import LINREG, compare
 
 from cocoef_cli import config
 from cocoef_cli.data import load_dataset, partition_indices
@@ -20,9 +23,6 @@ from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.engine import step_size
 from cocoef_cli.sim.methods import METHODS
 from cocoef_cli.sim.rng import SeedRNG
-
-import numpy_reference
-from test_reference_methods import LINREG, compare
 
 Z_BOUND = 5.0  # standard errors: a correct sampler exceeds it with probability < 1e-6 per coordinate
 
@@ -36,8 +36,11 @@ def assert_mean_within(samples: np.ndarray, expected: np.ndarray, what: str) -> 
 
 
 # ------------------------------------------------------------------------------------- schedules
-SCHEDULES = {"const": ["optim.schedule=const"], "inv_sqrt": ["optim.schedule=inv_sqrt", "optim.lr=0.5"],
-             "step": ["optim.schedule=step", "optim.step_size=5", "optim.gamma=0.5"]}
+SCHEDULES = {
+    "const": ["optim.schedule=const"],
+    "inv_sqrt": ["optim.schedule=inv_sqrt", "optim.lr=0.5"],
+    "step": ["optim.schedule=step", "optim.step_size=5", "optim.gamma=0.5"],
+}
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -45,8 +48,18 @@ SCHEDULES = {"const": ["optim.schedule=const"], "inv_sqrt": ["optim.schedule=inv
 @pytest.mark.parametrize("method", ["coco_ef", "gd"])
 def test_schedule_and_momentum_trajectory_equals_numpy_reference(schedule, momentum, method):
     """η_t: const η, inv_sqrt η/√t, step η·γ^⌊(t−1)/s⌋; heavy ball buf ← μ buf + ĝ, θ ← θ − η_t buf."""
-    compare(LINREG + SCHEDULES[schedule] + [f"optim.momentum={momentum}", f"method={method}", "compressor=topk",
-                                            "compressor.k=2", "iters=24", "eval_every=1"])
+    compare(
+        LINREG
+        + SCHEDULES[schedule]
+        + [
+            f"optim.momentum={momentum}",
+            f"method={method}",
+            "compressor=topk",
+            "compressor.k=2",
+            "iters=24",
+            "eval_every=1",
+        ]
+    )
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -57,8 +70,9 @@ def test_step_size_function_equals_the_formula(schedule):
 
 
 # ------------------------------------------------------------------------------------- minibatches
-@pytest.mark.parametrize("setup", [["dataset=synthetic_linreg", "model=linear", "model.l2=0.1"],
-                                   ["dataset=iris", "model=softmax"]])
+@pytest.mark.parametrize(
+    "setup", [["dataset=synthetic_linreg", "model=linear", "model.l2=0.1"], ["dataset=iris", "model=softmax"]]
+)
 def test_minibatch_partition_gradients_are_unbiased(setup):
     """batch_size = b < |P_j|: E[g_j^batch] = g_j (the |P_j|/b rescale), over K = 3000 seeded draws
     (R = 500 replicates with their own batch streams and the same partition, 6 draws each)."""
@@ -71,8 +85,9 @@ def test_minibatch_partition_gradients_are_unbiased(setup):
     assert ((parts < data.n).sum(-1) > 4 * b).all()
     l2 = cfg["model"].get("l2", 0.0)
     full = Objective(model, data, parts[:1], l2, torch.float64, torch.device("cpu"))
-    mb = Objective(model, data, parts, l2, torch.float64, torch.device("cpu"), batch_size=b,
-                   batch_rng=SeedRNG(range(R), "batch"))
+    mb = Objective(
+        model, data, parts, l2, torch.float64, torch.device("cpu"), batch_size=b, batch_rng=SeedRNG(range(R), "batch")
+    )
     theta = 0.3 * torch.randn(1, model.D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     draws = np.concatenate([mb.partition_grads(theta.expand(R, -1)).numpy() for _ in range(calls)])  # (K, N, D)
     assert np.abs(draws[0] - draws[1]).max() > 0  # draws differ

@@ -1,5 +1,6 @@
 """Reliability (issue 7): the validated schema, divergence, crash safety and checkpoints,
 reproducibility (`cocoef rerun`, launchers, thread count), never overwriting without --force."""
+
 import json
 import os
 import signal
@@ -40,17 +41,33 @@ VALID = {
 }
 # (overrides, the key the one-line error must name)
 INVALID = [
-    (["straggler.p=1.5"], "straggler.p"), (["straggler.p=abc"], "straggler.p"),
-    (["compressor.ratio=0"], "compressor.ratio"), (["compressor.k=1000"], "compressor.k"),  # k ≤ D = 5
-    (["code.d=99"], "code.d"), (["code=frc", "code.d=3", "devices=4"], "code.d"),  # d | M for frc
-    (["devices=0"], "devices"), (["iters=-1"], "iters"), (["eval_every=0"], "eval_every"),
-    (["seeds=0"], "seeds"), (["seed=x"], "seed"), (["optim.lr=-1"], "optim.lr"), (["optim.momentum=1"], "optim.momentum"),
-    (["model.l2=-1"], "model.l2"), (["model.bias=maybe"], "model.bias"), (["dataset.noise=abc"], "dataset.noise"),
-    (["dataset.standardize=3"], "dataset.standardize"), (["dataset.seed=-2"], "dataset.seed"),
-    (["precision=float16"], "precision"), (["method=nope"], "method"), (["compressor=nope"], "compressor"),
-    (["checkpoint_every=0"], "checkpoint_every"), (["threads=0"], "threads"), (["batch_size=0"], "batch_size"),
+    (["straggler.p=1.5"], "straggler.p"),
+    (["straggler.p=abc"], "straggler.p"),
+    (["compressor.ratio=0"], "compressor.ratio"),
+    (["compressor.k=1000"], "compressor.k"),  # k ≤ D = 5
+    (["code.d=99"], "code.d"),
+    (["code=frc", "code.d=3", "devices=4"], "code.d"),  # d | M for frc
+    (["devices=0"], "devices"),
+    (["iters=-1"], "iters"),
+    (["eval_every=0"], "eval_every"),
+    (["seeds=0"], "seeds"),
+    (["seed=x"], "seed"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["optim.momentum=1"], "optim.momentum"),
+    (["model.l2=-1"], "model.l2"),
+    (["model.bias=maybe"], "model.bias"),
+    (["dataset.noise=abc"], "dataset.noise"),
+    (["dataset.standardize=3"], "dataset.standardize"),
+    (["dataset.seed=-2"], "dataset.seed"),
+    (["precision=float16"], "precision"),
+    (["method=nope"], "method"),
+    (["compressor=nope"], "compressor"),
+    (["checkpoint_every=0"], "checkpoint_every"),
+    (["threads=0"], "threads"),
+    (["batch_size=0"], "batch_size"),
     (["method=coco_diana", "compressor=topk"], "compressor"),  # compressor/method compatibility
-    (["straggler=fixed", "straggler.s=9"], "straggler.s"), (["devicez=3"], "devicez"),
+    (["straggler=fixed", "straggler.s=9"], "straggler.s"),
+    (["devicez=3"], "devicez"),
     (["dataset=mnist", "dataset.root=/nonexistent"], "dataset.root"),  # dataset files present
 ]
 
@@ -72,8 +89,12 @@ def override_sets(draw):
     return TINY + ovs, key
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,  # the same examples on every CI run
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,  # the same examples on every CI run
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(case=override_sets())
 def test_random_override_sets_valid_run_invalid_exit_2(case, tmp_path_factory):
     ovs, key = case
@@ -134,8 +155,19 @@ def test_divergence_stops_the_seed_keeps_rows_and_is_recorded(tmp_path):
     assert json.loads((tmp_path / "ok" / "run.json").read_text())["diverged"] == {}
 
 
-CRC = ["code=crc", "code.construction=random", "code.d=3", "devices=12", "straggler=fixed", "straggler.s=2", "compressor=topk",
-       "compressor.ratio=0.1", "optim.lr=0.05", "iters=300", "precision=float64"]
+CRC = [
+    "code=crc",
+    "code.construction=random",
+    "code.d=3",
+    "devices=12",
+    "straggler=fixed",
+    "straggler.s=2",
+    "compressor=topk",
+    "compressor.ratio=0.1",
+    "optim.lr=0.05",
+    "iters=300",
+    "precision=float64",
+]
 
 
 def test_a_blow_up_is_a_divergence_in_float64(tmp_path):
@@ -168,8 +200,21 @@ def test_diverge_factor_is_validated(bad):
 
 def test_a_diverging_job_does_not_stop_the_sweep(tmp_path):
     out = tmp_path / "s"
-    res = runner.invoke(app, ["sweep", "smoke", "method=coco_ef", "straggler.p=0.1", "optim.lr=0.2,1e8",
-                              "--launcher", "basic", "--out", str(out), "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "smoke",
+            "method=coco_ef",
+            "straggler.p=0.1",
+            "optim.lr=0.2,1e8",
+            "--launcher",
+            "basic",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     index = pd.read_csv(out / "index.csv").set_index("job")
     assert sorted(index.status) == ["completed", "diverged"]
@@ -193,8 +238,16 @@ CKPT_CASES = [
 
 @pytest.mark.parametrize("extra", CKPT_CASES, ids=[" ".join(c) for c in CKPT_CASES])
 def test_checkpoint_resume_equals_uninterrupted_run(tmp_path, monkeypatch, extra):
-    base = ["dataset.n=240", "dataset.dim=5", "devices=6", "iters=40", "eval_every=5", "code.d=2", "seeds=2",
-            "checkpoint_every=7"]
+    base = [
+        "dataset.n=240",
+        "dataset.dim=5",
+        "devices=6",
+        "iters=40",
+        "eval_every=5",
+        "code.d=2",
+        "seeds=2",
+        "checkpoint_every=7",
+    ]
     if extra[0].startswith("dataset="):
         base = [o for o in base if not o.startswith("dataset.")]
     cfg = config.load(base + extra)
@@ -230,8 +283,16 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> bool:
 
 
 def test_sigkill_after_a_checkpoint_then_rerun_resumes_identically(tmp_path):
-    args = ["dataset.n=600", "dataset.dim=40", "devices=20", "iters=3000", "eval_every=100", "code.d=2",
-            "straggler=markov", "checkpoint_every=200"]
+    args = [
+        "dataset.n=600",
+        "dataset.dim=40",
+        "devices=20",
+        "iters=3000",
+        "eval_every=100",
+        "code.d=2",
+        "straggler=markov",
+        "checkpoint_every=200",
+    ]
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "cocoef_cli.cli", "run", *args, "--out", str(out), "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -337,18 +398,34 @@ def test_metrics_do_not_depend_on_the_callers_thread_count(tmp_path):
 def test_basic_and_joblib_launchers_write_identical_metrics(tmp_path):
     for launcher in ("basic", "joblib"):
         extra = ["--jobs", "2"] if launcher == "joblib" else []
-        res = runner.invoke(app, ["sweep", "smoke", "--launcher", launcher, *extra, "--out", str(tmp_path / launcher), "-q"])
+        res = runner.invoke(
+            app, ["sweep", "smoke", "--launcher", launcher, *extra, "--out", str(tmp_path / launcher), "-q"]
+        )
         assert res.exit_code == 0, res.output
     jobs = sorted(p.parent.name for p in (tmp_path / "basic").glob("*/metrics.csv"))
     assert len(jobs) == 4
     for j in jobs:
-        assert (tmp_path / "basic" / j / "metrics.csv").read_bytes() == (tmp_path / "joblib" / j / "metrics.csv").read_bytes()
+        assert (tmp_path / "basic" / j / "metrics.csv").read_bytes() == (
+            tmp_path / "joblib" / j / "metrics.csv"
+        ).read_bytes()
 
 
 def test_sweep_sigkilled_midway_resumes_complete_and_duplicate_free(tmp_path):
     out = tmp_path / "s"
     longer = ["iters=1500", "eval_every=100", "checkpoint_every=100", "dataset.n=600", "dataset.dim=30"]
-    cmd = [sys.executable, "-m", "cocoef_cli.cli", "sweep", "smoke", *longer, "--launcher", "basic", "-q", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cocoef_cli.cli",
+        "sweep",
+        "smoke",
+        *longer,
+        "--launcher",
+        "basic",
+        "-q",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:  # kill once one job is finished and another has checkpointed
         deadline = time.time() + 60
@@ -377,9 +454,15 @@ def test_sweep_sigkilled_midway_resumes_complete_and_duplicate_free(tmp_path):
         assert not (out / j / checkpoint.FILENAME).exists() and not list((out / j).glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("overrides,key", [([], "diverge_factor"), ([], "code.p_assumed"),
-                                           (["method=coco_diana", "compressor=randk_unbiased"], "method.stale_shifts"),
-                                           (["method=coco_ef21"], "method.stale_shifts")])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        ([], "diverge_factor"),
+        ([], "code.p_assumed"),
+        (["method=coco_diana", "compressor=randk_unbiased"], "method.stale_shifts"),
+        (["method=coco_ef21"], "method.stale_shifts"),
+    ],
+)
 def test_keys_added_later_keep_older_run_ids_at_their_default(overrides, key):
     """A run recorded before a key existed keeps its id (its sweep folder is not stale) while the
     key is at its default; set to another value, the id changes."""

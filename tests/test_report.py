@@ -1,4 +1,5 @@
 """`cocoef report`: figures + summary from a sweep output; bad columns exit 2; diverged runs flagged."""
+
 import json
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def test_report_writes_figures_and_summary(sweep_dir, tmp_path):
 
 def test_report_single_run_and_options(sweep_dir, tmp_path):
     run = next(p for p in sweep_dir.iterdir() if (p / "metrics.csv").exists())
-    res = runner.invoke(app, ["report", str(run), "--out", str(tmp_path), "--x", "bits_up", "--y", "train_loss",
-                              "--hue", "method"])
+    res = runner.invoke(
+        app, ["report", str(run), "--out", str(tmp_path), "--x", "bits_up", "--y", "train_loss", "--hue", "method"]
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "train_loss_vs_bits_up.png").exists()
 
@@ -77,9 +79,19 @@ def test_fixed_styles_and_bits_to_target():
     assert style_for("coco_ef", "topk") != style_for("coco", "topk")
     assert style_for("gc", "identity") == style_for("gc", "anything")
     assert style_for("new_method", "x") == style_for("new_method", "x")
-    rows = pd.DataFrame({"label": ["a"] * 6, "method": "m", "compressor": "c", "status": "completed", "run": "r",
-                         "seed": [0, 0, 0, 1, 1, 1], "iter": [0, 1, 2] * 2, "bits_up": [0, 10, 20] * 2,
-                         "opt_gap": [1.0, 0.1, 0.01, 1.0, 0.5, 0.05]})
+    rows = pd.DataFrame(
+        {
+            "label": ["a"] * 6,
+            "method": "m",
+            "compressor": "c",
+            "status": "completed",
+            "run": "r",
+            "seed": [0, 0, 0, 1, 1, 1],
+            "iter": [0, 1, 2] * 2,
+            "bits_up": [0, 10, 20] * 2,
+            "opt_gap": [1.0, 0.1, 0.01, 1.0, 0.5, 0.05],
+        }
+    )
     t = bits_to_target(rows, "label", "opt_gap", 0.1)
     assert t["bits_to_target"].iloc[0] == 15 and t["seeds_reached"].iloc[0] == "2/2"
     t = bits_to_target(rows, "label", "opt_gap", 0.02)
@@ -119,7 +131,7 @@ def test_a_grid_of_non_identity_keys_gives_one_curve_per_configuration(grid_dir,
     assert len(summary[keys].drop_duplicates()) == 8
     # every final value: the mean and 95% t-interval over the 2 seeds of that job's metrics.csv
     for r in summary.itertuples():
-        job = grid_dir / f"compressor.ratio={getattr(r, '_2'):g},dataset.noise={getattr(r, '_3'):g},optim.lr={getattr(r, '_4'):g}"
+        job = grid_dir / f"compressor.ratio={r._2:g},dataset.noise={r._3:g},optim.lr={r._4:g}"
         m = pd.read_csv(job / "metrics.csv")
         last = m[m.iter == m.iter.max()].train_loss.to_numpy()
         mean, lo, _ = _t_band(last)
@@ -137,8 +149,12 @@ def test_curves_csv_holds_the_mean_and_band_of_each_curve_at_each_x(grid_dir, tm
     for job in (p.parent for p in grid_dir.glob("*/metrics.csv")):
         cfg = json.loads((job / "run.json").read_text())["config"]
         m = pd.read_csv(job / "metrics.csv")
-        mine = pts[(pts.figure == "train_loss_vs_bits_up") & (pts["compressor.ratio"] == cfg["compressor"]["ratio"])
-                   & (pts["optim.lr"] == cfg["optim"]["lr"]) & (pts["dataset.noise"] == cfg["dataset"]["noise"])]
+        mine = pts[
+            (pts.figure == "train_loss_vs_bits_up")
+            & (pts["compressor.ratio"] == cfg["compressor"]["ratio"])
+            & (pts["optim.lr"] == cfg["optim"]["lr"])
+            & (pts["dataset.noise"] == cfg["dataset"]["noise"])
+        ]
         assert sorted(mine.iter) == sorted(m.iter.unique())
         for it, g in m.groupby("iter"):
             row = mine[mine.iter == it].iloc[0]
@@ -172,8 +188,12 @@ def test_diverged_and_failed_runs_are_never_averaged_in(grid_dir, tmp_path):
 def test_runs_differing_only_in_iters_are_two_curves(tmp_path):
     base = ["dataset.n=120", "dataset.dim=4", "devices=4", "code.d=2", "seeds=2", "eval_every=5"]
     for iters in (10, 20):
-        assert runner.invoke(app, ["run", *base, f"iters={iters}", "--out", str(tmp_path / "runs" / f"t{iters}"),
-                                   "-q"]).exit_code == 0
+        assert (
+            runner.invoke(
+                app, ["run", *base, f"iters={iters}", "--out", str(tmp_path / "runs" / f"t{iters}"), "-q"]
+            ).exit_code
+            == 0
+        )
     out = tmp_path / "rep"
     res = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -203,13 +223,39 @@ def test_too_many_varying_keys_exit_2_naming_them(tmp_path):
 
 
 def test_hue_style_facets_and_where(grid_dir, tmp_path):
-    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "a"), "--hue", "method,compressor.ratio",
-                              "--col", "optim.lr", "--row", "dataset.noise", "--title", "my title"])
+    res = runner.invoke(
+        app,
+        [
+            "report",
+            str(grid_dir),
+            "--out",
+            str(tmp_path / "a"),
+            "--hue",
+            "method,compressor.ratio",
+            "--col",
+            "optim.lr",
+            "--row",
+            "dataset.noise",
+            "--title",
+            "my title",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = pd.read_csv(tmp_path / "a" / "summary.csv")
     assert len(summary) == 8 and set(summary.curve) == {"COCO-EF, k/D=0.1", "COCO-EF, k/D=0.3"}
-    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "b"), "--where", "optim.lr=0.05",
-                              "--where", "dataset.noise=0.5"])
+    res = runner.invoke(
+        app,
+        [
+            "report",
+            str(grid_dir),
+            "--out",
+            str(tmp_path / "b"),
+            "--where",
+            "optim.lr=0.05",
+            "--where",
+            "dataset.noise=0.5",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = pd.read_csv(tmp_path / "b" / "summary.csv")
     assert len(summary) == 2 and list(summary.columns[:2]) == ["curve", "compressor.ratio"]
@@ -221,8 +267,23 @@ def test_hue_style_facets_and_where(grid_dir, tmp_path):
     assert res.exit_code == 2 and "no run has optim.lr=7" in res.stderr
     res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "c"), "--hue", "optim.lr"])
     assert res.exit_code == 0  # the other two keys go to style and a facet
-    res = runner.invoke(app, ["report", str(grid_dir), "--out", str(tmp_path / "d"), "--hue", "optim.lr",
-                              "--style", "optim.lr", "--col", "optim.lr", "--row", "optim.lr"])
+    res = runner.invoke(
+        app,
+        [
+            "report",
+            str(grid_dir),
+            "--out",
+            str(tmp_path / "d"),
+            "--hue",
+            "optim.lr",
+            "--style",
+            "optim.lr",
+            "--col",
+            "optim.lr",
+            "--row",
+            "optim.lr",
+        ],
+    )
     assert res.exit_code == 2 and "not shown: compressor.ratio, dataset.noise" in res.stderr
 
 
@@ -238,8 +299,23 @@ def test_default_title_states_the_constant_setting(grid_dir, tmp_path):
 def test_runs_of_one_config_in_several_folders_are_one_curve_averaging_their_seeds(tmp_path):
     """seed=0,1,2 as three sweep jobs: one configuration, one curve over the three seeds."""
     out = tmp_path / "s"
-    res = runner.invoke(app, ["sweep", "none", "seed=0,1,2", "devices=6", "code.d=2", "iters=10", "dataset.n=240",
-                              "--launcher", "basic", "--out", str(out), "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "none",
+            "seed=0,1,2",
+            "devices=6",
+            "code.d=2",
+            "iters=10",
+            "dataset.n=240",
+            "--launcher",
+            "basic",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")]).exit_code == 0
     summary = pd.read_csv(tmp_path / "rep" / "summary.csv")

@@ -1,5 +1,6 @@
 """Nothing a file or a peer sends runs code: crafted checkpoints, CIFAR-10 batches and wire messages
 are refused with one clean line, and leave no marker file behind (issue 19)."""
+
 import io
 import json
 import os
@@ -46,7 +47,7 @@ def assert_live(make, tmp_path) -> None:
     blob = make(probe)
     try:
         torch.load(io.BytesIO(blob), weights_only=False) if blob[:2] == b"PK" else pickle.loads(blob)
-    except Exception:  # noqa: BLE001 — the object built may not be what the loader expects
+    except Exception:
         pass
     assert probe.exists(), "the crafted payload should create its marker when unpickled unsafely"
     probe.unlink()
@@ -109,8 +110,9 @@ def test_corrupt_or_foreign_checkpoints_are_one_line_exit_2(tmp_path, monkeypatc
     buf = io.BytesIO()
     blob = {"truncated": good[: len(good) // 2], "garbage": os.urandom(300)}.get(kind)
     if kind == "old_format":  # what cocoef wrote before format 3: a pickled DataFrame in the loop state
-        torch.save({"format": 2, "run_id": run_id(cfg), "t": 5, "sim": {}, "loop": {"rows": [pd.DataFrame({"a": [1]})]}},
-                   buf)
+        torch.save(
+            {"format": 2, "run_id": run_id(cfg), "t": 5, "sim": {}, "loop": {"rows": [pd.DataFrame({"a": [1]})]}}, buf
+        )
     elif kind == "other_format":
         torch.save({"format": 99, "run_id": run_id(cfg), "t": 5, "sim": {}, "loop": {}}, buf)
     elif kind == "malformed":
@@ -125,9 +127,21 @@ def test_corrupt_or_foreign_checkpoints_are_one_line_exit_2(tmp_path, monkeypatc
 
 
 def test_checkpoint_file_is_plain_data_and_round_trips_exactly(tmp_path):
-    loop = {"rows": [pd.DataFrame({"seed": np.array([0, 1]), "x": np.array([1.5, np.nan], np.float32),
-                                   "o": np.array([None, 2.0], dtype=object), "s": ["a", "b"]})],
-            "diverged": {3: 7}, "alive": np.array([True, False]), "scalar": np.float32(0.1)}
+    loop = {
+        "rows": [
+            pd.DataFrame(
+                {
+                    "seed": np.array([0, 1]),
+                    "x": np.array([1.5, np.nan], np.float32),
+                    "o": np.array([None, 2.0], dtype=object),
+                    "s": ["a", "b"],
+                }
+            )
+        ],
+        "diverged": {3: 7},
+        "alive": np.array([True, False]),
+        "scalar": np.float32(0.1),
+    }
     path = tmp_path / "c.pt"
     torch.save(checkpoint.plain(loop), path)
     back = checkpoint.unplain(torch.load(path, weights_only=True))
@@ -144,8 +158,12 @@ def _batches(folder, first: bytes | None = None, protocol=2):
     folder.mkdir(parents=True, exist_ok=True)
     g = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {b"batch_label": name.encode(), b"labels": [1, 2], b"data": g.integers(0, 256, (2, 3072), dtype=np.uint8),
-             b"filenames": [b"a.png", b""]}
+        d = {
+            b"batch_label": name.encode(),
+            b"labels": [1, 2],
+            b"data": g.integers(0, 256, (2, 3072), dtype=np.uint8),
+            b"filenames": [b"a.png", b""],
+        }
         (folder / name).write_bytes(pickle.dumps(d, protocol=protocol))
     if first is not None:
         (folder / "data_batch_1").write_bytes(first)
@@ -159,8 +177,20 @@ def test_crafted_cifar_batch_is_refused_naming_the_file(tmp_path):
 
     assert_live(craft, tmp_path)
     _batches(tmp_path / "c", craft(marker))
-    res = runner.invoke(app, ["run", "dataset=cifar10", f"dataset.root={tmp_path / 'c'}", "model=softmax",
-                              "devices=4", "iters=2", "--out", str(tmp_path / "o"), "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            "dataset=cifar10",
+            f"dataset.root={tmp_path / 'c'}",
+            "model=softmax",
+            "devices=4",
+            "iters=2",
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+        ],
+    )
     assert res.exit_code == 2, res.output
     line = one_line(res.stderr)
     assert line.startswith("error: dataset.root=") and "data_batch_1" in line and "refused global io.open" in line
@@ -179,10 +209,17 @@ def test_official_batch_layouts_still_load(tmp_path, protocol):
         assert X.tolist() == [[0, 1, 2], [3, 4, 5]] and y.tolist() == [3, 4]
 
 
-@pytest.mark.parametrize("blob", [pickle.dumps([1, 2]), pickle.dumps({b"data": "s", b"labels": [1]}), b"\x80\x02}q",
-                                  pickle.dumps({b"data": np.zeros(2), b"labels": [1]}),
-                                  b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x05\x00\x00\x00rot13\x86R."],
-                         ids=["list", "no-array", "truncated", "float-data", "codec"])
+@pytest.mark.parametrize(
+    "blob",
+    [
+        pickle.dumps([1, 2]),
+        pickle.dumps({b"data": "s", b"labels": [1]}),
+        b"\x80\x02}q",
+        pickle.dumps({b"data": np.zeros(2), b"labels": [1]}),
+        b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x05\x00\x00\x00rot13\x86R.",
+    ],
+    ids=["list", "no-array", "truncated", "float-data", "codec"],
+)
 def test_malformed_cifar_batches_are_config_errors(tmp_path, blob):
     (tmp_path / "b").write_bytes(blob)
     with pytest.raises(ConfigError) as e:
@@ -194,10 +231,15 @@ def test_malformed_cifar_batches_are_config_errors(tmp_path, blob):
 
 
 def test_envelope_body_round_trips_every_dtype():
-    arrays = {"b": torch.tensor([True, False]), "u": torch.arange(6, dtype=torch.uint8).view(2, 3),
-              "i": torch.tensor([-1, 2], dtype=torch.int32), "l": torch.arange(24).view(2, 3, 4),
-              "f": torch.randn(3, dtype=torch.float32), "d": torch.tensor(2.5, dtype=torch.float64),
-              "empty": torch.zeros(0, 5)}
+    arrays = {
+        "b": torch.tensor([True, False]),
+        "u": torch.arange(6, dtype=torch.uint8).view(2, 3),
+        "i": torch.tensor([-1, 2], dtype=torch.int32),
+        "l": torch.arange(24).view(2, 3, 4),
+        "f": torch.randn(3, dtype=torch.float32),
+        "d": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 5),
+    }
     meta = {"cfg": {"a": [1, 2.5, None, True, "s"], "inf": float("inf")}}
     m, back = tp.decode_body(tp.encode_body(meta, arrays))
     assert m == meta and list(back) == list(arrays)
@@ -211,12 +253,12 @@ def _mutations(body: bytes):
     yield "empty", b""
     yield "truncated", body[:-1]
     yield "trailing", body + b"\0"
-    yield "json length", (10 ** 9).to_bytes(8, "little") + body[8:]
+    yield "json length", (10**9).to_bytes(8, "little") + body[8:]
     yield "not json", body[:8] + b"\xff" * n + body[at:]
-    yield "array magic", body[:at] + b"XXXX" + body[at + 4:]
-    yield "dtype code", body[:at + 5] + b"\x63" + body[at + 6:]
-    yield "ndim", body[:at + 6] + b"\x09" + body[at + 7:]
-    yield "shape", body[:at + 8] + (10 ** 12).to_bytes(8, "little") + body[at + 16:]
+    yield "array magic", body[:at] + b"XXXX" + body[at + 4 :]
+    yield "dtype code", body[: at + 5] + b"\x63" + body[at + 6 :]
+    yield "ndim", body[: at + 6] + b"\x09" + body[at + 7 :]
+    yield "shape", body[: at + 8] + (10**12).to_bytes(8, "little") + body[at + 16 :]
 
 
 @pytest.mark.parametrize("what", [w for w, _ in _mutations(tp.encode_body({"k": 1}, {"a": torch.ones(2, 2)}))])
@@ -236,7 +278,7 @@ def test_malformed_uplink_and_downlink_messages_are_wire_errors():
     bad_flags = good.copy()
     bad_flags[4] = 6
     out_of_range = good.copy()
-    out_of_range[HEADER.itemsize + 8: HEADER.itemsize + 12] = np.frombuffer(np.uint32(99).tobytes(), np.uint8)
+    out_of_range[HEADER.itemsize + 8 : HEADER.itemsize + 12] = np.frombuffer(np.uint32(99).tobytes(), np.uint8)
     for buf in (bad_tag, bad_flags, out_of_range, good[:-1], np.zeros_like(good)):
         with pytest.raises(WireError):
             unframe(codec, buf)
@@ -299,15 +341,21 @@ def _env(token=None, **extra):
 
 def _device(rank, port, world, token=None, **extra):
     env = _env(token, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra)
-    return subprocess.Popen([sys.executable, "-m", "cocoef_cli.runtime"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cocoef_cli.runtime"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _rogue(tmp_path, rank, port, world, mode):
     script = tmp_path / "rogue.py"
     script.write_text(ROGUE.format(repo=str(REPO), marker=str(tmp_path / "marker")))
-    return subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(port), mode], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(rank), str(world), str(port), mode],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(*procs, grace=60.0):
@@ -323,9 +371,20 @@ def _finish(*procs, grace=60.0):
     return outs
 
 
-SERVER = ["dataset.n=120", "dataset.dim=3", "devices=2", "iters=4", "eval_every=2", "code=sgc", "code.d=2",
-          "straggler=none", "runtime=torch_distributed", "runtime.spawn=false", "runtime.replay=true",
-          "runtime.timeout_s=20"]
+SERVER = [
+    "dataset.n=120",
+    "dataset.dim=3",
+    "devices=2",
+    "iters=4",
+    "eval_every=2",
+    "code=sgc",
+    "code.d=2",
+    "straggler=none",
+    "runtime=torch_distributed",
+    "runtime.spawn=false",
+    "runtime.replay=true",
+    "runtime.timeout_s=20",
+]
 
 
 def _server(port, tmp_path, monkeypatch, token="the-run-token"):
@@ -389,7 +448,7 @@ def test_a_rogue_server_sending_a_crafted_payload_is_refused_by_the_device(tmp_p
     port = free_port()
     rogue = _rogue(tmp_path, 0, port, 2, mode)
     dev = _device(1, port, 2, "the-run-token")
-    (_, err), = _finish(dev)
+    ((_, err),) = _finish(dev)
     _finish(rogue, grace=2.0)
     assert dev.returncode == 1
     line = one_line(err)

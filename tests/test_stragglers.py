@@ -1,4 +1,5 @@
 """Straggler models: marginals, draws, state and validation (cocoef_cli/sim/stragglers.py)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """`cocoef sweep`: a real Hydra multirun of a preset — launchers, resume, index.csv, bad input."""
+
 import importlib.util
 import json
 import os
@@ -17,8 +18,12 @@ from cocoef_cli import sweep as sw
 from cocoef_cli.cli import app
 
 runner = CliRunner()
-SMOKE_JOBS = {"method=coco_ef,straggler.p=0.1", "method=coco_ef,straggler.p=0.3",
-              "method=coco,straggler.p=0.1", "method=coco,straggler.p=0.3"}
+SMOKE_JOBS = {
+    "method=coco_ef,straggler.p=0.1",
+    "method=coco_ef,straggler.p=0.3",
+    "method=coco,straggler.p=0.1",
+    "method=coco,straggler.p=0.3",
+}
 
 
 def _mtimes(d: Path) -> dict:
@@ -118,8 +123,19 @@ def test_a_failing_job_is_recorded_and_the_sweep_exits_1(tmp_path, monkeypatch):
 def test_killed_job_leaves_no_metrics_and_rerun_completes_it(tmp_path):
     out = tmp_path / "s"
     longer = ["iters=1000", "eval_every=100"]  # ~1 s per job: time to kill one mid-run
-    cmd = [sys.executable, "-m", "cocoef_cli.cli", "sweep", "smoke", *longer, "--launcher", "basic", "-q",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cocoef_cli.cli",
+        "sweep",
+        "smoke",
+        *longer,
+        "--launcher",
+        "basic",
+        "-q",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     victim = None
     try:
@@ -153,14 +169,17 @@ def test_submitit_local_runs_the_smoke_sweep(tmp_path):
     assert (out / ".submitit").is_dir()  # each job ran as a submitit job
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
-                    reason="hydra-ray-launcher is not installed (pip install 'cocoef[cluster]'); it downgrades "
-                           "cloudpickle, so the dev venv leaves it out — see README 'Ray cluster' for the manual check")
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+    reason="hydra-ray-launcher is not installed (pip install 'cocoef[cluster]'); it downgrades "
+    "cloudpickle, so the dev venv leaves it out — see README 'Ray cluster' for the manual check",
+)
 def test_ray_launcher_runs_the_smoke_sweep(tmp_path, monkeypatch):  # pragma: no cover — optional
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     out = tmp_path / "s"
-    res = runner.invoke(app, ["sweep", "smoke", "--out", str(out), "--launcher", "ray", "-q",
-                              "+hydra.launcher.ray.init.num_cpus=2"])
+    res = runner.invoke(
+        app, ["sweep", "smoke", "--out", str(out), "--launcher", "ray", "-q", "+hydra.launcher.ray.init.num_cpus=2"]
+    )
     assert res.exit_code == 0, res.output
     _check_complete(out)
 
@@ -249,8 +268,12 @@ def test_summary_table(smoke_dir):
 
 # ------------------------------------------------------------------ sweeps that say what they swept
 def test_job_names_hold_every_swept_key_and_no_constant_one():
-    pl = sw.plan("smoke", ["straggler.p=0.1,0.4", "compressor.ratio=0.05,0.2", "seeds=2", "devices=20", "iters=300",
-                           "code.d=3"], "joblib", check=False)
+    pl = sw.plan(
+        "smoke",
+        ["straggler.p=0.1,0.4", "compressor.ratio=0.05,0.2", "seeds=2", "devices=20", "iters=300", "code.d=3"],
+        "joblib",
+        check=False,
+    )
     assert pl.swept == ["compressor.ratio", "method", "straggler.p"]
     assert set(pl.constant) == {"+experiment=smoke", "seeds=2", "devices=20", "iters=300", "code.d=3"}
     assert len(pl.jobs) == len({j.name for j in pl.jobs}) == 8
@@ -261,18 +284,37 @@ def test_job_names_hold_every_swept_key_and_no_constant_one():
 
 def test_index_has_a_column_per_swept_key_and_constants_are_recorded_once(tmp_path):
     out = tmp_path / "s"
-    res = runner.invoke(app, ["sweep", "smoke", "method=coco_ef", "straggler.p=0.1,0.3", "iters=10",
-                              "--launcher", "basic", "--out", str(out), "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "smoke",
+            "method=coco_ef",
+            "straggler.p=0.1,0.3",
+            "iters=10",
+            "--launcher",
+            "basic",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     index = pd.read_csv(out / "index.csv")
     assert list(index.columns) == ["job", "straggler.p", "overrides", "status", "wall_s", "note"]
     assert sorted(index["straggler.p"]) == [0.1, 0.3] and set(index.job) == {"straggler.p=0.1", "straggler.p=0.3"}
     rec = json.loads((out / "sweep.json").read_text())
-    assert rec["swept"] == ["straggler.p"] and set(rec["constant"]) == {"+experiment=smoke", "method=coco_ef", "iters=10"}
+    assert rec["swept"] == ["straggler.p"] and set(rec["constant"]) == {
+        "+experiment=smoke",
+        "method=coco_ef",
+        "iters=10",
+    }
     assert "method=coco_ef" in (out / "multirun.yaml").read_text()  # Hydra's record of the constant overrides
     for job in index.job:
         cfg = json.loads((out / job / "run.json").read_text())["config"]
-        assert cfg["iters"] == 10 and cfg["method"]["name"] == "coco_ef" and f"straggler.p={cfg['straggler']['p']}" == job
+        assert (
+            cfg["iters"] == 10 and cfg["method"]["name"] == "coco_ef" and f"straggler.p={cfg['straggler']['p']}" == job
+        )
 
 
 def test_a_sweep_started_with_the_older_folder_names_resumes(tmp_path):
@@ -303,8 +345,9 @@ def test_an_empty_glob_exits_2_naming_the_pattern(tmp_path):
 
 def test_jobs_with_the_same_config_run_once_and_the_table_says_so(tmp_path):
     out = tmp_path / "s"
-    res = runner.invoke(app, ["sweep", "smoke", "method=coco_ef", "seed=0,0", "iters=10", "--launcher", "basic",
-                              "--out", str(out)])
+    res = runner.invoke(
+        app, ["sweep", "smoke", "method=coco_ef", "seed=0,0", "iters=10", "--launcher", "basic", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     index = pd.read_csv(out / "index.csv", keep_default_na=False)
     assert len(index) == 4 and list(index.status).count("duplicate") == 2
@@ -335,8 +378,23 @@ def test_baseline_arms_keep_their_own_method_and_step_size():
 
 def test_sweep_none_sweeps_the_root_config(tmp_path):
     out = tmp_path / "s"
-    res = runner.invoke(app, ["sweep", "none", "straggler.p=0.1,0.3", "devices=6", "code.d=2", "iters=5",
-                              "dataset.n=240", "--launcher", "basic", "--out", str(out), "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "sweep",
+            "none",
+            "straggler.p=0.1,0.3",
+            "devices=6",
+            "code.d=2",
+            "iters=5",
+            "dataset.n=240",
+            "--launcher",
+            "basic",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     index = pd.read_csv(out / "index.csv")
     assert set(index.job) == {"straggler.p=0.1", "straggler.p=0.3"}
@@ -354,13 +412,21 @@ def test_a_job_failing_in_a_joblib_worker_prints_its_reason(tmp_path):
         "import cocoef_cli.run as r\n_real = r.execute\n"
         "def execute(cfg, out, progress=False, **kw):\n"
         "    if cfg['method']['name'] == 'coco':\n        raise RuntimeError('boom in the worker')\n"
-        "    return _real(cfg, out, progress, **kw)\nr.execute = execute\n")
+        "    return _real(cfg, out, progress, **kw)\nr.execute = execute\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), *sys.path])}
     out = tmp_path / "s"
-    proc = subprocess.run([sys.executable, "-m", "cocoef_cli.cli", "sweep", "smoke", "iters=5", "-j", "2", "-q",
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cocoef_cli.cli", "sweep", "smoke", "iters=5", "-j", "2", "-q", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     failed = [ln for ln in proc.stderr.splitlines() if ln.startswith("failed: ")]
-    assert sorted(failed) == [f"failed: method=coco,straggler.p={p}: RuntimeError: boom in the worker" for p in (0.1, 0.3)]
+    assert sorted(failed) == [
+        f"failed: method=coco,straggler.p={p}: RuntimeError: boom in the worker" for p in (0.1, 0.3)
+    ]
     index = pd.read_csv(out / "index.csv").set_index("job")
     assert index.loc["method=coco,straggler.p=0.1", "note"] == "RuntimeError: boom in the worker"

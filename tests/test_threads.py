@@ -1,4 +1,5 @@
 """threads=auto: how a run's torch thread count is resolved, recorded and kept out of run_id."""
+
 import json
 
 import pytest
@@ -26,7 +27,7 @@ def test_an_integer_is_used_as_given_and_auto_follows_the_size_of_the_state(monk
 
 
 def test_usable_cores_is_a_positive_count():
-    assert 1 <= run.usable_cores()
+    assert run.usable_cores() >= 1
 
 
 @pytest.mark.parametrize("value", [0, -1, "many", 1.5, True])

@@ -1,5 +1,6 @@
 """Loggers (logger=tensorboard | mlflow), read back with tensorboard's EventAccumulator and
 mlflow's client; the CSV/JSON record is unchanged by them. Live progress of a single run."""
+
 import json
 
 import pandas as pd
@@ -53,7 +54,9 @@ def test_tensorboard_event_files_read_back(tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     content = acc.PluginTagToContent("hparams")
-    hp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
+    hp = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]
+    ).session_start_info.hparams
     assert hp["optim.lr"].number_value == pytest.approx(rec["config"]["optim"]["lr"])
     assert hp["method.name"].string_value == "coco_ef" and hp["status"].string_value == "completed"
     exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
@@ -92,8 +95,9 @@ def test_mlflow_run_read_back_and_a_failed_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_mod, "simulate", boom)
     store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    cfg = config.check(config.compose([*TINY, "logger=mlflow", f"logger.tracking_uri={store}",
-                                       "logger.experiment=mine"]), None)
+    cfg = config.check(
+        config.compose([*TINY, "logger=mlflow", f"logger.tracking_uri={store}", "logger.experiment=mine"]), None
+    )
     with pytest.raises(RuntimeError, match="boom"):
         execute(cfg, tmp_path / "failed")
     client = MlflowClient(tracking_uri=store)
@@ -111,15 +115,17 @@ def test_mlflow_one_run_per_sweep_job_in_the_sweep_store(tmp_path):
     from cocoef_cli.sweep import run_sweep
 
     out = tmp_path / "sw"
-    res = run_sweep("smoke", ["logger=mlflow", "iters=4", "eval_every=2"], out, "joblib", 2, quiet=True,
-                    echo=lambda m: None)
+    res = run_sweep(
+        "smoke", ["logger=mlflow", "iters=4", "eval_every=2"], out, "joblib", 2, quiet=True, echo=lambda m: None
+    )
     assert res.ok and len(res.jobs) == 4
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cocoef").experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(j.name for j in res.jobs)
     assert all(r.data.tags["status"] == "completed" and r.info.status == "FINISHED" for r in runs)
-    assert sorted(p.parent for p in out.rglob("run.json") if ".hydra" not in p.parts) == \
-        sorted(out / j.name for j in res.jobs)
+    assert sorted(p.parent for p in out.rglob("run.json") if ".hydra" not in p.parts) == sorted(
+        out / j.name for j in res.jobs
+    )
 
 
 def test_a_missing_extra_exits_2_naming_the_pip_command(tmp_path, monkeypatch):
@@ -128,7 +134,9 @@ def test_a_missing_extra_exits_2_naming_the_pip_command(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     res = runner.invoke(app, ["run", *TINY, "logger=mlflow", "--out", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "pip install -e '.[tracking]'" in res.stderr and "mlflow is not installed" in res.stderr
+    assert (
+        res.exit_code == 2 and "pip install -e '.[tracking]'" in res.stderr and "mlflow is not installed" in res.stderr
+    )
     assert not (tmp_path / "x").exists()
 
 

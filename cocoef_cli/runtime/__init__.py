@@ -11,6 +11,7 @@ the message layouts; docs/runtime.md), ``device`` (a device process), ``server``
 and the process lifecycle). ``python -m cocoef_cli.runtime`` is the entry point of every rank under
 torchrun (rank 0 = server, which takes the overrides and ``--out``) or of one device process per host.
 """
+
 from __future__ import annotations
 
 

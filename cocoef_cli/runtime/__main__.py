@@ -5,6 +5,7 @@ rank 0 is the server — it composes the config from the overrides (``runtime=to
 runtime.spawn=false`` implied, the address from the environment), runs and writes ``--out``; every
 other rank is device RANK − 1 and takes everything from the server. WORLD_SIZE must be devices + 1.
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,10 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     out = None
     if "--out" in argv:
         k = argv.index("--out")
-        out, argv = Path(argv[k + 1]), argv[:k] + argv[k + 2:]
+        out, argv = Path(argv[k + 1]), argv[:k] + argv[k + 2 :]
     try:
-        ov = argv + ["runtime=torch_distributed", "runtime.spawn=false", f"runtime.master_addr={addr}",
-                     f"runtime.master_port={port}"]
+        ov = argv + [
+            "runtime=torch_distributed",
+            "runtime.spawn=false",
+            f"runtime.master_addr={addr}",
+            f"runtime.master_port={port}",
+        ]
         cfg = config.load(ov)
         if int(cfg["devices"]) + 1 != world:
             raise ConfigError("devices", cfg["devices"], f"{world - 1} (WORLD_SIZE − 1)", "does not match WORLD_SIZE")

@@ -18,6 +18,7 @@ sends nothing (it only advances its random streams). Without replay the device s
 straggler model (``delay``: time_scale × T_i; others: ``straggle_s`` when it straggles), cut short as
 soon as the next model arrives, and then sends (the server drops a late message).
 """
+
 from __future__ import annotations
 
 import os
@@ -81,10 +82,25 @@ def shard_objective(cfg: dict, meta: dict, arrays: dict[str, torch.Tensor], dtyp
     the partition tensors :data:`~cocoef_cli.runtime.transport.SHARD` as received."""
     d = meta["data"]
     f = int(d["features"])
-    empty = Dataset(str(d["name"]), np.zeros((0, f)), np.zeros(0, np.int64), np.zeros((0, f)), np.zeros(0, np.int64),
-                    str(d["task"]), int(d["n_classes"]), tuple(int(k) for k in d["shape"]) if d["shape"] else None)
-    obj = Objective(build_model(cfg["model"], empty), empty, np.zeros((1, 0, 0), np.int64), float(meta["l2"]), dtype,
-                    torch.device("cpu"), batch_size=meta["batch_size"])
+    empty = Dataset(
+        str(d["name"]),
+        np.zeros((0, f)),
+        np.zeros(0, np.int64),
+        np.zeros((0, f)),
+        np.zeros(0, np.int64),
+        str(d["task"]),
+        int(d["n_classes"]),
+        tuple(int(k) for k in d["shape"]) if d["shape"] else None,
+    )
+    obj = Objective(
+        build_model(cfg["model"], empty),
+        empty,
+        np.zeros((1, 0, 0), np.int64),
+        float(meta["l2"]),
+        dtype,
+        torch.device("cpu"),
+        batch_size=meta["batch_size"],
+    )
     obj.n = int(meta["n"])
     for name in tp.SHARD:
         setattr(obj, name, arrays[name])
@@ -119,8 +135,9 @@ class Device:
         rt = setup["runtime"]
         self.slow = float(rt["slow_s"]) if self.i in rt["slow_devices"] else 0.0
         self.time_scale, self.straggle_s = float(rt["time_scale"]), float(rt["straggle_s"])
-        self.straggler = None if self.replay else build_straggler(cfg["straggler"], arrays["loads"],
-                                                                   SeedRNG([seed], "straggler"))
+        self.straggler = (
+            None if self.replay else build_straggler(cfg["straggler"], arrays["loads"], SeedRNG([seed], "straggler"))
+        )
 
     # -- per iteration
     def encoded_gradient(self, theta: torch.Tensor) -> torch.Tensor:
@@ -128,7 +145,7 @@ class Device:
         G = self.obj.partition_grads(theta)  # (1, n_own, D)
         u = torch.zeros(1, 1, self.D, dtype=G.dtype)
         for k in range(G.shape[1]):  # the few partitions of THIS device (≤ d), as Code.encode sums them
-            u.add_(self.b[k] * G[:, k: k + 1])
+            u.add_(self.b[k] * G[:, k : k + 1])
         return u
 
     def step(self, theta: torch.Tensor, t: int) -> np.ndarray:
@@ -172,8 +189,9 @@ class Device:
         return d + self.slow
 
     def bye(self) -> np.ndarray:
-        return np.concatenate([header(tp.STOP_ITER).view(np.uint8),
-                               np.zeros(self.msg_bytes - HEADER.itemsize, dtype=np.uint8)])
+        return np.concatenate(
+            [header(tp.STOP_ITER).view(np.uint8), np.zeros(self.msg_bytes - HEADER.itemsize, dtype=np.uint8)]
+        )
 
 
 def serve(pg: Any, dev: Device) -> None:

@@ -7,6 +7,7 @@ exists is safe and saves one torch import per device. The launcher exits when ev
 one fails it terminates the others and exits 1. On Linux the launcher dies with its parent and the
 children with the launcher (no orphans).
 """
+
 from __future__ import annotations
 
 import os
@@ -54,7 +55,7 @@ def main() -> int:
                 os._exit(code)
         children[pid] = rank
 
-    def stop(signum, frame):  # noqa: ARG001
+    def stop(signum, frame):
         _terminate(children)
         os._exit(1)
 

@@ -1,19 +1,23 @@
 """The validated ``runtime.*`` keys of ``runtime=torch_distributed`` (conf/runtime/torch_distributed.yaml)."""
+
 from __future__ import annotations
 
 import math
 import numbers
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from cocoef_cli.errors import ConfigError
 
 BACKENDS = ("gloo",)
 TOKEN_ENV, TOKEN_FILE_ENV = "COCOEF_TOKEN", "COCOEF_TOKEN_FILE"
-TOKEN_HOW = (f"the same secret in {TOKEN_ENV} (or in a file named by {TOKEN_FILE_ENV}) for the server and every "
-             "device, e.g. python -c 'import secrets; print(secrets.token_hex(32))'")
+TOKEN_HOW = (
+    f"the same secret in {TOKEN_ENV} (or in a file named by {TOKEN_FILE_ENV}) for the server and every "
+    "device, e.g. python -c 'import secrets; print(secrets.token_hex(32))'"
+)
 
 
 def env_token() -> str | None:
@@ -40,8 +44,12 @@ def run_token(spawn: bool) -> str:
         return secrets.token_hex(32)
     token = env_token()
     if token is None:
-        raise ConfigError(TOKEN_ENV, None, TOKEN_HOW, "runtime.spawn=false: devices started elsewhere must prove "
-                          "they belong to this run")
+        raise ConfigError(
+            TOKEN_ENV,
+            None,
+            TOKEN_HOW,
+            "runtime.spawn=false: devices started elsewhere must prove they belong to this run",
+        )
     return token
 
 
@@ -82,15 +90,19 @@ class RuntimeOptions:
     slow_s: float = 0.0
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]) -> "RuntimeOptions":
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> RuntimeOptions:
         """Validate ``cfg['runtime']`` (and what this runtime cannot do) → options; ConfigError otherwise."""
         rt, M = cfg["runtime"], int(cfg["devices"])
         from cocoef_cli.sim.methods import METHODS
 
         method = cfg["method"]["name"]
         if METHODS.get(method).centralized:
-            raise ConfigError("method", method, "a method with devices (coco_ef, coco, gc, ...)",
-                              "runtime=torch_distributed needs devices; gd is centralised")
+            raise ConfigError(
+                "method",
+                method,
+                "a method with devices (coco_ef, coco, gc, ...)",
+                "runtime=torch_distributed needs devices; gd is centralised",
+            )
         if cfg.get("device", "cpu") != "cpu":
             raise ConfigError("device", cfg.get("device"), "cpu", "runtime=torch_distributed runs on CPU (gloo)")
         backend = rt.get("backend", "gloo")
@@ -104,16 +116,25 @@ class RuntimeOptions:
             raise ConfigError("runtime.master_port", port, "null or integers 1..65535", "out of range")
         spawn = _bool(rt, "spawn")
         if not spawn and port is None:
-            raise ConfigError("runtime.master_port", port, "integers 1..65535",
-                              "runtime.spawn=false: devices elsewhere need a known port")
+            raise ConfigError(
+                "runtime.master_port",
+                port,
+                "integers 1..65535",
+                "runtime.spawn=false: devices elsewhere need a known port",
+            )
         if not spawn:
             run_token(False)  # set, before any work
         if not spawn and int(cfg.get("seeds", 1)) > 1:
-            raise ConfigError("seeds", cfg.get("seeds"), "1 with runtime.spawn=false",
-                              "external devices serve one replicate; run the seeds one by one")
+            raise ConfigError(
+                "seeds",
+                cfg.get("seeds"),
+                "1 with runtime.spawn=false",
+                "external devices serve one replicate; run the seeds one by one",
+            )
         wait_for = rt.get("wait_for")
-        if wait_for is not None and (isinstance(wait_for, bool) or not isinstance(wait_for, int)
-                                     or not 1 <= wait_for <= M):
+        if wait_for is not None and (
+            isinstance(wait_for, bool) or not isinstance(wait_for, int) or not 1 <= wait_for <= M
+        ):
             raise ConfigError("runtime.wait_for", wait_for, f"null or integers 1..{M}", "out of range")
         slow = rt.get("slow_devices") or []
         if isinstance(slow, (str, bytes)) or not hasattr(slow, "__iter__"):
@@ -121,10 +142,20 @@ class RuntimeOptions:
         slow = list(slow)
         for i in slow:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < M:
-                raise ConfigError("runtime.slow_devices", slow, f"a list of device indices 0..{M - 1}",
-                                  f"entry {i!r} is not a device")
-        return cls(replay=_bool(rt, "replay"), backend=backend, master_addr=addr, master_port=port, spawn=spawn,
-                   timeout_s=_num(rt, "timeout_s", 0.0, lo_open=True),
-                   deadline_s=_num(rt, "deadline_s", 0.0, allow_none=True, lo_open=True),
-                   time_scale=_num(rt, "time_scale", 0.0), straggle_s=_num(rt, "straggle_s", 0.0, allow_none=True),
-                   wait_for=wait_for, slow_devices=slow, slow_s=_num(rt, "slow_s", 0.0))
+                raise ConfigError(
+                    "runtime.slow_devices", slow, f"a list of device indices 0..{M - 1}", f"entry {i!r} is not a device"
+                )
+        return cls(
+            replay=_bool(rt, "replay"),
+            backend=backend,
+            master_addr=addr,
+            master_port=port,
+            spawn=spawn,
+            timeout_s=_num(rt, "timeout_s", 0.0, lo_open=True),
+            deadline_s=_num(rt, "deadline_s", 0.0, allow_none=True, lo_open=True),
+            time_scale=_num(rt, "time_scale", 0.0),
+            straggle_s=_num(rt, "straggle_s", 0.0, allow_none=True),
+            wait_for=wait_for,
+            slow_devices=slow,
+            slow_s=_num(rt, "slow_s", 0.0),
+        )

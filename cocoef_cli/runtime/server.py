@@ -19,6 +19,7 @@ Extra columns: ``bytes_up`` (cumulative bytes of all uplink messages received: h
 trailer; late ones included), ``n_late`` (cumulative dropped late messages), ``wall_time``
 (cumulative wall seconds of the updates) and ``iter_time`` (wall seconds of update t).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,9 +61,18 @@ def shard(exp: Experiment, own: list[int]) -> tuple[dict, dict[str, torch.Tensor
     tensors :data:`~cocoef_cli.runtime.transport.SHARD` sliced on N, and what the device needs to
     rebuild the model (:func:`cocoef_cli.runtime.device.shard_objective`); no training/test data."""
     obj, data = exp.objective, exp.data
-    meta = {"n": int(obj.n), "l2": float(obj.l2), "batch_size": obj.batch_size,
-            "data": {"name": data.name, "task": data.task, "n_classes": int(data.n_classes),
-                     "features": int(data.features), "shape": list(data.shape) if data.shape else None}}
+    meta = {
+        "n": int(obj.n),
+        "l2": float(obj.l2),
+        "batch_size": obj.batch_size,
+        "data": {
+            "name": data.name,
+            "task": data.task,
+            "n_classes": int(data.n_classes),
+            "features": int(data.features),
+            "shape": list(data.shape) if data.shape else None,
+        },
+    }
     return meta, {name: getattr(obj, name)[:, own] for name in tp.SHARD}
 
 
@@ -105,15 +115,30 @@ class Cluster:
 
     def _spawn(self, world: int, port: int) -> None:
         """One launcher process that imports torch once and forks the M device processes."""
-        env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR=self.opts.master_addr, MASTER_PORT=str(port),
-                   COCOEF_TIMEOUT_S=str(self.opts.timeout_s), COCOEF_RANKS=f"1-{self.M}", OMP_NUM_THREADS="1",
-                   MKL_NUM_THREADS="1", **{TOKEN_ENV: self.token})
+        env = dict(
+            os.environ,
+            WORLD_SIZE=str(world),
+            MASTER_ADDR=self.opts.master_addr,
+            MASTER_PORT=str(port),
+            COCOEF_TIMEOUT_S=str(self.opts.timeout_s),
+            COCOEF_RANKS=f"1-{self.M}",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            **{TOKEN_ENV: self.token},
+        )
         env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
         env.pop(TOKEN_FILE_ENV, None)
         log = tempfile.TemporaryFile(mode="w+")
         self.logs.append(log)
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "cocoef_cli.runtime.launch"], env=env,
-                                           stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+        self.procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "cocoef_cli.runtime.launch"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        )
 
     def _receive(self, i: int) -> None:
         """Uplink of device i: every message until the device says bye."""
@@ -231,8 +256,16 @@ class DistributedSimulation(Simulation):
         self.stateful = bool(cls.state_names)
         self.msg_bytes = message_nbytes(self.codec, self.stateful)
         self.delivered = Delivered(C)
-        self.server_method = cls(cfg["method"], self.delivered, 1, self.M, self.D, exp.dtype, torch.device("cpu"),
-                                 SeedRNG(exp.seeds, "compressor"))
+        self.server_method = cls(
+            cfg["method"],
+            self.delivered,
+            1,
+            self.M,
+            self.D,
+            exp.dtype,
+            torch.device("cpu"),
+            SeedRNG(exp.seeds, "compressor"),
+        )
         self.keys_rng = SeedRNG(exp.seeds, "compressor") if self.codec.needs_keys else None
         self.state_sq = np.zeros(self.M)  # committed ‖state_i‖² of every device
         self.accepted = np.zeros(self.M, dtype=bool)
@@ -247,26 +280,48 @@ class DistributedSimulation(Simulation):
             self.deadline = opts.time_scale * st.deadline if math.isfinite(st.deadline) else math.inf
         else:
             self.deadline = 1.0
-        self.straggle_s = opts.straggle_s if opts.straggle_s is not None else (
-            2.0 * self.deadline if math.isfinite(self.deadline) else 1.0)
+        self.straggle_s = (
+            opts.straggle_s
+            if opts.straggle_s is not None
+            else (2.0 * self.deadline if math.isfinite(self.deadline) else 1.0)
+        )
 
     # -- set-up messages
     def setups(self) -> list[tuple[dict, dict[str, torch.Tensor]]]:
         """Per device the set-up message: (JSON meta, arrays)."""
         exp, cfg = self.exp, self.exp.cfg
         S, B = exp.code.S[0], exp.code.B[0]
-        rt = {"slow_s": self.opts.slow_s, "slow_devices": list(self.opts.slow_devices),
-              "time_scale": self.opts.time_scale, "straggle_s": self.straggle_s}
+        rt = {
+            "slow_s": self.opts.slow_s,
+            "slow_devices": list(self.opts.slow_devices),
+            "time_scale": self.opts.time_scale,
+            "straggle_s": self.straggle_s,
+        }
         comp_cfg = message_compressor_config(cfg)
         loads = exp.code.S.sum(-1)  # (1, M) partitions per device
         out = []
         for i in range(self.M):
             own = torch.nonzero(S[i]).view(-1).tolist()
             shard_meta, arrays = shard(exp, own)
-            out.append(({"cfg": cfg, "index": i, "M": self.M, "N": exp.code.N, "D": self.D,
-                         "dtype": str(exp.dtype).replace("torch.", ""), "seed": exp.seeds[0],
-                         "replay": self.opts.replay, "comp_cfg": comp_cfg, "own": own, "shard": shard_meta,
-                         "runtime": rt}, {"b_row": B[i, own], "loads": loads, **arrays}))
+            out.append(
+                (
+                    {
+                        "cfg": cfg,
+                        "index": i,
+                        "M": self.M,
+                        "N": exp.code.N,
+                        "D": self.D,
+                        "dtype": str(exp.dtype).replace("torch.", ""),
+                        "seed": exp.seeds[0],
+                        "replay": self.opts.replay,
+                        "comp_cfg": comp_cfg,
+                        "own": own,
+                        "shard": shard_meta,
+                        "runtime": rt,
+                    },
+                    {"b_row": B[i, own], "loads": loads, **arrays},
+                )
+            )
         return out
 
     def downlink(self, cmd: int, z: np.ndarray) -> np.ndarray:
@@ -296,15 +351,20 @@ class DistributedSimulation(Simulation):
             else:
                 if len(got) == M or (self.exact and len(got) >= self.wait_for):
                     break
-                wait = (self.opts.timeout_s if self.exact or not math.isfinite(self.deadline)
-                        else self.deadline - (time.perf_counter() - start))
+                wait = (
+                    self.opts.timeout_s
+                    if self.exact or not math.isfinite(self.deadline)
+                    else self.deadline - (time.perf_counter() - start)
+                )
                 if wait <= 0:
                     break
             item = self.cluster.get(wait)
             if item is None:
                 if replay or self.exact or not math.isfinite(self.deadline):
-                    raise RuntimeError(f"update {t}: no message within runtime.timeout_s={self.opts.timeout_s}s "
-                                       f"(received from devices {sorted(got)})")
+                    raise RuntimeError(
+                        f"update {t}: no message within runtime.timeout_s={self.opts.timeout_s}s "
+                        f"(received from devices {sorted(got)})"
+                    )
                 break
             i, buf = item
             self.bytes += buf.size
@@ -353,8 +413,12 @@ def run_one(exp: Experiment, run_id: str, progress=None) -> RunResult:
         cluster.start(sim.setups(), sim.msg_bytes)
         result = simulate(exp, run_id, progress, sim=sim)
         stop = sim.downlink(tp.CMD_STOP, np.zeros(sim.M, dtype=bool))
-        result.runtime = {"late_after_end": 0, "message_bytes": sim.msg_bytes,
-                          "payload_bytes": sim.codec.nbytes(), "deadline_s": sim.deadline}
+        result.runtime = {
+            "late_after_end": 0,
+            "message_bytes": sim.msg_bytes,
+            "payload_bytes": sim.codec.nbytes(),
+            "deadline_s": sim.deadline,
+        }
         return result
     finally:
         cluster.close(stop)

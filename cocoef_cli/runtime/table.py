@@ -5,6 +5,7 @@ and prints a markdown table: the bits formula / 8 against the bytes the server a
 message (``bytes_up`` / messages), split into payload and framing (8-byte header, plus an 8-byte
 ‖state‖² trailer for methods with per-device state).
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,8 +17,16 @@ def main(argv: list[str] | None = None) -> int:
     from cocoef_cli.sim.compressors import COMPRESSORS
 
     extra = list(sys.argv[1:] if argv is None else argv)
-    base = ["dataset.dim=100", "dataset.n=400", "devices=4", "iters=5", "eval_every=5", "straggler=none",
-            "runtime=torch_distributed", "runtime.replay=true"]
+    base = [
+        "dataset.dim=100",
+        "dataset.n=400",
+        "devices=4",
+        "iters=5",
+        "eval_every=5",
+        "straggler=none",
+        "runtime=torch_distributed",
+        "runtime.replay=true",
+    ]
     keys = {"ratio": 0.05, "group": 25}  # set where the compressor declares them
     rows = []
     for name in COMPRESSORS.names():
@@ -28,8 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         last = res.metrics.iloc[-1]
         n = last.bits_up / exp.bits_per_message
         rt = res.runtime
-        rows.append((name, exp.objective.model.D, exp.bits_per_message, exp.bits_per_message / 8, rt["payload_bytes"],
-                     rt["message_bytes"] - rt["payload_bytes"], last.bytes_up / n))
+        rows.append(
+            (
+                name,
+                exp.objective.model.D,
+                exp.bits_per_message,
+                exp.bits_per_message / 8,
+                rt["payload_bytes"],
+                rt["message_bytes"] - rt["payload_bytes"],
+                last.bytes_up / n,
+            )
+        )
     print("| compressor | D | bits formula | bits/8 | payload bytes | framing bytes | measured bytes/message |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

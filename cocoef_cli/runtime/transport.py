@@ -20,6 +20,7 @@ Downlink (server → every device, once per iteration), uint8:
 ``accepted`` lets a device commit or roll back its tentative state, ``z`` is the replayed pattern
 (all ones without replay). Uplink: a framed message (:mod:`cocoef_cli.runtime.wire`).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -49,8 +50,14 @@ SHARD = ("Xp", "Yp", "Wp", "valid", "sizes")  # the objective's (R, N, ...) tens
 KINDS = {HELLO: "hello", SETUP: "set-up"}
 HELLO_MAX = 4096  # body bytes a hello may announce
 ENVELOPE_ROOM = 1 << 16  # the envelope is received into this many bytes: a longer first message aborts (gloo)
-DTYPES = {1: np.dtype("?"), 2: np.dtype("u1"), 3: np.dtype("<i4"), 4: np.dtype("<i8"), 5: np.dtype("<f4"),
-          6: np.dtype("<f8")}
+DTYPES = {
+    1: np.dtype("?"),
+    2: np.dtype("u1"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<i8"),
+    5: np.dtype("<f4"),
+    6: np.dtype("<f8"),
+}
 _CODES = {dt.newbyteorder("="): code for code, dt in DTYPES.items()} | {dt: code for code, dt in DTYPES.items()}
 
 
@@ -71,8 +78,11 @@ def group(store: Any, rank: int, world: int, timeout_s: float, addr: str):
     address, or ``GLOO_SOCKET_IFNAME``)."""
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = datetime.timedelta(seconds=timeout_s)
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1") if is_loopback(addr)
-                     else dist.ProcessGroupGloo.create_default_device()]
+    opts._devices = [
+        dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")
+        if is_loopback(addr)
+        else dist.ProcessGroupGloo.create_default_device()
+    ]
     return dist.ProcessGroupGloo(dist.PrefixStore("cocoef", store), rank, world, opts)
 
 
@@ -117,12 +127,16 @@ def decode_body(body: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     if n > len(body) - 8:
         raise WireError("a JSON length beyond the body")
     try:
-        doc = json.loads(body[8: 8 + n].decode("utf-8"))
+        doc = json.loads(body[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise WireError(f"not JSON: {e}") from None
     names = doc.get("arrays") if isinstance(doc, dict) else None
-    if not isinstance(doc.get("meta") if isinstance(doc, dict) else None, dict) or not isinstance(names, list) \
-            or not all(isinstance(k, str) for k in names) or len(set(names)) != len(names):
+    if (
+        not isinstance(doc.get("meta") if isinstance(doc, dict) else None, dict)
+        or not isinstance(names, list)
+        or not all(isinstance(k, str) for k in names)
+        or len(set(names)) != len(names)
+    ):
         raise WireError("JSON is not {meta: {...}, arrays: [distinct names]}")
     off, arrays = 8 + n, {}
     for name in names:
@@ -162,8 +176,10 @@ def recv_message(pg: Any, src: int, kind: int, token: str, max_body: int) -> tup
     if magic != MAGIC:
         raise WireError(f"{who} sent something that is not a cocoef message (refused)")
     if version != VERSION or got != kind:
-        raise WireError(f"{who} sent a version {version} {KINDS.get(got, got)} message, expected version {VERSION} "
-                        f"{KINDS[kind]} (refused)")
+        raise WireError(
+            f"{who} sent a version {version} {KINDS.get(got, got)} message, expected version {VERSION} "
+            f"{KINDS[kind]} (refused)"
+        )
     if not hmac.compare_digest(proof, _digest(token, b"kind %d" % kind)):
         raise WireError(f"{who} does not hold this run's token (refused; see COCOEF_TOKEN in docs/runtime.md)")
     if n > max_body:
@@ -182,30 +198,40 @@ def pack_downlink(cmd: int, t: int, accepted: np.ndarray, z: np.ndarray, theta: 
     head = np.zeros(1, dtype=DOWN_HEADER)
     head["magic"], head["cmd"], head["t"] = DOWN_MAGIC, cmd, t
     th = np.ascontiguousarray(theta.detach().cpu().numpy().reshape(-1))
-    return np.concatenate([head.view(np.uint8), accepted.astype(np.uint8), z.astype(np.uint8),
-                           th.view(np.uint8)])
+    return np.concatenate([head.view(np.uint8), accepted.astype(np.uint8), z.astype(np.uint8), th.view(np.uint8)])
 
 
-def unpack_downlink(buf: np.ndarray, M: int, np_dtype: np.dtype) -> tuple[int, int, np.ndarray, np.ndarray, torch.Tensor]:
+def unpack_downlink(
+    buf: np.ndarray, M: int, np_dtype: np.dtype
+) -> tuple[int, int, np.ndarray, np.ndarray, torch.Tensor]:
     """(cmd, t, accepted (M,) bool, z (M,) bool, θ (1, D)); WireError for a wrong header or size."""
     head = np.frombuffer(buf[: DOWN_HEADER.itemsize].tobytes(), dtype=DOWN_HEADER)[0]
-    if int(head["magic"]) != DOWN_MAGIC or int(head["cmd"]) not in (CMD_STOP, CMD_STEP) or int(head["t"]) < 0 \
-            or (buf.size - DOWN_HEADER.itemsize - 2 * M) % np_dtype.itemsize:
+    if (
+        int(head["magic"]) != DOWN_MAGIC
+        or int(head["cmd"]) not in (CMD_STOP, CMD_STEP)
+        or int(head["t"]) < 0
+        or (buf.size - DOWN_HEADER.itemsize - 2 * M) % np_dtype.itemsize
+    ):
         raise WireError("a downlink message without a valid header (magic, command, iteration) or size")
     o = DOWN_HEADER.itemsize
-    acc, z = buf[o: o + M].astype(bool), buf[o + M: o + 2 * M].astype(bool)
-    theta = torch.from_numpy(np.frombuffer(buf[o + 2 * M:].tobytes(), dtype=np_dtype).copy()).unsqueeze(0)
+    acc, z = buf[o : o + M].astype(bool), buf[o + M : o + 2 * M].astype(bool)
+    theta = torch.from_numpy(np.frombuffer(buf[o + 2 * M :].tobytes(), dtype=np_dtype).copy()).unsqueeze(0)
     return int(head["cmd"]), int(head["t"]), acc, z, theta
 
 
 def env_rank() -> tuple[int, int, str, int]:
     """(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) from the environment (torchrun's protocol)."""
     try:
-        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                int(os.environ["MASTER_PORT"]))
+        return (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ["MASTER_PORT"]),
+        )
     except KeyError as e:
-        raise SystemExit(f"error: environment variable {e.args[0]} is not set (RANK, WORLD_SIZE, MASTER_PORT; "
-                         "torchrun sets them)") from None
+        raise SystemExit(
+            f"error: environment variable {e.args[0]} is not set (RANK, WORLD_SIZE, MASTER_PORT; torchrun sets them)"
+        ) from None
 
 
 def agent_store() -> bool:

@@ -32,6 +32,7 @@ non-finite value (a diverging run) is sent flagged and decodes to NaNs: the repl
 diverged as in the simulator. A message that is not one (wrong tag, unknown flags, Top-k indices out
 of range or not ascending, QSGD levels above s) raises :class:`WireError`: the run fails with that line.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ from torch import Tensor
 from cocoef_cli.registry import Registry
 from cocoef_cli.sim.compressors import Compressor, ceil_log2, topk_mask
 
-CODECS: Registry[type["Codec"]] = Registry("wire codec")
+CODECS: Registry[type[Codec]] = Registry("wire codec")
 
 HEADER = np.dtype([("iter", "<i4"), ("flags", "<u2"), ("tag", "<u2")])  # 8 bytes in front of every uplink message
 TAG = 0xC0EF
@@ -172,8 +173,11 @@ class TopKCodec(Codec):
     def encode(self, m, keys=None):
         mask = topk_mask(m, self.k)
         idx = torch.nonzero(mask).view(-1)  # ascending
-        tail = pack_bits(mask.numpy().astype(np.uint64), 1) if self.mode == "bitmap" else \
-            pack_bits(idx.numpy(), self.width)
+        tail = (
+            pack_bits(mask.numpy().astype(np.uint64), 1)
+            if self.mode == "bitmap"
+            else pack_bits(idx.numpy(), self.width)
+        )
         return np.concatenate([self._values(m[idx]), tail])
 
     def decode(self, buf, keys=None):
@@ -433,21 +437,22 @@ def message_iter(buf: np.ndarray) -> int:
     return int(_head(buf)["iter"])
 
 
-def unframe(codec: Codec, buf: np.ndarray, keys: Tensor | None = None, stateful: bool = False
-            ) -> tuple[int, Tensor, float | None]:
+def unframe(
+    codec: Codec, buf: np.ndarray, keys: Tensor | None = None, stateful: bool = False
+) -> tuple[int, Tensor, float | None]:
     """(iteration, m, ‖state‖² or None) of a framed message; m is all NaN when flagged non-finite.
     WireError for a message that is not one (see the module docstring)."""
     if buf.size != message_nbytes(codec, stateful):
         raise WireError(f"an uplink message of {buf.size} bytes, expected {message_nbytes(codec, stateful)}")
     head = _head(buf)
-    body = buf[HEADER.itemsize: HEADER.itemsize + codec.nbytes()]
+    body = buf[HEADER.itemsize : HEADER.itemsize + codec.nbytes()]
     if int(head["flags"]) & FLAG_NONFINITE:
         m = torch.full((codec.D,), math.nan, dtype=codec.dtype)
     else:
         m = codec.decode(body, keys)
     sq = None
     if stateful:
-        sq = float(np.frombuffer(buf[HEADER.itemsize + codec.nbytes():].tobytes(), dtype=TRAILER)[0])
+        sq = float(np.frombuffer(buf[HEADER.itemsize + codec.nbytes() :].tobytes(), dtype=TRAILER)[0])
     return int(head["iter"]), m, sq
 
 

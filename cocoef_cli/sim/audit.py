@@ -13,9 +13,11 @@ top-k 10%, 2 fixed stragglers, lr 0.05, 300 updates): frc (max|a| = 1) and crc c
 4.3 at M = 12, d = 3; 28 at M = 100, d = 4) end within 1.2× of each other, while Tandon's random
 H (6.4·10^3 and 1.2·10^4) diverges to 10^86 and 10^54.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -30,8 +32,9 @@ WEIGHT_BOUND = 100.0
 RECORD_SETS = 100
 
 
-def code_report(code: Code, code_cfg: Mapping, straggler_cfg: Mapping, seeds: list[int],
-                max_sets: int = RECORD_SETS) -> dict[str, Any]:
+def code_report(
+    code: Code, code_cfg: Mapping, straggler_cfg: Mapping, seeds: list[int], max_sets: int = RECORD_SETS
+) -> dict[str, Any]:
     """The conditioning of ``code`` (all its replicates): decoding codes over the straggler sets
     of size 0..d−1 (all of them when at most ``max_sets``, else ``max_sets`` drawn with numpy
     seed 0); fixed-weight codes over ``max_sets`` draws of the configured straggler model (a
@@ -48,28 +51,46 @@ def code_report(code: Code, code_cfg: Mapping, straggler_cfg: Mapping, seeds: li
     return rep
 
 
-def run_warnings(report: Mapping[str, Any] | None, compressor: Compressor, method_name: str,
-                 error_feedback: bool) -> list[str]:
+def run_warnings(
+    report: Mapping[str, Any] | None, compressor: Compressor, method_name: str, error_feedback: bool
+) -> list[str]:
     """One-line warnings: a decoding code whose worst max|a_i| exceeds :data:`WEIGHT_BOUND`
     with a biased compressor; unscaled ``sign`` (not a δ-contraction) under error feedback."""
     out = []
-    if report is not None and report.get("kind") == "decoding" and not compressor.unbiased \
-            and report["max_abs_a_worst"] > WEIGHT_BOUND:
+    if (
+        report is not None
+        and report.get("kind") == "decoding"
+        and not compressor.unbiased
+        and report["max_abs_a_worst"] > WEIGHT_BOUND
+    ):
         how = f" (construction={report['construction']})" if "construction" in report else ""
         options = ("code.construction=cyclic_mds",) * (report["code"] == "crc") + ("code=frc", "code=sgc")
-        safer = [s for s in options
-                 if s != f"code.construction={report.get('construction')}" and s != f"code={report['code']}"]
-        out.append(f"code={report['code']}{how}: measured max|a_i| = {report['max_abs_a_worst']:.3g} > {WEIGHT_BOUND:g} "
-                   f"with the biased compressor {compressor.name}: compression errors are multiplied by the decoding "
-                   f"weights; safer: {', '.join(safer)}")
+        safer = [
+            s
+            for s in options
+            if s != f"code.construction={report.get('construction')}" and s != f"code={report['code']}"
+        ]
+        out.append(
+            f"code={report['code']}{how}: measured max|a_i| = {report['max_abs_a_worst']:.3g} > {WEIGHT_BOUND:g} "
+            f"with the biased compressor {compressor.name}: compression errors are multiplied by the decoding "
+            f"weights; safer: {', '.join(safer)}"
+        )
     if error_feedback and compressor.name == "sign":
-        out.append(f"compressor=sign with method={method_name}: unscaled sign is not a δ-contraction "
-                   "(‖sign(x) − x‖ can exceed ‖x‖), error feedback has no guarantee; use scaled_sign or grouped_sign")
+        out.append(
+            f"compressor=sign with method={method_name}: unscaled sign is not a δ-contraction "
+            "(‖sign(x) − x‖ can exceed ‖x‖), error feedback has no guarantee; use scaled_sign or grouped_sign"
+        )
     return out
 
 
-def audit(code: Code | None, cfg: Mapping, seeds: list[int], compressor: Compressor, method_cls: type,
-          max_sets: int = RECORD_SETS) -> tuple[dict[str, Any] | None, list[str]]:
+def audit(
+    code: Code | None,
+    cfg: Mapping,
+    seeds: list[int],
+    compressor: Compressor,
+    method_cls: type,
+    max_sets: int = RECORD_SETS,
+) -> tuple[dict[str, Any] | None, list[str]]:
     """(:func:`code_report` or None without a code, :func:`run_warnings`) for a built run."""
     from cocoef_cli.sim.methods import CocoEF
 

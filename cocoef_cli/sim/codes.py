@@ -21,13 +21,14 @@ Decoder names: ``fixed`` (a = z), ``rescale`` / ``unbiased`` (uncoded), ``exact`
 that least-squares solution (exact whenever the pattern is decodable, the optimal fallback
 otherwise); for ``frc`` it puts weight 1 on the lowest-index survivor of each group.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -78,23 +79,23 @@ def _code_name(cfg: Any) -> str:
     return str(name)
 
 
-def _scheme(cfg: Any) -> type["CodeScheme"]:
+def _scheme(cfg: Any) -> type[CodeScheme]:
     return CODES.get(_code_name(cfg))
 
 
 # ----------------------------------------------------------------------------- decoders
-def _residual(code: "Code", a64: torch.Tensor) -> torch.Tensor:
+def _residual(code: Code, a64: torch.Tensor) -> torch.Tensor:
     """‖aᵀB − 1ᵀ‖₂ per replicate in float64, with values below RESIDUAL_TOL set to 0.0."""
     res = torch.linalg.vector_norm(torch.einsum("rm,rmn->rn", a64, code._B64) - 1.0, dim=-1)
     return torch.where(res < RESIDUAL_TOL, torch.zeros_like(res), res)
 
 
-def _decode_fixed(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
+def _decode_fixed(code: Code, z: torch.Tensor) -> tuple[torch.Tensor, None]:
     """a_i = z_i (the unbiasedness lives in B)."""
     return z.to(code.dtype), None
 
 
-def _decode_rescale(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
+def _decode_rescale(code: Code, z: torch.Tensor) -> tuple[torch.Tensor, None]:
     """a_i = z_i · M / Σ_k z_k (all zero when nobody answers)."""
     zf = z.to(torch.float64)
     n = zf.sum(-1, keepdim=True)
@@ -102,7 +103,7 @@ def _decode_rescale(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
     return a.to(code.dtype), None
 
 
-def _decode_unbiased(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, None]:
+def _decode_unbiased(code: Code, z: torch.Tensor) -> tuple[torch.Tensor, None]:
     """a_i = z_i / (1 − p_i), so E[a_i] = 1."""
     if code.p is None:
         raise ValueError("decode=unbiased needs the straggler marginals p")
@@ -121,13 +122,13 @@ def _lstsq_weights(B64: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
     return a[..., 0] * zf
 
 
-def _decode_lstsq(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_lstsq(code: Code, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-norm least squares a = pinv(B_Fᵀ) 1, B_F = B with straggler rows zeroed (float64)."""
     a64 = _lstsq_weights(code._B64, z.to(torch.float64))
     return a64.to(code.dtype), _residual(code, a64)
 
 
-def _decode_frc_groups(code: "Code", z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_frc_groups(code: Code, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight 1 on the lowest-index survivor of each group of d devices (0 if none survives)."""
     R, M, d = z.shape[0], code.M, code.d
     zg = z.reshape(R, M // d, d)
@@ -217,7 +218,7 @@ class Code:
         p: torch.Tensor | None = None,
         name: str = "matrix",
         dtype: torch.dtype = torch.float64,
-    ) -> "Code":
+    ) -> Code:
         """A Code from an explicit B ((M, N) or (R, M, N)); S = support of B.
 
         ``decode``: ``exact`` / ``optimal`` (both the min-norm least-squares decoder) or ``fixed``.
@@ -232,8 +233,12 @@ class Code:
         d = int(S.sum(1).max()) if S.numel() else 1
         return cls(name, S, B, d, decode, DECODERS[decode], decode == "fixed", p)
 
-    def encode(self, G: torch.Tensor | Sequence[torch.Tensor], z: torch.Tensor | None = None,
-               add_to: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        G: torch.Tensor | Sequence[torch.Tensor],
+        z: torch.Tensor | None = None,
+        add_to: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """U = B G for G (R, N, D) → (R, M, D), as one sparse × dense product: B of all replicates
         is one block-diagonal (R·M) × (R·N) CSR matrix of its nonzero entries, so each u_i reads
         its d rows of G once and nothing of size (R, M, D) is gathered. G may also be given as
@@ -256,10 +261,12 @@ class Code:
         if add_to is None:
             add_to = torch.zeros(R, self.M, D, dtype=first.dtype, device=first.device)
         elif add_to.shape != (R, self.M, D) or not add_to.is_contiguous():
-            raise ValueError(f"add_to must be a contiguous (R={R}, M={self.M}, D={D}) tensor; got {tuple(add_to.shape)}")
+            raise ValueError(
+                f"add_to must be a contiguous (R={R}, M={self.M}, D={D}) tensor; got {tuple(add_to.shape)}"
+            )
         U, off = add_to.view(R * self.M, D), 0
         for b in blocks:
-            U[:, off:off + b.shape[2]].addmm_(B, b.reshape(R * N, b.shape[2]))
+            U[:, off : off + b.shape[2]].addmm_(B, b.reshape(R * N, b.shape[2]))
             off += b.shape[2]
         return add_to
 
@@ -269,8 +276,12 @@ class Code:
         key = (dtype, device)
         if key not in self._csr:
             r, i, j = self._nz.to(device).T
-            self._csr[key] = (self._crow.to(device), j + r * self.N, self._val64.to(dtype=dtype, device=device),
-                              r * self.M + i)
+            self._csr[key] = (
+                self._crow.to(device),
+                j + r * self.N,
+                self._val64.to(dtype=dtype, device=device),
+                r * self.M + i,
+            )
         return self._csr[key]
 
     def full_weights(self) -> torch.Tensor:
@@ -279,8 +290,10 @@ class Code:
         a64 = _lstsq_weights(self._B64, torch.ones(self.R, self.M, dtype=torch.float64, device=self._val64.device))
         res = _residual(self, a64)
         if bool((res > 0).any()):  # 1ᵀ not in the row span of B (e.g. bgc): no unbiased full-participation sum
-            raise ValueError(f"code={self.name}: no weights with āᵀB = 1ᵀ (residual {float(res.max()):.3g}); "
-                             "method.stale_shifts needs a code whose rows span 1ᵀ (sgc, uncoded, frc, crc)")
+            raise ValueError(
+                f"code={self.name}: no weights with āᵀB = 1ᵀ (residual {float(res.max()):.3g}); "
+                "method.stale_shifts needs a code whose rows span 1ᵀ (sgc, uncoded, frc, crc)"
+            )
         return a64.to(self.dtype)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -319,20 +332,33 @@ class CodedSum:
         first, code = self.blocks[0], self.code
         D = sum(b.shape[-1] for b in self.blocks)
         if any(b.dim() != 3 or b.shape[:2] != (code.R, code.N) or b.dtype != v.dtype for b in self.blocks):
-            raise ValueError(f"G blocks must be ({code.R}, {code.N}, ·) in {v.dtype}; got "
-                             f"{[(tuple(b.shape), b.dtype) for b in self.blocks]}")
+            raise ValueError(
+                f"G blocks must be ({code.R}, {code.N}, ·) in {v.dtype}; got "
+                f"{[(tuple(b.shape), b.dtype) for b in self.blocks]}"
+            )
         if v.shape != (code.R, code.M, D) or not v.is_contiguous() or v.device.type != "cpu":
             raise ValueError(f"v must be a contiguous CPU (R={code.R}, M={code.M}, D={D}) tensor; got {tuple(v.shape)}")
         crow, col, val, _ = self.code.csr(first.dtype, first.device)
         sizes = [b.numel() for b in self.blocks]
         starts = np.cumsum([0] + sizes[:-1])
         base = first.untyped_storage().data_ptr()
-        consecutive = all(b.is_contiguous() and b.untyped_storage().data_ptr() == base
-                          and b.data_ptr() == first.data_ptr() + int(s) * first.element_size()
-                          for b, s in zip(self.blocks, starts))
+        consecutive = all(
+            b.is_contiguous()
+            and b.untyped_storage().data_ptr() == base
+            and b.data_ptr() == first.data_ptr() + int(s) * first.element_size()
+            for b, s in zip(self.blocks, starts)
+        )
         g = first.as_strided((sum(sizes),), (1,)) if consecutive else torch.cat([b.reshape(-1) for b in self.blocks])
         adds = self.z.reshape(-1).to(torch.bool).numpy()
-        return adds, crow.numpy(), col.numpy(), val.numpy(), g.numpy(), starts, np.array([b.shape[2] for b in self.blocks])
+        return (
+            adds,
+            crow.numpy(),
+            col.numpy(),
+            val.numpy(),
+            g.numpy(),
+            starts,
+            np.array([b.shape[2] for b in self.blocks]),
+        )
 
 
 # ----------------------------------------------------------------------------- allocations
@@ -386,7 +412,7 @@ def _random_regular(M: int, d: int, rng: SeedRNG) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- code schemes
-CODES: Registry[type["CodeScheme"]] = Registry("code")
+CODES: Registry[type[CodeScheme]] = Registry("code")
 
 
 class CodeScheme:
@@ -471,8 +497,12 @@ class SGC(CodeScheme):
             raise ConfigError("code.allocation", allocation, ["cyclic", "random"], "unknown allocation")
         offsets = _get(cfg, "offsets")
         if offsets is not None and allocation != "cyclic":
-            raise ConfigError("code.offsets", offsets, "null (offsets apply to allocation=cyclic only)",
-                              "offsets given with allocation=random")
+            raise ConfigError(
+                "code.offsets",
+                offsets,
+                "null (offsets apply to allocation=cyclic only)",
+                "offsets given with allocation=random",
+            )
         if offsets is None:
             offsets = list(range(d))
         else:
@@ -489,14 +519,22 @@ class SGC(CodeScheme):
             S0 = _cyclic(M, N, offsets, rng.device)
             empty = (~S0.any(0)).nonzero().flatten().tolist()
             if empty:
-                raise ConfigError("code.partitions", N, f"null or integers 1..{M + max(offsets)} (with these offsets)",
-                                  f"cyclic allocation leaves partitions {empty[:5]} on no device")
+                raise ConfigError(
+                    "code.partitions",
+                    N,
+                    f"null or integers 1..{M + max(offsets)} (with these offsets)",
+                    f"cyclic allocation leaves partitions {empty[:5]} on no device",
+                )
             return S0.expand(rng.R, M, N).clone()
         if M == N:
             return _random_regular(M, d, rng)
         if M * d < N:
-            raise ConfigError("code.partitions", N, f"null or integers 1..{M * d} (devices × d)",
-                              "random allocation cannot store every partition")
+            raise ConfigError(
+                "code.partitions",
+                N,
+                f"null or integers 1..{M * d} (devices × d)",
+                "random allocation cannot store every partition",
+            )
         # strided layout: device i holds (i·d + o) mod N, o < d (rows d, columns ⌊Md/N⌋ or ⌈Md/N⌉)
         return _permuted(_cyclic(M, N, range(d), rng.device, stride=d), rng)
 
@@ -546,7 +584,7 @@ class FRC(CodeScheme):
     @classmethod
     def encoding(cls, cfg: Any, S: torch.Tensor, p: torch.Tensor, d: int, rng: SeedRNG) -> torch.Tensor:
         g = torch.arange(S.shape[1], device=S.device) // d
-        if not bool((S == (g[:, None] == g[None, :])).all()):
+        if not bool(((g[:, None] == g[None, :]) == S).all()):
             raise ValueError("frc: S is not the fractional-repetition allocation")
         return S.to(torch.float64)
 
@@ -599,8 +637,10 @@ def straggler_sets(M: int, sizes: Sequence[int], max_sets: int, seed: int = 0) -
     if sum(math.comb(M, s) for s in sizes) <= max_sets:
         return [c for s in sizes for c in itertools.combinations(range(M), s)], True
     gen = np.random.default_rng(seed)
-    return [tuple(sorted(int(j) for j in gen.choice(M, size=int(gen.choice(sizes)), replace=False)))
-            for _ in range(max_sets)], False
+    return [
+        tuple(sorted(int(j) for j in gen.choice(M, size=int(gen.choice(sizes)), replace=False)))
+        for _ in range(max_sets)
+    ], False
 
 
 def _set_masks(M: int, sets: Sequence[tuple[int, ...]], device: torch.device | str) -> torch.Tensor:
@@ -611,8 +651,9 @@ def _set_masks(M: int, sets: Sequence[tuple[int, ...]], device: torch.device | s
     return z
 
 
-def _weights_over_sets(B64: torch.Tensor, sets: Sequence[tuple[int, ...]],
-                       decode: "Code | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _weights_over_sets(
+    B64: torch.Tensor, sets: Sequence[tuple[int, ...]], decode: Code | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights for every straggler set, a (P, R, M), and the raw residuals ‖aᵀB − 1ᵀ‖₂ (P, R):
     least squares of B64 (R, M, N) in chunks of sets (one batched pinv each), or the decoder of
     ``decode`` set by set."""
@@ -623,7 +664,7 @@ def _weights_over_sets(B64: torch.Tensor, sets: Sequence[tuple[int, ...]],
     else:
         chunk, out = max(1, (1 << 22) // max(R * M * N, 1)), []
         for lo in range(0, len(sets), chunk):
-            zc = z[lo:lo + chunk]  # (p, M)
+            zc = z[lo : lo + chunk]  # (p, M)
             p = zc.shape[0]
             Bc = B64[None].expand(p, R, M, N).reshape(p * R, M, N)
             out.append(_lstsq_weights(Bc, zc[:, None, :].expand(p, R, M).reshape(p * R, M)).reshape(p, R, M))
@@ -632,19 +673,24 @@ def _weights_over_sets(B64: torch.Tensor, sets: Sequence[tuple[int, ...]],
     return a, res
 
 
-def conditioning(code: "Code", sets: Sequence[tuple[int, ...]]) -> dict[str, float]:
+def conditioning(code: Code, sets: Sequence[tuple[int, ...]]) -> dict[str, float]:
     """How a decoding code amplifies message errors, over the straggler ``sets`` and the R
     replicates: ``worst_residual`` = max ‖aᵀB_F − 1ᵀ‖₂, ``max_abs_B`` = max |B_ij|, and the worst
     and median over (set, replicate) of max_i |a_i| and of ‖a‖₂. ĝ − ∇F = Σ_i a_i (m_i − u_i)
     for exact a, so a compression error is multiplied by up to max|a|."""
     a, res = _weights_over_sets(code._B64, sets, None if code._decoder is _decode_lstsq else code)
     amax, anorm = a.abs().amax(-1).flatten(), torch.linalg.vector_norm(a, dim=-1).flatten()
-    return {"worst_residual": float(res.max()), "max_abs_B": float(code._val64.abs().max()),
-            "max_abs_a_worst": float(amax.max()), "max_abs_a_median": float(amax.median()),
-            "norm_a_worst": float(anorm.max()), "norm_a_median": float(anorm.median())}
+    return {
+        "worst_residual": float(res.max()),
+        "max_abs_B": float(code._val64.abs().max()),
+        "max_abs_a_worst": float(amax.max()),
+        "max_abs_a_median": float(amax.median()),
+        "norm_a_worst": float(anorm.max()),
+        "norm_a_median": float(anorm.median()),
+    }
 
 
-def coverage_spread(code: "Code", draws: Sequence[torch.Tensor]) -> dict[str, float]:
+def coverage_spread(code: Code, draws: Sequence[torch.Tensor]) -> dict[str, float]:
     """For fixed-weight codes (unbiased only in expectation): e = aᵀB − 1ᵀ (per partition) over
     straggler ``draws`` z (R, M) each: ``bias`` = max_j |mean e_j| (→ 0 for an unbiased code),
     ``spread`` = the root mean square of e, ``max_abs_e`` = max |e_j|, plus ``max_abs_B`` and
@@ -657,8 +703,13 @@ def coverage_spread(code: "Code", draws: Sequence[torch.Tensor]) -> dict[str, fl
         cov = torch.zeros(code.R * code.N, dtype=torch.float64, device=a.device)
         e.append(cov.index_add_(0, r * code.N + j, a[r, i] * code._val64).reshape(code.R, code.N) - 1.0)
     E = torch.stack(e)  # (T, R, N)
-    return {"bias": float(E.mean(0).abs().max()), "spread": float(E.pow(2).mean().sqrt()),
-            "max_abs_e": float(E.abs().max()), "max_abs_B": float(code._val64.abs().max()), "max_abs_a": amax}
+    return {
+        "bias": float(E.mean(0).abs().max()),
+        "spread": float(E.pow(2).mean().sqrt()),
+        "max_abs_e": float(E.abs().max()),
+        "max_abs_B": float(code._val64.abs().max()),
+        "max_abs_a": amax,
+    }
 
 
 @CODES.register("crc")
@@ -713,7 +764,7 @@ class CRC(CodeScheme):
     @classmethod
     def encoding(cls, cfg: Any, S: torch.Tensor, p: torch.Tensor, d: int, rng: SeedRNG) -> torch.Tensor:
         R, M, _ = S.shape
-        if not bool((S == _cyclic(M, M, range(d), S.device)).all()):
+        if not bool((_cyclic(M, M, range(d), S.device) == S).all()):
             raise ValueError("crc: S is not the cyclic allocation")
         how = cls.construction(cfg, M, d)
         if d == 1:
@@ -721,8 +772,11 @@ class CRC(CodeScheme):
         if how == "cyclic_mds":
             return _cyclic_mds_rows(M, d, S.device).expand(R, M, M).clone()
         C = 1 if how == "random" else int(_get(cfg, "candidates", 32))
-        H = rng.randn(d - 1, M, dtype=torch.float64) if how == "random" else \
-            rng.randn(C, d - 1, M, dtype=torch.float64).reshape(R * C, d - 1, M)
+        H = (
+            rng.randn(d - 1, M, dtype=torch.float64)
+            if how == "random"
+            else rng.randn(C, d - 1, M, dtype=torch.float64).reshape(R * C, d - 1, M)
+        )
         H[:, :, -1] = -H[:, :, :-1].sum(-1)
         B = _tandon_rows(H)  # (R·C, M, M)
         if how == "random":
@@ -731,8 +785,10 @@ class CRC(CodeScheme):
         a, res = _weights_over_sets(B, sets)  # (P, R·C, M), (P, R·C)
         score = a.abs().amax(-1).amax(0).masked_fill(res.amax(0) > 1e-6, math.inf).reshape(R, C)
         if bool(torch.isinf(score.amin(-1)).any()):
-            raise ValueError(f"crc construction=best_random: none of the {C} random H decodes every straggler "
-                             "set exactly; use code.construction=cyclic_mds")
+            raise ValueError(
+                f"crc construction=best_random: none of the {C} random H decodes every straggler "
+                "set exactly; use code.construction=cyclic_mds"
+            )
         best = score.argmin(-1)  # (R,)
         return B.reshape(R, C, M, M)[torch.arange(R, device=S.device), best]
 

@@ -15,11 +15,13 @@ accounting: values are not quantised to that precision.
 Notation: x ∈ ℝ^D one message, sign(0) = +1, ω the variance constant of an unbiased compressor:
 E[C(x)] = x and E‖C(x) − x‖² ≤ ω‖x‖².
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -29,7 +31,7 @@ from cocoef_cli.registry import Registry
 from cocoef_cli.sim import kernels
 from cocoef_cli.sim.rng import SeedRNG
 
-COMPRESSORS: Registry[type["Compressor"]] = Registry("compressor")
+COMPRESSORS: Registry[type[Compressor]] = Registry("compressor")
 
 INDEX_BITS = ("log2", "32", "bitmap")
 
@@ -85,7 +87,7 @@ def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) 
     """
     D = v.shape[-1]
     use_kernel = USE_KERNELS and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
-    if not use_kernel or k < 2 * SAMPLE_HITS or D < 8 * k or v.numel() == 0:
+    if not use_kernel or k < 2 * SAMPLE_HITS or 8 * k > D or v.numel() == 0:
         if add is not None:
             add.add_to(v)
         return _select(v.abs(), k), None
@@ -93,8 +95,9 @@ def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) 
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
     x = v.detach().reshape(-1, D).contiguous()
     act = None if active is None else active.detach().reshape(-1).to(torch.bool).numpy()
-    idx, picked = kernels.topk_rows(x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act,
-                                    None if add is None else add.kernel_args(v))
+    idx, picked = kernels.topk_rows(
+        x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act, None if add is None else add.kernel_args(v)
+    )
     shape = (*v.shape[:-1], k)
     return torch.from_numpy(idx).view(shape), torch.from_numpy(picked).view(shape)
 
@@ -182,7 +185,9 @@ def resolve_k(cfg: Mapping[str, Any] | Any, D: int) -> int:
         return _check_int("compressor.k", k, 1, D)
     ratio = _cfg_get(cfg, "ratio", 0.1)
     if ratio is None:
-        raise ConfigError("compressor.ratio", ratio, "a number in (0, 1] (or set compressor.k)", "k and ratio both null")
+        raise ConfigError(
+            "compressor.ratio", ratio, "a number in (0, 1] (or set compressor.k)", "k and ratio both null"
+        )
     if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
         raise ConfigError("compressor.ratio", ratio, "numbers in (0, 1]", "not a number")
     ratio = float(ratio)
@@ -208,7 +213,7 @@ class Compressor:
         self.value_bits = _check_int("compressor.value_bits", value_bits, 1)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
         """Build from a config mapping; subclasses add their own keys."""
         return cls(D, value_bits=_cfg_get(cfg, "value_bits", 32))
 
@@ -229,8 +234,9 @@ class Compressor:
     def __call__(self, v: Tensor, rng: SeedRNG | None = None) -> Tensor:
         return self.compress(v, rng)
 
-    def sparse(self, v: Tensor, rng: SeedRNG | None = None, active: Tensor | None = None,
-               add: Any = None) -> tuple[Tensor, Tensor] | None:
+    def sparse(
+        self, v: Tensor, rng: SeedRNG | None = None, active: Tensor | None = None, add: Any = None
+    ) -> tuple[Tensor, Tensor] | None:
         """C(v) as (indices, values) of shape (..., k) when the compressor keeps k coordinates per
         message (C(v) = 0 elsewhere), drawing exactly what :meth:`compress` draws; None otherwise.
         Lets callers avoid dense (R, M, D) temporaries. ``active`` (v.shape[:-1], bool, optional):
@@ -246,8 +252,7 @@ class Compressor:
     #: True: :meth:`_sparse` adds ``add`` to v itself, in its own pass; else :meth:`sparse` adds it first
     fuses_add: ClassVar[bool] = False
 
-    def _sparse(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None,
-                add: Any) -> tuple[Tensor, Tensor] | None:
+    def _sparse(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None, add: Any) -> tuple[Tensor, Tensor] | None:
         """:meth:`sparse` after v += U (or with ``add`` to fuse, when the class ``fuses_add``)."""
         return None
 
@@ -271,12 +276,13 @@ class _KSparse(Compressor):
         self.k = _check_int("compressor.k", k, 1, self.D)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
         D = _check_int("D", D, 1)
         return cls(D, resolve_k(cfg, D), value_bits=_cfg_get(cfg, "value_bits", 32))
 
-    def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None,
-              add: Any = None) -> tuple[Tensor, Tensor | None]:
+    def _pick(
+        self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None
+    ) -> tuple[Tensor, Tensor | None]:
         """The k kept coordinates of every message, shape (..., k) (arbitrary where ``active`` is
         False), and v there if known (else None); ``add``: see :meth:`Compressor._sparse`."""
         raise NotImplementedError
@@ -351,7 +357,7 @@ class TopK(_KSparse):
         self.index_bits = ib
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
         D = _check_int("D", D, 1)
         return cls(
             D,
@@ -472,7 +478,7 @@ class GroupedSign(Compressor):
         self.n_blocks = -(-self.D // self.group)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
         return cls(D, group=_cfg_get(cfg, "group", 64), value_bits=_cfg_get(cfg, "value_bits", 32))
 
     def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
@@ -510,7 +516,7 @@ class QSGD(Compressor):
         self.levels = _check_int("compressor.levels", levels, 1)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
         return cls(D, levels=_cfg_get(cfg, "levels", 4), value_bits=_cfg_get(cfg, "value_bits", 32))
 
     def omega(self) -> float:
@@ -581,14 +587,15 @@ class TernGrad(Compressor):
 
     def __init__(self, D: int, clip: float | None = 2.5, value_bits: int = 32):
         super().__init__(D, value_bits)
-        if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool)
-                                 or not math.isfinite(clip) or clip <= 0):
+        if clip is not None and (
+            not isinstance(clip, (int, float)) or isinstance(clip, bool) or not math.isfinite(clip) or clip <= 0
+        ):
             raise ConfigError("compressor.clip", clip, "null or finite numbers > 0", "out of range")
         self.clip = None if clip is None else float(clip)
         self.unbiased = self.clip is None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> "Compressor":
+    def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
         return cls(D, clip=_cfg_get(cfg, "clip", 2.5), value_bits=_cfg_get(cfg, "value_bits", 32))
 
     def omega(self) -> float | None:
@@ -656,21 +663,21 @@ def build_compressor(cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
 
 __all__ = [
     "COMPRESSORS",
+    "QSGD",
     "Compressor",
+    "GroupedSign",
     "Identity",
-    "TopK",
+    "Natural",
+    "OneBit",
     "RandK",
     "RandKUnbiased",
-    "Sign",
     "ScaledSign",
-    "GroupedSign",
-    "QSGD",
-    "OneBit",
+    "Sign",
     "TernGrad",
-    "Natural",
+    "TopK",
     "build_compressor",
-    "resolve_k",
-    "topk_mask",
-    "sign_pm1",
     "ceil_log2",
+    "resolve_k",
+    "sign_pm1",
+    "topk_mask",
 ]

@@ -7,14 +7,16 @@ Per update t = 1..T, for all replicates at once:
 and every ``eval_every`` updates a row per replicate (DESIGN §8). A replicate whose loss or
 parameters stop being finite is marked diverged at that evaluation and records no further rows.
 """
+
 from __future__ import annotations
 
 import ctypes
 import math
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,9 +30,29 @@ from cocoef_cli.sim.methods import METHODS, Method, build_message_compressor, me
 from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
-COLUMNS = ["run_id", "method", "code", "compressor", "straggler", "dataset", "model", "devices", "d", "p",
-           "seed", "iter", "train_loss", "test_loss", "test_acc", "grad_norm", "bits_up", "n_received",
-           "decode_residual", "ef_norm", "sim_time"]
+COLUMNS = [
+    "run_id",
+    "method",
+    "code",
+    "compressor",
+    "straggler",
+    "dataset",
+    "model",
+    "devices",
+    "d",
+    "p",
+    "seed",
+    "iter",
+    "train_loss",
+    "test_loss",
+    "test_acc",
+    "grad_norm",
+    "bits_up",
+    "n_received",
+    "decode_residual",
+    "ef_norm",
+    "sim_time",
+]
 EXTRA_COLUMNS = ["opt_gap"]  # F(θ) − F* where F* is known in closed form (least squares)
 SCHEDULES = ("const", "inv_sqrt", "step")
 
@@ -84,15 +106,29 @@ def build_experiment(cfg: Mapping) -> Experiment:
     code_cfg = cfg["code"]
     compressor = build_message_compressor(cfg, model.D)
 
-    labels: dict[str, Any] = {"method": cfg["method"]["name"], "dataset": data.name, "model": cfg["model"]["name"],
-                              "devices": M, "compressor": message_compressor_config(cfg)["name"]}
+    labels: dict[str, Any] = {
+        "method": cfg["method"]["name"],
+        "dataset": data.name,
+        "model": cfg["model"]["name"],
+        "devices": M,
+        "compressor": message_compressor_config(cfg)["name"],
+    }
     if method_cls.centralized:
-        objective = Objective(model, data, partition_indices(data.y_train, 1, {"partition": "iid"}, seeds),
-                              cfg["model"].get("l2", 0.0), dtype, device)
-        method = method_cls(cfg["method"], compressor, R, 1, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
+        objective = Objective(
+            model,
+            data,
+            partition_indices(data.y_train, 1, {"partition": "iid"}, seeds),
+            cfg["model"].get("l2", 0.0),
+            dtype,
+            device,
+        )
+        method = method_cls(
+            cfg["method"], compressor, R, 1, model.D, dtype, device, SeedRNG(seeds, "compressor", device)
+        )
         labels.update(code="none", compressor="none", straggler="none", d=None, p=0.0)
-        return Experiment(cfg, seeds, data, objective, method, labels, f_star=objective.f_star(), dtype=dtype,
-                          device=device)
+        return Experiment(
+            cfg, seeds, data, objective, method, labels, f_star=objective.f_star(), dtype=dtype, device=device
+        )
 
     if method_cls.code is not None:
         code_cfg = {"name": method_cls.code, "d": 1, "decode": "rescale"}
@@ -101,13 +137,32 @@ def build_experiment(cfg: Mapping) -> Experiment:
     straggler = build_straggler(cfg["straggler"], S.sum(-1), SeedRNG(seeds, "straggler", device))
     code = build_code(code_cfg, S, straggler.p, code_rng, dtype)
     batch = cfg.get("batch_size")
-    objective = Objective(model, data, partition_indices(data.y_train, code.N, cfg["dataset"], seeds),
-                          cfg["model"].get("l2", 0.0), dtype, device, batch_size=batch,
-                          batch_rng=SeedRNG(seeds, "batch", device) if batch else None)
+    objective = Objective(
+        model,
+        data,
+        partition_indices(data.y_train, code.N, cfg["dataset"], seeds),
+        cfg["model"].get("l2", 0.0),
+        dtype,
+        device,
+        batch_size=batch,
+        batch_rng=SeedRNG(seeds, "batch", device) if batch else None,
+    )
     method = method_cls(cfg["method"], compressor, R, M, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
     labels.update(code=code.name, straggler=cfg["straggler"]["name"], d=code.d, p=straggler.mean_p())
-    return Experiment(cfg, seeds, data, objective, method, labels, code, straggler, compressor.bits(),
-                      objective.f_star(), dtype, device)
+    return Experiment(
+        cfg,
+        seeds,
+        data,
+        objective,
+        method,
+        labels,
+        code,
+        straggler,
+        compressor.bits(),
+        objective.f_star(),
+        dtype,
+        device,
+    )
 
 
 @dataclass
@@ -200,16 +255,30 @@ class Simulation:
         """The metrics of θ^t per replicate (DESIGN §8 columns that vary), as tensors or scalars."""
         exp, m = self.exp, self.exp.objective.evaluate(self.theta)
         after = self.t > 0
-        return {"seed": exp.seeds, "iter": self.t, "train_loss": m.train_loss, "test_loss": m.test_loss,
-                "test_acc": m.test_acc, "grad_norm": m.grad_norm, "bits_up": None if exp.code is None else self.bits,
-                "n_received": self.n_received if after else None, "decode_residual": self.residual if after else None,
-                "ef_norm": self.state_norm(), "sim_time": self.sim_time if self.timed else None,
-                "opt_gap": None if exp.f_star is None else m.train_loss.double() - exp.f_star}
+        return {
+            "seed": exp.seeds,
+            "iter": self.t,
+            "train_loss": m.train_loss,
+            "test_loss": m.test_loss,
+            "test_acc": m.test_acc,
+            "grad_norm": m.grad_norm,
+            "bits_up": None if exp.code is None else self.bits,
+            "n_received": self.n_received if after else None,
+            "decode_residual": self.residual if after else None,
+            "ef_norm": self.state_norm(),
+            "sim_time": self.sim_time if self.timed else None,
+            "opt_gap": None if exp.f_star is None else m.train_loss.double() - exp.f_star,
+        }
 
 
-def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] | None = None,
-             sim: Simulation | None = None, checkpoint: Any = None,
-             on_record: Callable[[pd.DataFrame], None] | None = None) -> RunResult:
+def simulate(
+    exp: Experiment,
+    run_id: str = "",
+    progress: Callable[[int], None] | None = None,
+    sim: Simulation | None = None,
+    checkpoint: Any = None,
+    on_record: Callable[[pd.DataFrame], None] | None = None,
+) -> RunResult:
     """Run T updates for all replicates and return the metrics rows (DESIGN §8).
 
     ``sim``: the run state to drive (default ``Simulation(exp)``, the vectorised simulator; the
@@ -255,8 +324,12 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
             loss0 = loss.detach().clone() if loss0 is None else loss0
             ok &= ~(loss > float(factor) * loss0)  # blow-up: F(θᵗ) > diverge_factor · F(θ⁰)
         mark_diverged(ok)
-        frame = pd.DataFrame({k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else
-                                  v if isinstance(v, list) else [v] * R) for k, v in cols.items()})
+        frame = pd.DataFrame(
+            {
+                k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v if isinstance(v, list) else [v] * R)
+                for k, v in cols.items()
+            }
+        )
         rows.append(frame[alive])
         if on_record is not None:
             on_record(rows[-1])
@@ -272,8 +345,9 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
             rows, diverged = list(saved["rows"]), dict(saved["diverged"])
             alive[:] = saved["alive"]
             first = rows[0].set_index("seed")["train_loss"]  # the rows at t = 0 of the replicates alive then
-            loss0 = torch.tensor([float(first.get(s, math.nan)) for s in exp.seeds],
-                                 dtype=sim.theta.dtype, device=sim.theta.device)
+            loss0 = torch.tensor(
+                [float(first.get(s, math.nan)) for s in exp.seeds], dtype=sim.theta.dtype, device=sim.theta.device
+            )
         while sim.t < T and alive.any():
             sim.step()
             if per_update_check:
@@ -291,6 +365,10 @@ def simulate(exp: Experiment, run_id: str = "", progress: Callable[[int], None] 
     for k, v in exp.labels.items():
         df[k] = v
     df["run_id"] = run_id
-    df = df[COLUMNS + EXTRA_COLUMNS + list(sim.extra_columns)].sort_values(["seed", "iter"], kind="stable").reset_index(drop=True)
+    df = (
+        df[COLUMNS + EXTRA_COLUMNS + list(sim.extra_columns)]
+        .sort_values(["seed", "iter"], kind="stable")
+        .reset_index(drop=True)
+    )
     status = "diverged" if diverged else "completed"
     return RunResult(df, status, diverged, time.perf_counter() - t0)

@@ -7,6 +7,7 @@ a sparse combination of the rows of another matrix, x_i += Σ_j B_ij g_j (the en
 coding, fused so that error feedback reads and writes its memory once). ``AVAILABLE`` is False
 where numba cannot be imported; callers then select over full rows with torch (exact too, slower).
 """
+
 from __future__ import annotations
 
 import types
@@ -94,13 +95,13 @@ if AVAILABLE:
                 off = 0
                 for b in range(gstart.shape[0]):  # block by block of columns
                     w = gwidth[b]
-                    dst, acc = row[off:off + w], u[:w]
-                    src = g[gstart[b] + col[lo] * w:gstart[b] + (col[lo] + 1) * w]
+                    dst, acc = row[off : off + w], u[:w]
+                    src = g[gstart[b] + col[lo] * w : gstart[b] + (col[lo] + 1) * w]
                     c = val[lo]
                     for q in range(acc.shape[0]):  # bounds the compiler can see: vectorised
                         acc[q] = c * src[q]
                     for nz in range(lo + 1, hi):
-                        src = g[gstart[b] + col[nz] * w:gstart[b] + (col[nz] + 1) * w]
+                        src = g[gstart[b] + col[nz] * w : gstart[b] + (col[nz] + 1) * w]
                         c = val[nz]
                         for q in range(acc.shape[0]):
                             acc[q] += c * src[q]
@@ -165,8 +166,16 @@ if AVAILABLE:
     _topk_rows_serial = njit(cache=True, nogil=True)(_named(_topk_rows, "_topk_rows_serial"))
 
 
-def topk_rows(x: np.ndarray, k: int, h: int, r: int, cap: int, threads: int,
-              active: np.ndarray | None = None, add: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+def topk_rows(
+    x: np.ndarray,
+    k: int,
+    h: int,
+    r: int,
+    cap: int,
+    threads: int,
+    active: np.ndarray | None = None,
+    add: tuple | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (n, k) of the k largest |x_j| of every row of the C-contiguous float array x (n, D),
     and the values x_ij there (after the addition below).
 
@@ -185,8 +194,15 @@ def topk_rows(x: np.ndarray, k: int, h: int, r: int, cap: int, threads: int,
     act = np.ones(n, dtype=np.bool_) if active is None else np.ascontiguousarray(active, dtype=np.bool_)
     if add is None:
         none = np.zeros(0, dtype=np.int64)
-        add = (np.zeros(n, dtype=np.bool_), np.zeros(n + 1, dtype=np.int64), none, np.zeros(0, x.dtype),
-               np.zeros(0, x.dtype), none, none)
+        add = (
+            np.zeros(n, dtype=np.bool_),
+            np.zeros(n + 1, dtype=np.int64),
+            none,
+            np.zeros(0, x.dtype),
+            np.zeros(0, x.dtype),
+            none,
+            none,
+        )
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, n))
     if threads == 1:
         _topk_rows_serial(x, k, h, r, cap, act, *add, out, picked)

@@ -6,9 +6,11 @@ the devices that answer, a (R, M) the decoding weights (zero for stragglers), C 
 step returns the server aggregate ĝ (R, D). Stragglers send nothing; their state is left
 unchanged (``straggler_state=freeze``) or zeroed (``reset``).
 """
+
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
@@ -18,7 +20,7 @@ from cocoef_cli.sim.codes import CodedSum
 from cocoef_cli.sim.compressors import Compressor, build_compressor
 from cocoef_cli.sim.rng import SeedRNG
 
-METHODS: Registry[type["Method"]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method")
 STRAGGLER_STATES = ("freeze", "reset")
 
 
@@ -34,10 +36,17 @@ def build_message_compressor(cfg: Mapping, D: int) -> Compressor:
     ``method.allow_biased``."""
     comp_cfg = message_compressor_config(cfg)
     compressor = build_compressor(comp_cfg, D)
-    if METHODS.get(cfg["method"]["name"]).needs_unbiased and not compressor.unbiased \
-            and not cfg["method"].get("allow_biased", False):
-        raise ConfigError("compressor", comp_cfg["name"], "randk_unbiased, qsgd, onebit, terngrad with compressor.clip=null, natural, identity",
-                          f"method {cfg['method']['name']} needs an unbiased compressor (or method.allow_biased=true)")
+    if (
+        METHODS.get(cfg["method"]["name"]).needs_unbiased
+        and not compressor.unbiased
+        and not cfg["method"].get("allow_biased", False)
+    ):
+        raise ConfigError(
+            "compressor",
+            comp_cfg["name"],
+            "randk_unbiased, qsgd, onebit, terngrad with compressor.clip=null, natural, identity",
+            f"method {cfg['method']['name']} needs an unbiased compressor (or method.allow_biased=true)",
+        )
     return compressor
 
 
@@ -55,8 +64,17 @@ class Method:
     needs_unbiased: ClassVar[bool] = False  # rejects biased compressors unless method.allow_biased
     state_names: ClassVar[tuple[str, ...]] = ()  # per-device (R, M, D) states, reported as ef_norm
 
-    def __init__(self, cfg: Mapping, compressor: Compressor, R: int, M: int, D: int, dtype: torch.dtype,
-                 device: torch.device, rng: SeedRNG):
+    def __init__(
+        self,
+        cfg: Mapping,
+        compressor: Compressor,
+        R: int,
+        M: int,
+        D: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rng: SeedRNG,
+    ):
         self.C, self.rng = compressor, rng
         self.reset = cfg.get("straggler_state", "freeze")
         if self.reset not in STRAGGLER_STATES:

@@ -5,9 +5,10 @@ stream, so changing the compressor never changes the straggler pattern a seed se
 ``seeds=R`` draws exactly what R runs with ``seeds=1`` draw. Draws loop over replicates only (never
 over devices) and are stacked into a leading replicate dimension.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class SeedRNG:
         """One random permutation of range(n) per replicate, shape (R, n), int64."""
         return torch.stack([torch.randperm(n, generator=g, device=self.device) for g in self.gens])
 
-    def split(self, r: int) -> "SeedRNG":
+    def split(self, r: int) -> SeedRNG:
         """A view holding only replicate r's generator (shares state with this one)."""
         sub = SeedRNG.__new__(SeedRNG)
         sub.seeds, sub.stream, sub.device, sub.gens = [self.seeds[r]], self.stream, self.device, [self.gens[r]]

@@ -8,6 +8,7 @@ float64 is the simulated compute time of the last draw for ``delay`` and ``None`
 Public API: :data:`STRAGGLERS` (the registry, one model class per entry, math in its docstring),
 :func:`build_straggler`, :class:`StragglerModel`.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.sim.rng import SeedRNG
 
-STRAGGLERS: Registry[type["StragglerModel"]] = Registry("straggler")
+STRAGGLERS: Registry[type[StragglerModel]] = Registry("straggler")
 
 F64 = torch.float64
 
@@ -35,8 +36,9 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def _number(cfg: Any, key: str, default: Any, lo: float, hi: float, lo_open: bool = False,
-            hi_open: bool = False) -> float:
+def _number(
+    cfg: Any, key: str, default: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
+) -> float:
     """``straggler.<key>`` as a float in the interval lo..hi (open ends as flagged)."""
     value = _get(cfg, key, default)
     acc = f"numbers in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
@@ -67,7 +69,7 @@ class StragglerModel:
         self.last_time: torch.Tensor | None = None
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> "StragglerModel":
+    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerModel:
         raise NotImplementedError
 
     def mean_p(self) -> float:
@@ -93,7 +95,7 @@ class NoStragglers(StragglerModel):
     name = "none"
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> "NoStragglers":
+    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> NoStragglers:
         return cls(_full(loads, 0.0), rng)
 
     def draw(self) -> torch.Tensor:
@@ -110,7 +112,7 @@ class Bernoulli(StragglerModel):
     name = "bernoulli"
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> "Bernoulli":
+    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Bernoulli:
         return cls(_full(loads, _prob(cfg, "p", 0.2)), rng)
 
 
@@ -129,7 +131,7 @@ class Fixed(StragglerModel):
         self.s = s
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> "Fixed":
+    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Fixed:
         M = loads.shape[1]
         s = _get(cfg, "s", 0)
         acc = f"integers 0..{M - 1}"
@@ -154,7 +156,7 @@ class Hetero(StragglerModel):
     name = "hetero"
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> "Hetero":
+    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Hetero:
         M = loads.shape[1]
         p_list = _get(cfg, "p_list")
         if p_list is not None:
@@ -194,14 +196,18 @@ class Markov(StragglerModel):
         self.state: torch.Tensor | None = None  # (R, M) bool, True = straggling
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> "Markov":
+    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Markov:
         p = _prob(cfg, "p", 0.2)
         stay = _prob(cfg, "stay", 0.8)
         q = p * (1.0 - stay) / (1.0 - p)
         if q > 1.0:
             lo = (2.0 * p - 1.0) / p
-            raise ConfigError("straggler.stay", stay, f"numbers in [{lo:.6g}, 1) for p={p:g}",
-                              f"P(ok → straggler) = p(1−stay)/(1−p) = {q:.4g} > 1")
+            raise ConfigError(
+                "straggler.stay",
+                stay,
+                f"numbers in [{lo:.6g}, 1) for p={p:g}",
+                f"P(ok → straggler) = p(1−stay)/(1−p) = {q:.4g} > 1",
+            )
         return cls(_full(loads, p), rng, stay, q)
 
     def draw(self) -> torch.Tensor:
@@ -233,7 +239,7 @@ class Delay(StragglerModel):
         self.loads, self.t0, self.mu, self.deadline = loads.to(F64), t0, mu, deadline
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> "Delay":
+    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Delay:
         t0 = _number(cfg, "t0", 1.0, 0.0, math.inf, hi_open=True)
         mu = _number(cfg, "mu", 1.0, 0.0, math.inf, lo_open=True, hi_open=True)
         deadline = _get(cfg, "deadline", None)
@@ -250,14 +256,18 @@ class Delay(StragglerModel):
         p = torch.where(slack > 0, torch.exp(-mu * slack.clamp_min(0.0)), torch.ones_like(slack))
         if bool((p >= 1.0).any()):
             need = t0 * float(loads.max())
-            raise ConfigError("straggler.deadline", deadline, f"null, .inf or numbers > {need:g} (t0 × max load)",
-                              "some device misses this deadline with probability 1")
+            raise ConfigError(
+                "straggler.deadline",
+                deadline,
+                f"null, .inf or numbers > {need:g} (t0 × max load)",
+                "some device misses this deadline with probability 1",
+            )
         return cls(p, rng, loads, t0, mu, deadline)
 
     def draw(self) -> torch.Tensor:
         u = self.rng.rand(self.M, dtype=F64)
         T = self.loads * (self.t0 - torch.log1p(-u) / self.mu)  # Exp(mu) by inversion
-        late = T > self.deadline
+        late = self.deadline < T
         self.last_delays = T  # (R, M) compute times of this draw (the distributed runtime sleeps them)
         self.last_time = torch.where(late.any(-1), torch.full_like(T[:, 0], self.deadline), T.max(-1).values)
         return ~late

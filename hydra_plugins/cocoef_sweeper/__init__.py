@@ -8,6 +8,7 @@ sweep's constant overrides as Hydra's arguments (recorded once, in ``multirun.ya
 with ``arguments + launch[i]`` through the configured launcher (joblib, submitit, ray, ...), in
 batches of ``max_batch_size``.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,11 @@ from omegaconf import OmegaConf
 class ListSweeper(BasicSweeper):
     """Launch the jobs listed in ``jobs_file`` (its ``launch`` list of override lists)."""
 
-    def __init__(self, jobs_file: str, max_batch_size: Optional[int] = None,
-                 params: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, jobs_file: str, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)  # params: already expanded by the plan
         self.jobs_file = jobs_file
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
         jobs = json.loads(Path(self.jobs_file).read_text())["launch"]
         self.overrides = list(self.split_overrides_to_chunks([[*arguments, *job] for job in jobs], self.max_batch_size))
