@@ -93,7 +93,7 @@ def versions() -> dict[str, str]:
 
 
 def run_record(config: dict, status: str, wall_s: float, **extra: Any) -> dict[str, Any]:
-    """The ``run.json`` payload (DESIGN §8)."""
+    """The ``run.json`` payload (docs/design.md §8)."""
     return {
         "config": config,
         "status": status,

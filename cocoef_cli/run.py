@@ -115,7 +115,7 @@ def execute(
         T = int(cfg["iters"])
         runner, kwargs = simulate, {}
         ckpt = None
-        if cfg["runtime"]["name"] == "torch_distributed":  # DESIGN §10: M device processes + a server
+        if cfg["runtime"]["name"] == "torch_distributed":  # docs/design.md §10: M device processes + a server
             from cocoef_cli.runtime import run_distributed as runner
         elif out is not None:
             from cocoef_cli.checkpoint import FILENAME, Checkpoint

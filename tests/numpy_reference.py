@@ -1,6 +1,6 @@
 """An independent plain-numpy simulator of one run, for the trajectory tests (test_reference_*.py).
 
-It follows DESIGN §1–§5 and the published updates, one device at a time, in float64:
+It follows docs/design.md §1–§5 and the published updates, one device at a time, in float64:
   g_j = (1/n) Σ_{s∈P_j} ∇ℓ_s(θ) + (|P_j|/n) λ θ,   u_i = Σ_j B_ij g_j,
   COCO-EF / EF (Stich et al. 2018, Karimireddy et al. 2019): v = u + e, m = C(v), e ← v − m;
   DIANA (Mishchenko et al. 2019): Δ = C(u − h), message h + Δ, h ← h + αΔ;
@@ -24,7 +24,7 @@ from cocoef_cli.data import load_dataset, partition_indices
 from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
-UNCODED_METHODS = {"ef_sgd": "coco_ef", "ignore_stragglers": "gc"}  # DESIGN §5: uncoded, rescaled
+UNCODED_METHODS = {"ef_sgd": "coco_ef", "ignore_stragglers": "gc"}  # docs/design.md §5: uncoded, rescaled
 
 
 # ------------------------------------------------------------------------------------- models
@@ -81,7 +81,7 @@ def sgn(v):
 
 
 def compress(cfg: dict, v: np.ndarray) -> np.ndarray:
-    """C(v) of one message (DESIGN §4), deterministic compressors only."""
+    """C(v) of one message (docs/design.md §4), deterministic compressors only."""
     name, D = cfg["name"], len(v)
     if name == "identity":
         return v.copy()
@@ -107,7 +107,7 @@ def topk_k(cfg: dict, D: int) -> int:
 
 
 def bits(cfg: dict, D: int) -> int:
-    """Bits of one message (DESIGN §4, value_bits 32, topk index_bits log2)."""
+    """Bits of one message (docs/design.md §4, value_bits 32, topk index_bits log2)."""
     name = cfg["name"]
     if name == "identity":
         return 32 * D
@@ -122,7 +122,7 @@ def bits(cfg: dict, D: int) -> int:
 
 # ------------------------------------------------------------------------------------- codes
 def encoding(code: dict, M: int, p: float) -> np.ndarray:
-    """B (M, N = M) of DESIGN §2: uncoded I; sgc cyclic S/(d(1−p)); frc block-diagonal ones."""
+    """B (M, N = M) of docs/design.md §2: uncoded I; sgc cyclic S/(d(1−p)); frc block-diagonal ones."""
     d = code.get("d", 1)
     if code["name"] == "uncoded":
         return np.eye(M)

@@ -1,4 +1,4 @@
-"""Compressors (DESIGN §4): reconstructions, conventions, unbiasedness, ω, bits, config errors."""
+"""Compressors (docs/design.md §4): reconstructions, conventions, unbiasedness, ω, bits, config errors."""
 
 from __future__ import annotations
 

@@ -258,7 +258,7 @@ def test_short_mnist5k_run_improves_test_accuracy():
 
 def test_mlp_theta_loads_into_the_matching_torch_nn_sequential():
     """θ has torch.nn's layout: vector_to_parameters(θ, nn.Sequential(Linear, act, Linear)) gives
-    a network with the same logits (README, Workloads)."""
+    a network with the same logits (docs/workloads.md, Models)."""
     data = image_data(9, (1, 6, 5))
     model = build_model({"name": "mlp", "hidden": [7], "activation": "tanh", "init": "torch"}, data)
     theta = model.init(SeedRNG([3], "init"), torch.float64)

@@ -85,7 +85,7 @@ def test_method_trajectory_equals_numpy_reference(case):
 @pytest.mark.parametrize("method", ["coco_ef", "coco_diana", "coco_ef21", "ef_sgd"])
 @pytest.mark.parametrize("state", ["freeze", "reset"])
 def test_straggler_state_trajectory_equals_numpy_reference(method, state):
-    """freeze: a straggler's memory is kept as it is; reset: it is zeroed (DESIGN §1)."""
+    """freeze: a straggler's memory is kept as it is; reset: it is zeroed (docs/design.md §1)."""
     comp = ["compressor=topk", "compressor.k=2"]
     if method == "coco_diana":
         comp += ["method.allow_biased=true", "method.alpha=0.5"]
@@ -142,7 +142,7 @@ def test_linear_model_with_ridge_and_markov_stragglers_equals_numpy_reference():
 def test_delay_stragglers_and_simulated_time_equal_numpy_reference():
     """delay: T_i = load_i (t0 + Exp(mu)) by inversion of the straggler stream's uniforms, straggler
     iff T_i > deadline; sim_time adds per update the deadline (or max_i T_i if all answered) plus
-    the upload time of one message, bits / bandwidth (DESIGN §3); the marginal p of the p column."""
+    the upload time of one message, bits / bandwidth (docs/design.md §3); the marginal p of the p column."""
     t0, mu, deadline, bw, T = 1.0, 2.0, 1.6, 20000.0, 24
     linreg = [o for o in LINREG if not o.startswith("straggler.p=")]
     got = compare(

@@ -124,7 +124,7 @@ def test_coco_with_an_unbiased_compressor_is_unbiased(comp):
 
 
 def test_coco_with_randk_is_biased_by_k_over_d():
-    """rand-k without rescaling: E[C(x)] = (k/D) x (DESIGN §4), so E[ĝ] = (k/D) Σ_i a_i u_i."""
+    """rand-k without rescaling: E[C(x)] = (k/D) x (docs/design.md §4), so E[ĝ] = (k/D) Σ_i a_i u_i."""
     ghat, _, U, _, a = one_step("coco", {"name": "randk", "k": 3}, 4000, state=False)
     assert_mean_within(ghat, 0.3 * (a @ U), "randk")
 

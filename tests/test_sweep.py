@@ -172,7 +172,7 @@ def test_submitit_local_runs_the_smoke_sweep(tmp_path):
 @pytest.mark.skipif(
     importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
     reason="hydra-ray-launcher is not installed (pip install 'cocoef[cluster]'); it downgrades "
-    "cloudpickle, so the dev venv leaves it out — see README 'Ray cluster' for the manual check",
+    "cloudpickle, so the dev venv leaves it out — see docs/sweeps.md 'On a Ray cluster' for the manual check",
 )
 def test_ray_launcher_runs_the_smoke_sweep(tmp_path, monkeypatch):  # pragma: no cover — optional
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

@@ -3,9 +3,9 @@
 A codec turns the dense message m = C(v) ∈ ℝ^D that the simulator's compressor produced into a
 fixed number of bytes, and the server turns them back into exactly the same vector
 (``decode(encode(m)) == m``, bit for bit; tested for every compressor). Values travel in the run's
-float dtype (4 bytes for ``precision=float32``, so the sizes match the DESIGN §4 formulas with
+float dtype (4 bytes for ``precision=float32``, so the sizes match the docs/design.md §4 formulas with
 ``value_bits`` = 32; 8 bytes with ``float64``). Integers are bit-packed little-endian
-(:func:`pack_bits`). With k, D, s as in DESIGN §4, b = ceil(log2 D), L = ceil(log2(s+1)), vs = value
+(:func:`pack_bits`). With k, D, s as in docs/design.md §4, b = ceil(log2 D), L = ceil(log2(s+1)), vs = value
 bytes:
 
 =================  ============================================  =============================

@@ -8,9 +8,9 @@ draw of shape ``v.shape[1:]`` (a leading R is added by the rng) per call, so a r
 ``[0, 1]`` compresses exactly like two runs with seeds ``[0]`` and ``[1]``. Nothing loops over
 devices or coordinates.
 
-:meth:`Compressor.bits` is the cost of ONE message, a deterministic formula of D, k, ... (DESIGN
-§4), with ``value_bits`` (default 32) bits per transmitted float. ``value_bits`` only changes the
-accounting: values are not quantised to that precision.
+:meth:`Compressor.bits` is the cost of ONE message, a deterministic formula of D, k, ...
+(docs/design.md §4), with ``value_bits`` (default 32) bits per transmitted float. ``value_bits``
+only changes the accounting: values are not quantised to that precision.
 
 Notation: x ∈ ℝ^D one message, sign(0) = +1, ω the variance constant of an unbiased compressor:
 E[C(x)] = x and E‖C(x) − x‖² ≤ ω‖x‖².
@@ -257,7 +257,7 @@ class Compressor:
         return None
 
     def bits(self) -> int:
-        """Bits of one message (DESIGN §4)."""
+        """Bits of one message (docs/design.md §4)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _extra_repr(self) -> str:

@@ -4,7 +4,7 @@ Per update t = 1..T, for all replicates at once:
   G = [g_j(θ)]_j (R, N, D), each partition gradient once   U = B G (R, M, D)
   z ~ straggler model (R, M)      a, residual = decode(z)    ĝ = method.coded_step(U, z, a)
   θ ← θ − η_t ĝ   (heavy-ball buffer when optim.momentum > 0)
-and every ``eval_every`` updates a row per replicate (DESIGN §8). A replicate whose loss or
+and every ``eval_every`` updates a row per replicate (docs/design.md §8). A replicate whose loss or
 parameters stop being finite is marked diverged at that evaluation and records no further rows.
 """
 
@@ -252,7 +252,7 @@ class Simulation:
         return self.exp.method.state_norm()
 
     def row(self) -> dict[str, Any]:
-        """The metrics of θ^t per replicate (DESIGN §8 columns that vary), as tensors or scalars."""
+        """The metrics of θ^t per replicate (docs/design.md §8 columns that vary), as tensors or scalars."""
         exp, m = self.exp, self.exp.objective.evaluate(self.theta)
         after = self.t > 0
         return {
@@ -279,7 +279,7 @@ def simulate(
     checkpoint: Any = None,
     on_record: Callable[[pd.DataFrame], None] | None = None,
 ) -> RunResult:
-    """Run T updates for all replicates and return the metrics rows (DESIGN §8).
+    """Run T updates for all replicates and return the metrics rows (docs/design.md §8).
 
     ``sim``: the run state to drive (default ``Simulation(exp)``, the vectorised simulator; the
     distributed runtime passes its own subclass). ``checkpoint`` (optional, see
