@@ -240,7 +240,7 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     if cfg["runtime"]["name"] not in RUNTIMES:
         raise ConfigError("runtime", cfg["runtime"]["name"], RUNTIMES)
     if cfg["runtime"]["name"] == "torch_distributed":
-        from cocoef_cli.runtime.options import RuntimeOptions
+        from cocoef_cli.distributed.options import RuntimeOptions
 
         RuntimeOptions.from_cfg(cfg)  # validates runtime.* (nothing is started)
     optim = cfg["optim"]
@@ -356,11 +356,11 @@ def check(cfg: dict, root: str | os.PathLike | None) -> dict:
 
     from cocoef_cli.data import load_dataset, partition_indices
     from cocoef_cli.models import build_model
+    from cocoef_cli.rng import SeedRNG
     from cocoef_cli.sim.codes import allocate, build_code
     from cocoef_cli.sim.compressors import build_compressor
     from cocoef_cli.sim.engine import resolve_device
     from cocoef_cli.sim.methods import METHODS, build_message_compressor
-    from cocoef_cli.sim.rng import SeedRNG
     from cocoef_cli.sim.stragglers import build_straggler
 
     validate(cfg, root)

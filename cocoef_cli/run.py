@@ -116,7 +116,7 @@ def execute(
         runner, kwargs = simulate, {}
         ckpt = None
         if cfg["runtime"]["name"] == "torch_distributed":  # DESIGN §10: M device processes + a server
-            from cocoef_cli.runtime import run_distributed as runner
+            from cocoef_cli.distributed import run_distributed as runner
         elif out is not None:
             from cocoef_cli.checkpoint import FILENAME, Checkpoint
 
@@ -280,9 +280,9 @@ def code_conditioning(cfg: dict, max_patterns: int = 5000) -> dict:
     ``max_patterns`` straggler draws (at most 1000)."""
     import torch
 
+    from cocoef_cli.rng import SeedRNG
     from cocoef_cli.sim.audit import code_report
     from cocoef_cli.sim.codes import allocate, build_code
-    from cocoef_cli.sim.rng import SeedRNG
     from cocoef_cli.sim.stragglers import build_straggler
 
     M, seeds = int(cfg["devices"]), [int(cfg["seed"])]

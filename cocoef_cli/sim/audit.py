@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import CODES, Code, conditioning, coverage_spread, straggler_sets
 from cocoef_cli.sim.compressors import Compressor
-from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
 #: Worst max_i |a_i| above which a decoding code with a biased compressor is warned about.

@@ -25,9 +25,9 @@ import torch
 from cocoef_cli.data import Dataset, load_dataset, partition_indices
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import CodedSum, allocate, build_code
 from cocoef_cli.sim.methods import METHODS, Method, build_message_compressor, message_compressor_config
-from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
 COLUMNS = [
