@@ -406,11 +406,14 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="Fewer sizes (M ≤ 100): about a minute."),
     out: Path = typer.Option(Path("results/bench.md"), "--out", help="Markdown report to write."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
+    smoke: bool = typer.Option(
+        False, "--smoke", help="One small workload (logistic regression, M = 10): checks an install in seconds."
+    ),
 ) -> None:
     """Benchmarks: simulator vs a per-device loop, vs a centralised step, seeds=10 vs 1, scaling in M."""
     from cocoef_cli.bench import run_bench
 
-    typer.echo(run_bench(quick, out, device, log=lambda line: typer.echo(line, err=True)))
+    typer.echo(run_bench(quick, out, device, log=lambda line: typer.echo(line, err=True), smoke=smoke))
     typer.echo(f"wrote {out}", err=True)
 
 
