@@ -81,7 +81,7 @@ def run(
     from cocoef_cli.run import already_done, check_out_dir, execute
 
     # the whole schema, before any work, against the config root the config was composed from
-    cfg = config.check(config.compose(overrides or [], config_dir), config_dir)
+    cfg, audit = config.checked(config.compose(overrides or [], config_dir), config_dir)
     rid = run_id(cfg)
     out = out or Path("runs") / rid
     if dry_run:
@@ -100,7 +100,7 @@ def run(
     if saved is not None:
         typer.echo(f"resuming from the checkpoint at update {int(saved['t'])} in {out}", err=True)
     try:
-        exp, res = execute(cfg, out, progress=not quiet, resume=saved or False)
+        exp, res = execute(cfg, out, progress=not quiet, resume=saved or False, audit=audit)
     except ConfigError:
         raise
     except Exception as e:  # a run that failed: one line, exit 1, run.json says failed
