@@ -77,7 +77,7 @@ def run(
     """One run (all its seeds): writes OUT/metrics.csv and OUT/run.json. With checkpoint_every=K it
     saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
     from cocoef_cli import config
-    from cocoef_cli.record import run_id
+    from cocoef_cli.record import run_id, to_yaml
     from cocoef_cli.run import already_done, check_out_dir, execute
 
     # the whole schema, before any work, against the config root the config was composed from
@@ -85,7 +85,7 @@ def run(
     rid = run_id(cfg)
     out = out or Path("runs") / rid
     if dry_run:
-        typer.echo(config.to_yaml(cfg).rstrip() + f"\n# run_id: {rid}\n# out: {out}")
+        typer.echo(to_yaml(cfg).rstrip() + f"\n# run_id: {rid}\n# out: {out}")
         return
     done = None if force else already_done(out, rid)
     if done is not None:  # the same config, finished: nothing to do (as a sweep skips it)

@@ -381,9 +381,3 @@ def checked(cfg: dict, root: str | os.PathLike | None) -> tuple[dict, tuple[dict
 def load(overrides: Sequence[str] = (), root: str | os.PathLike | None = None) -> dict:
     """compose + validate."""
     return validate(compose(overrides, root), config_dir(root))
-
-
-def to_yaml(cfg: Any) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(cfg))

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import read_record
+from cocoef_cli.record import flatten, read_record
 
 AXIS_LABELS = {
     "iter": "iteration",
@@ -109,18 +109,6 @@ def label(col: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ loading
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    elif isinstance(d, (list, tuple)):
-        out[prefix[:-1]] = str(list(d))
-    else:
-        out[prefix[:-1]] = d
-    return out
-
-
 def run_dirs(root: Path) -> list[Path]:
     """Run folders under ``root``: ``root`` itself when it holds a run, else every folder below it
     with a ``run.json`` (Hydra's ``.hydra`` folders excluded)."""
@@ -139,7 +127,7 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     for folder in run_dirs(root):
         rel = str(folder.relative_to(root)) if folder != root else folder.name
         rec = read_record(folder)
-        cfg = {k: v for k, v in _flatten(rec.get("config", {})).items() if not k.startswith("hydra")}
+        cfg = {k: v for k, v in flatten(rec.get("config", {})).items() if not k.startswith("hydra")}
         info = {
             "run": rel,
             "status": rec.get("status", "unknown"),
