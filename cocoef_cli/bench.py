@@ -1,6 +1,6 @@
 """``cocoef bench``: the simulator against a per-device loop and against the machine's limit.
 
-(a) vectorised simulator vs the per-device loop baseline (benchmarks/loop_baseline.py), same run;
+(a) vectorised simulator vs the per-device loop baseline (:mod:`cocoef_cli.bench_loop`), same run;
 (b) one COCO-EF iteration vs one centralised full-batch autograd step and vs the limit = that
     step + one fused pass over G and the error memory (e ← e + G over two (R·M, D) matrices: an
     iteration must compute the partition gradients and read G and read and write e once), at 1
@@ -42,6 +42,7 @@ SETTING = [
     "seeds=1",
 ]
 WORKLOADS = {"softmax": ["dataset=mnist5k", "model=softmax"], "mlp": ["dataset=mnist5k", "model=mlp"]}
+SMOKE_WORKLOADS = {"logistic": ["dataset=synthetic_logreg", "model=logistic"]}  # `--smoke`: seconds
 
 
 def median_time(fn: Callable[[], object], repeat: int = 7, warmup: int = 3) -> float:
@@ -129,11 +130,8 @@ def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
 
 
 def loop_step(overrides: Sequence[str]) -> Callable[[], object]:
-    """One iteration of the per-device loop baseline (benchmarks/loop_baseline.py) on the run."""
-    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
-    if folder not in sys.path:  # called once per (model, M): add the folder once
-        sys.path.insert(0, folder)
-    from loop_baseline import loop_coco_ef
+    """One iteration of the per-device loop baseline (:mod:`cocoef_cli.bench_loop`) on the run."""
+    from cocoef_cli.bench_loop import loop_coco_ef
 
     exp = build_experiment(config.load(list(overrides)))
     return lambda: loop_coco_ef(exp, 1)
@@ -231,46 +229,54 @@ def machine() -> str:
 
 
 def run_bench(
-    quick: bool = False, out: Path | None = None, device: str = "cpu", log: Callable[[str], None] = print
+    quick: bool = False,
+    out: Path | None = None,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+    smoke: bool = False,
 ) -> str:
-    """Measure (a)–(d) and return the markdown report (also written to ``out`` when given)."""
+    """Measure (a)–(d) and return the markdown report (also written to ``out`` when given).
+    ``quick``: M ≤ 100; ``smoke``: one small workload (:data:`SMOKE_WORKLOADS`) at M = 10, one
+    thread, each measurement once: checks that the benchmark runs (an install), not the speed."""
     from cocoef_cli.run import pinned_threads, usable_cores
 
     dev = [f"device={device}"]
     rows_a, rows_b, rows_c, rows_d, parts = [], [], [], [], {}
-    thread_counts = sorted({1, usable_cores()})
-    for name, wl in WORKLOADS.items():
-        base = SETTING + wl + dev + ["devices=100"]
+    thread_counts = [1] if smoke else sorted({1, usable_cores()})
+    rounds, repeat = (1, 1) if smoke else (9, 9)  # smoke: every measurement once
+    M_bc = 10 if smoke else 100  # the devices of (b) and (c)
+    for name, wl in (SMOKE_WORKLOADS if smoke else WORKLOADS).items():
+        base = SETTING + wl + dev + [f"devices={M_bc}"]
         for n_threads in thread_counts:
             with pinned_threads(n_threads):
                 sim = simulation(base)
                 t_sim, t_central, t_pass = paired_times(
-                    [sim.step, central_step(sim), fused_pass(sim)], [5, 5, 5], rounds=9
+                    [sim.step, central_step(sim), fused_pass(sim)], [5, 5, 5], rounds=rounds
                 )
                 if n_threads == thread_counts[-1]:
-                    parts[name] = breakdown(sim)
+                    parts[name] = breakdown(sim, repeat)
             rows_b.append((name, sim.exp.objective.model.D, n_threads, t_sim, t_central, t_pass))
             log(
                 f"(b) {name}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
                 f"{t_central * 1e3:.2f} ms, pass over G and e {t_pass * 1e3:.2f} ms"
             )
         sim1, sim10 = simulation(base), simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
-        t1, t10 = paired_times([sim1.step, sim10.step], [5, 2])
+        t1, t10 = paired_times([sim1.step, sim10.step], [5, 2], rounds=min(rounds, 5))
         rows_c.append((name, t1, t10))
-        parts[f"{name}, seeds=10"] = breakdown(sim10, repeat=5)
+        parts[f"{name}, seeds=10"] = breakdown(sim10, repeat=min(repeat, 5))
         log(
             f"(c) {name}: seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t1 * 1e3:.2f} ms ({t10 / (10 * t1):.2f} × 10 seeds=1)"
         )
-        for M in [10, 100] if quick else [10, 100, 1000]:
+        for M in [10] if smoke else [10, 100] if quick else [10, 100, 1000]:
             ov = SETTING + wl + dev + [f"devices={M}"]
             t_vec, t_loop = paired_times(
-                [simulation(ov).step, loop_step(ov)], [5, 1], rounds=9 if M <= 100 else 3, warmup=1
+                [simulation(ov).step, loop_step(ov)], [5, 1], rounds=min(rounds, 9 if M <= 100 else 3), warmup=1
             )
             rows_a.append((name, M, t_vec, t_loop))
             log(f"(a) {name} M={M}: simulator {t_vec * 1e3:.2f} ms, loop {t_loop * 1e3:.1f} ms")
-        Ms = {"softmax": [10, 100, 1000, 10000], "mlp": [10, 100, 1000]}[name]
-        for M in Ms[:2] if quick else Ms:
-            p = scaling_point(SETTING + wl + dev + [f"devices={M}"], repeat=9 if M <= 1000 else 3)
+        Ms = {"softmax": [10, 100, 1000, 10000], "mlp": [10, 100, 1000]}.get(name, [10])
+        for M in Ms[:1] if smoke else Ms[:2] if quick else Ms:
+            p = scaling_point(SETTING + wl + dev + [f"devices={M}"], repeat=min(repeat, 9 if M <= 1000 else 3))
             rows_d.append((name, M, p))
             log(
                 f"(d) {name} M={M}: {p['s'] * 1e3:.1f} ms/iter, peak RSS {p['rss_mib']:.0f} MiB "
@@ -282,7 +288,7 @@ def run_bench(
         f"Machine: {machine()}. Device: `{device}`; torch threads: "
         f"{' and '.join(map(str, thread_counts))} in (b), {torch.get_num_threads()} elsewhere.",
         "",
-        f"Command: `cocoef bench{' --quick' if quick else ''}` (medians after warm-up, the two sides of each "
+        f"Command: `cocoef bench{' --quick' if quick else ''}{' --smoke' if smoke else ''}` (medians after warm-up, the two sides of each "
         "ratio timed in alternating rounds; setting: mnist5k, "
         "sgc d=3, Bernoulli p=0.2, COCO-EF with Top-k ratio 0.01).",
         "",
@@ -294,7 +300,7 @@ def run_bench(
     md += [f"| {n} | {M} | {a * 1e3:.2f} | {b * 1e3:.1f} | {b / a:.1f}× |" for n, M, a, b in rows_a]
     md += [
         "",
-        "## (b) one COCO-EF iteration (M=100) vs one centralised full-batch autograd step and vs the limit",
+        f"## (b) one COCO-EF iteration (M={M_bc}) vs one centralised full-batch autograd step and vs the limit",
         "",
         "limit = central step + one pass e ← e + G over two (M, D) matrices (timed in the same rounds): what "
         "an iteration must at least do (the partition gradients, and read G and read and write e once).",
@@ -332,7 +338,7 @@ def run_bench(
     ]
     md += [
         "",
-        "## (c) replicates: seeds=10 vs seeds=1 (M=100), per iteration",
+        f"## (c) replicates: seeds=10 vs seeds=1 (M={M_bc}), per iteration",
         "",
         "| model | seeds=1 ms | seeds=10 ms | seeds=10 / seeds=1 | seeds=10 / (10 × seeds=1) (target ≤ 1.1) |",
         "|---|---|---|---|---|",

@@ -39,7 +39,7 @@ import torch
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import atomic_write
-from cocoef_cli.sim.rng import SeedRNG
+from cocoef_cli.rng import SeedRNG
 
 FILENAME = "checkpoint.pt"
 # 2: θ in torch.nn's layout (MLP weights (out, in), GLM weights (C, f̃)); 3: plain data only, read with

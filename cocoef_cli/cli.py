@@ -77,15 +77,15 @@ def run(
     """One run (all its seeds): writes OUT/metrics.csv and OUT/run.json. With checkpoint_every=K it
     saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
     from cocoef_cli import config
-    from cocoef_cli.record import run_id
+    from cocoef_cli.record import run_id, to_yaml
     from cocoef_cli.run import already_done, check_out_dir, execute
 
     # the whole schema, before any work, against the config root the config was composed from
-    cfg = config.check(config.compose(overrides or [], config_dir), config_dir)
+    cfg, audit = config.checked(config.compose(overrides or [], config_dir), config_dir)
     rid = run_id(cfg)
     out = out or Path("runs") / rid
     if dry_run:
-        typer.echo(config.to_yaml(cfg).rstrip() + f"\n# run_id: {rid}\n# out: {out}")
+        typer.echo(to_yaml(cfg).rstrip() + f"\n# run_id: {rid}\n# out: {out}")
         return
     done = None if force else already_done(out, rid)
     if done is not None:  # the same config, finished: nothing to do (as a sweep skips it)
@@ -100,7 +100,7 @@ def run(
     if saved is not None:
         typer.echo(f"resuming from the checkpoint at update {int(saved['t'])} in {out}", err=True)
     try:
-        exp, res = execute(cfg, out, progress=not quiet, resume=saved or False)
+        exp, res = execute(cfg, out, progress=not quiet, resume=saved or False, audit=audit)
     except ConfigError:
         raise
     except Exception as e:  # a run that failed: one line, exit 1, run.json says failed
@@ -406,11 +406,14 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="Fewer sizes (M ≤ 100): about a minute."),
     out: Path = typer.Option(Path("results/bench.md"), "--out", help="Markdown report to write."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
+    smoke: bool = typer.Option(
+        False, "--smoke", help="One small workload (logistic regression, M = 10): checks an install in seconds."
+    ),
 ) -> None:
     """Benchmarks: simulator vs a per-device loop, vs a centralised step, seeds=10 vs 1, scaling in M."""
     from cocoef_cli.bench import run_bench
 
-    typer.echo(run_bench(quick, out, device, log=lambda line: typer.echo(line, err=True)))
+    typer.echo(run_bench(quick, out, device, log=lambda line: typer.echo(line, err=True), smoke=smoke))
     typer.echo(f"wrote {out}", err=True)
 
 

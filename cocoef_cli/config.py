@@ -240,7 +240,7 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     if cfg["runtime"]["name"] not in RUNTIMES:
         raise ConfigError("runtime", cfg["runtime"]["name"], RUNTIMES)
     if cfg["runtime"]["name"] == "torch_distributed":
-        from cocoef_cli.runtime.options import RuntimeOptions
+        from cocoef_cli.distributed.options import RuntimeOptions
 
         RuntimeOptions.from_cfg(cfg)  # validates runtime.* (nothing is started)
     optim = cfg["optim"]
@@ -347,64 +347,37 @@ def validate_groups(cfg: dict, root: Path | None = None) -> None:
 
 
 def check(cfg: dict, root: str | os.PathLike | None) -> dict:
+    """The whole schema before any work (:func:`checked`). Returns ``cfg``."""
+    return checked(cfg, root)[0]
+
+
+def checked(cfg: dict, root: str | os.PathLike | None) -> tuple[dict, tuple[dict | None, list[str]]]:
     """The whole schema before any work: :func:`validate` against the config root ``root`` the
     config was composed from (None: the default root), then every component's own validator as
-    a run builds it, at the smallest size (one replicate, one device for the method state). Needs
-    the dataset (for D and its files; loaded once per process, the run's build reuses it), nothing
-    else heavy. Returns ``cfg``."""
-    import torch
-
-    from cocoef_cli.data import load_dataset, partition_indices
-    from cocoef_cli.models import build_model
-    from cocoef_cli.sim.codes import allocate, build_code
+    the run assembles it, at the smallest size (:func:`cocoef_cli.sim.engine.assemble`: one
+    replicate, one device of method state). Needs the dataset (for D and its files; loaded once
+    per process, the run's build reuses it), nothing else heavy. Prints the audit's warnings (one
+    line each, the run goes on). Returns (``cfg``, the audit of replicate 0:
+    :func:`cocoef_cli.sim.audit.audit_parts`), which :func:`cocoef_cli.run.execute` records."""
+    from cocoef_cli.sim.audit import audit_parts
     from cocoef_cli.sim.compressors import build_compressor
-    from cocoef_cli.sim.engine import resolve_device
-    from cocoef_cli.sim.methods import METHODS, build_message_compressor
-    from cocoef_cli.sim.rng import SeedRNG
-    from cocoef_cli.sim.stragglers import build_straggler
+    from cocoef_cli.sim.engine import assemble, code_and_stragglers
 
     validate(cfg, root)
-    resolve_device(cfg["device"])
-    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["precision"]]
-    data = load_dataset(cfg["dataset"])
-    model = build_model(cfg["model"], data)
-    method_cls = METHODS.get(cfg["method"]["name"])
-    compressor = build_message_compressor(cfg, model.D)
-    seeds, M = [int(cfg["seed"])], int(cfg["devices"])
-    method_cls(cfg["method"], compressor, 1, 1, model.D, dtype, torch.device("cpu"), SeedRNG(seeds, "compressor"))
-
-    def code_and_stragglers(code_cfg: dict):
-        rng = SeedRNG(seeds, "code")
-        S = allocate(code_cfg, M, rng)
-        straggler = build_straggler(cfg["straggler"], S.sum(-1), SeedRNG(seeds, "straggler"))
-        return build_code(code_cfg, S, straggler.p, rng, dtype)
-
+    parts = assemble(cfg, smallest=True)
     # groups the method overrides (gc: no compressor; ef_sgd: uncoded; gd: no devices) are still
     # checked as written: a bad value is a typo whether or not this method uses it
+    method_cls = type(parts.method)
     if not method_cls.compresses:
-        build_compressor(cfg["compressor"], model.D)
+        build_compressor(cfg["compressor"], parts.model.D)
     if method_cls.centralized or method_cls.code is not None:
-        code_and_stragglers(cfg["code"])
-    if method_cls.centralized:
-        partition_indices(data.y_train, 1, {"partition": "iid"}, seeds)
-        return cfg
-    code = code_and_stragglers(
-        cfg["code"] if method_cls.code is None else {"name": method_cls.code, "d": 1, "decode": "rescale"}
-    )
-    partition_indices(data.y_train, code.N, cfg["dataset"], seeds)
-    from cocoef_cli.sim.audit import audit
-
-    for line in audit(code, cfg, seeds, compressor, method_cls)[1]:  # one line each, the run goes on
+        code_and_stragglers(cfg["code"], cfg["straggler"], int(cfg["devices"]), parts.seeds, parts.dtype)
+    report = audit_parts(parts, cfg)
+    for line in report[1]:
         print(f"warning: {line}", file=sys.stderr)
-    return cfg
+    return cfg, report
 
 
 def load(overrides: Sequence[str] = (), root: str | os.PathLike | None = None) -> dict:
     """compose + validate."""
     return validate(compose(overrides, root), config_dir(root))
-
-
-def to_yaml(cfg: Any) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(cfg))

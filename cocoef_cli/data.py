@@ -29,7 +29,7 @@ import numpy as np
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
-from cocoef_cli.sim.rng import stream_seed
+from cocoef_cli.rng import stream_seed
 
 DATASETS: Registry[Callable[[Mapping], Dataset]] = Registry("dataset")
 PARTITIONS = ("iid", "label_sorted", "dirichlet")

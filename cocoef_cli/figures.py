@@ -123,12 +123,18 @@ def select(exps: dict[str, Experiment], only: list[str] | None) -> list[Experime
 # ------------------------------------------------------------------------------------ running
 @dataclass
 class Task:
-    """One ``cocoef sweep`` call: one arm of one sweep."""
+    """One sweep (:func:`cocoef_cli.sweep.run_sweep`, basic launcher): one arm of one sweep."""
 
     sweep: str
     arm: Arm
-    argv: list[str]
+    preset: str
+    overrides: list[str]
     out: Path
+
+    @property
+    def argv(self) -> list[str]:
+        """The same sweep as ``cocoef`` arguments."""
+        return ["sweep", self.preset, *self.overrides, "--out", str(self.out), "--launcher", "basic", "--quiet"]
 
     @property
     def command(self) -> str:
@@ -167,19 +173,7 @@ def arm_task(exp: Experiment, arm: Arm, runs: Path, quick: bool, tune: bool = Fa
                 'quoted Hydra overrides, e.g. "straggler.p=0.1,0.3"',
                 "not a key=value string (quote sweeps: YAML splits them at the commas)",
             )
-    argv = [
-        "sweep",
-        sw["preset"],
-        *arm.overrides,
-        *swept,
-        *quick_ovs,
-        "--out",
-        str(out),
-        "--launcher",
-        "basic",
-        "--quiet",
-    ]
-    return Task(sw["name"], arm, argv, out)
+    return Task(sw["name"], arm, sw["preset"], [*arm.overrides, *swept, *quick_ovs], out)
 
 
 def _worker_init(env: dict[str, str]) -> None:
@@ -187,25 +181,24 @@ def _worker_init(env: dict[str, str]) -> None:
     os.environ.update(env)
 
 
-def _worker_sweep(argv: list[str]) -> tuple[int, str]:
-    """One ``cocoef sweep ...`` in this (long-lived) worker process: (exit code, output)."""
-    from typer.testing import CliRunner
-
-    from cocoef_cli.cli import app
+def _worker_sweep(task: Task) -> tuple[int, str, int, int]:
+    """One sweep in this (long-lived) worker process: (exit code as ``cocoef sweep`` would give it:
+    0, 1 failed jobs, 2 bad input; a one-line message; jobs listed; jobs skipped as already done)."""
+    from cocoef_cli.sweep import SweepError, run_sweep
 
     cwd = os.getcwd()
     try:
-        res = CliRunner().invoke(app, argv)
+        res = run_sweep(task.preset, task.overrides, task.out, "basic", quiet=True, echo=lambda m: None)
+    except ConfigError as e:
+        return 2, f"error: {e}", 0, 0
+    except SweepError as e:
+        return 1, f"sweep failed: {e}", 0, 0
     finally:
         os.chdir(cwd)  # a sweep never moves the next one
-    out = res.output
-    try:
-        out += res.stderr
-    except (ValueError, AttributeError):  # stderr mixed into output
-        pass
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        out += f"\n{type(res.exception).__name__}: {res.exception}"
-    return res.exit_code, out
+    if not res.ok:
+        job, reason = res.failed[0]
+        return 1, f"{len(res.failed)} job(s) failed or missing, e.g. {job}: {reason}", len(res.jobs), res.skipped
+    return 0, f"{len(res.jobs)} job(s), {res.skipped} skipped as already done", len(res.jobs), res.skipped
 
 
 def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_dir: Path | None = None) -> dict:
@@ -232,19 +225,15 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
         initializer=_worker_init,
         initargs=(env,),
     ) as pool:
-        started = {pool.submit(_worker_sweep, t.argv): t for t in tasks}
+        started = {pool.submit(_worker_sweep, t): t for t in tasks}
         for fut in as_completed(started):
             task = started[fut]
             try:
-                code, out = fut.result()
-            except Exception as e:  # a worker died
-                code, out = 1, f"{type(e).__name__}: {e}"
-            lines = [ln for ln in out.strip().splitlines() if ln.strip()]
-            msg = lines[-1] if lines else ""
-            m = re.search(r"(\d+) job\(s\): .*\((\d+) skipped as already done\)", out)
-            if m:
-                counts["jobs"] += int(m.group(1))
-                counts["skipped"] += int(m.group(2))
+                code, msg, n_jobs, n_skipped = fut.result()
+            except Exception as e:  # a worker died, or a sweep raised
+                code, msg, n_jobs, n_skipped = 1, f"{type(e).__name__}: {e}", 0, 0
+            counts["jobs"] += n_jobs
+            counts["skipped"] += n_skipped
             if code == 2:
                 failures.append(f"bad input in {task.command}: {msg}")
             elif code != 0:
@@ -510,7 +499,7 @@ def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:
     """Horizontal bars: bits to reach the target per method, one panel per task."""
     from cocoef_cli import report as rp
 
-    plt = rp._plt()
+    plt = rp.pyplot()
     table = table.assign(panel=table["task"] + ": " + table["target"])
     tasks = list(dict.fromkeys(table["panel"]))
     fig, axes = plt.subplots(
@@ -551,7 +540,7 @@ def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:
     if title:
         fig.suptitle(title, fontsize=10.5)
     fig.tight_layout()
-    return rp._save(fig, out)
+    return rp.save_figure(fig, out)
 
 
 # ------------------------------------------------------------------------------------ gallery

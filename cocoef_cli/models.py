@@ -21,19 +21,11 @@ import torch.nn.functional as Fn
 
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.nets import CNN, MLP, softmax_residual_t
 from cocoef_cli.registry import Registry
-from cocoef_cli.sim.rng import SeedRNG
+from cocoef_cli.rng import SeedRNG
 
 MODELS: Registry[type] = Registry("model")
-
-
-def softmax_residual_t(Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """softmax(z) − onehot(y) of class-major logits Zt (R, C, n) for labels Y (R, n) or (n,):
-    (R, C, n). The softmax runs along the class axis, vectorised along n (with few classes about
-    ten times faster on CPU than along the last axis of (R, n, C))."""
-    R, C, n = Zt.shape
-    classes = torch.arange(C, device=Zt.device).view(1, C, 1)
-    return torch.softmax(Zt, 1) - (Y.expand(R, n).unsqueeze(1) == classes).to(Zt.dtype)
 
 
 class GLM:
@@ -197,6 +189,11 @@ class Softmax(GLM):
         return (Z.argmax(-1) == Y).to(Z.dtype)
 
 
+# the neural networks (nets.py), after the closed-form models
+MODELS.register("mlp")(MLP)
+MODELS.register("cnn")(CNN)
+
+
 def build_model(cfg: Mapping, data: Dataset) -> GLM:
     """Instantiate ``model.name`` for ``data`` (checks the model suits the dataset's task)."""
     cls = MODELS.get(cfg.get("name"))
@@ -352,7 +349,3 @@ class Objective:
         A = X.T @ X / n + self.l2 * np.eye(f)
         w = np.linalg.lstsq(A, X.T @ y / n, rcond=None)[0]
         return float(0.5 * np.mean((X @ w - y) ** 2) + 0.5 * self.l2 * w @ w)
-
-
-# the neural networks (mlp, cnn) live in nets.py and register themselves in MODELS
-from cocoef_cli import nets as _nets  # noqa: E402,F401

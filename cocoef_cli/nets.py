@@ -28,8 +28,7 @@ import torch.nn.functional as Fn
 
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.models import MODELS, softmax_residual_t
-from cocoef_cli.sim.rng import SeedRNG
+from cocoef_cli.rng import SeedRNG
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu,
@@ -43,6 +42,15 @@ DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": lambda a: a * (1 - a),
 }
 INITS = ("torch", "kaiming", "xavier")
+
+
+def softmax_residual_t(Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """softmax(z) − onehot(y) of class-major logits Zt (R, C, n) for labels Y (R, n) or (n,):
+    (R, C, n). The softmax runs along the class axis, vectorised along n (with few classes about
+    ten times faster on CPU than along the last axis of (R, n, C))."""
+    R, C, n = Zt.shape
+    classes = torch.arange(C, device=Zt.device).view(1, C, 1)
+    return torch.softmax(Zt, 1) - (Y.expand(R, n).unsqueeze(1) == classes).to(Zt.dtype)
 
 
 def _int_list(cfg: Mapping, key: str, allow_empty: bool = True) -> list[int]:
@@ -123,7 +131,6 @@ class Network:
         return (Z.argmax(-1) == Y).to(Z.dtype)
 
 
-@MODELS.register("mlp")
 class MLP(Network):
     """Multilayer perceptron: hidden widths model.hidden, activation model.activation; batched backward.
 
@@ -235,7 +242,6 @@ class MLP(Network):
         return self.full_loss_grad(theta, Xf, Y)[1]
 
 
-@MODELS.register("cnn")
 class CNN(Network):
     """LeNet-5-size convolutional net for image datasets (1×28×28, 3×32×32, digits' 1×8×8), vmap(grad).
 

@@ -156,3 +156,23 @@ def read_record(out: Path) -> dict:
         return rec if isinstance(rec, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys, ``{"optim.lr": 0.2, ...}`` (lists as their text)."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, (list, tuple)):
+        out[prefix[:-1]] = str(list(d))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def to_yaml(cfg: Any) -> str:
+    """A resolved config as YAML (OmegaConf's layout)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import read_record
+from cocoef_cli.record import flatten, read_record
 
 AXIS_LABELS = {
     "iter": "iteration",
@@ -109,18 +109,6 @@ def label(col: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ loading
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    elif isinstance(d, (list, tuple)):
-        out[prefix[:-1]] = str(list(d))
-    else:
-        out[prefix[:-1]] = d
-    return out
-
-
 def run_dirs(root: Path) -> list[Path]:
     """Run folders under ``root``: ``root`` itself when it holds a run, else every folder below it
     with a ``run.json`` (Hydra's ``.hydra`` folders excluded)."""
@@ -139,7 +127,7 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     for folder in run_dirs(root):
         rel = str(folder.relative_to(root)) if folder != root else folder.name
         rec = read_record(folder)
-        cfg = {k: v for k, v in _flatten(rec.get("config", {})).items() if not k.startswith("hydra")}
+        cfg = {k: v for k, v in flatten(rec.get("config", {})).items() if not k.startswith("hydra")}
         info = {
             "run": rel,
             "status": rec.get("status", "unknown"),
@@ -173,7 +161,8 @@ def final_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------ drawing
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,7 +195,7 @@ def _spans_decades(values: pd.Series) -> bool:
     return bool(len(v) and (v > 0).all() and v.max() / v.min() >= 20)
 
 
-def _save(fig: Any, out: Path, dpi: int = 110) -> Path:
+def save_figure(fig: Any, out: Path, dpi: int = 110) -> Path:
     """PNG (a 256-colour palette image: about 3× smaller than RGBA at the same resolution, ≲ 100 KB
     for a 3-panel figure, and visually identical for line plots) and PDF."""
     import io
@@ -221,7 +210,7 @@ def _save(fig: Any, out: Path, dpi: int = 110) -> Path:
     img = Image.open(buf).convert("RGB")
     img.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, optimize=True)
     fig.savefig(out.with_suffix(".pdf"), bbox_inches="tight", pad_inches=0.12)
-    _plt().close(fig)
+    pyplot().close(fig)
     return out
 
 
@@ -257,7 +246,7 @@ def line_panels(
     (low, high) zooms every panel to the same y range."""
     import seaborn as sns
 
-    plt = _plt()
+    plt = pyplot()
     xs = [x] if isinstance(x, str) else list(x)
     data, excluded = _plottable(data)
     hue_order = [h for h in (hue_order or sorted(data[hue].unique())) if h in set(data[hue])]
@@ -303,7 +292,7 @@ def line_panels(
             ax.set_title(facet_fmt.format(col=facet, val=_fmt_val(fv)), fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
     _finish(fig, axes[0][0], len(hue_order), n, title, excluded)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _fmt_val(v: Any) -> str:
@@ -326,7 +315,7 @@ def final_figure(
     drawn at positions 0, 1, … in ``x_order`` (default: sorted)."""
     import seaborn as sns
 
-    plt = _plt()
+    plt = pyplot()
     data, excluded = _plottable(data)
     fin = final_rows(data)
     fin = fin[fin[x].notna() & fin[y].notna()]
@@ -383,7 +372,7 @@ def final_figure(
             ax.set_title(f"{facet} = {_fmt_val(fv)}", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
     _finish(fig, axes[0][0], len(hue_order), n, title, excluded)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def line_figure(data: pd.DataFrame, x: str, y: str, hue: str, out: Path, title: str = "") -> Path:
@@ -680,7 +669,7 @@ def curve_grid(
 ) -> Path:
     """One panel per (row, col) facet value, one line per curve (colour = hue, dashes = style),
     mean over seeds with its 95% band, y shared across the panels; PNG + PDF."""
-    plt = _plt()
+    plt = pyplot()
     rows_v = list(dict.fromkeys(curves["row"])) if slots["row"] else [""]
     cols_v = list(dict.fromkeys(curves["col"])) if slots["col"] else [""]
     nr, nc = len(rows_v), len(cols_v)
@@ -726,7 +715,7 @@ def curve_grid(
                 handles.append(h)
                 labels_.append(lab)
     _finish_legend(fig, handles, labels_, nc, title, excluded)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _finish_legend(fig: Any, handles: list, labels_: list, n_panels: int, title: str, excluded: Sequence[str]) -> None:

@@ -61,21 +61,23 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_threads(cfg: dict, auto: int | None = None) -> int:
+def resolve_threads(cfg: dict, auto: int | None = None, model: Any = None) -> int:
     """torch CPU threads of the run ``cfg``: ``threads`` when it is an integer; ``auto`` (the
     default): ``auto`` when given (sweeps: 1 per worker), else the usable cores when the state
     per update R·M·D reaches ``AUTO_THREADS_MIN_WORK`` values, else 1. A function of the config
-    and the machine only, so a run is reproducible on that machine (run.json records the count)."""
+    and the machine only, so a run is reproducible on that machine (run.json records the count).
+    ``model``: the run's model (its D), built here when needed and not given."""
     n = cfg.get("threads")
     if isinstance(n, int) and not isinstance(n, bool):
         return n
     if auto is not None:
         return auto
-    from cocoef_cli.data import load_dataset
-    from cocoef_cli.models import build_model
+    if model is None:
+        from cocoef_cli.data import load_dataset
+        from cocoef_cli.models import build_model
 
-    D = build_model(cfg["model"], load_dataset(cfg["dataset"])).D
-    work = int(cfg["seeds"]) * int(cfg["devices"]) * D
+        model = build_model(cfg["model"], load_dataset(cfg["dataset"]))
+    work = int(cfg["seeds"]) * int(cfg["devices"]) * model.D
     return usable_cores() if work >= AUTO_THREADS_MIN_WORK else 1
 
 
@@ -99,6 +101,7 @@ def execute(
     progress: bool = False,
     resume: bool | dict[str, Any] = True,
     threads: int | None = None,
+    audit: tuple[dict[str, Any] | None, list[str]] | None = None,
 ) -> tuple[Experiment, RunResult]:
     """Build the experiment (may raise ConfigError: nothing is written then), simulate all
     replicates, and, with ``out``, write ``metrics.csv`` and ``run.json`` atomically.
@@ -107,16 +110,22 @@ def execute(
     every K updates, and a checkpoint of the same run already in ``OUT`` is resumed from (``resume``
     true; a dict: that checkpoint, already read by :func:`check_out_dir`; false: start afresh);
     the checkpoint is removed once ``run.json`` is written. ``threads``: what ``threads=auto``
-    means here (see :func:`resolve_threads`; ``run.json`` records the count used)."""
-    n_threads = resolve_threads(cfg, threads)
+    means here (see :func:`resolve_threads`; ``run.json`` records the count used). ``audit``: the
+    code audit of replicate 0 that :func:`cocoef_cli.config.checked` measured, recorded in
+    ``run.json`` (measured here when not given)."""
+    from cocoef_cli.data import load_dataset
+    from cocoef_cli.models import build_model
+
+    model = build_model(cfg["model"], load_dataset(cfg["dataset"]))  # its D sizes threads=auto; the build reuses it
+    n_threads = resolve_threads(cfg, threads, model)
     with pinned_threads(n_threads):
-        exp = build_experiment(cfg)
+        exp = build_experiment(cfg, model)
         rid = run_id(cfg)
         T = int(cfg["iters"])
         runner, kwargs = simulate, {}
         ckpt = None
         if cfg["runtime"]["name"] == "torch_distributed":  # docs/design.md §10: M device processes + a server
-            from cocoef_cli.runtime import run_distributed as runner
+            from cocoef_cli.distributed import run_distributed as runner
         elif out is not None:
             from cocoef_cli.checkpoint import FILENAME, Checkpoint
 
@@ -164,11 +173,11 @@ def execute(
             extra["diverged"] = {str(k): v for k, v in result.diverged.items()}
             if ckpt is not None and ckpt.resumed_from is not None:
                 extra["resumed_from"] = ckpt.resumed_from
-            from cocoef_cli.sim.audit import audit
+            if audit is None:
+                from cocoef_cli.sim.audit import audit_run
 
-            extra["code_conditioning"], extra["warnings"] = audit(
-                exp.code, cfg, exp.seeds, exp.method.C, type(exp.method)
-            )
+                audit = audit_run(cfg)
+            extra["code_conditioning"], extra["warnings"] = audit
             write_run(out, result.metrics, run_record(cfg, result.status, result.wall_s, **extra))
             if ckpt is not None:
                 ckpt.discard()
@@ -195,7 +204,7 @@ def rerun(run_dir: Path, out: Path | None = None, force: bool = False, progress:
         raise ConfigError(
             "RUN_DIR", str(run_dir), "a run folder holding run.json (written by cocoef run/sweep)", "no run record"
         )
-    cfg = config.check(rec["config"], None)  # run.json keeps no config root: the default one
+    cfg, audit = config.checked(rec["config"], None)  # run.json keeps no config root: the default one
     tmp = None
     if out is None:
         tmp = Path(tempfile.mkdtemp(prefix="cocoef-rerun-"))
@@ -206,7 +215,7 @@ def rerun(run_dir: Path, out: Path | None = None, force: bool = False, progress:
             raise ConfigError("--out", str(out), "another folder than RUN_DIR", "would overwrite the recorded run")
         check_out_dir(target, force, run_id(cfg))
     try:
-        _, res = execute(cfg, target, progress=progress, resume=False, threads=rec.get("threads"))
+        _, res = execute(cfg, target, progress=progress, resume=False, threads=rec.get("threads"), audit=audit)
         old, new = run_dir / "metrics.csv", target / "metrics.csv"
         first = None
         identical: bool | None = None
@@ -281,15 +290,10 @@ def code_conditioning(cfg: dict, max_patterns: int = 5000) -> dict:
     import torch
 
     from cocoef_cli.sim.audit import code_report
-    from cocoef_cli.sim.codes import allocate, build_code
-    from cocoef_cli.sim.rng import SeedRNG
-    from cocoef_cli.sim.stragglers import build_straggler
+    from cocoef_cli.sim.engine import code_and_stragglers
 
-    M, seeds = int(cfg["devices"]), [int(cfg["seed"])]
-    rng = SeedRNG(seeds, "code")
-    S = allocate(cfg["code"], M, rng)
-    p = build_straggler(cfg["straggler"], S.sum(-1), SeedRNG(seeds, "straggler")).p
-    code = build_code(cfg["code"], S, p, rng, torch.float64)
+    seeds = [int(cfg["seed"])]
+    code, _ = code_and_stragglers(cfg["code"], cfg["straggler"], int(cfg["devices"]), seeds, torch.float64)
     return code_report(
         code, cfg["code"], cfg["straggler"], seeds, max_patterns if not code.fixed_weights else min(max_patterns, 1000)
     )

@@ -46,9 +46,9 @@ _NOT_METRICS = (
 def flatten(cfg: dict) -> dict[str, Any]:
     """{"optim.lr": 0.2, ...}: a nested config as dotted keys (the report's flattening), with
     lists and None as text (what TensorBoard's hparams and MLflow's params take)."""
-    from cocoef_cli.report import _flatten
+    from cocoef_cli.record import flatten as flat
 
-    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in _flatten(cfg).items()}
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat(cfg).items()}
 
 
 def scalars(frame: Any) -> Iterator[tuple[str, int, float]]:
@@ -179,7 +179,7 @@ class TensorBoardLogger(Logger):
         super().__init__(cfg, out, run_id)
         from torch.utils.tensorboard import SummaryWriter
 
-        from cocoef_cli.config import to_yaml
+        from cocoef_cli.record import to_yaml
 
         self.writer = SummaryWriter(log_dir=str(self.out / cfg["logger"].get("folder", "tensorboard")))
         self.writer.add_text("config", "```\n" + to_yaml(cfg) + f"\n```\nrun_id: {run_id}", 0)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cocoef_cli.data import load_dataset, partition_indices
-from cocoef_cli.sim.rng import SeedRNG
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
 UNCODED_METHODS = {"ef_sgd": "coco_ef", "ignore_stragglers": "gc"}  # docs/design.md §5: uncoded, rescaled

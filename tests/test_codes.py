@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import CODES, RESIDUAL_TOL, Code, allocate, build_code, num_partitions
-from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
 F64 = torch.float64

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim import compressors
 from cocoef_cli.sim.codes import CodedSum, allocate, build_code
 from cocoef_cli.sim.compressors import COMPRESSORS, SAMPLE_HITS, Compressor, build_compressor, topk_indices, topk_mask
-from cocoef_cli.sim.rng import SeedRNG
 
 ALL = [
     "identity",

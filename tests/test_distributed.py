@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from cocoef_cli import config
+from cocoef_cli.distributed.wire import HEADER, TRAILER, codec_for, frame, unframe
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.run import execute
-from cocoef_cli.runtime.wire import HEADER, TRAILER, codec_for, frame, unframe
 from cocoef_cli.sim.compressors import COMPRESSORS, build_compressor
 from cocoef_cli.sim.engine import COLUMNS, EXTRA_COLUMNS
-from cocoef_cli.sim.rng import SeedRNG
 
 BASE = ["dataset.n=240", "dataset.dim=5", "devices=4", "iters=20", "eval_every=5", "code=sgc", "code.d=2"]
 STRAG = ["straggler=bernoulli", "straggler.p=0.3"]
@@ -250,7 +250,7 @@ def test_a_killed_device_fails_the_run_and_nothing_is_left(tmp_path):
 
 
 def test_port_is_released_after_a_run():
-    import cocoef_cli.runtime.server as server
+    import cocoef_cli.distributed.server as server
 
     ports = []
     orig = server.Cluster.start

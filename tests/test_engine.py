@@ -7,11 +7,11 @@ import torch
 
 from cocoef_cli import config
 from cocoef_cli.data import load_dataset
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.run import execute
 from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.engine import COLUMNS
 from cocoef_cli.sim.methods import METHODS
-from cocoef_cli.sim.rng import SeedRNG
 
 
 def gd_losses(cfg: dict, lr: float, T: int, every: int) -> list[float]:

@@ -6,10 +6,10 @@ import torch
 
 from cocoef_cli.data import partition_indices
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import CodedSum, allocate, build_code
 from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.methods import METHODS
-from cocoef_cli.sim.rng import SeedRNG
 
 F64 = torch.float64
 

@@ -4,7 +4,7 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from cocoef_cli.cli import app
-from cocoef_cli.figures import arm_task, load_experiments, render, write_lrs
+from cocoef_cli.figures import arm_task, load_experiments, render, run_tasks, write_lrs
 
 runner = CliRunner()
 
@@ -66,6 +66,9 @@ def test_figures_quick_only_end_to_end(tmp_path):
         task = arm_task(exp, arm, runs, quick=True)
         res = runner.invoke(app, task.argv)
         assert res.exit_code == 0 and "(1 skipped as already done)" in res.output, res.output
+    # the figures' own runner counts them from the sweep function's result
+    tasks = [arm_task(exp, arm, runs, quick=True) for arm in exp.arms]
+    assert run_tasks(tasks, 1, lambda m: None) == {"jobs": 4, "skipped": 4}
     # and a re-draw from the same runs gives the same table
     render(exp, {exp.name: exp}, runs, tmp_path / "again", quick=True)
     assert pd.read_csv(tmp_path / "again" / "fig7_vs_time.csv").equals(summ)

@@ -1,15 +1,11 @@
-"""The per-device loop baseline (benchmarks/) and the vectorised simulator compute the same run."""
-
-import sys
+"""The per-device loop baseline (cocoef_cli/bench_loop.py) and the vectorised simulator compute the same run."""
 
 import numpy as np
 import pytest
 
 from cocoef_cli import config
+from cocoef_cli.bench_loop import loop_coco_ef
 from cocoef_cli.sim.engine import build_experiment, simulate
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
-from loop_baseline import loop_coco_ef
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from cocoef_cli import config
 from cocoef_cli.data import Dataset, partition_indices
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.engine import build_experiment, simulate
-from cocoef_cli.sim.rng import SeedRNG
 
 SEEDS = [3, 4]  # two replicates: different θ and different partitions
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cocoef_cli import config
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.run import execute
-from cocoef_cli.sim.rng import SeedRNG
 
 BASE = ["devices=6", "iters=24", "eval_every=4", "precision=float64", "straggler.p=0.3", "code.d=2", "optim.lr=0.3"]
 LINREG = BASE + ["dataset.n=300", "dataset.dim=7"]

@@ -10,8 +10,8 @@ import torch.nn.functional as Fn
 from cocoef_cli import config
 from cocoef_cli.data import load_dataset
 from cocoef_cli.models import build_model
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.run import execute
-from cocoef_cli.sim.rng import SeedRNG
 
 
 @pytest.mark.parametrize("init", ["torch", "kaiming", "xavier"])

@@ -19,10 +19,10 @@ from test_reference_methods import LINREG, compare
 from cocoef_cli import config
 from cocoef_cli.data import load_dataset, partition_indices
 from cocoef_cli.models import Objective, build_model
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.engine import step_size
 from cocoef_cli.sim.methods import METHODS
-from cocoef_cli.sim.rng import SeedRNG
 
 Z_BOUND = 5.0  # standard errors: a correct sampler exceeds it with probability < 1e-6 per coordinate
 

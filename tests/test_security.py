@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 from cocoef_cli import checkpoint, config
 from cocoef_cli.cli import app
 from cocoef_cli.data import read_cifar_batch
+from cocoef_cli.distributed import transport as tp
+from cocoef_cli.distributed.wire import HEADER, WireError, codec_for, frame, unframe
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import run_id
 from cocoef_cli.run import execute
-from cocoef_cli.runtime import transport as tp
-from cocoef_cli.runtime.wire import HEADER, WireError, codec_for, frame, unframe
 from cocoef_cli.sim.compressors import build_compressor
 
 runner = CliRunner()
@@ -301,7 +301,7 @@ ROGUE = textwrap.dedent("""
     import os, sys, time, pickle
     sys.path.insert(0, {repo!r})
     import numpy as np
-    from cocoef_cli.runtime import transport as tp
+    from cocoef_cli.distributed import transport as tp
     rank, world, port, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     marker = {marker!r}
     payload = pickle.dumps(type("M", (), {{"__reduce__": lambda s: (open, (marker, "w"))}})(), protocol=0)

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.sim.rng import SeedRNG
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.stragglers import STRAGGLERS, build_straggler
 
 F64 = torch.float64

@@ -49,7 +49,9 @@ def test_run_json_records_the_count_used_and_rerun_uses_it(tmp_path, monkeypatch
     before = torch.get_num_threads()
     seen = []
     build = run.build_experiment
-    monkeypatch.setattr(run, "build_experiment", lambda cfg: seen.append(torch.get_num_threads()) or build(cfg))
+    monkeypatch.setattr(
+        run, "build_experiment", lambda cfg, model=None: seen.append(torch.get_num_threads()) or build(cfg, model)
+    )
     cfg = config.load(TINY)
     execute(cfg, tmp_path / "a")
     assert json.loads((tmp_path / "a" / "run.json").read_text())["threads"] == 2 and seen == [2]

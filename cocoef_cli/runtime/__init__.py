@@ -1,25 +1,9 @@
-"""``runtime=torch_distributed``: a server process and M device processes on torch.distributed (gloo).
+"""The commands of ``runtime=torch_distributed`` (the runtime itself is :mod:`cocoef_cli.distributed`,
+docs/design.md §10).
 
-docs/design.md §10. The server (rank 0, the process that runs ``cocoef run``) holds the model θ, the code's
-decoder and the evaluation data; device i (rank i + 1, its own process) holds only its partitions,
-computes u_i = Σ_j B_ij g_j, applies the method (error feedback included) and sends a compact message
-(:mod:`~cocoef_cli.runtime.wire`). With ``runtime.replay=true`` the straggler pattern is the
-simulator's seeded draw and ``metrics.csv`` equals the simulator's; without it stragglers are real
-(sleeps and a deadline). Modules: ``options`` (validated keys), ``wire`` (payload codecs),
-``transport`` (rendezvous, the token-checked set-up messages — JSON and typed arrays, no pickle — and
-the message layouts; docs/runtime.md), ``device`` (a device process), ``server`` (the server
-and the process lifecycle). ``python -m cocoef_cli.runtime`` is the entry point of every rank under
-torchrun (rank 0 = server, which takes the overrides and ``--out``) or of one device process per host.
+``python -m cocoef_cli.runtime [OVERRIDES...] [--out DIR]``: one rank of a distributed run (rank 0
+the server, which runs the whole run as ``cocoef run`` does; every other rank a device);
+``python -m cocoef_cli.runtime.launch``: several device processes on one host;
+``python -m cocoef_cli.runtime.table``: measured bytes per uplink message, per compressor. They sit
+above :mod:`cocoef_cli.run` in the layers; the runtime below it.
 """
-
-from __future__ import annotations
-
-
-def run_distributed(exp, run_id: str = "", progress=None):
-    """Run ``exp`` on real processes; returns the simulator's RunResult (+ ``runtime`` details)."""
-    from cocoef_cli.runtime.server import run_distributed as _run
-
-    return _run(exp, run_id, progress)
-
-
-__all__ = ["run_distributed"]

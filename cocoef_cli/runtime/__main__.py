@@ -12,12 +12,12 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cocoef_cli.runtime import transport as tp
+    from cocoef_cli.distributed import transport as tp
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rank, world, addr, port = tp.env_rank()
     if rank != 0:
-        from cocoef_cli.runtime.device import main as device_main
+        from cocoef_cli.distributed.device import main as device_main
 
         return device_main()
     from pathlib import Path

@@ -1,7 +1,7 @@
 """``python -m cocoef_cli.runtime.launch`` — start several device processes on this host, cheaply.
 
 Imports torch and the device code once, then forks one child per rank in ``COCOEF_RANKS``
-(``first-last``), each running :func:`cocoef_cli.runtime.device.main` with its RANK (WORLD_SIZE,
+(``first-last``), each running :func:`cocoef_cli.distributed.device.main` with its RANK (WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT and the run token ``COCOEF_TOKEN`` from the environment). Forking before any thread pool or process group
 exists is safe and saves one torch import per device. The launcher exits when every child has; if
 one fails it terminates the others and exits 1. On Linux the launcher dies with its parent and the
@@ -36,7 +36,7 @@ def main() -> int:
     _die_with_parent()
     import torch
 
-    from cocoef_cli.runtime import device
+    from cocoef_cli.distributed import device
 
     torch.set_num_threads(int(os.environ.get("COCOEF_DEVICE_THREADS", "1")))
     first, _, last = os.environ["COCOEF_RANKS"].partition("-")

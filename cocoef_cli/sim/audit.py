@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import CODES, Code, conditioning, coverage_spread, straggler_sets
 from cocoef_cli.sim.compressors import Compressor
-from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
 #: Worst max_i |a_i| above which a decoding code with a biased compressor is warned about.
@@ -97,3 +97,16 @@ def audit(
     with torch.no_grad():
         report = None if code is None else code_report(code, cfg["code"], cfg["straggler"], seeds, max_sets)
     return report, run_warnings(report, compressor, cfg["method"]["name"], issubclass(method_cls, CocoEF))
+
+
+def audit_parts(parts: Any, cfg: Mapping, max_sets: int = RECORD_SETS) -> tuple[dict[str, Any] | None, list[str]]:
+    """:func:`audit` of a run's :class:`~cocoef_cli.sim.engine.Parts` (built at the smallest size:
+    replicate 0, what ``run.json`` records and the config check prints)."""
+    return audit(parts.code, cfg, parts.seeds, parts.compressor, type(parts.method), max_sets)
+
+
+def audit_run(cfg: Mapping) -> tuple[dict[str, Any] | None, list[str]]:
+    """:func:`audit_parts` of the run ``cfg`` assembled at the smallest size (replicate 0)."""
+    from cocoef_cli.sim.engine import assemble
+
+    return audit_parts(assemble(cfg, smallest=True), cfg)

@@ -35,7 +35,7 @@ import torch
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
-from cocoef_cli.sim.rng import SeedRNG
+from cocoef_cli.rng import SeedRNG
 
 #: Residuals ‖aᵀB − 1ᵀ‖₂ below this are floating-point noise of an exactly decodable pattern and
 #: are reported as exactly 0.0.

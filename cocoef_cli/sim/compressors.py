@@ -3,7 +3,7 @@
 Every compressor maps a batch ``v`` of shape ``(R, M, D)`` (R replicates, M devices; any number of
 middle dims works) to a tensor of the same shape and dtype: row ``v[r, i]`` is one message, and all
 norms / scales are taken per message, over the last dimension. Randomised compressors draw only
-from the ``rng`` argument (a :class:`~cocoef_cli.sim.rng.SeedRNG` with ``rng.R == R``), with one
+from the ``rng`` argument (a :class:`~cocoef_cli.rng.SeedRNG` with ``rng.R == R``), with one
 draw of shape ``v.shape[1:]`` (a leading R is added by the rng) per call, so a run with seeds
 ``[0, 1]`` compresses exactly like two runs with seeds ``[0]`` and ``[1]``. Nothing loops over
 devices or coordinates.
@@ -28,8 +28,8 @@ from torch import Tensor
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim import kernels
-from cocoef_cli.sim.rng import SeedRNG
 
 COMPRESSORS: Registry[type[Compressor]] = Registry("compressor")
 

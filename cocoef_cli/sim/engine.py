@@ -25,10 +25,11 @@ import torch
 from cocoef_cli.data import Dataset, load_dataset, partition_indices
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
-from cocoef_cli.sim.codes import CodedSum, allocate, build_code
+from cocoef_cli.rng import SeedRNG
+from cocoef_cli.sim.codes import Code, CodedSum, allocate, build_code
+from cocoef_cli.sim.compressors import Compressor
 from cocoef_cli.sim.methods import METHODS, Method, build_message_compressor, message_compressor_config
-from cocoef_cli.sim.rng import SeedRNG
-from cocoef_cli.sim.stragglers import build_straggler
+from cocoef_cli.sim.stragglers import StragglerModel, build_straggler
 
 COLUMNS = [
     "run_id",
@@ -93,19 +94,71 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_experiment(cfg: Mapping) -> Experiment:
-    """Load data, build model, code, stragglers, compressor and method for ``cfg`` (validated)."""
-    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["precision"]]
+def code_config(cfg: Mapping, method_cls: type[Method]) -> Mapping:
+    """The code a coded method runs: ``cfg.code``, or the method's own (``ef_sgd``: uncoded, rescaled)."""
+    return cfg["code"] if method_cls.code is None else {"name": method_cls.code, "d": 1, "decode": "rescale"}
+
+
+def code_and_stragglers(
+    code_cfg: Mapping,
+    straggler_cfg: Mapping,
+    M: int,
+    seeds: list[int],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> tuple[Code, StragglerModel]:
+    """The code and the straggler model of M devices, one replicate per seed: the allocation S from
+    the ``code`` stream, the straggler model on the loads S·1 (``straggler`` stream), then the
+    encoding B for its marginals p (crc's random H from the ``code`` stream, after S)."""
+    code_rng = SeedRNG(seeds, "code", device)
+    S = allocate(code_cfg, M, code_rng)
+    straggler = build_straggler(straggler_cfg, S.sum(-1), SeedRNG(seeds, "straggler", device))
+    return build_code(code_cfg, S, straggler.p, code_rng, dtype), straggler
+
+
+@dataclass
+class Parts:
+    """A run's parts built from its config by :func:`assemble`: all but the objective's copies of
+    the data (:class:`~cocoef_cli.models.Objective`, built by :func:`build_experiment`)."""
+
+    seeds: list[int]
+    data: Dataset
+    model: Any
+    compressor: Compressor  # the compressor of the messages
+    method: Method
+    partition: np.ndarray  # (R, N, B) training indices, padded with n
+    labels: dict[str, Any]  # fixed CSV columns: method, code, ..., d, p
+    code: Code | None = None  # None for centralised methods
+    straggler: StragglerModel | None = None
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+PRECISION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def assemble(cfg: Mapping, smallest: bool = False, model: Any = None) -> Parts:
+    """Dataset, model, message compressor, method, code and stragglers, partition of ``cfg``, each
+    built (and so validated) by its component, in that order.
+
+    ``smallest``: the least that runs every component's validator, for :func:`config.check`: the
+    first seed only, the method state of one device, on the CPU (``device`` is still checked), so
+    no R×M×D state. ``model``: the model already built for ``cfg`` (reused)."""
+    dtype = PRECISION_DTYPES[cfg["precision"]]
     device = resolve_device(cfg["device"])
-    R, M = int(cfg["seeds"]), int(cfg["devices"])
+    if smallest:
+        device = torch.device("cpu")
+    R, M = (1 if smallest else int(cfg["seeds"])), int(cfg["devices"])
     seeds = [int(cfg["seed"]) + r for r in range(R)]
     method_cls = METHODS.get(cfg["method"]["name"])
 
     data = load_dataset(cfg["dataset"])
-    model = build_model(cfg["model"], data)
-    code_cfg = cfg["code"]
+    model = build_model(cfg["model"], data) if model is None else model
     compressor = build_message_compressor(cfg, model.D)
-
+    state_M = 1 if smallest or method_cls.centralized else M  # devices holding method state
+    method = method_cls(
+        cfg["method"], compressor, R, state_M, model.D, dtype, device, SeedRNG(seeds, "compressor", device)
+    )
     labels: dict[str, Any] = {
         "method": cfg["method"]["name"],
         "dataset": data.name,
@@ -114,54 +167,44 @@ def build_experiment(cfg: Mapping) -> Experiment:
         "compressor": message_compressor_config(cfg)["name"],
     }
     if method_cls.centralized:
-        objective = Objective(
-            model,
-            data,
-            partition_indices(data.y_train, 1, {"partition": "iid"}, seeds),
-            cfg["model"].get("l2", 0.0),
-            dtype,
-            device,
-        )
-        method = method_cls(
-            cfg["method"], compressor, R, 1, model.D, dtype, device, SeedRNG(seeds, "compressor", device)
-        )
+        partition = partition_indices(data.y_train, 1, {"partition": "iid"}, seeds)
         labels.update(code="none", compressor="none", straggler="none", d=None, p=0.0)
-        return Experiment(
-            cfg, seeds, data, objective, method, labels, f_star=objective.f_star(), dtype=dtype, device=device
-        )
-
-    if method_cls.code is not None:
-        code_cfg = {"name": method_cls.code, "d": 1, "decode": "rescale"}
-    code_rng = SeedRNG(seeds, "code", device)
-    S = allocate(code_cfg, M, code_rng)
-    straggler = build_straggler(cfg["straggler"], S.sum(-1), SeedRNG(seeds, "straggler", device))
-    code = build_code(code_cfg, S, straggler.p, code_rng, dtype)
-    batch = cfg.get("batch_size")
-    objective = Objective(
-        model,
-        data,
-        partition_indices(data.y_train, code.N, cfg["dataset"], seeds),
-        cfg["model"].get("l2", 0.0),
-        dtype,
-        device,
-        batch_size=batch,
-        batch_rng=SeedRNG(seeds, "batch", device) if batch else None,
-    )
-    method = method_cls(cfg["method"], compressor, R, M, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
+        return Parts(seeds, data, model, compressor, method, partition, labels, dtype=dtype, device=device)
+    code, straggler = code_and_stragglers(code_config(cfg, method_cls), cfg["straggler"], M, seeds, dtype, device)
+    partition = partition_indices(data.y_train, code.N, cfg["dataset"], seeds)
     labels.update(code=code.name, straggler=cfg["straggler"]["name"], d=code.d, p=straggler.mean_p())
+    return Parts(seeds, data, model, compressor, method, partition, labels, code, straggler, dtype, device)
+
+
+def build_experiment(cfg: Mapping, model: Any = None) -> Experiment:
+    """The run ``cfg`` at full size: :func:`assemble`, then the objective over its partition
+    (minibatches from the ``batch`` stream when ``batch_size`` is set, coded methods only)."""
+    p = assemble(cfg, model=model)
+    batch = cfg.get("batch_size") if p.code is not None else None
+    objective = Objective(
+        p.model,
+        p.data,
+        p.partition,
+        cfg["model"].get("l2", 0.0),
+        p.dtype,
+        p.device,
+        batch_size=batch,
+        batch_rng=SeedRNG(p.seeds, "batch", p.device) if batch else None,
+    )
+    bits = p.compressor.bits() if p.code is not None else 0
     return Experiment(
         cfg,
-        seeds,
-        data,
+        p.seeds,
+        p.data,
         objective,
-        method,
-        labels,
-        code,
-        straggler,
-        compressor.bits(),
+        p.method,
+        p.labels,
+        p.code,
+        p.straggler,
+        bits,
         objective.f_star(),
-        dtype,
-        device,
+        p.dtype,
+        p.device,
     )
 
 

@@ -16,9 +16,9 @@ import torch
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import CodedSum
 from cocoef_cli.sim.compressors import Compressor, build_compressor
-from cocoef_cli.sim.rng import SeedRNG
 
 METHODS: Registry[type[Method]] = Registry("method")
 STRAGGLER_STATES = ("freeze", "reset")

@@ -20,7 +20,7 @@ import torch
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
-from cocoef_cli.sim.rng import SeedRNG
+from cocoef_cli.rng import SeedRNG
 
 STRAGGLERS: Registry[type[StragglerModel]] = Registry("straggler")
 

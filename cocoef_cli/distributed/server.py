@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from cocoef_cli.runtime import transport as tp
-from cocoef_cli.runtime.options import TOKEN_ENV, TOKEN_FILE_ENV, RuntimeOptions, run_token
-from cocoef_cli.runtime.wire import CompressorStandIn, WireError, codec_for, message_iter, message_nbytes, unframe
+from cocoef_cli.distributed import transport as tp
+from cocoef_cli.distributed.options import TOKEN_ENV, TOKEN_FILE_ENV, RuntimeOptions, run_token
+from cocoef_cli.distributed.wire import CompressorStandIn, WireError, codec_for, message_iter, message_nbytes, unframe
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.engine import Experiment, RunResult, Simulation, simulate
 from cocoef_cli.sim.methods import message_compressor_config
-from cocoef_cli.sim.rng import SeedRNG
 
 EXACT_DECODERS = ("exact", "optimal")
 
@@ -58,8 +58,8 @@ class Delivered(CompressorStandIn):
 
 def shard(exp: Experiment, own: list[int]) -> tuple[dict, dict[str, torch.Tensor]]:
     """The objective restricted to partitions ``own``, as (JSON meta, arrays): the padded (R, N, ...)
-    tensors :data:`~cocoef_cli.runtime.transport.SHARD` sliced on N, and what the device needs to
-    rebuild the model (:func:`cocoef_cli.runtime.device.shard_objective`); no training/test data."""
+    tensors :data:`~cocoef_cli.distributed.transport.SHARD` sliced on N, and what the device needs to
+    rebuild the model (:func:`cocoef_cli.distributed.device.shard_objective`); no training/test data."""
     obj, data = exp.objective, exp.data
     meta = {
         "n": int(obj.n),

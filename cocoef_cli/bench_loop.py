@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.engine import Experiment, step_size
-from cocoef_cli.sim.rng import SeedRNG
 
 
 def loop_coco_ef(exp: Experiment, iters: int) -> list[torch.Tensor]:

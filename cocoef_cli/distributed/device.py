@@ -1,7 +1,7 @@
 """A device process: its own partitions, its encoded gradient, the method's state, compact messages.
 
 Device i holds only the partitions it stores (S_ij = 1), sent once by the server at set-up (after
-the device's hello proved the run token, :mod:`~cocoef_cli.runtime.transport`). Per iteration t it
+the device's hello proved the run token, :mod:`~cocoef_cli.distributed.transport`). Per iteration t it
 receives θ^t and computes
 
     g_j(θ^t) for its partitions j,   u_i = Σ_j B_ij g_j   (summed in the simulator's order),
@@ -10,7 +10,7 @@ then runs the configured method for itself alone — the simulator's own Method 
 (COCO-EF: v = u + e, m = C(v), e ← v − m; DIANA/EF21: Δ = C(u − h), h ← ...), with the compressor's
 randomness taken from the run's seeded ``compressor`` stream: each device regenerates the full
 (M, D) block the simulator draws per iteration and keeps its own row, so no key is ever sent — and
-sends m (or Δ) framed by :mod:`cocoef_cli.runtime.wire`. The state change is tentative until the next
+sends m (or Δ) framed by :mod:`cocoef_cli.distributed.wire`. The state change is tentative until the next
 downlink says whether the server accepted the message: if not (a late message, dropped), the state is
 rolled back (``method.straggler_state=freeze``) or zeroed (``reset``), exactly like a simulator
 straggler. With ``runtime.replay=true`` a device the seeded pattern marks as straggler computes and
@@ -32,14 +32,14 @@ import numpy as np
 import torch
 
 from cocoef_cli.data import Dataset
+from cocoef_cli.distributed import transport as tp
+from cocoef_cli.distributed.options import TOKEN_ENV, TOKEN_HOW, env_token
+from cocoef_cli.distributed.wire import HEADER, CompressorStandIn, codec_for, frame, header, message_nbytes
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
-from cocoef_cli.runtime import transport as tp
-from cocoef_cli.runtime.options import TOKEN_ENV, TOKEN_HOW, env_token
-from cocoef_cli.runtime.wire import HEADER, CompressorStandIn, codec_for, frame, header, message_nbytes
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.compressors import build_compressor
 from cocoef_cli.sim.methods import METHODS
-from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
 
@@ -77,9 +77,9 @@ class Capture(CompressorStandIn):
 
 
 def shard_objective(cfg: dict, meta: dict, arrays: dict[str, torch.Tensor], dtype: torch.dtype) -> Objective:
-    """The objective of the partitions a device holds, from :func:`cocoef_cli.runtime.server.shard`'s
+    """The objective of the partitions a device holds, from :func:`cocoef_cli.distributed.server.shard`'s
     message: the model rebuilt from ``cfg['model']`` and the dataset's description (no samples),
-    the partition tensors :data:`~cocoef_cli.runtime.transport.SHARD` as received."""
+    the partition tensors :data:`~cocoef_cli.distributed.transport.SHARD` as received."""
     d = meta["data"]
     f = int(d["features"])
     empty = Dataset(

@@ -13,12 +13,12 @@ kind uint16, body bytes uint64, proof 32 B, mac 32 B]`` with proof = HMAC-SHA256
 HMAC-SHA256(token, body); the body is ``[JSON bytes uint64][JSON {"meta": ..., "arrays": [names]}]``
 then per array a fixed 72-byte header ``[magic "CARR", version uint8, dtype code uint8, ndim uint8,
 pad, shape 8 × uint64]`` and its raw little-endian values (:data:`DTYPES`). Anything else (size, magic,
-version, kind, token, mac, JSON, array header) raises :class:`~cocoef_cli.runtime.wire.WireError`.
+version, kind, token, mac, JSON, array header) raises :class:`~cocoef_cli.distributed.wire.WireError`.
 
 Downlink (server → every device, once per iteration), uint8:
 ``[magic uint32, cmd int32, t int32][accepted of update t−1: M bytes][z^t: M bytes][θ^t: D values]`` —
 ``accepted`` lets a device commit or roll back its tentative state, ``z`` is the replayed pattern
-(all ones without replay). Uplink: a framed message (:mod:`cocoef_cli.runtime.wire`).
+(all ones without replay). Uplink: a framed message (:mod:`cocoef_cli.distributed.wire`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cocoef_cli.runtime.wire import WireError
+from cocoef_cli.distributed.wire import WireError
 
 CMD_STOP, CMD_STEP = 0, 1
 DOWN_MAGIC = 0xC0EFD0A1
