@@ -77,7 +77,7 @@ def run(
     """One run (all its seeds): writes OUT/metrics.csv and OUT/run.json. With checkpoint_every=K it
     saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
     from cocoef_cli import config
-    from cocoef_cli.record import run_id
+    from cocoef_cli.record import final_rows, run_id
     from cocoef_cli.run import already_done, check_out_dir, execute
 
     # the whole schema, before any work, against the config root the config was composed from
@@ -106,7 +106,7 @@ def run(
     except Exception as e:  # a run that failed: one line, exit 1, run.json says failed
         typer.echo(f"run failed: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(1)
-    last = res.metrics.groupby("seed").tail(1)
+    last = final_rows(res.metrics)
     lab = exp.labels
     parts = [
         f"{lab['method']} | code={lab['code']} d={lab['d']} | {lab['compressor']} | {lab['straggler']} p={lab['p']:.3g}",

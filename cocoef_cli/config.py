@@ -242,7 +242,7 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     if cfg["runtime"]["name"] == "torch_distributed":
         from cocoef_cli.runtime.options import RuntimeOptions
 
-        RuntimeOptions.from_cfg(cfg)  # validates runtime.* (nothing is started)
+        RuntimeOptions.from_config(cfg)  # validates runtime.* (nothing is started)
     optim = cfg["optim"]
     lr = optim.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or lr == float("inf"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from cocoef_cli import config
+from cocoef_cli.record import final_rows
 from cocoef_cli.run import execute
 from cocoef_cli.sim.methods import message_compressor_config
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         _, res = execute(cfg, args.out / slug)
         df = res.metrics.assign(label=label)
         frames.append(df)
-        last = df[df.iter == df.iter.max()]
+        last = final_rows(df)  # a diverged seed: its last finite evaluation
         print(f"  {label:<34} gap {last.opt_gap.mean():.3e}   bits {last.bits_up.mean():.3e}   ({res.wall_s:.1f}s)")
     data = pd.concat(frames, ignore_index=True)
     from cocoef_cli.report import line_figure
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         title="Synthetic least squares, 100 devices, p = 0.2, SGC d = 3, k = 4 of D = 101\n(mean of 3 seeds, 95% CI)",
     )
     table = (
-        data[data.iter == data.iter.max()]
+        final_rows(data, by=("label", "seed"))
         .groupby("label", sort=False)
         .agg(final_gap=("opt_gap", "mean"), total_bits=("bits_up", "mean"))
     )

@@ -36,6 +36,7 @@ import pandas as pd
 import yaml
 
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.record import final_rows
 
 KINDS = ("line", "final", "table")
 
@@ -53,7 +54,9 @@ class Arm:
 
 
 @dataclass
-class Experiment:
+class FigureSpec:
+    """One figure of the set: ``experiments/<name>.yaml`` (its sweep, arms and plot)."""
+
     name: str
     path: Path
     spec: dict
@@ -75,14 +78,14 @@ def experiments_dir(root: Path | None = None) -> Path:
     return config.config_dir(root).parent / "experiments"
 
 
-def load_experiments(root: Path | None = None) -> dict[str, Experiment]:
+def load_experiments(root: Path | None = None) -> dict[str, FigureSpec]:
     """Every ``experiments/*.yaml``, ordered by ``order``, with ``runs_of``/``lr_from`` resolved."""
     folder = experiments_dir(root)
     raw: dict[str, tuple[Path, dict]] = {}
     for path in sorted(folder.glob("*.yaml")):
         spec = yaml.safe_load(path.read_text()) or {}
         raw[path.stem] = (path, spec)
-    exps: dict[str, Experiment] = {}
+    exps: dict[str, FigureSpec] = {}
     for name, (path, spec) in sorted(raw.items(), key=lambda kv: (kv[1][1].get("order", 99), kv[0])):
         src = spec.get("runs_of")
         if src:
@@ -99,7 +102,7 @@ def load_experiments(root: Path | None = None) -> dict[str, Experiment]:
             raise ConfigError(f"{path.name}: plot.kind", kind, KINDS, "unknown kind")
         if kind != "table" and "sweep" not in spec:
             raise ConfigError(f"{path.name}: sweep", None, "a sweep: {name, preset, overrides}", "missing")
-        exps[name] = Experiment(name, path, spec)
+        exps[name] = FigureSpec(name, path, spec)
     for exp in exps.values():
         lr_src = exp.spec.get("lr_from")
         lookup = {a["id"]: a.get("lr") for a in raw[lr_src][1].get("arms", [])} if lr_src in raw else {}
@@ -111,7 +114,7 @@ def load_experiments(root: Path | None = None) -> dict[str, Experiment]:
     return exps
 
 
-def select(exps: dict[str, Experiment], only: list[str] | None) -> list[Experiment]:
+def select(exps: dict[str, FigureSpec], only: list[str] | None) -> list[FigureSpec]:
     if not only:
         return list(exps.values())
     bad = [o for o in only if o not in exps]
@@ -135,7 +138,7 @@ class Task:
         return "cocoef " + " ".join(shlex.quote(a) for a in self.argv)
 
 
-def arm_task(exp: Experiment, arm: Arm, runs: Path, quick: bool, tune: bool = False) -> Task:
+def arm_task(exp: FigureSpec, arm: Arm, runs: Path, quick: bool, tune: bool = False) -> Task:
     """The ``cocoef sweep`` command of one arm (the figure sweep, or its tuning grid)."""
     sw = exp.sweep
     if tune:
@@ -257,7 +260,7 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
     return counts
 
 
-def _tasks(exps: list[Experiment], runs: Path, quick: bool, tune: bool = False) -> list[Task]:
+def _tasks(exps: list[FigureSpec], runs: Path, quick: bool, tune: bool = False) -> list[Task]:
     seen: dict[tuple[str, str], Task] = {}
     for exp in exps:
         if exp.plot.get("kind") == "table" or (tune and not exp.spec.get("tune")):
@@ -296,7 +299,7 @@ def arm_rows(task: Task, prune: bool = True) -> tuple[pd.DataFrame, pd.DataFrame
     return rows, runs
 
 
-def experiment_rows(exp: Experiment, runs: Path, quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+def experiment_rows(exp: FigureSpec, runs: Path, quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     frames, infos = [], []
     for arm in exp.arms:
         r, i = arm_rows(arm_task(exp, arm, runs, quick))
@@ -307,7 +310,7 @@ def experiment_rows(exp: Experiment, runs: Path, quick: bool) -> tuple[pd.DataFr
 
 # ------------------------------------------------------------------------------------- tuning
 def tune(
-    exp: Experiment,
+    exp: FigureSpec,
     runs: Path,
     quick: bool,
     jobs: int,
@@ -324,7 +327,6 @@ def tune(
     echo(f"tune {exp.name}: {len(tasks)} arm(s) × grid {t.get('grid')} at {t.get('at', [])} {t.get('extra', [])}")
     run_tasks(tasks, jobs, echo, config_dir)
     metric, mode = t.get("metric", "opt_gap"), t.get("mode", "min")
-    from cocoef_cli.report import final_rows
 
     rows = []
     for task in tasks:
@@ -392,7 +394,7 @@ def _filter(rows: pd.DataFrame, flt: dict | None) -> pd.DataFrame:
     return rows
 
 
-def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Path, quick: bool) -> dict[str, Any]:
+def render(exp: FigureSpec, exps: dict[str, FigureSpec], runs: Path, figdir: Path, quick: bool) -> dict[str, Any]:
     """Draw one experiment; returns what the gallery needs (files, tables, excluded runs)."""
     from cocoef_cli import report as rp
 
@@ -457,7 +459,7 @@ def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Pat
             x_order=plot.get("x_order"),
         )
     # compact summary: final values per arm and setting (mean and std over seeds)
-    fin = rp.final_rows(rows[rows["status"] == "completed"])
+    fin = final_rows(rows[rows["status"] == "completed"])
     keys = [
         "label",
         *[
@@ -490,8 +492,6 @@ def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Pat
 def best_lr_rows(rows: pd.DataFrame, keys: list[str], y: str, mode: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Keep, for each (arm, setting), the runs of the step size with the best final ``y`` (mean
     over seeds; diverged/failed runs never win). Returns (rows, chosen (label, keys, optim.lr))."""
-    from cocoef_cli.report import final_rows
-
     ok = rows[rows["status"] == "completed"]
     fin = final_rows(ok).groupby(["label", *keys, "optim.lr"], sort=False)[y].mean().reset_index()
     pick = fin.loc[
@@ -556,7 +556,7 @@ def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:
 
 # ------------------------------------------------------------------------------------ gallery
 def gallery(
-    exps: list[Experiment],
+    exps: list[FigureSpec],
     infos: dict[str, dict],
     out: Path,
     quick: bool,
@@ -716,8 +716,8 @@ def figures(
 
 
 def _gallery_merge(
-    exps: dict[str, Experiment],
-    chosen: list[Experiment],
+    exps: dict[str, FigureSpec],
+    chosen: list[FigureSpec],
     infos: dict,
     out: Path,
     quick: bool,

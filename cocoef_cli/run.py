@@ -13,7 +13,7 @@ from typing import Any
 
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import FINISHED, clean_tmp, read_record, run_id, run_record, write_run
-from cocoef_cli.sim.engine import Experiment, RunResult, build_experiment, simulate
+from cocoef_cli.sim.engine import RunParts, RunResult, build_experiment, simulate
 from cocoef_cli.tracking import open_logger
 
 
@@ -99,7 +99,7 @@ def execute(
     progress: bool = False,
     resume: bool | dict[str, Any] = True,
     threads: int | None = None,
-) -> tuple[Experiment, RunResult]:
+) -> tuple[RunParts, RunResult]:
     """Build the experiment (may raise ConfigError: nothing is written then), simulate all
     replicates, and, with ``out``, write ``metrics.csv`` and ``run.json`` atomically.
 

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cocoef_cli import config
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import FINISHED, read_record
+from cocoef_cli.record import FINISHED, final_rows, read_record
 
 LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm", "ray")
 PLUGINS = {
@@ -674,7 +674,7 @@ def summary(out: Path, index: Any | None = None) -> Any:
         path = Path(out) / str(job["job"]) / "metrics.csv"
         if path.exists() and job["status"] != "duplicate":
             df = pd.read_csv(path)
-            last = df[df["iter"] == df.groupby("seed")["iter"].transform("max")]
+            last = final_rows(df)
             row.update(
                 method=last["method"].iloc[0],
                 compressor=last["compressor"].iloc[0],

@@ -90,7 +90,7 @@ class RuntimeOptions:
     slow_s: float = 0.0
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]) -> RuntimeOptions:
+    def from_config(cls, cfg: Mapping[str, Any]) -> RuntimeOptions:
         """Validate ``cfg['runtime']`` (and what this runtime cannot do) → options; ConfigError otherwise."""
         rt, M = cfg["runtime"], int(cfg["devices"])
         from cocoef_cli.sim.methods import METHODS

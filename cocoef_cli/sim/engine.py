@@ -68,8 +68,9 @@ def step_size(optim: Mapping, t: int) -> float:
 
 
 @dataclass
-class Experiment:
-    """Everything a run needs, built and validated before anything is written."""
+class RunParts:
+    """The built parts of one run (data, objective, code, stragglers, method): everything it needs,
+    built and validated before anything is written."""
 
     cfg: Mapping
     seeds: list[int]
@@ -93,7 +94,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_experiment(cfg: Mapping) -> Experiment:
+def build_experiment(cfg: Mapping) -> RunParts:
     """Load data, build model, code, stragglers, compressor and method for ``cfg`` (validated)."""
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["precision"]]
     device = resolve_device(cfg["device"])
@@ -126,7 +127,7 @@ def build_experiment(cfg: Mapping) -> Experiment:
             cfg["method"], compressor, R, 1, model.D, dtype, device, SeedRNG(seeds, "compressor", device)
         )
         labels.update(code="none", compressor="none", straggler="none", d=None, p=0.0)
-        return Experiment(
+        return RunParts(
             cfg, seeds, data, objective, method, labels, f_star=objective.f_star(), dtype=dtype, device=device
         )
 
@@ -149,7 +150,7 @@ def build_experiment(cfg: Mapping) -> Experiment:
     )
     method = method_cls(cfg["method"], compressor, R, M, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
     labels.update(code=code.name, straggler=cfg["straggler"]["name"], d=code.d, p=straggler.mean_p())
-    return Experiment(
+    return RunParts(
         cfg,
         seeds,
         data,
@@ -204,7 +205,7 @@ class Simulation:
 
     extra_columns: tuple[str, ...] = ()  # columns a subclass's rows add after COLUMNS + EXTRA_COLUMNS
 
-    def __init__(self, exp: Experiment):
+    def __init__(self, exp: RunParts):
         keep_freed_memory()
         self.exp, R = exp, len(exp.seeds)
         self.t = 0
@@ -272,7 +273,7 @@ class Simulation:
 
 
 def simulate(
-    exp: Experiment,
+    exp: RunParts,
     run_id: str = "",
     progress: Callable[[int], None] | None = None,
     sim: Simulation | None = None,

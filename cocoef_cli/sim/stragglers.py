@@ -69,7 +69,7 @@ class StragglerModel:
         self.last_time: torch.Tensor | None = None
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerModel:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerModel:
         raise NotImplementedError
 
     def mean_p(self) -> float:
@@ -95,7 +95,7 @@ class NoStragglers(StragglerModel):
     name = "none"
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> NoStragglers:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> NoStragglers:
         return cls(_full(loads, 0.0), rng)
 
     def draw(self) -> torch.Tensor:
@@ -112,7 +112,7 @@ class Bernoulli(StragglerModel):
     name = "bernoulli"
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Bernoulli:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Bernoulli:
         return cls(_full(loads, _prob(cfg, "p", 0.2)), rng)
 
 
@@ -131,7 +131,7 @@ class Fixed(StragglerModel):
         self.s = s
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Fixed:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Fixed:
         M = loads.shape[1]
         s = _get(cfg, "s", 0)
         acc = f"integers 0..{M - 1}"
@@ -156,7 +156,7 @@ class Hetero(StragglerModel):
     name = "hetero"
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Hetero:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Hetero:
         M = loads.shape[1]
         p_list = _get(cfg, "p_list")
         if p_list is not None:
@@ -196,7 +196,7 @@ class Markov(StragglerModel):
         self.state: torch.Tensor | None = None  # (R, M) bool, True = straggling
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Markov:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Markov:
         p = _prob(cfg, "p", 0.2)
         stay = _prob(cfg, "stay", 0.8)
         q = p * (1.0 - stay) / (1.0 - p)
@@ -239,7 +239,7 @@ class Delay(StragglerModel):
         self.loads, self.t0, self.mu, self.deadline = loads.to(F64), t0, mu, deadline
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Delay:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Delay:
         t0 = _number(cfg, "t0", 1.0, 0.0, math.inf, hi_open=True)
         mu = _number(cfg, "mu", 1.0, 0.0, math.inf, lo_open=True, hi_open=True)
         deadline = _get(cfg, "deadline", None)
@@ -283,4 +283,4 @@ def build_straggler(cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerMod
     loads = torch.as_tensor(loads)
     if loads.dim() != 2 or loads.shape[0] != rng.R:
         raise ValueError(f"loads must be (R={rng.R}, M); got {tuple(loads.shape)}")
-    return cls.from_cfg(cfg, loads, rng)
+    return cls.from_config(cfg, loads, rng)
