@@ -182,7 +182,7 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
 ) -> None:
     """A Hydra multirun of a preset: one folder per job (metrics.csv, run.json), named by the keys
-    the sweep varies, and OUT/index.csv. Jobs with the same resolved config run once; a +baseline=
+    the sweep varies, and OUT/index.csv. Jobs with the same resolved config run once; a baseline=
     arm keeps its own method, compressor and step size. Resumable: rerunning on the same --out skips
     finished jobs and reruns failed or missing ones; each failed job is printed with its reason."""
     from cocoef_cli.sweep import SweepError, run_sweep, summary

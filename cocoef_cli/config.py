@@ -60,6 +60,7 @@ def compose(overrides: Sequence[str] = (), root: str | os.PathLike | None = None
     the option it would belong to, the closest one); keys added with ``+`` are checked by
     :func:`validate` (the declared keys)."""
     root_path = config_dir(root)
+    overrides = canonical(overrides)
     _check_override_syntax(overrides, root_path)
     try:
         return _hydra_compose(root_path, name, overrides)
@@ -91,8 +92,15 @@ def override_key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~")
 
 
-# presets added with +NAME=OPTION (``# @package _global_``): tuned method arms, sweep presets
+# presets (``# @package _global_``): tuned method arms (conf/config.yaml declares ``baseline: null``,
+# so ``baseline=ARM`` picks one; ``+baseline=ARM`` is the same) and sweep presets (``+experiment=``)
 PRESETS = ("baseline", "experiment")
+
+
+def canonical(overrides: Sequence[str]) -> list[str]:
+    """The overrides as Hydra takes them: ``+baseline=ARM`` / ``++baseline=ARM`` (the spelling from
+    before conf/config.yaml declared ``baseline: null``) become ``baseline=ARM``."""
+    return [re.sub(r"^\+{1,2}(?=baseline=)", "", ov) for ov in overrides]
 
 
 def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
@@ -110,7 +118,7 @@ def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
                 "the keys of the config (hydra.launcher.* and hydra.sweeper.params are cocoef sweep's)",
                 "Hydra's own keys do nothing in a single run",
             )
-        if key in PRESETS and not ov.startswith("+"):
+        if key == "experiment" and not ov.startswith("+"):
             raise ConfigError(key, value, f"+{key}={value}", f"a {key} preset is added with +")
         if key in ALL_GROUPS + PRESETS and value and "," not in value and not value.startswith(("[", "{", "$")):
             if value not in options(key, root):
