@@ -11,6 +11,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from cocoef_cli.checks import is_int
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import FINISHED, clean_tmp, read_record, run_id, run_record, write_run
 from cocoef_cli.sim.engine import RunParts, RunResult, build_experiment, simulate
@@ -67,7 +68,7 @@ def resolve_threads(cfg: dict, auto: int | None = None) -> int:
     per update R·M·D reaches ``AUTO_THREADS_MIN_WORK`` values, else 1. A function of the config
     and the machine only, so a run is reproducible on that machine (run.json records the count)."""
     n = cfg.get("threads")
-    if isinstance(n, int) and not isinstance(n, bool):
+    if is_int(n):
         return n
     if auto is not None:
         return auto

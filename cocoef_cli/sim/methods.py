@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from cocoef_cli.checks import need_bool
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.sim.codes import CodedSum
@@ -157,9 +158,7 @@ class _Shifts(Method):
 
     def __init__(self, cfg, compressor, R, M, D, dtype, device, rng):
         super().__init__(cfg, compressor, R, M, D, dtype, device, rng)
-        self.stale = cfg.get("stale_shifts", False)
-        if not isinstance(self.stale, bool):
-            raise ConfigError("method.stale_shifts", self.stale, "true, false", "not a boolean")
+        self.stale = need_bool("method.stale_shifts", cfg.get("stale_shifts", False))
         self.full: torch.Tensor | None = None  # ā, taken from the code at the first coded step
 
     def coded_step(self, U, z, a):
