@@ -301,7 +301,7 @@ def figures(
     tune_first: bool = typer.Option(
         False,
         "--tune",
-        help="Run the step-size tuning stage first (records the best step sizes in experiments/*.yaml unless --quick).",
+        help="Run the step-size tuning stage first (records the best step sizes in conf/step_sizes.yaml unless --quick).",
     ),
     config_dir: Path | None = ConfigDirOpt,
 ) -> None:
@@ -332,13 +332,14 @@ def tune(
     quick: bool = typer.Option(False, "--quick", help="The --quick budget and grid (never recorded)."),
     runs: Path | None = typer.Option(None, "--runs", help="Raw runs folder (default: runs/figures)."),
     jobs: int = typer.Option(2, "--jobs", "-j", help="Sweeps run at the same time."),
-    write: bool = typer.Option(True, "--write/--no-write", help="Record each arm's best lr in the experiment file."),
+    write: bool = typer.Option(True, "--write/--no-write", help="Record each arm's best lr in conf/step_sizes.yaml."),
     config_dir: Path | None = ConfigDirOpt,
 ) -> None:
     """Step-size grid 0.05·2^i for every method arm of an experiment, on the figure's iteration budget;
-    prints the table and records each arm's best step size in experiments/EXPERIMENT.yaml."""
+    prints the table and records each arm's best step size in the block EXPERIMENT of conf/step_sizes.yaml."""
     import pandas as pd
 
+    from cocoef_cli import config
     from cocoef_cli.figures import FiguresError, load_experiments, select, write_tuning
     from cocoef_cli.figures import tune as run_tune
 
@@ -357,7 +358,7 @@ def tune(
     typer.echo(
         "best: "
         + ", ".join(f"{r.arm} {r.lr:g}" for r in best.itertuples())
-        + (f" (recorded in {exp.path})" if write and not quick else "")
+        + (f" (recorded in {config.config_dir(config_dir) / config.STEP_SIZES}, block {exp.lr_setting})" if write and not quick else "")
     )
 
 

@@ -72,11 +72,57 @@ def compose(overrides: Sequence[str] = (), root: str | os.PathLike | None = None
         raise _hydra_error(e, overrides, root_path) from None
 
 
+STEP_SIZES = "step_sizes.yaml"  # in the config root: setting → arm → tuned optim.lr
+
+
+def step_sizes(root: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+    """``<root>/step_sizes.yaml``: the tuned step sizes of every setting, {} when absent."""
+    return _option_defaults(".", Path(STEP_SIZES).stem, Path(root) if root else None)
+
+
+def step_size(setting: str, arm: str, root: str | os.PathLike | None = None) -> float:
+    """The tuned ``optim.lr`` of ``arm`` in ``setting`` (a block of ``step_sizes.yaml``)."""
+    table = step_sizes(root)
+    if arm not in (table.get(setting) or {}):
+        raise ConfigError(
+            f"{STEP_SIZES}: {setting}", arm, list(table.get(setting) or table), "no tuned step size"
+        )
+    return float(table[setting][arm])
+
+
+_ROOTS: list[Path] = []  # the config root being resolved (read by the step_size resolver)
+
+
+def resolve(cfg: Any, root: str | os.PathLike | None) -> dict:
+    """A composed Hydra config as a plain dict, interpolations resolved against the config root
+    ``root`` (``${step_size:SETTING,ARM}`` reads its step_sizes.yaml)."""
+    from omegaconf import OmegaConf
+
+    _ROOTS.append(config_dir(root))
+    try:
+        out = OmegaConf.to_container(cfg, resolve=True)
+    finally:
+        _ROOTS.pop()
+    assert isinstance(out, dict)
+    return out
+
+
+def _register_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("step_size"):  # used by conf/baseline/*.yaml
+        OmegaConf.register_new_resolver(
+            "step_size", lambda setting, arm: step_size(str(setting), str(arm), _ROOTS[-1] if _ROOTS else None)
+        )
+
+
+_register_resolver()
+
+
 def _hydra_compose(root: Path, name: str, overrides: Sequence[str]) -> dict:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
 
     GlobalHydra.instance().clear()
     try:
@@ -84,9 +130,7 @@ def _hydra_compose(root: Path, name: str, overrides: Sequence[str]) -> dict:
             cfg = hydra_compose(name, overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
-    out = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(out, dict)
-    return out
+    return resolve(cfg, root)
 
 
 def override_key(override: str) -> str:

@@ -18,15 +18,15 @@ from cocoef_cli.record import final_rows
 from cocoef_cli.run import execute
 from cocoef_cli.sim.methods import message_compressor_config
 
-# (label, overrides). Each method runs at its best step size from the grid 0.05·2^i (i = 0..5),
-# measured on this task with 3 seeds and 400 updates (final optimality gap).
+# (label, arm, overrides). Each method runs at its tuned step size: the block ``demo`` of
+# conf/step_sizes.yaml (best of the grid 0.05·2^i (i = 0..5) on this task, 3 seeds, 400 updates).
 DEMO_RUNS = [
-    ("COCO-EF, top-k 3%", ["method=coco_ef", "compressor=topk", "optim.lr=0.2"]),
-    ("COCO, top-k 3% (no EF)", ["method=coco", "compressor=topk", "optim.lr=0.8"]),
-    ("COCO, unbiased rand-k 3%", ["method=coco", "compressor=randk_unbiased", "optim.lr=0.2"]),
-    ("COCO-DIANA, unbiased rand-k 3%", ["method=coco_diana", "compressor=randk_unbiased", "optim.lr=0.2"]),
-    ("GC, full precision", ["method=gc", "optim.lr=0.2"]),
-    ("Ignore stragglers, uncoded", ["method=ignore_stragglers", "optim.lr=0.2"]),
+    ("COCO-EF, top-k 3%", "coco_ef_topk", ["method=coco_ef", "compressor=topk"]),
+    ("COCO, top-k 3% (no EF)", "coco_topk", ["method=coco", "compressor=topk"]),
+    ("COCO, unbiased rand-k 3%", "coco_randk", ["method=coco", "compressor=randk_unbiased"]),
+    ("COCO-DIANA, unbiased rand-k 3%", "coco_diana", ["method=coco_diana", "compressor=randk_unbiased"]),
+    ("GC, full precision", "gc", ["method=gc"]),
+    ("Ignore stragglers, uncoded", "ignore_stragglers", ["method=ignore_stragglers"]),
 ]
 COMMON = [
     "devices=100",
@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every run")
     args = ap.parse_args(argv)
     frames = []
-    for label, ov in DEMO_RUNS:
-        cfg = config.load(COMMON + ov + args.overrides)
+    for label, arm, ov in DEMO_RUNS:
+        lr = f"optim.lr={config.step_size('demo', arm):g}"
+        cfg = config.load(COMMON + ov + [lr] + args.overrides)
         sent = message_compressor_config(cfg)["name"]
         slug = f"{cfg['method']['name']}_{sent}"
         _, res = execute(cfg, args.out / slug)

@@ -6,8 +6,9 @@ An experiment file names (see ``experiments/README.md``):
   overrides of ``--quick``, and a ``name`` — the runs folder ``RUNS/<name>/<arm id>/``, shared by
   every experiment that names the same sweep (``runs_of: OTHER`` reuses another file's sweep and
   arms);
-* ``arms``: the compared methods, each ``{id, label, overrides, lr}``; ``lr`` is the arm's own
-  step size, chosen by ``cocoef tune`` (``lr_from: OTHER`` takes it from the same arm id there);
+* ``arms``: the compared methods, each ``{id, label, overrides}``; an arm's step size is its
+  entry in the experiment's block of ``conf/step_sizes.yaml``, written by ``cocoef tune``
+  (``lr_from: OTHER`` or ``runs_of: OTHER``: the block of OTHER);
 * ``tune``: the tuning setting (``at``: overrides replacing the swept ones), the grid 0.05·2^i,
   the metric and whether lower or higher is better;
 * ``plot``: ``kind`` (``line``: y against x per facet; ``final``: final y against a swept key;
@@ -35,6 +36,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from cocoef_cli import config
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import final_rows
 
@@ -70,11 +72,14 @@ class FigureSpec:
     def plot(self) -> dict:
         return self.spec.get("plot", {})
 
+    @property
+    def lr_setting(self) -> str:
+        """The block of ``conf/step_sizes.yaml`` holding the arms' tuned step sizes."""
+        return self.spec.get("lr_from") or self.spec.get("runs_of") or self.name
+
 
 def experiments_dir(root: Path | None = None) -> Path:
     """``experiments/`` beside the config root (``conf/``)."""
-    from cocoef_cli import config
-
     return config.config_dir(root).parent / "experiments"
 
 
@@ -103,11 +108,18 @@ def load_experiments(root: Path | None = None) -> dict[str, FigureSpec]:
         if kind != "table" and "sweep" not in spec:
             raise ConfigError(f"{path.name}: sweep", None, "a sweep: {name, preset, overrides}", "missing")
         exps[name] = FigureSpec(name, path, spec)
+    tuned = config.step_sizes(root)
     for exp in exps.values():
-        lr_src = exp.spec.get("lr_from")
-        lookup = {a["id"]: a.get("lr") for a in raw[lr_src][1].get("arms", [])} if lr_src in raw else {}
+        lookup = tuned.get(exp.lr_setting) or {}
         for a in exp.spec.get("arms", []):
-            lr = a.get("lr", lookup.get(a["id"]))
+            if "lr" in a:
+                raise ConfigError(
+                    f"{exp.path.name}: arms[{a['id']}].lr",
+                    a["lr"],
+                    f"no lr here: the block {exp.lr_setting} of conf/{config.STEP_SIZES}",
+                    "tuned step sizes live in one file",
+                )
+            lr = lookup.get(a["id"])
             exp.arms.append(
                 Arm(a["id"], a.get("label", a["id"]), list(a.get("overrides", [])), None if lr is None else float(lr))
             )
@@ -319,7 +331,7 @@ def tune(
     config_dir: Path | None = None,
 ) -> pd.DataFrame:
     """Run each arm's step-size grid at the tuning setting; return (arm, lr, final metric) and,
-    with ``write``, record each arm's best lr in the experiment file."""
+    with ``write``, record each arm's best lr in the experiment's block of conf/step_sizes.yaml."""
     t = exp.spec.get("tune")
     if not t:
         raise ConfigError("experiment", exp.name, "an experiment with a tune: section", "nothing to tune")
@@ -353,7 +365,7 @@ def tune(
             best[arm] = float(g.loc[g[col].idxmin() if mode == "min" else g[col].idxmax(), "lr"])
     table["best"] = [best.get(a) == lr for a, lr in zip(table["arm"], table["lr"])]
     if write:
-        write_lrs(exp.path, best)
+        write_lrs(config.config_dir(config_dir) / config.STEP_SIZES, exp.lr_setting, best)
         for arm in exp.arms:
             arm.lr = best.get(arm.id, arm.lr)
     return table
@@ -370,17 +382,26 @@ def write_tuning(table: pd.DataFrame, figdir: Path, name: str) -> Path:
     return path
 
 
-def write_lrs(path: Path, best: dict[str, float]) -> None:
-    """Rewrite ``lr: X`` on each arm's line (``- {id: ARM, ..., lr: X}``), keeping comments."""
-    text = path.read_text()
+def write_lrs(path: Path, setting: str, best: dict[str, float]) -> None:
+    """Record ``best`` (arm → lr) in the block ``setting:`` of ``path`` (conf/step_sizes.yaml),
+    keeping comments and the other blocks; a missing arm or block is appended."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if f"{setting}:" not in lines:
+        lines += ["", f"{setting}:"]
+    start = lines.index(f"{setting}:")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    block = lines[start + 1 : end]
     for arm, lr in best.items():
-        pat = re.compile(rf"^(\s*-\s*\{{\s*id:\s*{re.escape(arm)}\s*,.*?\blr:\s*)([^,}}\s]+)", re.M)
-        text, n = pat.subn(lambda m: m.group(1) + f"{lr:g}", text)
-        if n != 1:
-            raise ConfigError(
-                f"{path.name}: arms", arm, "one line `- {id: ARM, ..., lr: X}` per arm", "cannot record the tuned lr"
-            )
-    path.write_text(text)
+        pat = re.compile(rf"^(\s+{re.escape(arm)}:\s*)([^\s#]+)(.*)$")
+        hit = next((i for i, ln in enumerate(block) if pat.match(ln)), None)
+        if hit is None:
+            block.append(f"  {arm}: {lr:g}")
+        else:
+            block[hit] = pat.sub(lambda m, lr=lr: m.group(1) + f"{lr:g}" + m.group(3), block[hit])
+    lines[start + 1 : end] = block
+    path.write_text("\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------ drawing

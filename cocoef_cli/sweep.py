@@ -136,8 +136,7 @@ def _task(cfg: DictConfig) -> str:
     runtime = HydraConfig.get().runtime
     out = Path(runtime.output_dir)
     root = next((s.path for s in runtime.config_sources if s.provider == "main"), None)  # the sweep's root
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
+    plain = config.resolve(cfg, root)
     rid = run_id(plain)
     if already_done(out, rid) is not None:
         return "skipped"
