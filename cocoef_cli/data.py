@@ -144,7 +144,7 @@ def build_dataset(cfg: Mapping) -> Dataset:
         frac = need_num("dataset.test_fraction", cfg.get("test_fraction", 0.2), 0, 1, hi_open=True)
         rng = np.random.default_rng(stream_seed(int(cfg.get("seed", 0)), "split"))
         perm = rng.permutation(len(y))
-        n_test = int(round(frac * len(y)))
+        n_test = round(frac * len(y))
         test, train = perm[:n_test], perm[n_test:]
         if len(train) < 1:
             raise ConfigError("dataset.test_fraction", frac, "a fraction leaving training samples", "no training data")
@@ -471,9 +471,7 @@ def partition_indices(y: np.ndarray, N: int, cfg: Mapping, seeds: Sequence[int])
         elif scheme == "label_sorted":
             parts = np.array_split(perm[np.argsort(y[perm], kind="stable")], N)
         else:
-            alpha = cfg.get("alpha", 0.5)
-            if not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise ConfigError("dataset.alpha", alpha, "positive numbers", "invalid")
+            alpha = need_num("dataset.alpha", cfg.get("alpha", 0.5), 0, lo_open=True)
             if not np.issubdtype(y.dtype, np.integer):  # regression: no classes to skew
                 raise ConfigError(
                     "dataset.partition",

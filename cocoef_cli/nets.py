@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as Fn
 
-from cocoef_cli.data import Dataset
 from cocoef_cli.checks import is_int, need_int
+from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import MODELS, softmax_residual_t
 from cocoef_cli.sim.rng import SeedRNG

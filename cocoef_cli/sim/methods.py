@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from cocoef_cli.checks import need_bool
+from cocoef_cli.checks import need_bool, need_num
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.sim.codes import CodedSum
@@ -188,9 +188,7 @@ class CocoDiana(_Shifts):
         if alpha is None:
             omega = compressor.omega()
             alpha = 1.0 if omega is None else 1.0 / (omega + 1.0)
-        if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ConfigError("method.alpha", alpha, "numbers in (0, 1] or null (1/(ω+1))", "out of range")
-        self.alpha = float(alpha)
+        self.alpha = need_num("method.alpha", alpha, 0, 1, lo_open=True, accepted="numbers in (0, 1] or null (1/(ω+1))")
 
     def step(self, U, z, a):
         delta = self.C.compress(U - self.h, self.rng)
