@@ -12,6 +12,7 @@ Validation happens in two layers, both before any work or any file is written:
   replicate (d ≤ devices, d | M for ``frc``, ...), the method for one device (compressor/method
   compatibility, its own keys). No partition tensors or R×M×D states are allocated.
 
+Scalars are checked by the typed getters of :mod:`cocoef_cli.checks` (as every component does).
 Errors are :class:`ConfigError` (key, value, what is accepted): the CLI prints one line, exit 2.
 """
 
