@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from cocoef_cli.rng import SeedRNG
-from cocoef_cli.sim.engine import Experiment, step_size
+from cocoef_cli.sim.engine import RunParts, step_size
 
 
-def loop_coco_ef(exp: Experiment, iters: int) -> list[torch.Tensor]:
+def loop_coco_ef(exp: RunParts, iters: int) -> list[torch.Tensor]:
     """Run ``iters`` COCO-EF updates device by device; returns θ after each update (each (D,))."""
     obj, code, C = exp.objective, exp.code, exp.method.C
     model, n, l2 = obj.model, obj.n, obj.l2

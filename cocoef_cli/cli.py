@@ -77,7 +77,7 @@ def run(
     """One run (all its seeds): writes OUT/metrics.csv and OUT/run.json. With checkpoint_every=K it
     saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
     from cocoef_cli import config
-    from cocoef_cli.record import run_id, to_yaml
+    from cocoef_cli.record import final_rows, run_id, to_yaml
     from cocoef_cli.run import already_done, check_out_dir, execute
 
     # the whole schema, before any work, against the config root the config was composed from
@@ -106,7 +106,7 @@ def run(
     except Exception as e:  # a run that failed: one line, exit 1, run.json says failed
         typer.echo(f"run failed: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(1)
-    last = res.metrics.groupby("seed").tail(1)
+    last = final_rows(res.metrics)
     lab = exp.labels
     parts = [
         f"{lab['method']} | code={lab['code']} d={lab['d']} | {lab['compressor']} | {lab['straggler']} p={lab['p']:.3g}",
@@ -182,7 +182,7 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
 ) -> None:
     """A Hydra multirun of a preset: one folder per job (metrics.csv, run.json), named by the keys
-    the sweep varies, and OUT/index.csv. Jobs with the same resolved config run once; a +baseline=
+    the sweep varies, and OUT/index.csv. Jobs with the same resolved config run once; a baseline=
     arm keeps its own method, compressor and step size. Resumable: rerunning on the same --out skips
     finished jobs and reruns failed or missing ones; each failed job is printed with its reason."""
     from cocoef_cli.sweep import SweepError, run_sweep, summary
@@ -301,7 +301,7 @@ def figures(
     tune_first: bool = typer.Option(
         False,
         "--tune",
-        help="Run the step-size tuning stage first (records the best step sizes in experiments/*.yaml unless --quick).",
+        help="Run the step-size tuning stage first (records the best step sizes in conf/step_sizes.yaml unless --quick).",
     ),
     config_dir: Path | None = ConfigDirOpt,
 ) -> None:
@@ -332,13 +332,14 @@ def tune(
     quick: bool = typer.Option(False, "--quick", help="The --quick budget and grid (never recorded)."),
     runs: Path | None = typer.Option(None, "--runs", help="Raw runs folder (default: runs/figures)."),
     jobs: int = typer.Option(2, "--jobs", "-j", help="Sweeps run at the same time."),
-    write: bool = typer.Option(True, "--write/--no-write", help="Record each arm's best lr in the experiment file."),
+    write: bool = typer.Option(True, "--write/--no-write", help="Record each arm's best lr in conf/step_sizes.yaml."),
     config_dir: Path | None = ConfigDirOpt,
 ) -> None:
     """Step-size grid 0.05·2^i for every method arm of an experiment, on the figure's iteration budget;
-    prints the table and records each arm's best step size in experiments/EXPERIMENT.yaml."""
+    prints the table and records each arm's best step size in the block EXPERIMENT of conf/step_sizes.yaml."""
     import pandas as pd
 
+    from cocoef_cli import config
     from cocoef_cli.figures import FiguresError, load_experiments, select, write_tuning
     from cocoef_cli.figures import tune as run_tune
 
@@ -357,7 +358,7 @@ def tune(
     typer.echo(
         "best: "
         + ", ".join(f"{r.arm} {r.lr:g}" for r in best.itertuples())
-        + (f" (recorded in {exp.path})" if write and not quick else "")
+        + (f" (recorded in {config.config_dir(config_dir) / config.STEP_SIZES}, block {exp.lr_setting})" if write and not quick else "")
     )
 
 

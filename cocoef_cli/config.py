@@ -12,6 +12,7 @@ Validation happens in two layers, both before any work or any file is written:
   replicate (d ≤ devices, d | M for ``frc``, ...), the method for one device (compressor/method
   compatibility, its own keys). No partition tensors or R×M×D states are allocated.
 
+Scalars are checked by the typed getters of :mod:`cocoef_cli.checks` (as every component does).
 Errors are :class:`ConfigError` (key, value, what is accepted): the CLI prints one line, exit 2.
 """
 
@@ -20,10 +21,12 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cocoef_cli.checks import need_bool, need_choice, need_int, need_num
 from cocoef_cli.errors import ConfigError, closest
 
 GROUPS = ("method", "code", "compressor", "straggler", "dataset", "model", "optim", "network", "runtime")
@@ -60,6 +63,7 @@ def compose(overrides: Sequence[str] = (), root: str | os.PathLike | None = None
     the option it would belong to, the closest one); keys added with ``+`` are checked by
     :func:`validate` (the declared keys)."""
     root_path = config_dir(root)
+    overrides = canonical(overrides)
     _check_override_syntax(overrides, root_path)
     try:
         return _hydra_compose(root_path, name, overrides)
@@ -69,11 +73,57 @@ def compose(overrides: Sequence[str] = (), root: str | os.PathLike | None = None
         raise _hydra_error(e, overrides, root_path) from None
 
 
+STEP_SIZES = "step_sizes.yaml"  # in the config root: setting → arm → tuned optim.lr
+
+
+def step_sizes(root: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+    """``<root>/step_sizes.yaml``: the tuned step sizes of every setting, {} when absent."""
+    return _option_defaults(".", Path(STEP_SIZES).stem, Path(root) if root else None)
+
+
+def step_size(setting: str, arm: str, root: str | os.PathLike | None = None) -> float:
+    """The tuned ``optim.lr`` of ``arm`` in ``setting`` (a block of ``step_sizes.yaml``)."""
+    table = step_sizes(root)
+    if arm not in (table.get(setting) or {}):
+        raise ConfigError(
+            f"{STEP_SIZES}: {setting}", arm, list(table.get(setting) or table), "no tuned step size"
+        )
+    return float(table[setting][arm])
+
+
+_ROOTS: list[Path] = []  # the config root being resolved (read by the step_size resolver)
+
+
+def resolve(cfg: Any, root: str | os.PathLike | None) -> dict:
+    """A composed Hydra config as a plain dict, interpolations resolved against the config root
+    ``root`` (``${step_size:SETTING,ARM}`` reads its step_sizes.yaml)."""
+    from omegaconf import OmegaConf
+
+    _ROOTS.append(config_dir(root))
+    try:
+        out = OmegaConf.to_container(cfg, resolve=True)
+    finally:
+        _ROOTS.pop()
+    assert isinstance(out, dict)
+    return out
+
+
+def _register_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("step_size"):  # used by conf/baseline/*.yaml
+        OmegaConf.register_new_resolver(
+            "step_size", lambda setting, arm: step_size(str(setting), str(arm), _ROOTS[-1] if _ROOTS else None)
+        )
+
+
+_register_resolver()
+
+
 def _hydra_compose(root: Path, name: str, overrides: Sequence[str]) -> dict:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
 
     GlobalHydra.instance().clear()
     try:
@@ -81,9 +131,7 @@ def _hydra_compose(root: Path, name: str, overrides: Sequence[str]) -> dict:
             cfg = hydra_compose(name, overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
-    out = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(out, dict)
-    return out
+    return resolve(cfg, root)
 
 
 def override_key(override: str) -> str:
@@ -91,8 +139,15 @@ def override_key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~")
 
 
-# presets added with +NAME=OPTION (``# @package _global_``): tuned method arms, sweep presets
+# presets (``# @package _global_``): tuned method arms (conf/config.yaml declares ``baseline: null``,
+# so ``baseline=ARM`` picks one; ``+baseline=ARM`` is the same) and sweep presets (``+experiment=``)
 PRESETS = ("baseline", "experiment")
+
+
+def canonical(overrides: Sequence[str]) -> list[str]:
+    """The overrides as Hydra takes them: ``+baseline=ARM`` / ``++baseline=ARM`` (the spelling from
+    before conf/config.yaml declared ``baseline: null``) become ``baseline=ARM``."""
+    return [re.sub(r"^\+{1,2}(?=baseline=)", "", ov) for ov in overrides]
 
 
 def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
@@ -110,7 +165,7 @@ def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
                 "the keys of the config (hydra.launcher.* and hydra.sweeper.params are cocoef sweep's)",
                 "Hydra's own keys do nothing in a single run",
             )
-        if key in PRESETS and not ov.startswith("+"):
+        if key == "experiment" and not ov.startswith("+"):
             raise ConfigError(key, value, f"+{key}={value}", f"a {key} preset is added with +")
         if key in ALL_GROUPS + PRESETS and value and "," not in value and not value.startswith(("[", "{", "$")):
             if value not in options(key, root):
@@ -208,19 +263,6 @@ def _hydra_error(e: Exception, overrides: Sequence[str], root: Path) -> ConfigEr
     return ConfigError("overrides", " ".join(overrides), "Hydra override syntax key=value", first)
 
 
-def _int(cfg: dict, key: str, lo: int, accepted: str, allow_none: bool = False, prefix: str = "") -> None:
-    v = cfg.get(key)
-    if v is None and allow_none:
-        return
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ConfigError(
-            prefix + key,
-            v,
-            accepted,
-            "not an integer" if not isinstance(v, int) or isinstance(v, bool) else "out of range",
-        )
-
-
 def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     """Check the top-level keys, ``optim``/``network``, and the group keys against the option files
     of the config root ``root`` (None: the default root); components check their own groups."""
@@ -228,46 +270,36 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
         if not isinstance(cfg.get(g), dict) or "name" not in cfg[g]:
             raise ConfigError(g, cfg.get(g), "an option of conf/" + g, "missing group")
     _check_declared(cfg, Path(root) if root else None)
-    _int(cfg, "devices", 1, "integers ≥ 1")
-    _int(cfg, "iters", 0, "integers ≥ 0")
-    _int(cfg, "seed", 0, "integers ≥ 0")
-    _int(cfg, "seeds", 1, "integers ≥ 1")
-    _int(cfg, "eval_every", 1, "integers ≥ 1")
-    _int(cfg, "batch_size", 1, "null or integers ≥ 1", allow_none=True)
-    for key, accepted in (("precision", PRECISIONS), ("device", DEVICES)):
-        if cfg.get(key) not in accepted:
-            raise ConfigError(key, cfg.get(key), accepted)
-    if cfg["runtime"]["name"] not in RUNTIMES:
-        raise ConfigError("runtime", cfg["runtime"]["name"], RUNTIMES)
+    for key, lo in (("devices", 1), ("iters", 0), ("seed", 0), ("seeds", 1), ("eval_every", 1)):
+        need_int(key, cfg.get(key), lo)
+    need_int("batch_size", cfg.get("batch_size"), 1, none=True)
+    need_choice("precision", cfg.get("precision"), PRECISIONS)
+    need_choice("device", cfg.get("device"), DEVICES)
+    need_choice("runtime", cfg["runtime"]["name"], RUNTIMES)
     if cfg["runtime"]["name"] == "torch_distributed":
         from cocoef_cli.distributed.options import RuntimeOptions
 
-        RuntimeOptions.from_cfg(cfg)  # validates runtime.* (nothing is started)
+        RuntimeOptions.from_config(cfg)  # validates runtime.* (nothing is started)
     optim = cfg["optim"]
-    lr = optim.get("lr")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or lr == float("inf"):
-        raise ConfigError("optim.lr", lr, "finite numbers > 0", "out of range")
+    need_num("optim.lr", optim.get("lr"), 0, lo_open=True)
     from cocoef_cli.sim.engine import SCHEDULES
 
-    if optim.get("schedule", "const") not in SCHEDULES:
-        raise ConfigError("optim.schedule", optim.get("schedule"), SCHEDULES)
-    mom = optim.get("momentum", 0.0)
-    if not isinstance(mom, (int, float)) or not 0 <= mom < 1:
-        raise ConfigError("optim.momentum", mom, "numbers in [0, 1)", "out of range")
+    need_choice("optim.schedule", optim.get("schedule", "const"), SCHEDULES)
+    need_num("optim.momentum", optim.get("momentum", 0.0), 0, 1, hi_open=True)
     if optim.get("schedule") == "step":
-        _int(optim, "step_size", 1, "integers ≥ 1", prefix="optim.")
-        g = optim.get("gamma")
-        if not isinstance(g, (int, float)) or not 0 < g <= 1:
-            raise ConfigError("optim.gamma", g, "numbers in (0, 1]", "out of range")
-    bw = cfg["network"].get("bandwidth_bps")
-    if bw is not None and (not isinstance(bw, (int, float)) or bw <= 0):
-        raise ConfigError("network.bandwidth_bps", bw, "null or numbers > 0", "out of range")
-    df = cfg.get("diverge_factor")
-    if df is not None and (not isinstance(df, (int, float)) or isinstance(df, bool) or not 1 < df < float("inf")):
-        raise ConfigError("diverge_factor", df, "null or finite numbers > 1", "out of range")
-    _int(cfg, "checkpoint_every", 1, "null or integers ≥ 1", allow_none=True)
+        need_int("optim.step_size", optim.get("step_size"), 1)
+        need_num("optim.gamma", optim.get("gamma"), 0, 1, lo_open=True)
+    need_num("network.bandwidth_bps", cfg["network"].get("bandwidth_bps"), 0, lo_open=True, none=True, finite=False)
+    need_num("diverge_factor", cfg.get("diverge_factor"), 1, lo_open=True, none=True)
+    need_int("checkpoint_every", cfg.get("checkpoint_every"), 1, none=True)
     if cfg.get("threads") != "auto":
-        _int(cfg, "threads", 1, "auto or integers ≥ 1 (torch CPU threads inside a run)", allow_none=True)
+        need_int(
+            "threads",
+            cfg.get("threads"),
+            1,
+            none=True,
+            accepted="auto or integers ≥ 1 (torch CPU threads inside a run)",
+        )
     if cfg.get("checkpoint_every") is not None and cfg["runtime"]["name"] != "simulator":
         raise ConfigError(
             "checkpoint_every",
@@ -282,34 +314,18 @@ def validate(cfg: dict, root: str | os.PathLike | None = None) -> dict:
     return cfg
 
 
-# group keys that no component validates itself: (key, kind, lower bound, accepted)
-GROUP_RULES: dict[str, tuple[str, float | None, str]] = {
-    "dataset.seed": ("int", 0, "integers ≥ 0"),
-    "dataset.noise": ("number", 0, "numbers ≥ 0"),
-    "dataset.standardize": ("bool", None, "true, false"),
-    "model.l2": ("number", 0, "numbers ≥ 0"),
-    "model.bias": ("bool", None, "true, false"),
-    "model.init_scale": ("number", 0, "numbers ≥ 0"),
-    "method.allow_biased": ("bool", None, "true, false"),
+# group keys that no component validates itself: their check (key, value) → value
+GROUP_RULES: dict[str, Callable[[str, Any], Any]] = {
+    "dataset.seed": partial(need_int, lo=0),
+    "dataset.noise": partial(need_num, lo=0),
+    "dataset.standardize": need_bool,
+    "model.l2": partial(need_num, lo=0),
+    "model.bias": need_bool,
+    "model.init_scale": partial(need_num, lo=0),
+    "method.allow_biased": need_bool,
 }
 # group keys whose YAML default is a number but that also take a string (checked by their component)
 _STRING_OK = ("straggler.deadline", "compressor.index_bits")
-
-
-def _typed(key: str, v: Any, kind: str, lo: float | None, accepted: str) -> None:
-    import math
-
-    if kind == "bool":
-        if not isinstance(v, bool):
-            raise ConfigError(key, v, accepted, "not a boolean")
-        return
-    is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind == "int" and not (is_num and float(v).is_integer()):
-        raise ConfigError(key, v, accepted, "not an integer")
-    if not is_num or math.isnan(v) or math.isinf(v):
-        raise ConfigError(key, v, accepted, "not a finite number")
-    if lo is not None and v < lo:
-        raise ConfigError(key, v, accepted, "out of range")
 
 
 def _option_defaults(group: str, name: Any, root: Path | None) -> dict:
@@ -325,25 +341,21 @@ def _option_defaults(group: str, name: Any, root: Path | None) -> dict:
 
 
 def validate_groups(cfg: dict, root: Path | None = None) -> None:
-    """:data:`GROUP_RULES`, then every group key against the type of its YAML default."""
-    for dotted, (kind, lo, accepted) in GROUP_RULES.items():
+    """:data:`GROUP_RULES`, then every group key against the type of its YAML default (a boolean
+    default takes a boolean, a number default a number)."""
+    for dotted, rule in GROUP_RULES.items():
         group, key = dotted.split(".", 1)
         if key in cfg.get(group, {}):
-            _typed(dotted, cfg[group][key], kind, lo, accepted)
+            rule(dotted, cfg[group][key])
     for group in (g for g in ALL_GROUPS if isinstance(cfg.get(g), dict)):
-        defaults = _option_defaults(group, cfg[group].get("name"), root)
-        for key, default in defaults.items():
+        for key, default in _option_defaults(group, cfg[group].get("name"), root).items():
             dotted, v = f"{group}.{key}", cfg[group].get(key)
             if key == "name" or v is None or default is None or dotted in _STRING_OK or dotted in GROUP_RULES:
                 continue
-            if isinstance(default, bool) and not isinstance(v, bool):
-                raise ConfigError(dotted, v, "true, false", "not a boolean")
-            if (
-                isinstance(default, (int, float))
-                and not isinstance(default, bool)
-                and (isinstance(v, (bool, str, list, dict)))
-            ):
-                raise ConfigError(dotted, v, "numbers" if isinstance(default, float) else "integers", "not a number")
+            if isinstance(default, bool):
+                need_bool(dotted, v)
+            elif isinstance(default, (int, float)):
+                need_num(dotted, v, finite=False, accepted="numbers" if isinstance(default, float) else "integers")
 
 
 def check(cfg: dict, root: str | os.PathLike | None) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cocoef_cli.checks import need_bool, need_int, need_num
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import stream_seed
@@ -137,17 +138,13 @@ def build_dataset(cfg: Mapping) -> Dataset:
         y = y.astype(np.int64)
     else:
         y, n_classes = np.asarray(y, dtype=np.float64), 0
-    if official and not isinstance(cfg.get("official_split", True), bool):
-        raise ConfigError("dataset.official_split", cfg.get("official_split"), "true, false", "not a boolean")
-    if official and cfg.get("official_split", True):
+    if official and need_bool("dataset.official_split", cfg.get("official_split", True)):
         train, test = np.arange(n_off), np.arange(n_off, len(y))
     else:
-        frac = cfg.get("test_fraction", 0.2)
-        if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 <= frac < 1:
-            raise ConfigError("dataset.test_fraction", frac, "numbers in [0, 1)", "out of range")
+        frac = need_num("dataset.test_fraction", cfg.get("test_fraction", 0.2), 0, 1, hi_open=True)
         rng = np.random.default_rng(stream_seed(int(cfg.get("seed", 0)), "split"))
         perm = rng.permutation(len(y))
-        n_test = int(round(frac * len(y)))
+        n_test = round(frac * len(y))
         test, train = perm[:n_test], perm[n_test:]
         if len(train) < 1:
             raise ConfigError("dataset.test_fraction", frac, "a fraction leaving training samples", "no training data")
@@ -165,26 +162,18 @@ def build_dataset(cfg: Mapping) -> Dataset:
 def _ill_conditioned_features(rng: np.random.Generator, n: int, dim: int, cond: float) -> np.ndarray:
     """x = Q diag(s) z with z ~ N(0, I), s_j² log-spaced in [1/cond, 1], Q a random rotation:
     the feature covariance has condition number ``cond``."""
-    if not cond >= 1:
-        raise ConfigError("dataset.cond", cond, "numbers ≥ 1", "out of range")
+    cond = need_num("dataset.cond", cond, 1)
     s = cond ** (-0.5 * np.linspace(0.0, 1.0, dim))
     Q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
     return (rng.standard_normal((n, dim)) * s) @ Q.T
 
 
-def _positive_int(cfg: Mapping, key: str) -> int:
-    v = cfg.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ConfigError(f"dataset.{key}", v, "positive integers", "invalid")
-    return v
-
-
 @DATASETS.register("synthetic_linreg")
 def synthetic_linreg(cfg: Mapping):
     """Synthetic least squares y = xᵀw* + noise·ε, x with covariance of condition number `cond`."""
-    n, dim = _positive_int(cfg, "n"), _positive_int(cfg, "dim")
+    n, dim = need_int("dataset.n", cfg.get("n"), 1), need_int("dataset.dim", cfg.get("dim"), 1)
     rng = np.random.default_rng(stream_seed(int(cfg.get("seed", 0)), "data"))
-    X = _ill_conditioned_features(rng, n, dim, float(cfg.get("cond", 1.0)))
+    X = _ill_conditioned_features(rng, n, dim, cfg.get("cond", 1.0))
     w = rng.standard_normal(dim)
     y = X @ w + float(cfg.get("noise", 0.1)) * rng.standard_normal(n)
     return X, y, "regression"
@@ -193,9 +182,9 @@ def synthetic_linreg(cfg: Mapping):
 @DATASETS.register("synthetic_logreg")
 def synthetic_logreg(cfg: Mapping):
     """Synthetic binary classification, P(y=1|x) = σ(xᵀw*), x with covariance of condition number `cond`."""
-    n, dim = _positive_int(cfg, "n"), _positive_int(cfg, "dim")
+    n, dim = need_int("dataset.n", cfg.get("n"), 1), need_int("dataset.dim", cfg.get("dim"), 1)
     rng = np.random.default_rng(stream_seed(int(cfg.get("seed", 0)), "data"))
-    X = _ill_conditioned_features(rng, n, dim, float(cfg.get("cond", 1.0)))
+    X = _ill_conditioned_features(rng, n, dim, cfg.get("cond", 1.0))
     w = rng.standard_normal(dim) * 2.0 / np.sqrt(dim)
     y = (rng.random(n) < 1.0 / (1.0 + np.exp(-(X @ w)))).astype(np.int64)
     return X, y, "classification"
@@ -275,10 +264,7 @@ def mnist1d(cfg: Mapping):
 
     args = get_dataset_args()
     args.seed = int(cfg.get("gen_seed", 42))  # 42: the reference MNIST-1D
-    n = cfg.get("num_samples", 5000)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 20:
-        raise ConfigError("dataset.num_samples", n, "integers ≥ 20", "invalid")
-    args.num_samples = n
+    args.num_samples = need_int("dataset.num_samples", cfg.get("num_samples", 5000), 20)
     np_state, py_state = np.random.get_state(), random.getstate()  # make_dataset seeds the globals
     try:
         d = make_dataset(args)  # never get_dataset(): that one downloads
@@ -485,9 +471,7 @@ def partition_indices(y: np.ndarray, N: int, cfg: Mapping, seeds: Sequence[int])
         elif scheme == "label_sorted":
             parts = np.array_split(perm[np.argsort(y[perm], kind="stable")], N)
         else:
-            alpha = cfg.get("alpha", 0.5)
-            if not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise ConfigError("dataset.alpha", alpha, "positive numbers", "invalid")
+            alpha = need_num("dataset.alpha", cfg.get("alpha", 0.5), 0, lo_open=True)
             if not np.issubdtype(y.dtype, np.integer):  # regression: no classes to skew
                 raise ConfigError(
                     "dataset.partition",

@@ -145,7 +145,7 @@ def show(group: str, option: str | None = None, root: Path | None = None) -> str
         (
             f"{group}.{k}",
             _value(values[k]),
-            config.GROUP_RULES.get(f"{group}.{k}", (_type(values[k]),))[0],
+            _type(values[k]),
             comments.get(k, ""),
         )
         for k in keys

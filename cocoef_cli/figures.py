@@ -6,8 +6,9 @@ An experiment file names (see ``experiments/README.md``):
   overrides of ``--quick``, and a ``name`` — the runs folder ``RUNS/<name>/<arm id>/``, shared by
   every experiment that names the same sweep (``runs_of: OTHER`` reuses another file's sweep and
   arms);
-* ``arms``: the compared methods, each ``{id, label, overrides, lr}``; ``lr`` is the arm's own
-  step size, chosen by ``cocoef tune`` (``lr_from: OTHER`` takes it from the same arm id there);
+* ``arms``: the compared methods, each ``{id, label, overrides}``; an arm's step size is its
+  entry in the experiment's block of ``conf/step_sizes.yaml``, written by ``cocoef tune``
+  (``lr_from: OTHER`` or ``runs_of: OTHER``: the block of OTHER);
 * ``tune``: the tuning setting (``at``: overrides replacing the swept ones), the grid 0.05·2^i,
   the metric and whether lower or higher is better;
 * ``plot``: ``kind`` (``line``: y against x per facet; ``final``: final y against a swept key;
@@ -35,7 +36,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from cocoef_cli import config
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.record import final_rows
 
 KINDS = ("line", "final", "table")
 
@@ -53,7 +56,9 @@ class Arm:
 
 
 @dataclass
-class Experiment:
+class FigureSpec:
+    """One figure of the set: ``experiments/<name>.yaml`` (its sweep, arms and plot)."""
+
     name: str
     path: Path
     spec: dict
@@ -67,22 +72,25 @@ class Experiment:
     def plot(self) -> dict:
         return self.spec.get("plot", {})
 
+    @property
+    def lr_setting(self) -> str:
+        """The block of ``conf/step_sizes.yaml`` holding the arms' tuned step sizes."""
+        return self.spec.get("lr_from") or self.spec.get("runs_of") or self.name
+
 
 def experiments_dir(root: Path | None = None) -> Path:
     """``experiments/`` beside the config root (``conf/``)."""
-    from cocoef_cli import config
-
     return config.config_dir(root).parent / "experiments"
 
 
-def load_experiments(root: Path | None = None) -> dict[str, Experiment]:
+def load_experiments(root: Path | None = None) -> dict[str, FigureSpec]:
     """Every ``experiments/*.yaml``, ordered by ``order``, with ``runs_of``/``lr_from`` resolved."""
     folder = experiments_dir(root)
     raw: dict[str, tuple[Path, dict]] = {}
     for path in sorted(folder.glob("*.yaml")):
         spec = yaml.safe_load(path.read_text()) or {}
         raw[path.stem] = (path, spec)
-    exps: dict[str, Experiment] = {}
+    exps: dict[str, FigureSpec] = {}
     for name, (path, spec) in sorted(raw.items(), key=lambda kv: (kv[1][1].get("order", 99), kv[0])):
         src = spec.get("runs_of")
         if src:
@@ -99,19 +107,26 @@ def load_experiments(root: Path | None = None) -> dict[str, Experiment]:
             raise ConfigError(f"{path.name}: plot.kind", kind, KINDS, "unknown kind")
         if kind != "table" and "sweep" not in spec:
             raise ConfigError(f"{path.name}: sweep", None, "a sweep: {name, preset, overrides}", "missing")
-        exps[name] = Experiment(name, path, spec)
+        exps[name] = FigureSpec(name, path, spec)
+    tuned = config.step_sizes(root)
     for exp in exps.values():
-        lr_src = exp.spec.get("lr_from")
-        lookup = {a["id"]: a.get("lr") for a in raw[lr_src][1].get("arms", [])} if lr_src in raw else {}
+        lookup = tuned.get(exp.lr_setting) or {}
         for a in exp.spec.get("arms", []):
-            lr = a.get("lr", lookup.get(a["id"]))
+            if "lr" in a:
+                raise ConfigError(
+                    f"{exp.path.name}: arms[{a['id']}].lr",
+                    a["lr"],
+                    f"no lr here: the block {exp.lr_setting} of conf/{config.STEP_SIZES}",
+                    "tuned step sizes live in one file",
+                )
+            lr = lookup.get(a["id"])
             exp.arms.append(
                 Arm(a["id"], a.get("label", a["id"]), list(a.get("overrides", [])), None if lr is None else float(lr))
             )
     return exps
 
 
-def select(exps: dict[str, Experiment], only: list[str] | None) -> list[Experiment]:
+def select(exps: dict[str, FigureSpec], only: list[str] | None) -> list[FigureSpec]:
     if not only:
         return list(exps.values())
     bad = [o for o in only if o not in exps]
@@ -141,7 +156,7 @@ class Task:
         return "cocoef " + " ".join(shlex.quote(a) for a in self.argv)
 
 
-def arm_task(exp: Experiment, arm: Arm, runs: Path, quick: bool, tune: bool = False) -> Task:
+def arm_task(exp: FigureSpec, arm: Arm, runs: Path, quick: bool, tune: bool = False) -> Task:
     """The ``cocoef sweep`` command of one arm (the figure sweep, or its tuning grid)."""
     sw = exp.sweep
     if tune:
@@ -246,7 +261,7 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
     return counts
 
 
-def _tasks(exps: list[Experiment], runs: Path, quick: bool, tune: bool = False) -> list[Task]:
+def _tasks(exps: list[FigureSpec], runs: Path, quick: bool, tune: bool = False) -> list[Task]:
     seen: dict[tuple[str, str], Task] = {}
     for exp in exps:
         if exp.plot.get("kind") == "table" or (tune and not exp.spec.get("tune")):
@@ -285,7 +300,7 @@ def arm_rows(task: Task, prune: bool = True) -> tuple[pd.DataFrame, pd.DataFrame
     return rows, runs
 
 
-def experiment_rows(exp: Experiment, runs: Path, quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+def experiment_rows(exp: FigureSpec, runs: Path, quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     frames, infos = [], []
     for arm in exp.arms:
         r, i = arm_rows(arm_task(exp, arm, runs, quick))
@@ -296,7 +311,7 @@ def experiment_rows(exp: Experiment, runs: Path, quick: bool) -> tuple[pd.DataFr
 
 # ------------------------------------------------------------------------------------- tuning
 def tune(
-    exp: Experiment,
+    exp: FigureSpec,
     runs: Path,
     quick: bool,
     jobs: int,
@@ -305,7 +320,7 @@ def tune(
     config_dir: Path | None = None,
 ) -> pd.DataFrame:
     """Run each arm's step-size grid at the tuning setting; return (arm, lr, final metric) and,
-    with ``write``, record each arm's best lr in the experiment file."""
+    with ``write``, record each arm's best lr in the experiment's block of conf/step_sizes.yaml."""
     t = exp.spec.get("tune")
     if not t:
         raise ConfigError("experiment", exp.name, "an experiment with a tune: section", "nothing to tune")
@@ -313,7 +328,6 @@ def tune(
     echo(f"tune {exp.name}: {len(tasks)} arm(s) × grid {t.get('grid')} at {t.get('at', [])} {t.get('extra', [])}")
     run_tasks(tasks, jobs, echo, config_dir)
     metric, mode = t.get("metric", "opt_gap"), t.get("mode", "min")
-    from cocoef_cli.report import final_rows
 
     rows = []
     for task in tasks:
@@ -340,7 +354,7 @@ def tune(
             best[arm] = float(g.loc[g[col].idxmin() if mode == "min" else g[col].idxmax(), "lr"])
     table["best"] = [best.get(a) == lr for a, lr in zip(table["arm"], table["lr"])]
     if write:
-        write_lrs(exp.path, best)
+        write_lrs(config.config_dir(config_dir) / config.STEP_SIZES, exp.lr_setting, best)
         for arm in exp.arms:
             arm.lr = best.get(arm.id, arm.lr)
     return table
@@ -357,17 +371,26 @@ def write_tuning(table: pd.DataFrame, figdir: Path, name: str) -> Path:
     return path
 
 
-def write_lrs(path: Path, best: dict[str, float]) -> None:
-    """Rewrite ``lr: X`` on each arm's line (``- {id: ARM, ..., lr: X}``), keeping comments."""
-    text = path.read_text()
+def write_lrs(path: Path, setting: str, best: dict[str, float]) -> None:
+    """Record ``best`` (arm → lr) in the block ``setting:`` of ``path`` (conf/step_sizes.yaml),
+    keeping comments and the other blocks; a missing arm or block is appended."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if f"{setting}:" not in lines:
+        lines += ["", f"{setting}:"]
+    start = lines.index(f"{setting}:")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    block = lines[start + 1 : end]
     for arm, lr in best.items():
-        pat = re.compile(rf"^(\s*-\s*\{{\s*id:\s*{re.escape(arm)}\s*,.*?\blr:\s*)([^,}}\s]+)", re.M)
-        text, n = pat.subn(lambda m: m.group(1) + f"{lr:g}", text)
-        if n != 1:
-            raise ConfigError(
-                f"{path.name}: arms", arm, "one line `- {id: ARM, ..., lr: X}` per arm", "cannot record the tuned lr"
-            )
-    path.write_text(text)
+        pat = re.compile(rf"^(\s+{re.escape(arm)}:\s*)([^\s#]+)(.*)$")
+        hit = next((i for i, ln in enumerate(block) if pat.match(ln)), None)
+        if hit is None:
+            block.append(f"  {arm}: {lr:g}")
+        else:
+            block[hit] = pat.sub(lambda m, lr=lr: m.group(1) + f"{lr:g}" + m.group(3), block[hit])
+    lines[start + 1 : end] = block
+    path.write_text("\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------ drawing
@@ -381,7 +404,7 @@ def _filter(rows: pd.DataFrame, flt: dict | None) -> pd.DataFrame:
     return rows
 
 
-def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Path, quick: bool) -> dict[str, Any]:
+def render(exp: FigureSpec, exps: dict[str, FigureSpec], runs: Path, figdir: Path, quick: bool) -> dict[str, Any]:
     """Draw one experiment; returns what the gallery needs (files, tables, excluded runs)."""
     from cocoef_cli import report as rp
 
@@ -446,7 +469,7 @@ def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Pat
             x_order=plot.get("x_order"),
         )
     # compact summary: final values per arm and setting (mean and std over seeds)
-    fin = rp.final_rows(rows[rows["status"] == "completed"])
+    fin = final_rows(rows[rows["status"] == "completed"])
     keys = [
         "label",
         *[
@@ -479,8 +502,6 @@ def render(exp: Experiment, exps: dict[str, Experiment], runs: Path, figdir: Pat
 def best_lr_rows(rows: pd.DataFrame, keys: list[str], y: str, mode: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Keep, for each (arm, setting), the runs of the step size with the best final ``y`` (mean
     over seeds; diverged/failed runs never win). Returns (rows, chosen (label, keys, optim.lr))."""
-    from cocoef_cli.report import final_rows
-
     ok = rows[rows["status"] == "completed"]
     fin = final_rows(ok).groupby(["label", *keys, "optim.lr"], sort=False)[y].mean().reset_index()
     pick = fin.loc[
@@ -545,7 +566,7 @@ def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:
 
 # ------------------------------------------------------------------------------------ gallery
 def gallery(
-    exps: list[Experiment],
+    exps: list[FigureSpec],
     infos: dict[str, dict],
     out: Path,
     quick: bool,
@@ -705,8 +726,8 @@ def figures(
 
 
 def _gallery_merge(
-    exps: dict[str, Experiment],
-    chosen: list[Experiment],
+    exps: dict[str, FigureSpec],
+    chosen: list[FigureSpec],
     infos: dict,
     out: Path,
     quick: bool,

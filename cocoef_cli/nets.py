@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as Fn
 
+from cocoef_cli.checks import is_int, need_int
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.rng import SeedRNG
@@ -55,7 +56,7 @@ def softmax_residual_t(Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 def _int_list(cfg: Mapping, key: str, allow_empty: bool = True) -> list[int]:
     v = cfg.get(key)
-    ok = isinstance(v, (list, tuple)) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in v)
+    ok = isinstance(v, (list, tuple)) and all(is_int(h) and h >= 1 for h in v)
     if not ok or (not allow_empty and not v):
         raise ConfigError(f"model.{key}", v, "a list of positive integers, e.g. [64] or [128, 64]", "invalid")
     return [int(h) for h in v]
@@ -265,10 +266,7 @@ class CNN(Network):
         Cin, H, W = self.shape
         self.channels = _int_list(cfg, "channels", allow_empty=False)
         self.hidden = _int_list(cfg, "hidden")
-        k = cfg.get("kernel", 5)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError("model.kernel", k, "positive integers", "invalid")
-        self.kernel = k
+        self.kernel = k = need_int("model.kernel", cfg.get("kernel", 5), 1)
         self.pad = max(0, (32 - min(H, W)) // 2)
         h, wd, c = H, W, Cin
         for l, co in enumerate(self.channels):

@@ -146,6 +146,14 @@ def run_id(config: dict) -> str:
     return hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def final_rows(rows: pd.DataFrame, by: tuple[str, ...] = ("run", "seed")) -> pd.DataFrame:
+    """The last evaluated row of every (run, seed) (the keys of ``by`` the frame has): the row at
+    the seed's largest ``iter``. A diverged seed records no row after its divergence, so its final
+    row is its last finite evaluation (earlier than the others'), not dropped."""
+    keys = [k for k in by if k in rows.columns]
+    return rows[rows["iter"] == rows.groupby(keys)["iter"].transform("max")]
+
+
 FINISHED = ("completed", "diverged")  # deterministic outcomes: never rerun, never overwritten without --force
 
 

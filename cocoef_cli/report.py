@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import flatten, read_record
+from cocoef_cli.record import final_rows, flatten, read_record
 
 AXIS_LABELS = {
     "iter": "iteration",
@@ -152,12 +152,6 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return rows, pd.DataFrame(runs)
-
-
-def final_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """The last evaluated row of every (run, seed)."""
-    last = rows.groupby(["run", "seed"])["iter"].transform("max")
-    return rows[rows["iter"] == last]
 
 
 # ------------------------------------------------------------------------------------ drawing

@@ -11,9 +11,10 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from cocoef_cli.checks import is_int
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.record import FINISHED, clean_tmp, read_record, run_id, run_record, write_run
-from cocoef_cli.sim.engine import Experiment, RunResult, build_experiment, simulate
+from cocoef_cli.sim.engine import RunParts, RunResult, build_experiment, simulate
 from cocoef_cli.tracking import open_logger
 
 
@@ -68,7 +69,7 @@ def resolve_threads(cfg: dict, auto: int | None = None, model: Any = None) -> in
     and the machine only, so a run is reproducible on that machine (run.json records the count).
     ``model``: the run's model (its D), built here when needed and not given."""
     n = cfg.get("threads")
-    if isinstance(n, int) and not isinstance(n, bool):
+    if is_int(n):
         return n
     if auto is not None:
         return auto
@@ -102,7 +103,7 @@ def execute(
     resume: bool | dict[str, Any] = True,
     threads: int | None = None,
     audit: tuple[dict[str, Any] | None, list[str]] | None = None,
-) -> tuple[Experiment, RunResult]:
+) -> tuple[RunParts, RunResult]:
     """Build the experiment (may raise ConfigError: nothing is written then), simulate all
     replicates, and, with ``out``, write ``metrics.csv`` and ``run.json`` atomically.
 

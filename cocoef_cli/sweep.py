@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cocoef_cli import config
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import FINISHED, read_record
+from cocoef_cli.record import FINISHED, final_rows, read_record
 
 LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm", "ray")
 PLUGINS = {
@@ -136,8 +136,7 @@ def _task(cfg: DictConfig) -> str:
     runtime = HydraConfig.get().runtime
     out = Path(runtime.output_dir)
     root = next((s.path for s in runtime.config_sources if s.provider == "main"), None)  # the sweep's root
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
+    plain = config.resolve(cfg, root)
     rid = run_id(plain)
     if already_done(out, rid) is not None:
         return "skipped"
@@ -213,7 +212,7 @@ def plan(
     The preset's ``hydra.sweeper.params`` and the command-line overrides are expanded as Hydra's
     basic sweeper does (cross product; ``glob()`` over a group's options), then:
 
-    * a job with a ``+baseline=ARM`` override keeps the arm's own values: the preset's sweep of a
+    * a job with a ``baseline=ARM`` override keeps the arm's own values: the preset's sweep of a
       key the arm sets (``method``, ``compressor``, ``optim.lr``, ...) is dropped from that job
       (the command line still wins over the arm);
     * jobs whose resolved configs are equal (same ``run_id``) are run once (``same_as``);
@@ -258,7 +257,7 @@ def plan(
             )
         if jobs < 1 and not (launcher == "joblib" and jobs == -1):
             raise ConfigError("--jobs", jobs, "integers ≥ 1 (-1: all cores, joblib)", "out of range")
-    task_ovs, hydra_ovs = _split_overrides(overrides)
+    task_ovs, hydra_ovs = _split_overrides(config.canonical(overrides))
     hydra_ovs = [f"hydra/launcher={launcher}", *hydra_ovs]
     if jobs is not None:
         hydra_ovs.append(f"{JOBS_KEY[launcher]}={jobs}")
@@ -286,7 +285,7 @@ def plan(
             except Exception as e:
                 raise config._hydra_error(e, [*plain_user, *hydra_ovs], root) from None
             params = OmegaConf.select(hcfg, "hydra.sweeper.params") or {}
-            preset = [f"{k}={v}" for k, v in params.items()]
+            preset = config.canonical([f"{k}={v}" for k, v in params.items()])
             loader_parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
 
             def expand(ovs: list[str]) -> list[list[str]]:
@@ -674,7 +673,7 @@ def summary(out: Path, index: Any | None = None) -> Any:
         path = Path(out) / str(job["job"]) / "metrics.csv"
         if path.exists() and job["status"] != "duplicate":
             df = pd.read_csv(path)
-            last = df[df["iter"] == df.groupby("seed")["iter"].transform("max")]
+            last = final_rows(df)
             row.update(
                 method=last["method"].iloc[0],
                 compressor=last["compressor"].iloc[0],

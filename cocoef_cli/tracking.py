@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import numbers
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cocoef_cli.checks import is_num
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 
@@ -58,7 +58,7 @@ def scalars(frame: Any) -> Iterator[tuple[str, int, float]]:
         r = row._asdict()
         for c in cols:
             v = r[c]
-            if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v)):
+            if is_num(v) and math.isfinite(float(v)):
                 yield f"seed{int(r['seed'])}/{c}", int(r["iter"]), float(v)
 
 

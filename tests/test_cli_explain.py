@@ -34,7 +34,8 @@ UNKNOWN = [  # overrides, start of the message, what it must say
     (["stragler.p=0.3"], "stragler.p=", ["did you mean straggler.p?"]),
     (["compressor=topkk"], "compressor=", ["did you mean topk?", "grouped_sign"]),
     (["+baseline=cocoo"], "baseline=", ["unknown baseline, did you mean coco?", "coco_diana"]),
-    (["baseline=coco"], "baseline=", ["accepted: +baseline=coco"]),
+    (["baseline=cocoo"], "baseline=", ["unknown baseline, did you mean coco?", "coco_diana"]),
+    (["experiment=smoke"], "experiment=", ["accepted: +experiment=smoke"]),
     (["+experiment=smok"], "experiment=", ["did you mean smoke?"]),
     (["hydra.verbose=true"], "hydra.verbose=", ["Hydra's own keys do nothing"]),
     (["hydra.job.chdir=true"], "hydra.job.chdir=", ["Hydra's own keys do nothing"]),
@@ -161,3 +162,17 @@ def test_help_texts_are_clean_for_every_verb():
         assert "<bool>" not in res.stdout, verb  # a flag takes no value
     res = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
     assert "the package's own conf/ folder" in res.stdout and "default: conf/)" not in res.stdout
+
+
+def test_baseline_is_picked_with_or_without_plus_and_leaves_run_id_alone():
+    """conf/config.yaml declares ``baseline: null``: ``baseline=ARM`` works without ``+``, the older
+    ``+baseline=ARM`` (and ``++``) gives the same config, and no config gains a ``baseline`` key (so
+    run_ids recorded before the default existed stay valid)."""
+    from cocoef_cli.record import run_id
+
+    plain = config.load(["baseline=coco_diana"])
+    assert plain == config.load(["+baseline=coco_diana"]) == config.load(["++baseline=coco_diana"])
+    assert plain["method"]["name"] == "coco_diana" and "baseline" not in plain
+    assert "baseline" not in config.load([]) and run_id(plain) != run_id(config.load([]))
+    res = runner.invoke(app, ["run", *TINY, "baseline=gc", "--dry-run"])
+    assert res.exit_code == 0 and "name: gc" in res.output, res.output

@@ -1,6 +1,8 @@
 """`cocoef figures --quick --only NAME` end to end into a temporary folder; experiment files; tuning records."""
 
 import pandas as pd
+import pytest
+import yaml
 from typer.testing import CliRunner
 
 from cocoef_cli.cli import app
@@ -38,14 +40,45 @@ def test_unknown_experiment_exits_2(tmp_path):
 
 
 def test_write_lrs_keeps_comments(tmp_path):
-    p = tmp_path / "e.yaml"
-    p.write_text(
-        'arms:  # keep me\n  - {id: a, label: "A, x", overrides: [method=coco], lr: 0.2}\n'
-        "  - {id: b, overrides: [method=gc], lr: 0.4}  # and me\n"
-    )
-    write_lrs(p, {"a": 0.8, "b": 0.05})
+    p = tmp_path / "step_sizes.yaml"
+    p.write_text("# keep me\nbaselines:\n  a: 0.2\n\n# and me\nfig:\n  a: 0.2  # a's\n  b: 0.4\n")
+    write_lrs(p, "fig", {"a": 0.8, "c": 0.05})
+    write_lrs(p, "new", {"a": 1.6})
     text = p.read_text()
-    assert "lr: 0.8}" in text and "lr: 0.05}  # and me" in text and "# keep me" in text
+    assert "# keep me\nbaselines:\n  a: 0.2\n\n# and me\nfig:\n  a: 0.8  # a's\n  b: 0.4\n  c: 0.05\n" in text
+    assert yaml.safe_load(text) == {"baselines": {"a": 0.2}, "fig": {"a": 0.8, "b": 0.4, "c": 0.05}, "new": {"a": 1.6}}
+
+
+def test_tuned_step_sizes_live_in_one_file():
+    """conf/step_sizes.yaml holds every tuned lr: the baseline arms resolve theirs from it, the
+    figure arms read their experiment's block, the demo its ``demo`` block."""
+    from cocoef_cli import config
+    from cocoef_cli.demo import DEMO_RUNS
+
+    table = config.step_sizes()
+    for arm in config.options("baseline"):
+        assert config.load([f"baseline={arm}"])["optim"]["lr"] == table["baselines"][arm]
+    for exp in load_experiments().values():
+        for a in exp.arms if exp.plot.get("kind") != "table" and not exp.sweep.get("lr_grid") else []:
+            assert a.lr == table[exp.lr_setting][a.id], (exp.name, a.id)
+    assert {arm for _, arm, _ in DEMO_RUNS} == set(table["demo"])
+    for path in (config.config_dir() / "baseline").glob("*.yaml"):
+        assert "${step_size:baselines," in path.read_text()
+
+
+def test_an_arm_with_its_own_lr_is_refused(tmp_path):
+    import shutil
+
+    from cocoef_cli import config
+    from cocoef_cli.errors import ConfigError
+
+    shutil.copytree(config.config_dir(), tmp_path / "conf")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "f.yaml").write_text(
+        "sweep: {name: s, preset: smoke}\narms:\n  - {id: a, overrides: [method=gc], lr: 0.3}\n"
+    )
+    with pytest.raises(ConfigError, match=r"f.yaml: arms\[a\].lr=0.3: tuned step sizes live in one file"):
+        load_experiments(tmp_path / "conf")
 
 
 def test_figures_quick_only_end_to_end(tmp_path):

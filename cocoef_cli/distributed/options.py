@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cocoef_cli.checks import is_int, need_bool, need_int, need_num
 from cocoef_cli.errors import ConfigError
 
 BACKENDS = ("gloo",)
@@ -53,25 +52,6 @@ def run_token(spawn: bool) -> str:
     return token
 
 
-def _num(rt: Mapping, key: str, lo: float, allow_none: bool = False, lo_open: bool = False) -> float | None:
-    v = rt.get(key)
-    acc = ("null or " if allow_none else "") + f"numbers {'>' if lo_open else '≥'} {lo:g}"
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(float(v)):
-        raise ConfigError(f"runtime.{key}", v, acc, "not a number")
-    if float(v) < lo or (lo_open and float(v) == lo):
-        raise ConfigError(f"runtime.{key}", v, acc, "out of range")
-    return float(v)
-
-
-def _bool(rt: Mapping, key: str) -> bool:
-    v = rt.get(key)
-    if not isinstance(v, bool):
-        raise ConfigError(f"runtime.{key}", v, "true, false", "not a boolean")
-    return v
-
-
 @dataclass
 class RuntimeOptions:
     """``runtime.*`` for the distributed runtime (see the YAML file for the meaning of each key)."""
@@ -90,7 +70,7 @@ class RuntimeOptions:
     slow_s: float = 0.0
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]) -> RuntimeOptions:
+    def from_config(cls, cfg: Mapping[str, Any]) -> RuntimeOptions:
         """Validate ``cfg['runtime']`` (and what this runtime cannot do) → options; ConfigError otherwise."""
         rt, M = cfg["runtime"], int(cfg["devices"])
         from cocoef_cli.sim.methods import METHODS
@@ -111,10 +91,8 @@ class RuntimeOptions:
         addr = rt.get("master_addr")
         if not isinstance(addr, str) or not addr:
             raise ConfigError("runtime.master_addr", addr, "a host name or IP address", "empty")
-        port = rt.get("master_port")
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
-            raise ConfigError("runtime.master_port", port, "null or integers 1..65535", "out of range")
-        spawn = _bool(rt, "spawn")
+        port = need_int("runtime.master_port", rt.get("master_port"), 1, 65535, none=True)
+        spawn = need_bool("runtime.spawn", rt.get("spawn"))
         if not spawn and port is None:
             raise ConfigError(
                 "runtime.master_port",
@@ -131,31 +109,27 @@ class RuntimeOptions:
                 "1 with runtime.spawn=false",
                 "external devices serve one replicate; run the seeds one by one",
             )
-        wait_for = rt.get("wait_for")
-        if wait_for is not None and (
-            isinstance(wait_for, bool) or not isinstance(wait_for, int) or not 1 <= wait_for <= M
-        ):
-            raise ConfigError("runtime.wait_for", wait_for, f"null or integers 1..{M}", "out of range")
+        wait_for = need_int("runtime.wait_for", rt.get("wait_for"), 1, M, none=True)
         slow = rt.get("slow_devices") or []
         if isinstance(slow, (str, bytes)) or not hasattr(slow, "__iter__"):
             raise ConfigError("runtime.slow_devices", slow, f"a list of device indices 0..{M - 1}", "not a list")
         slow = list(slow)
         for i in slow:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < M:
+            if not is_int(i) or not 0 <= i < M:
                 raise ConfigError(
                     "runtime.slow_devices", slow, f"a list of device indices 0..{M - 1}", f"entry {i!r} is not a device"
                 )
         return cls(
-            replay=_bool(rt, "replay"),
+            replay=need_bool("runtime.replay", rt.get("replay")),
             backend=backend,
             master_addr=addr,
             master_port=port,
             spawn=spawn,
-            timeout_s=_num(rt, "timeout_s", 0.0, lo_open=True),
-            deadline_s=_num(rt, "deadline_s", 0.0, allow_none=True, lo_open=True),
-            time_scale=_num(rt, "time_scale", 0.0),
-            straggle_s=_num(rt, "straggle_s", 0.0, allow_none=True),
+            timeout_s=need_num("runtime.timeout_s", rt.get("timeout_s"), 0, lo_open=True, finite=False),
+            deadline_s=need_num("runtime.deadline_s", rt.get("deadline_s"), 0, lo_open=True, none=True, finite=False),
+            time_scale=need_num("runtime.time_scale", rt.get("time_scale"), 0, finite=False),
+            straggle_s=need_num("runtime.straggle_s", rt.get("straggle_s"), 0, none=True, finite=False),
             wait_for=wait_for,
             slow_devices=slow,
-            slow_s=_num(rt, "slow_s", 0.0),
+            slow_s=need_num("runtime.slow_s", rt.get("slow_s"), 0, finite=False),
         )

@@ -39,7 +39,7 @@ from cocoef_cli.distributed import transport as tp
 from cocoef_cli.distributed.options import TOKEN_ENV, TOKEN_FILE_ENV, RuntimeOptions, run_token
 from cocoef_cli.distributed.wire import CompressorStandIn, WireError, codec_for, message_iter, message_nbytes, unframe
 from cocoef_cli.rng import SeedRNG
-from cocoef_cli.sim.engine import Experiment, RunResult, Simulation, simulate
+from cocoef_cli.sim.engine import RunParts, RunResult, Simulation, simulate
 from cocoef_cli.sim.methods import message_compressor_config
 
 EXACT_DECODERS = ("exact", "optimal")
@@ -56,7 +56,7 @@ class Delivered(CompressorStandIn):
         return self.messages
 
 
-def shard(exp: Experiment, own: list[int]) -> tuple[dict, dict[str, torch.Tensor]]:
+def shard(exp: RunParts, own: list[int]) -> tuple[dict, dict[str, torch.Tensor]]:
     """The objective restricted to partitions ``own``, as (JSON meta, arrays): the padded (R, N, ...)
     tensors :data:`~cocoef_cli.distributed.transport.SHARD` sliced on N, and what the device needs to
     rebuild the model (:func:`cocoef_cli.distributed.device.shard_objective`); no training/test data."""
@@ -79,7 +79,7 @@ def shard(exp: Experiment, own: list[int]) -> tuple[dict, dict[str, torch.Tensor
 class Cluster:
     """The server's end of the process group: device processes, receiver threads, shutdown."""
 
-    def __init__(self, exp: Experiment, opts: RuntimeOptions):
+    def __init__(self, exp: RunParts, opts: RuntimeOptions):
         self.exp, self.opts = exp, opts
         self.M = int(exp.cfg["devices"])
         self.procs: list[subprocess.Popen] = []
@@ -243,7 +243,7 @@ class DistributedSimulation(Simulation):
 
     extra_columns = ("bytes_up", "n_late", "wall_time", "iter_time")
 
-    def __init__(self, exp: Experiment, opts: RuntimeOptions, cluster: Cluster):
+    def __init__(self, exp: RunParts, opts: RuntimeOptions, cluster: Cluster):
         super().__init__(exp)
         if len(exp.seeds) != 1:
             raise ValueError("DistributedSimulation runs one replicate")
@@ -403,9 +403,9 @@ class DistributedSimulation(Simulation):
         return cols
 
 
-def run_one(exp: Experiment, run_id: str, progress=None) -> RunResult:
+def run_one(exp: RunParts, run_id: str, progress=None) -> RunResult:
     """One replicate on M device processes (+ this process as the server)."""
-    opts = RuntimeOptions.from_cfg(exp.cfg)
+    opts = RuntimeOptions.from_config(exp.cfg)
     cluster = Cluster(exp, opts)
     sim = DistributedSimulation(exp, opts, cluster)
     stop = None
@@ -426,7 +426,7 @@ def run_one(exp: Experiment, run_id: str, progress=None) -> RunResult:
             result.runtime["late_after_end"] = cluster.late_after_end
 
 
-def run_distributed(exp: Experiment, run_id: str = "", progress=None) -> RunResult:
+def run_distributed(exp: RunParts, run_id: str = "", progress=None) -> RunResult:
     """``runtime=torch_distributed``: each replicate seed in turn (a fresh set of processes each);
     the rows are concatenated as the simulator's would be."""
     if len(exp.seeds) == 1:

@@ -100,7 +100,7 @@ def audit(
 
 
 def audit_parts(parts: Any, cfg: Mapping, max_sets: int = RECORD_SETS) -> tuple[dict[str, Any] | None, list[str]]:
-    """:func:`audit` of a run's :class:`~cocoef_cli.sim.engine.Parts` (built at the smallest size:
+    """:func:`audit` of a run's :class:`~cocoef_cli.sim.engine.Assembly` (built at the smallest size:
     replicate 0, what ``run.json`` records and the config check prints)."""
     return audit(parts.code, cfg, parts.seeds, parts.compressor, type(parts.method), max_sets)
 

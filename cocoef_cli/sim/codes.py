@@ -25,7 +25,6 @@ otherwise); for ``frc`` it puts weight 1 on the lowest-index survivor of each gr
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -33,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from cocoef_cli.checks import is_int, need_int, need_num
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
@@ -54,22 +54,6 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
-
-
-def _is_int(v: Any) -> bool:
-    """True for Python / numpy integers, False for bools, floats and strings."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _int_in(key: str, value: Any, lo: int, hi: int | None, accepted: str | None = None) -> int:
-    """Validate an integer in [lo, hi] (hi=None: unbounded)."""
-    acc = accepted or (f"integers {lo}..{hi}" if hi is not None else f"integers >= {lo}")
-    if not _is_int(value):
-        raise ConfigError(key, value, acc, "must be an integer")
-    v = int(value)
-    if v < lo or (hi is not None and v > hi):
-        raise ConfigError(key, value, acc, "out of range")
-    return v
 
 
 def _code_name(cfg: Any) -> str:
@@ -426,7 +410,7 @@ class CodeScheme:
     @classmethod
     def redundancy(cls, cfg: Any, M: int, N: int) -> int:
         hi = min(M, N)
-        return _int_in("code.d", _get(cfg, "d", 1), 1, hi)
+        return need_int("code.d", _get(cfg, "d", 1), 1, hi)
 
     @classmethod
     def decode_name(cls, cfg: Any) -> str:
@@ -510,7 +494,7 @@ class SGC(CodeScheme):
             if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__iter__"):
                 raise ConfigError("code.offsets", offsets, acc, "must be a list")
             offsets = list(offsets)
-            if len(offsets) != d or not all(_is_int(o) for o in offsets):
+            if len(offsets) != d or not all(is_int(o) for o in offsets):
                 raise ConfigError("code.offsets", offsets, acc, f"need exactly d={d} integers")
             if len({int(o) % N for o in offsets}) != d:
                 raise ConfigError("code.offsets", offsets, acc, "offsets collide mod N")
@@ -545,9 +529,10 @@ class SGC(CodeScheme):
             raise ValueError("sgc: some partition is stored on no device")
         assumed = _get(cfg, "p_assumed")
         if assumed is not None:
-            if not isinstance(assumed, (int, float)) or isinstance(assumed, bool) or not 0 <= assumed < 1:
-                raise ConfigError("code.p_assumed", assumed, "null (the true p) or numbers in [0, 1)", "out of range")
-            p = torch.full_like(p, float(assumed))
+            assumed = need_num(
+                "code.p_assumed", assumed, 0, 1, hi_open=True, accepted="null (the true p) or numbers in [0, 1)"
+            )
+            p = torch.full_like(p, assumed)
         r, i, j = S.nonzero(as_tuple=True)  # only the d entries a row: no dense (R, M, N) temporaries
         B = torch.zeros(S.shape, dtype=torch.float64, device=S.device)
         return B.index_put_((r, i, j), 1.0 / (c[r, j] * (1.0 - p)[r, i]))
@@ -570,7 +555,7 @@ class FRC(CodeScheme):
 
     @classmethod
     def redundancy(cls, cfg: Any, M: int, N: int) -> int:
-        d = _int_in("code.d", _get(cfg, "d", 1), 1, M)
+        d = need_int("code.d", _get(cfg, "d", 1), 1, M)
         if M % d:
             divs = [k for k in range(1, M + 1) if M % k == 0]
             raise ConfigError("code.d", d, divs, f"frc needs d to divide devices={M}")
@@ -753,7 +738,7 @@ class CRC(CodeScheme):
         if name not in CRC_CONSTRUCTIONS:
             raise ConfigError("code.construction", name, CRC_CONSTRUCTIONS, "unknown crc construction")
         if name == "best_random":
-            _int_in("code.candidates", _get(cfg, "candidates", 32), 1, 4096)
+            need_int("code.candidates", _get(cfg, "candidates", 32), 1, 4096)
         return name
 
     @classmethod
@@ -821,7 +806,7 @@ def num_partitions(cfg: Any, M: int) -> int:
     N = _get(cfg, "partitions")
     if N is None:
         return int(M)
-    N = _int_in("code.partitions", N, 1, None, accepted="null or integers >= 1")
+    N = need_int("code.partitions", N, 1, accepted="null or integers ≥ 1")
     if scheme.square and N != M:
         raise ConfigError("code.partitions", N, f"null or {M}", f"code {scheme.name} needs partitions = devices")
     return N

@@ -19,13 +19,13 @@ E[C(x)] = x and E‖C(x) − x‖² ≤ ω‖x‖².
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from cocoef_cli.checks import is_int, need_int, need_num
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
@@ -160,20 +160,6 @@ def _cfg_get(cfg: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any
     return cfg.get(key, default) if cfg is not None else default
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _check_int(key: str, value: Any, lo: int, hi: int | None = None) -> int:
-    accepted = f"integers {lo}..{hi}" if hi is not None else f"integers >= {lo}"
-    if not _is_int(value):
-        raise ConfigError(key, value, accepted, "not an integer")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        raise ConfigError(key, value, accepted, "out of range")
-    return value
-
-
 def resolve_k(cfg: Mapping[str, Any] | Any, D: int) -> int:
     """k = ``compressor.k`` if set, else max(1, ceil(``compressor.ratio``·D)); validated in 1..D.
 
@@ -182,17 +168,13 @@ def resolve_k(cfg: Mapping[str, Any] | Any, D: int) -> int:
     """
     k = _cfg_get(cfg, "k")
     if k is not None:
-        return _check_int("compressor.k", k, 1, D)
+        return need_int("compressor.k", k, 1, D)
     ratio = _cfg_get(cfg, "ratio", 0.1)
     if ratio is None:
         raise ConfigError(
             "compressor.ratio", ratio, "a number in (0, 1] (or set compressor.k)", "k and ratio both null"
         )
-    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
-        raise ConfigError("compressor.ratio", ratio, "numbers in (0, 1]", "not a number")
-    ratio = float(ratio)
-    if not (0.0 < ratio <= 1.0):
-        raise ConfigError("compressor.ratio", ratio, "numbers in (0, 1]", "out of range")
+    ratio = need_num("compressor.ratio", ratio, 0, 1, lo_open=True)
     return max(1, min(D, math.ceil(round(ratio * D, 9))))
 
 
@@ -209,8 +191,8 @@ class Compressor:
     randomized: ClassVar[bool] = False
 
     def __init__(self, D: int, value_bits: int = 32):
-        self.D = _check_int("D", D, 1)
-        self.value_bits = _check_int("compressor.value_bits", value_bits, 1)
+        self.D = need_int("D", D, 1)
+        self.value_bits = need_int("compressor.value_bits", value_bits, 1)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
@@ -273,11 +255,11 @@ class _KSparse(Compressor):
 
     def __init__(self, D: int, k: int, value_bits: int = 32):
         super().__init__(D, value_bits)
-        self.k = _check_int("compressor.k", k, 1, self.D)
+        self.k = need_int("compressor.k", k, 1, self.D)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
-        D = _check_int("D", D, 1)
+        D = need_int("D", D, 1)
         return cls(D, resolve_k(cfg, D), value_bits=_cfg_get(cfg, "value_bits", 32))
 
     def _pick(
@@ -351,14 +333,14 @@ class TopK(_KSparse):
 
     def __init__(self, D: int, k: int, value_bits: int = 32, index_bits: str | int = "log2"):
         super().__init__(D, k, value_bits)
-        ib = str(index_bits) if _is_int(index_bits) or isinstance(index_bits, str) else None
+        ib = str(index_bits) if is_int(index_bits) or isinstance(index_bits, str) else None
         if ib not in INDEX_BITS:
             raise ConfigError("compressor.index_bits", index_bits, INDEX_BITS, "unknown index encoding")
         self.index_bits = ib
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
-        D = _check_int("D", D, 1)
+        D = need_int("D", D, 1)
         return cls(
             D,
             resolve_k(cfg, D),
@@ -474,7 +456,7 @@ class GroupedSign(Compressor):
 
     def __init__(self, D: int, group: int = 64, value_bits: int = 32):
         super().__init__(D, value_bits)
-        self.group = _check_int("compressor.group", group, 1)
+        self.group = need_int("compressor.group", group, 1)
         self.n_blocks = -(-self.D // self.group)
 
     @classmethod
@@ -513,7 +495,7 @@ class QSGD(Compressor):
 
     def __init__(self, D: int, levels: int = 4, value_bits: int = 32):
         super().__init__(D, value_bits)
-        self.levels = _check_int("compressor.levels", levels, 1)
+        self.levels = need_int("compressor.levels", levels, 1)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
@@ -587,11 +569,7 @@ class TernGrad(Compressor):
 
     def __init__(self, D: int, clip: float | None = 2.5, value_bits: int = 32):
         super().__init__(D, value_bits)
-        if clip is not None and (
-            not isinstance(clip, (int, float)) or isinstance(clip, bool) or not math.isfinite(clip) or clip <= 0
-        ):
-            raise ConfigError("compressor.clip", clip, "null or finite numbers > 0", "out of range")
-        self.clip = None if clip is None else float(clip)
+        self.clip = need_num("compressor.clip", clip, 0, lo_open=True, none=True)
         self.unbiased = self.clip is None
 
     @classmethod

@@ -69,8 +69,9 @@ def step_size(optim: Mapping, t: int) -> float:
 
 
 @dataclass
-class Experiment:
-    """Everything a run needs, built and validated before anything is written."""
+class RunParts:
+    """The built parts of one run (data, objective, code, stragglers, method): everything it needs,
+    built and validated before anything is written."""
 
     cfg: Mapping
     seeds: list[int]
@@ -117,7 +118,7 @@ def code_and_stragglers(
 
 
 @dataclass
-class Parts:
+class Assembly:
     """A run's parts built from its config by :func:`assemble`: all but the objective's copies of
     the data (:class:`~cocoef_cli.models.Objective`, built by :func:`build_experiment`)."""
 
@@ -137,7 +138,7 @@ class Parts:
 PRECISION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def assemble(cfg: Mapping, smallest: bool = False, model: Any = None) -> Parts:
+def assemble(cfg: Mapping, smallest: bool = False, model: Any = None) -> Assembly:
     """Dataset, model, message compressor, method, code and stragglers, partition of ``cfg``, each
     built (and so validated) by its component, in that order.
 
@@ -169,14 +170,14 @@ def assemble(cfg: Mapping, smallest: bool = False, model: Any = None) -> Parts:
     if method_cls.centralized:
         partition = partition_indices(data.y_train, 1, {"partition": "iid"}, seeds)
         labels.update(code="none", compressor="none", straggler="none", d=None, p=0.0)
-        return Parts(seeds, data, model, compressor, method, partition, labels, dtype=dtype, device=device)
+        return Assembly(seeds, data, model, compressor, method, partition, labels, dtype=dtype, device=device)
     code, straggler = code_and_stragglers(code_config(cfg, method_cls), cfg["straggler"], M, seeds, dtype, device)
     partition = partition_indices(data.y_train, code.N, cfg["dataset"], seeds)
     labels.update(code=code.name, straggler=cfg["straggler"]["name"], d=code.d, p=straggler.mean_p())
-    return Parts(seeds, data, model, compressor, method, partition, labels, code, straggler, dtype, device)
+    return Assembly(seeds, data, model, compressor, method, partition, labels, code, straggler, dtype, device)
 
 
-def build_experiment(cfg: Mapping, model: Any = None) -> Experiment:
+def build_experiment(cfg: Mapping, model: Any = None) -> RunParts:
     """The run ``cfg`` at full size: :func:`assemble`, then the objective over its partition
     (minibatches from the ``batch`` stream when ``batch_size`` is set, coded methods only)."""
     p = assemble(cfg, model=model)
@@ -192,7 +193,7 @@ def build_experiment(cfg: Mapping, model: Any = None) -> Experiment:
         batch_rng=SeedRNG(p.seeds, "batch", p.device) if batch else None,
     )
     bits = p.compressor.bits() if p.code is not None else 0
-    return Experiment(
+    return RunParts(
         cfg,
         p.seeds,
         p.data,
@@ -247,7 +248,7 @@ class Simulation:
 
     extra_columns: tuple[str, ...] = ()  # columns a subclass's rows add after COLUMNS + EXTRA_COLUMNS
 
-    def __init__(self, exp: Experiment):
+    def __init__(self, exp: RunParts):
         keep_freed_memory()
         self.exp, R = exp, len(exp.seeds)
         self.t = 0
@@ -315,7 +316,7 @@ class Simulation:
 
 
 def simulate(
-    exp: Experiment,
+    exp: RunParts,
     run_id: str = "",
     progress: Callable[[int], None] | None = None,
     sim: Simulation | None = None,

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from cocoef_cli.checks import need_bool, need_num
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
@@ -157,9 +158,7 @@ class _Shifts(Method):
 
     def __init__(self, cfg, compressor, R, M, D, dtype, device, rng):
         super().__init__(cfg, compressor, R, M, D, dtype, device, rng)
-        self.stale = cfg.get("stale_shifts", False)
-        if not isinstance(self.stale, bool):
-            raise ConfigError("method.stale_shifts", self.stale, "true, false", "not a boolean")
+        self.stale = need_bool("method.stale_shifts", cfg.get("stale_shifts", False))
         self.full: torch.Tensor | None = None  # ā, taken from the code at the first coded step
 
     def coded_step(self, U, z, a):
@@ -189,9 +188,7 @@ class CocoDiana(_Shifts):
         if alpha is None:
             omega = compressor.omega()
             alpha = 1.0 if omega is None else 1.0 / (omega + 1.0)
-        if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ConfigError("method.alpha", alpha, "numbers in (0, 1] or null (1/(ω+1))", "out of range")
-        self.alpha = float(alpha)
+        self.alpha = need_num("method.alpha", alpha, 0, 1, lo_open=True, accepted="numbers in (0, 1] or null (1/(ω+1))")
 
     def step(self, U, z, a):
         delta = self.C.compress(U - self.h, self.rng)

@@ -12,12 +12,12 @@ Public API: :data:`STRAGGLERS` (the registry, one model class per entry, math in
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
+from cocoef_cli.checks import is_num, need_int, need_num
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
@@ -36,23 +36,9 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def _number(
-    cfg: Any, key: str, default: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
-) -> float:
-    """``straggler.<key>`` as a float in the interval lo..hi (open ends as flagged)."""
-    value = _get(cfg, key, default)
-    acc = f"numbers in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    full = f"straggler.{key}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
-        raise ConfigError(full, value, acc, "must be a number")
-    v = float(value)
-    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-        raise ConfigError(full, value, acc, "out of range")
-    return v
-
-
 def _prob(cfg: Any, key: str, default: float) -> float:
-    return _number(cfg, key, default, 0.0, 1.0, hi_open=True)
+    """``straggler.<key>`` as a probability in [0, 1)."""
+    return need_num(f"straggler.{key}", _get(cfg, key, default), 0, 1, hi_open=True)
 
 
 # ----------------------------------------------------------------------------- base model
@@ -69,7 +55,7 @@ class StragglerModel:
         self.last_time: torch.Tensor | None = None
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerModel:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerModel:
         raise NotImplementedError
 
     def mean_p(self) -> float:
@@ -95,7 +81,7 @@ class NoStragglers(StragglerModel):
     name = "none"
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> NoStragglers:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> NoStragglers:
         return cls(_full(loads, 0.0), rng)
 
     def draw(self) -> torch.Tensor:
@@ -112,7 +98,7 @@ class Bernoulli(StragglerModel):
     name = "bernoulli"
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Bernoulli:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Bernoulli:
         return cls(_full(loads, _prob(cfg, "p", 0.2)), rng)
 
 
@@ -131,15 +117,10 @@ class Fixed(StragglerModel):
         self.s = s
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Fixed:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Fixed:
         M = loads.shape[1]
-        s = _get(cfg, "s", 0)
-        acc = f"integers 0..{M - 1}"
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
-            raise ConfigError("straggler.s", s, acc, "must be an integer")
-        if not 0 <= int(s) < M:
-            raise ConfigError("straggler.s", s, acc, f"need 0 <= s < devices={M}")
-        return cls(_full(loads, int(s) / M), rng, int(s))
+        s = need_int("straggler.s", _get(cfg, "s", 0), 0, M - 1, accepted=f"integers 0..{M - 1} (s < devices={M})")
+        return cls(_full(loads, s / M), rng, s)
 
     def draw(self) -> torch.Tensor:
         return self.rng.randperm(self.M).to(self.p.device) >= self.s
@@ -156,7 +137,7 @@ class Hetero(StragglerModel):
     name = "hetero"
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Hetero:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Hetero:
         M = loads.shape[1]
         p_list = _get(cfg, "p_list")
         if p_list is not None:
@@ -167,7 +148,7 @@ class Hetero(StragglerModel):
             if len(vals) != M:
                 raise ConfigError("straggler.p_list", p_list, acc, f"has {len(vals)} entries for devices={M}")
             for v in vals:
-                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) < 1.0:
+                if not is_num(v) or not 0.0 <= float(v) < 1.0:
                     raise ConfigError("straggler.p_list", p_list, acc, f"entry {v!r} is not in [0, 1)")
             p = torch.tensor([float(v) for v in vals], dtype=F64, device=loads.device)
         else:
@@ -196,7 +177,7 @@ class Markov(StragglerModel):
         self.state: torch.Tensor | None = None  # (R, M) bool, True = straggling
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Markov:
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Markov:
         p = _prob(cfg, "p", 0.2)
         stay = _prob(cfg, "stay", 0.8)
         q = p * (1.0 - stay) / (1.0 - p)
@@ -239,16 +220,18 @@ class Delay(StragglerModel):
         self.loads, self.t0, self.mu, self.deadline = loads.to(F64), t0, mu, deadline
 
     @classmethod
-    def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Delay:
-        t0 = _number(cfg, "t0", 1.0, 0.0, math.inf, hi_open=True)
-        mu = _number(cfg, "mu", 1.0, 0.0, math.inf, lo_open=True, hi_open=True)
+    def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> Delay:
+        t0 = need_num("straggler.t0", _get(cfg, "t0", 1.0), 0)
+        mu = need_num("straggler.mu", _get(cfg, "mu", 1.0), 0, lo_open=True)
         deadline = _get(cfg, "deadline", None)
         if isinstance(deadline, str) and deadline.strip().lower() in ("inf", "+inf", ".inf", "infinity"):
             deadline = math.inf
         if deadline is None:
             deadline = math.inf
         else:
-            deadline = _number({"deadline": deadline}, "deadline", None, 0.0, math.inf, lo_open=True)
+            deadline = need_num(
+                "straggler.deadline", deadline, 0, lo_open=True, finite=False, accepted="null, inf or numbers > 0"
+            )
         loads = loads.to(F64)
         if bool((loads < 0).any()):
             raise ValueError("delay: loads must be nonnegative")
@@ -283,4 +266,4 @@ def build_straggler(cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerMod
     loads = torch.as_tensor(loads)
     if loads.dim() != 2 or loads.shape[0] != rng.R:
         raise ValueError(f"loads must be (R={rng.R}, M); got {tuple(loads.shape)}")
-    return cls.from_cfg(cfg, loads, rng)
+    return cls.from_config(cfg, loads, rng)
