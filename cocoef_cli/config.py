@@ -112,9 +112,14 @@ def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
             )
         if key in PRESETS and not ov.startswith("+"):
             raise ConfigError(key, value, f"+{key}={value}", f"a {key} preset is added with +")
-        if key in ALL_GROUPS + PRESETS and value and "," not in value and not value.startswith(("[", "{", "$")):
-            if value not in options(key, root):
-                raise ConfigError(key, value, options(key, root), f"unknown {key}")
+        if (
+            key in ALL_GROUPS + PRESETS
+            and value
+            and "," not in value
+            and not value.startswith(("[", "{", "$"))
+            and value not in options(key, root)
+        ):
+            raise ConfigError(key, value, options(key, root), f"unknown {key}")
 
 
 def root_keys(root: Path | None = None) -> list[str]:

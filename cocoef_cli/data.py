@@ -147,7 +147,7 @@ def build_dataset(cfg: Mapping) -> Dataset:
             raise ConfigError("dataset.test_fraction", frac, "numbers in [0, 1)", "out of range")
         rng = np.random.default_rng(stream_seed(int(cfg.get("seed", 0)), "split"))
         perm = rng.permutation(len(y))
-        n_test = int(round(frac * len(y)))
+        n_test = round(frac * len(y))
         test, train = perm[:n_test], perm[n_test:]
         if len(train) < 1:
             raise ConfigError("dataset.test_fraction", frac, "a fraction leaving training samples", "no training data")
@@ -390,14 +390,16 @@ class CifarUnpickler(pickle.Unpickler):
     functions, under numpy 1 or 2 names); any other global is refused (UnpicklingError), so a
     crafted batch cannot run code."""
 
-    NUMPY = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-    }
+    NUMPY = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
+        }
+    )
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("_codecs", "encode"):

@@ -21,6 +21,7 @@ compact CSV of final values, and the gallery to ``OUT/README.md``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -199,10 +200,8 @@ def _worker_sweep(argv: list[str]) -> tuple[int, str]:
     finally:
         os.chdir(cwd)  # a sweep never moves the next one
     out = res.output
-    try:
+    with contextlib.suppress(ValueError, AttributeError):  # stderr mixed into output
         out += res.stderr
-    except (ValueError, AttributeError):  # stderr mixed into output
-        pass
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         out += f"\n{type(res.exception).__name__}: {res.exception}"
     return res.exit_code, out
@@ -373,7 +372,7 @@ def write_lrs(path: Path, best: dict[str, float]) -> None:
     text = path.read_text()
     for arm, lr in best.items():
         pat = re.compile(rf"^(\s*-\s*\{{\s*id:\s*{re.escape(arm)}\s*,.*?\blr:\s*)([^,}}\s]+)", re.M)
-        text, n = pat.subn(lambda m: m.group(1) + f"{lr:g}", text)
+        text, n = pat.subn(rf"\g<1>{lr:g}", text)
         if n != 1:
             raise ConfigError(
                 f"{path.name}: arms", arm, "one line `- {id: ARM, ..., lr: X}` per arm", "cannot record the tuned lr"

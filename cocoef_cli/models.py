@@ -244,7 +244,10 @@ class Objective:
         self.model, self.l2, self.batch_size, self.batch_rng = model, float(l2), batch_size, batch_rng
         self.n = data.n
         ydtype = torch.int64 if data.task == "classification" else dtype
-        t = lambda a, dt=dtype: torch.tensor(a, dtype=dt, device=device)  # a copy: the data are read-only
+
+        def t(a, dt=dtype):
+            return torch.tensor(a, dtype=dt, device=device)  # a copy: the data are read-only
+
         self.X = model.features(t(data.X_train))  # (n, f̃)
         self.Y = t(data.y_train, ydtype)
         self.Xte = model.features(t(data.X_test)) if len(data.y_test) else None

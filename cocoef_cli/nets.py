@@ -20,6 +20,7 @@ replicates computed in one batched pass (no loop over partitions or replicates):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -280,7 +281,7 @@ class CNN(Network):
             c = co
         self.flat = c * h * wd
         sizes = [self.flat, *self.hidden, self.C]
-        for l, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for l, (i, o) in enumerate(itertools.pairwise(sizes)):
             self._add(f"fc{l}.weight", (o, i), i, o)
             self._add(f"fc{l}.bias", (o,), i, o)
         self.act = ACTIVATIONS[self.activation]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -53,10 +54,8 @@ def _fsync_dir(folder: Path) -> None:
 def clean_tmp(folder: Path) -> None:
     """Remove temporary files an interrupted :func:`atomic_write` (SIGKILL) left in ``folder``."""
     for tmp in Path(folder).glob(".*.tmp"):
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
 
 
 def git_info() -> dict[str, Any] | None:

@@ -847,10 +847,9 @@ def report(
         "row": [row] if row else [],
     }
     slots = assign_slots(ok, vary, keys, chosen)
-    shown = [k for s in SLOTS for k in slots[s]]
     ok["curve_id"] = ok[vary].map(_value).agg("\x1f".join, axis=1) if vary else ""
     for s in SLOTS:
-        ok[s] = ok.apply(lambda r: slot_label(r, slots[s]), axis=1) if slots[s] else ""
+        ok[s] = ok.apply(lambda r, ks=slots[s]: slot_label(r, ks), axis=1) if slots[s] else ""
     if not slots["hue"]:  # one curve: its method and compressor
         ok["hue"] = ok.apply(lambda r: slot_label(r, [k for k in PRIMARY if k in ok]), axis=1)
     ok["legend"] = ok.apply(lambda r: ", ".join(t for t in (r["hue"], r["style"]) if t), axis=1)

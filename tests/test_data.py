@@ -1,6 +1,7 @@
 """Datasets (offline loaders, official splits) and the partition schemes."""
 
 import gzip
+import itertools
 import pickle
 import random
 
@@ -51,7 +52,7 @@ def test_label_sorted_partitions_are_contiguous_label_ranges():
     y = _labels(1000, classes=10)  # about 100 per class, 40 partitions of 25: at most 2 labels each
     P = partition_indices(y, 40, {"partition": "label_sorted"}, [0])
     parts = _parts(P, len(y))[0]
-    for a, b in zip(parts[:-1], parts[1:]):
+    for a, b in itertools.pairwise(parts):
         assert y[a].max() <= y[b].min()  # labels never decrease along the partitions
     assert max(len(np.unique(y[p])) for p in parts) <= 2
     iid = _parts(partition_indices(y, 40, {"partition": "iid"}, [0]), len(y))[0]

@@ -21,6 +21,7 @@ soon as the next model arrives, and then sends (the server drops a late message)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -228,10 +229,8 @@ def serve(pg: Any, dev: Device) -> None:
         if not dev.replay:
             wait = dev.delay()
             if wait > 0:
-                try:
+                with contextlib.suppress(queue.Empty):
                     nxt = inbox.get(timeout=wait)  # the next model arrived first: this message is late
-                except queue.Empty:
-                    pass
         tp.send_array(pg, msg, 0)
     tp.send_array(pg, dev.bye(), 0)
 

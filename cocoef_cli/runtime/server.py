@@ -22,6 +22,7 @@ trailer; late ones included), ``n_late`` (cumulative dropped late messages), ``w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -128,7 +129,7 @@ class Cluster:
         )
         env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
         env.pop(TOKEN_FILE_ENV, None)
-        log = tempfile.TemporaryFile(mode="w+")
+        log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - kept open for the device, closed in run()
         self.logs.append(log)
         self.procs.append(
             subprocess.Popen(
@@ -211,10 +212,8 @@ class Cluster:
                         if any(p.poll() not in (None, 0) for p in self.procs):
                             break
                 for p in self.procs:
-                    try:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
                         p.wait(timeout=max(end - time.perf_counter(), 1.0))
-                    except subprocess.TimeoutExpired:
-                        pass
         finally:
             for p in self.procs:
                 if p.poll() is None:
@@ -228,10 +227,9 @@ class Cluster:
             for log in self.logs:
                 log.close()
             if self.pg is not None:
-                try:
-                    self.pg.abort() if hasattr(self.pg, "abort") else None
-                except Exception:
-                    pass
+                with contextlib.suppress(Exception):
+                    if hasattr(self.pg, "abort"):
+                        self.pg.abort()
             for th in self.threads:
                 th.join(timeout=2)
             self.pg = None

@@ -457,7 +457,7 @@ class Uncoded(CodeScheme):
     """
 
     name = "uncoded"
-    decoders = {"rescale": _decode_rescale, "unbiased": _decode_unbiased}
+    decoders: ClassVar[dict[str, Decoder]] = {"rescale": _decode_rescale, "unbiased": _decode_unbiased}
     fixed_weights = True
     square = True
 
@@ -487,7 +487,7 @@ class SGC(CodeScheme):
     """
 
     name = "sgc"
-    decoders = {"fixed": _decode_fixed}
+    decoders: ClassVar[dict[str, Decoder]] = {"fixed": _decode_fixed}
     fixed_weights = True
 
     @classmethod
@@ -565,7 +565,7 @@ class FRC(CodeScheme):
     """
 
     name = "frc"
-    decoders = {"exact": _decode_frc_groups, "optimal": _decode_lstsq}
+    decoders: ClassVar[dict[str, Decoder]] = {"exact": _decode_frc_groups, "optimal": _decode_lstsq}
     square = True
 
     @classmethod
@@ -743,7 +743,7 @@ class CRC(CodeScheme):
     """
 
     name = "crc"
-    decoders = {"exact": _decode_lstsq, "optimal": _decode_lstsq}
+    decoders: ClassVar[dict[str, Decoder]] = {"exact": _decode_lstsq, "optimal": _decode_lstsq}
     square = True
 
     @classmethod
@@ -802,7 +802,7 @@ class BGC(CodeScheme):
     """
 
     name = "bgc"
-    decoders = {"optimal": _decode_lstsq}
+    decoders: ClassVar[dict[str, Decoder]] = {"optimal": _decode_lstsq}
 
     @classmethod
     def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:
