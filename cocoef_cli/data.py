@@ -31,7 +31,8 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.sim.rng import stream_seed
 
-DATASETS: Registry[Callable[[Mapping], Dataset]] = Registry("dataset")
+#: name → loader(cfg), returning a :class:`Loaded` or a plain ``(X, y, task)`` tuple
+DATASETS: Registry[Callable[[Mapping], Loaded | tuple[np.ndarray, np.ndarray, str]]] = Registry("dataset")
 PARTITIONS = ("iid", "label_sorted", "dirichlet")
 
 
@@ -121,8 +122,10 @@ def build_dataset(cfg: Mapping) -> Dataset:
     ``dataset.standardize``: x ← (x − mean_train) / sd_train per feature (sd 0 → 1)."""
     name = cfg.get("name")
     raw = DATASETS.get(name)(cfg)
-    if not isinstance(raw, Loaded):
+    if isinstance(raw, tuple) and len(raw) == 3:
         raw = Loaded(*raw)
+    if not isinstance(raw, Loaded):
+        raise TypeError(f"dataset loader {name!r} returned a {type(raw).__name__}, not a Loaded or (X, y, task)")
     task = raw.task
     official = raw.X_test is not None
     X = np.asarray(raw.X, dtype=np.float64)
@@ -159,7 +162,7 @@ def build_dataset(cfg: Mapping) -> Dataset:
     shape = tuple(int(v) for v in raw.shape) if raw.shape is not None else None
     if shape is not None and int(np.prod(shape)) != Xtr.shape[1]:
         raise ValueError(f"dataset {name}: shape {shape} does not match {Xtr.shape[1]} features")
-    return Dataset(name, Xtr, y[train], Xte, y[test], task, n_classes, shape)
+    return Dataset(str(name), Xtr, y[train], Xte, y[test], task, n_classes, shape)
 
 
 def _ill_conditioned_features(rng: np.random.Generator, n: int, dim: int, cond: float) -> np.ndarray:

@@ -302,9 +302,9 @@ class _KSparse(Compressor):
         idx, vals = self.sparse(v, rng)
         return torch.zeros_like(v).scatter_(-1, idx, vals)
 
-    def _random_indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
-        """k coordinates per message, uniform without replacement: the k largest of iid U[0,1) keys."""
-        keys = _uniform(rng, v, self.name)
+    def random_indices(self, keys: Tensor) -> Tensor:
+        """The k coordinates random-k keeps for iid U[0,1) ``keys`` (..., D): the k largest keys, so
+        uniform without replacement; shape (..., k), unordered. The wire codec regenerates them."""
         return torch.topk(keys, self.k, dim=-1, sorted=False).indices
 
     def _extra_repr(self) -> str:
@@ -395,7 +395,7 @@ class RandK(_KSparse):
     randomized = True
 
     def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
-        return self._random_indices(v, rng), None
+        return self.random_indices(_uniform(rng, v, self.name)), None
 
     def bits(self) -> int:
         return self.value_bits * self.k
@@ -417,7 +417,7 @@ class RandKUnbiased(_KSparse):
         return self.D / self.k - 1.0
 
     def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
-        return self._random_indices(v, rng), None
+        return self.random_indices(_uniform(rng, v, self.name)), None
 
     def _scale(self) -> float:
         return self.D / self.k
