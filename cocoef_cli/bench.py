@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -133,7 +134,7 @@ def loop_step(overrides: Sequence[str]) -> Callable[[], object]:
     folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
     if folder not in sys.path:  # called once per (model, M): add the folder once
         sys.path.insert(0, folder)
-    from loop_baseline import loop_coco_ef
+    from loop_baseline import loop_coco_ef  # type: ignore[import-not-found]  # from benchmarks/, put on sys.path
 
     exp = build_experiment(config.load(list(overrides)))
     return lambda: loop_coco_ef(exp, 1)
@@ -195,10 +196,10 @@ VECTOR_FLAGS = (
 )  # the /proc/cpuinfo flags that matter for float kernels
 
 
-def cpu_info() -> dict[str, object]:
+def cpu_info() -> dict[str, Any]:
     """The CPU from /proc/cpuinfo (Linux; else ``platform``): vendor, model name, the vector
     extensions among ``VECTOR_FLAGS``, and the number of cores this process may use."""
-    info: dict[str, object] = {"vendor": "", "model": platform.processor() or platform.machine(), "vector": []}
+    info: dict[str, Any] = {"vendor": "", "model": platform.processor() or platform.machine(), "vector": []}
     try:
         fields = dict(
             line.split(":", 1)

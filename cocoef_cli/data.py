@@ -99,7 +99,7 @@ def load_dataset(cfg: Mapping) -> Dataset:
 def _files_stamp(cfg: Mapping) -> list:
     """(path, size, mtime) of ``dataset.path`` and of the files in ``dataset.root`` and its
     subfolders down to two levels (where the loaders look): a changed file is read again."""
-    stamp = []
+    stamp: list[tuple[str, int | None, int | None]] = []
     for key, depth in (("path", 0), ("root", 2)):
         todo = [(str(cfg[key]), depth)] if cfg.get(key) else []
         while todo:
@@ -307,7 +307,14 @@ IDX_FILES = {
     "test_x": "t10k-images-idx3-ubyte",
     "test_y": "t10k-labels-idx1-ubyte",
 }
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_DTYPES: dict[int, np.typing.DTypeLike] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

@@ -48,8 +48,11 @@ INITS = ("torch", "kaiming", "xavier")
 
 def _int_list(cfg: Mapping, key: str, allow_empty: bool = True) -> list[int]:
     v = cfg.get(key)
-    ok = isinstance(v, (list, tuple)) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in v)
-    if not ok or (not allow_empty and not v):
+    if (
+        not isinstance(v, (list, tuple))
+        or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in v)
+        or (not allow_empty and not v)
+    ):
         raise ConfigError(f"model.{key}", v, "a list of positive integers, e.g. [64] or [128, 64]", "invalid")
     return [int(h) for h in v]
 

@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from cocoef_cli.errors import ConfigError
 
@@ -54,6 +54,10 @@ def run_token(spawn: bool) -> str:
     return token
 
 
+@overload
+def _num(rt: Mapping, key: str, lo: float, allow_none: Literal[False] = False, lo_open: bool = False) -> float: ...
+@overload
+def _num(rt: Mapping, key: str, lo: float, allow_none: bool, lo_open: bool = False) -> float | None: ...
 def _num(rt: Mapping, key: str, lo: float, allow_none: bool = False, lo_open: bool = False) -> float | None:
     v = rt.get(key)
     acc = ("null or " if allow_none else "") + f"numbers {'>' if lo_open else '≥'} {lo:g}"

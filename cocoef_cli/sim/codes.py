@@ -616,9 +616,9 @@ def _cyclic_mds_rows(M: int, d: int, device: torch.device | str) -> torch.Tensor
     sgn = 1.0 if (M - d) % 2 == 0 else -1.0  # e^{iMθ}: x^M − 1 (cyclic) or x^M + 1 (negacyclic)
     g = np.poly(np.exp(1j * theta))[::-1].real  # g_0..g_{d−1}; real since the roots come in conjugate pairs
     B = np.zeros((M, M))
-    for t in range(d):  # row i = x^i g(x) mod (x^M − sgn): a coefficient wrapping past M is multiplied by sgn
-        cols = np.arange(M) + t
-        B[np.arange(M), cols % M] = g[t] * np.where(cols >= M, sgn, 1.0)
+    for j in range(d):  # row i = x^i g(x) mod (x^M − sgn): a coefficient wrapping past M is multiplied by sgn
+        cols = np.arange(M) + j
+        B[np.arange(M), cols % M] = g[j] * np.where(cols >= M, sgn, 1.0)
     if sgn < 0:  # 1 ∉ C: rescale partitions by the projection t of 1 onto C = rowspan(B)
         t = B.T @ np.linalg.lstsq(B.T, np.ones(M), rcond=None)[0]
         if np.abs(t).min() < 1e-6:

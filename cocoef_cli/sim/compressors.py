@@ -205,7 +205,7 @@ class Compressor:
     """Base class: ``compress`` returns the server's dense reconstruction, ``bits`` one message's cost."""
 
     name: ClassVar[str] = ""
-    unbiased: ClassVar[bool] = False
+    unbiased: bool = False  # a class property; an instance may differ (terngrad with clip)
     randomized: ClassVar[bool] = False
 
     def __init__(self, D: int, value_bits: int = 32):
@@ -299,7 +299,7 @@ class _KSparse(Compressor):
         return idx, vals.mul_(self._scale()) if self._scale() != 1.0 else vals
 
     def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
-        idx, vals = self.sparse(v, rng)
+        idx, vals = self._sparse(v, rng, None, None)
         return torch.zeros_like(v).scatter_(-1, idx, vals)
 
     def random_indices(self, keys: Tensor) -> Tensor:

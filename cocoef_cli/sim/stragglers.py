@@ -67,6 +67,7 @@ class StragglerModel:
         self.rng = rng
         self.R, self.M = (int(s) for s in p.shape)
         self.last_time: torch.Tensor | None = None
+        self.last_delays: torch.Tensor | None = None  # (R, M) compute times of the last draw (timed models)
 
     @classmethod
     def from_cfg(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerModel:
