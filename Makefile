@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,lint]'
 	touch $(STAMP)
 
 # the loggers' packages alone (logger=tensorboard | mlflow; `make install` has them too, through the test extra)
@@ -34,8 +34,9 @@ figures: install
 figures-quick: install
 	$(BIN)/cocoef figures --quick --jobs 2
 
+# -n auto: one pytest-xdist worker per core
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 # simulator vs per-device loop, vs a centralised step, seeds, scaling in M → results/bench.md
 bench: install
@@ -46,8 +47,12 @@ bench: install
 mutate: install
 	$(BIN)/python tools/mutate.py --jobs 2
 
+# ruff (lint + format), mypy on the package, the import layers ([tool.ruff], [tool.mypy], [tool.importlinter] in pyproject.toml)
 lint: install
-	$(BIN)/python -m compileall -q cocoef_cli
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,6 +13,7 @@ iteration's time goes (partition gradients, stragglers + decoding, encoding with
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -50,7 +51,7 @@ def main() -> None:
     X, Y = obj.X, obj.Y  # the same 4,000 training samples (float32)
     sizes = obj.model.sizes
     layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
     net = torch.nn.Sequential(*layers)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -141,9 +142,10 @@ def peak_rss_mib(current: bool = False) -> float:
     """This process's peak resident memory: VmHWM (reset at exec, unlike ru_maxrss, which a child
     inherits from the forking parent), else ru_maxrss; ``current``: VmRSS, the resident size now."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:" if current else "VmHWM:"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:" if current else "VmHWM:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -192,13 +194,15 @@ VECTOR_FLAGS = (
 )  # the /proc/cpuinfo flags that matter for float kernels
 
 
-def cpu_info() -> dict[str, object]:
+def cpu_info() -> dict[str, Any]:
     """The CPU from /proc/cpuinfo (Linux; else ``platform``): vendor, model name, the vector
     extensions among ``VECTOR_FLAGS``, and the number of cores this process may use."""
-    info: dict[str, object] = {"vendor": "", "model": platform.processor() or platform.machine(), "vector": []}
+    info: dict[str, Any] = {"vendor": "", "model": platform.processor() or platform.machine(), "vector": []}
     try:
         fields = dict(
-            line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines() if ":" in line
+            line.split(":", 1)
+            for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+            if ":" in line
         )
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         flags = set(fields.get("flags", "").split())

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 from cocoef_cli.errors import ConfigError
 
 
-def is_int(v: Any) -> bool:
+def is_int(v: Any) -> TypeGuard[int]:
     """True for Python / numpy integers, False for bools, floats and strings."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 

@@ -47,7 +47,7 @@ def clean_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except ConfigError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from e
 
     return wrapper
 
@@ -105,7 +105,7 @@ def run(
         raise
     except Exception as e:  # a run that failed: one line, exit 1, run.json says failed
         typer.echo(f"run failed: {type(e).__name__}: {e}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from e
     last = final_rows(res.metrics)
     lab = exp.labels
     parts = [
@@ -201,7 +201,7 @@ def sweep(
         )
     except SweepError as e:
         typer.echo(f"sweep failed: {e}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from e
     counts = res.index["status"].value_counts().to_dict()
     if not quiet:
         import pandas as pd
@@ -322,7 +322,7 @@ def figures(
         )
     except FiguresError as e:
         typer.echo(f"figures failed: {e}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from e
 
 
 @app.command()
@@ -349,7 +349,7 @@ def tune(
         table = run_tune(exp, runs, quick, jobs, typer.echo, write=write and not quick, config_dir=config_dir)
     except FiguresError as e:
         typer.echo(f"tune failed: {e}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from e
     if not quick:
         typer.echo(f"grid results → {write_tuning(table, Path('results/figures'), exp.name)}")
     with pd.option_context("display.width", 200, "display.max_rows", 200):
@@ -358,7 +358,11 @@ def tune(
     typer.echo(
         "best: "
         + ", ".join(f"{r.arm} {r.lr:g}" for r in best.itertuples())
-        + (f" (recorded in {config.config_dir(config_dir) / config.STEP_SIZES}, block {exp.lr_setting})" if write and not quick else "")
+        + (
+            f" (recorded in {config.config_dir(config_dir) / config.STEP_SIZES}, block {exp.lr_setting})"
+            if write and not quick
+            else ""
+        )
     )
 
 

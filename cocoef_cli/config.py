@@ -85,9 +85,7 @@ def step_size(setting: str, arm: str, root: str | os.PathLike | None = None) -> 
     """The tuned ``optim.lr`` of ``arm`` in ``setting`` (a block of ``step_sizes.yaml``)."""
     table = step_sizes(root)
     if arm not in (table.get(setting) or {}):
-        raise ConfigError(
-            f"{STEP_SIZES}: {setting}", arm, list(table.get(setting) or table), "no tuned step size"
-        )
+        raise ConfigError(f"{STEP_SIZES}: {setting}", arm, list(table.get(setting) or table), "no tuned step size")
     return float(table[setting][arm])
 
 
@@ -167,9 +165,14 @@ def _check_override_syntax(overrides: Sequence[str], root: Path) -> None:
             )
         if key == "experiment" and not ov.startswith("+"):
             raise ConfigError(key, value, f"+{key}={value}", f"a {key} preset is added with +")
-        if key in ALL_GROUPS + PRESETS and value and "," not in value and not value.startswith(("[", "{", "$")):
-            if value not in options(key, root):
-                raise ConfigError(key, value, options(key, root), f"unknown {key}")
+        if (
+            key in ALL_GROUPS + PRESETS
+            and value
+            and "," not in value
+            and not value.startswith(("[", "{", "$"))
+            and value not in options(key, root)
+        ):
+            raise ConfigError(key, value, options(key, root), f"unknown {key}")
 
 
 def root_keys(root: Path | None = None) -> list[str]:

@@ -32,7 +32,8 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import stream_seed
 
-DATASETS: Registry[Callable[[Mapping], Dataset]] = Registry("dataset")
+#: name → loader(cfg), returning a :class:`Loaded` or a plain ``(X, y, task)`` tuple
+DATASETS: Registry[Callable[[Mapping], Loaded | tuple[np.ndarray, np.ndarray, str]]] = Registry("dataset")
 PARTITIONS = ("iid", "label_sorted", "dirichlet")
 
 
@@ -99,7 +100,7 @@ def load_dataset(cfg: Mapping) -> Dataset:
 def _files_stamp(cfg: Mapping) -> list:
     """(path, size, mtime) of ``dataset.path`` and of the files in ``dataset.root`` and its
     subfolders down to two levels (where the loaders look): a changed file is read again."""
-    stamp = []
+    stamp: list[tuple[str, int | None, int | None]] = []
     for key, depth in (("path", 0), ("root", 2)):
         todo = [(str(cfg[key]), depth)] if cfg.get(key) else []
         while todo:
@@ -122,8 +123,10 @@ def build_dataset(cfg: Mapping) -> Dataset:
     ``dataset.standardize``: x ← (x − mean_train) / sd_train per feature (sd 0 → 1)."""
     name = cfg.get("name")
     raw = DATASETS.get(name)(cfg)
-    if not isinstance(raw, Loaded):
+    if isinstance(raw, tuple) and len(raw) == 3:
         raw = Loaded(*raw)
+    if not isinstance(raw, Loaded):
+        raise TypeError(f"dataset loader {name!r} returned a {type(raw).__name__}, not a Loaded or (X, y, task)")
     task = raw.task
     official = raw.X_test is not None
     X = np.asarray(raw.X, dtype=np.float64)
@@ -156,7 +159,7 @@ def build_dataset(cfg: Mapping) -> Dataset:
     shape = tuple(int(v) for v in raw.shape) if raw.shape is not None else None
     if shape is not None and int(np.prod(shape)) != Xtr.shape[1]:
         raise ValueError(f"dataset {name}: shape {shape} does not match {Xtr.shape[1]} features")
-    return Dataset(name, Xtr, y[train], Xte, y[test], task, n_classes, shape)
+    return Dataset(str(name), Xtr, y[train], Xte, y[test], task, n_classes, shape)
 
 
 def _ill_conditioned_features(rng: np.random.Generator, n: int, dim: int, cond: float) -> np.ndarray:
@@ -290,7 +293,14 @@ IDX_FILES = {
     "test_x": "t10k-images-idx3-ubyte",
     "test_y": "t10k-labels-idx1-ubyte",
 }
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_DTYPES: dict[int, np.typing.DTypeLike] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -376,14 +386,16 @@ class CifarUnpickler(pickle.Unpickler):
     functions, under numpy 1 or 2 names); any other global is refused (UnpicklingError), so a
     crafted batch cannot run code."""
 
-    NUMPY = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-    }
+    NUMPY = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
+        }
+    )
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("_codecs", "encode"):

@@ -23,15 +23,15 @@ class ConfigError(ValueError):
         self,
         key: str,
         value: object,
-        accepted: str | Iterable[str],
+        accepted: str | Iterable[object],
         reason: str = "invalid value",
         hint: str | None = None,
     ):
         if not isinstance(accepted, str):
-            accepted = [str(a) for a in accepted]
-            if hint is None and isinstance(value, str) and value not in accepted:
-                near = closest(value, accepted)
+            names = [str(a) for a in accepted]
+            if hint is None and isinstance(value, str) and value not in names:
+                near = closest(value, names)
                 hint = f"did you mean {near}?" if near else None
-            accepted = ", ".join(accepted)
+            accepted = ", ".join(names)
         self.key, self.value, self.accepted, self.reason, self.hint = key, value, accepted, reason, hint
         super().__init__(f"{key}={value!r}: {reason}" + (f", {hint}" if hint else "") + f"; accepted: {accepted}")

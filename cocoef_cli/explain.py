@@ -16,7 +16,7 @@ from typing import Any
 
 from cocoef_cli import config
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.registry import summary
+from cocoef_cli.registry import Registry, summary
 
 # `cocoef list` also takes the plural of a group (codes, compressors, ...)
 LISTABLE = (*config.ALL_GROUPS, *config.PRESETS)
@@ -27,6 +27,7 @@ _KEY_LINE = re.compile(r"^([A-Za-z_][\w]*):\s*(.*?)\s*(?:#\s?(.*))?$")
 
 def registry(group: str) -> Any:
     """The component registry of ``group`` (None for groups without one: optim, network, presets)."""
+    reg: Registry[Any]
     if group == "code":
         from cocoef_cli.sim.codes import CODES as reg
     elif group == "compressor":

@@ -388,7 +388,7 @@ def write_lrs(path: Path, setting: str, best: dict[str, float]) -> None:
         if hit is None:
             block.append(f"  {arm}: {lr:g}")
         else:
-            block[hit] = pat.sub(lambda m, lr=lr: m.group(1) + f"{lr:g}" + m.group(3), block[hit])
+            block[hit] = pat.sub(rf"\g<1>{lr:g}\g<3>", block[hit])
     lines[start + 1 : end] = block
     path.write_text("\n".join(lines) + "\n")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from cocoef_cli.nets import CNN, MLP, softmax_residual_t
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
 
-MODELS: Registry[type] = Registry("model")
+MODELS: Registry[Any] = Registry("model")  # GLM subclasses here, nets.Network ones (duck-typed alike)
 
 
 class GLM:
@@ -241,7 +242,10 @@ class Objective:
         self.model, self.l2, self.batch_size, self.batch_rng = model, float(l2), batch_size, batch_rng
         self.n = data.n
         ydtype = torch.int64 if data.task == "classification" else dtype
-        t = lambda a, dt=dtype: torch.tensor(a, dtype=dt, device=device)  # a copy: the data are read-only
+
+        def t(a, dt=dtype):
+            return torch.tensor(a, dtype=dt, device=device)  # a copy: the data are read-only
+
         self.X = model.features(t(data.X_train))  # (n, f̃)
         self.Y = t(data.y_train, ydtype)
         self.Xte = model.features(t(data.X_test)) if len(data.y_test) else None
@@ -285,7 +289,8 @@ class Objective:
         if self.batch_size is None:
             blocks = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp, out=self._G)
         else:
-            blocks = self.model.weighted_grads(theta, *self._minibatch(), out=self._G)
+            Xb, Yb, Wb = self._minibatch()
+            blocks = self.model.weighted_grads(theta, Xb, Yb, Wb, out=self._G)
         if self.l2:
             for block, th in zip(blocks, theta.split(list(self.model.blocks), -1)):
                 block.add_((self.l2 / self.n) * self.sizes.unsqueeze(-1) * th.unsqueeze(1))
@@ -332,7 +337,7 @@ class Objective:
     def evaluate(self, theta: torch.Tensor) -> Metrics:
         """Training objective, ‖∇F‖, and held-out mean loss / accuracy."""
         te_loss = te_acc = None
-        if self.Xte is not None:
+        if self.Xte is not None and self.Yte is not None:
             Z = self.model.logits(theta, self.Xte)
             te_loss = self.model.losses(Z, self.Yte).mean(-1)
             c = self.model.correct(Z, self.Yte)

@@ -20,6 +20,7 @@ replicates computed in one batched pass (no loop over partitions or replicates):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -56,8 +57,7 @@ def softmax_residual_t(Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 def _int_list(cfg: Mapping, key: str, allow_empty: bool = True) -> list[int]:
     v = cfg.get(key)
-    ok = isinstance(v, (list, tuple)) and all(is_int(h) and h >= 1 for h in v)
-    if not ok or (not allow_empty and not v):
+    if not isinstance(v, (list, tuple)) or not all(is_int(h) and h >= 1 for h in v) or (not allow_empty and not v):
         raise ConfigError(f"model.{key}", v, "a list of positive integers, e.g. [64] or [128, 64]", "invalid")
     return [int(h) for h in v]
 
@@ -284,7 +284,7 @@ class CNN(Network):
             c = co
         self.flat = c * h * wd
         sizes = [self.flat, *self.hidden, self.C]
-        for l, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for l, (i, o) in enumerate(itertools.pairwise(sizes)):
             self._add(f"fc{l}.weight", (o, i), i, o)
             self._add(f"fc{l}.bias", (o,), i, o)
         self.act = ACTIVATIONS[self.activation]

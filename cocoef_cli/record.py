@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 
@@ -24,7 +25,8 @@ def atomic_write(path: Path, text: str | bytes) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", newline="") as f:
+        stream: IO[Any] = os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", newline="")
+        with stream as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -53,10 +55,8 @@ def _fsync_dir(folder: Path) -> None:
 def clean_tmp(folder: Path) -> None:
     """Remove temporary files an interrupted :func:`atomic_write` (SIGKILL) left in ``folder``."""
     for tmp in Path(folder).glob(".*.tmp"):
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
 
 
 def git_info() -> dict[str, Any] | None:

@@ -33,11 +33,11 @@ class Registry(Generic[T]):
 
         return deco
 
-    def get(self, name: str) -> T:
-        try:
+    def get(self, name: object) -> T:
+        """The entry registered as ``name`` (any config value); ConfigError naming the entries otherwise."""
+        if isinstance(name, str) and name in self._items:
             return self._items[name]
-        except KeyError:
-            raise ConfigError(self.kind, name, self.names(), f"unknown {self.kind}") from None
+        raise ConfigError(self.kind, name, self.names(), f"unknown {self.kind}")
 
     def names(self) -> list[str]:
         return list(self._items)

@@ -318,9 +318,9 @@ def final_figure(
     n = len(facets)
     fig, axes = plt.subplots(1, n, figsize=(4.8 * n + 0.6 if n > 1 else 7.0, 4.6), squeeze=False)
     pal, dashes = _styles(fin, hue, hue_order)
-    markers = {h: marker_for(*_arm(fin, hue, h)) for h in hue_order}
-    if len(set(markers.values())) < len(markers):
-        markers = True  # the same method twice: let seaborn pick distinct markers
+    arm_markers = {h: marker_for(*_arm(fin, hue, h)) for h in hue_order}
+    # the same method twice: let seaborn pick distinct markers
+    markers: dict[str, str] | bool = arm_markers if len(set(arm_markers.values())) == len(arm_markers) else True
     for ax, fv in zip(axes[0], facets):
         d = fin if fv is None else fin[fin[facet] == fv]
         cats = (
@@ -393,8 +393,12 @@ def bits_to_target(rows: pd.DataFrame, hue: str, y: str, target: float, mode: st
                 "method": g["method"].iloc[0],
                 "compressor": g["compressor"].iloc[0],
                 "seeds_reached": f"{sum(v is not None for v in per_seed)}/{len(per_seed)}",
-                "bits_to_target": float(pd.Series([v[0] for v in per_seed]).mean()) if reached else math.nan,
-                "iters_to_target": float(pd.Series([v[1] for v in per_seed]).mean()) if reached else math.nan,
+                "bits_to_target": float(pd.Series([v[0] for v in per_seed if v is not None]).mean())
+                if reached
+                else math.nan,
+                "iters_to_target": float(pd.Series([v[1] for v in per_seed if v is not None]).mean())
+                if reached
+                else math.nan,
                 f"final_{y}": fin,
             }
         )
@@ -830,10 +834,9 @@ def report(
         "row": [row] if row else [],
     }
     slots = assign_slots(ok, vary, keys, chosen)
-    shown = [k for s in SLOTS for k in slots[s]]
     ok["curve_id"] = ok[vary].map(_value).agg("\x1f".join, axis=1) if vary else ""
     for s in SLOTS:
-        ok[s] = ok.apply(lambda r: slot_label(r, slots[s]), axis=1) if slots[s] else ""
+        ok[s] = ok.apply(lambda r, ks=slots[s]: slot_label(r, ks), axis=1) if slots[s] else ""
     if not slots["hue"]:  # one curve: its method and compressor
         ok["hue"] = ok.apply(lambda r: slot_label(r, [k for k in PRIMARY if k in ok]), axis=1)
     ok["legend"] = ok.apply(lambda r: ", ".join(t for t in (r["hue"], r["style"]) if t), axis=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,8 @@ def execute(
         exp = build_experiment(cfg, model)
         rid = run_id(cfg)
         T = int(cfg["iters"])
-        runner, kwargs = simulate, {}
+        runner: Callable[..., RunResult] = simulate
+        kwargs: dict[str, Any] = {}
         ckpt = None
         if cfg["runtime"]["name"] == "torch_distributed":  # docs/design.md §10: M device processes + a server
             from cocoef_cli.distributed import run_distributed as runner
@@ -168,7 +169,7 @@ def execute(
                 "f_star": exp.f_star,
                 "bits_per_message": exp.bits_per_message,
             }
-            if getattr(result, "runtime", None) is not None:
+            if result.runtime is not None:
                 extra["runtime"] = result.runtime
             # per seed: the update at which it diverged (empty when none did); report marks these
             extra["diverged"] = {str(k): v for k, v in result.diverged.items()}
@@ -279,8 +280,9 @@ def _live(frame: Any) -> str:
     if not len(frame):
         return "diverged"
     text = f"train_loss {float(frame['train_loss'].mean()):.4g}"
-    acc = frame["test_acc"].dropna() if "test_acc" in frame else ()
-    return text + (f"  test_acc {float(acc.mean()):.3f}" if len(acc) else "")
+    if "test_acc" in frame and frame["test_acc"].notna().any():
+        text += f"  test_acc {float(frame['test_acc'].dropna().mean()):.3f}"
+    return text
 
 
 def code_conditioning(cfg: dict, max_patterns: int = 5000) -> dict:

@@ -276,7 +276,7 @@ def plan(
         ) from None
     # the preset's hydra.sweeper.params and the hydra overrides, composed once (validates the
     # latter), then the sweep expanded by Hydra's own basic sweeper code (glob() needs the loader)
-    plain_user = [o.input_line for o in parsed_user if not o.is_sweep_override()]
+    plain_user = [str(o.input_line) for o in parsed_user if not o.is_sweep_override()]  # set by the parser
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3"):

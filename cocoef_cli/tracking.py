@@ -193,11 +193,14 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard.summary import hparams
 
         final = final_values(metrics)
-        for tag, v in final.items():
-            self.writer.add_scalar(tag, v, int(metrics["iter"].max()))
+        if metrics is not None:  # else final is empty
+            for tag, v in final.items():
+                self.writer.add_scalar(tag, v, int(metrics["iter"].max()))
         params = {k: v for k, v in flatten(self.cfg).items() if not k.startswith("logger.")}
-        for summary in hparams({**params, "status": status}, final):
-            self.writer.file_writer.add_summary(summary)
+        file_writer = self.writer.file_writer  # None only after close()
+        if file_writer is not None:
+            for summary in hparams({**params, "status": status}, final):
+                file_writer.add_summary(summary)
         self.writer.add_text("status", status + (f": {error}" if error else ""), 0)
         self.writer.close()
 

@@ -195,8 +195,13 @@ def simulate(cfg: dict) -> list[dict]:
     mu = optim.get("momentum", 0.0)
     parts = partition_indices(y, M, cfg["dataset"], seeds) if method != "gd" else None
     masks = straggler_masks(cfg, np.tile(B.astype(bool).sum(1), (len(seeds), 1)), seeds, T) if method != "gd" else None
-    F = lambda th: model.losses(th, X, y).mean() + 0.5 * lam * th @ th
-    gradF = lambda th: model.grad_sum(th, X, y) / n + lam * th
+
+    def F(th):
+        return model.losses(th, X, y).mean() + 0.5 * lam * th @ th
+
+    def gradF(th):
+        return model.grad_sum(th, X, y) / n + lam * th
+
     f_star = None
     if model.name == "linear":  # min F: the ridge normal equations (XᵀX/n + λI) w = Xᵀy/n
         w = np.linalg.lstsq(X.T @ X / n + lam * np.eye(X.shape[1]), X.T @ y / n, rcond=None)[0]

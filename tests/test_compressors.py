@@ -376,6 +376,18 @@ def test_randk_keeps_k_per_device_and_devices_differ(name):
     assert ((freq - k / D).abs() < 5 * se).all()
 
 
+@pytest.mark.parametrize("name", ["randk", "randk_unbiased"])
+def test_randk_support_is_its_public_random_indices_of_the_keys(name):
+    """The wire codec regenerates a random-k support from the shared keys through the public
+    ``random_indices``: the nonzeros of C(x) are exactly the k largest of the stream's U[0,1) keys."""
+    D, k, M = 30, 5, 8
+    out = make(name, D, k=k).compress(torch.ones(2, M, D, dtype=F64), rng(3, 4))
+    keys = rng(3, 4).rand(M, D, dtype=F64)  # the same stream, the same draw
+    idx = make(name, D, k=k).random_indices(keys)
+    assert idx.shape == (2, M, k)
+    assert torch.equal(out != 0, torch.zeros_like(out, dtype=torch.bool).scatter_(-1, idx, True))
+
+
 X_TEST = torch.tensor([0.9, -2.0, 0.0, 0.3, 1.7, -0.05, 3.1], dtype=F64)
 
 
@@ -618,7 +630,7 @@ def test_terngrad_clips_at_clip_sigma_by_default_and_is_then_biased():
     assert ((out.mean(0) - clipped).abs() <= 4 * se + 1e-12).all()  # unbiased for clip(x)
     flat = make("terngrad", 3).compress(torch.full((1, 1, 3), 2.0, dtype=F64), rng(0))
     assert torch.equal(flat, torch.full((1, 1, 3), 2.0, dtype=F64))  # σ-clipping never zeroes a constant message
-    with pytest.raises(ConfigError, match="compressor.clip"):
+    with pytest.raises(ConfigError, match=r"compressor\.clip"):
         make("terngrad", D, clip=0)
 
 

@@ -1,15 +1,27 @@
 """Datasets (offline loaders, official splits) and the partition schemes."""
 
 import gzip
+import itertools
 import pickle
 import random
+import typing
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cocoef_cli import data
 from cocoef_cli.cli import app
-from cocoef_cli.data import CIFAR_FILES, IDX_FILES, build_dataset, load_dataset, partition_indices, read_idx
+from cocoef_cli.data import (
+    CIFAR_FILES,
+    DATASETS,
+    IDX_FILES,
+    Loaded,
+    build_dataset,
+    load_dataset,
+    partition_indices,
+    read_idx,
+)
 from cocoef_cli.errors import ConfigError
 
 runner = CliRunner()
@@ -51,7 +63,7 @@ def test_label_sorted_partitions_are_contiguous_label_ranges():
     y = _labels(1000, classes=10)  # about 100 per class, 40 partitions of 25: at most 2 labels each
     P = partition_indices(y, 40, {"partition": "label_sorted"}, [0])
     parts = _parts(P, len(y))[0]
-    for a, b in zip(parts[:-1], parts[1:]):
+    for a, b in itertools.pairwise(parts):
         assert y[a].max() <= y[b].min()  # labels never decrease along the partitions
     assert max(len(np.unique(y[p])) for p in parts) <= 2
     iid = _parts(partition_indices(y, 40, {"partition": "iid"}, [0]), len(y))[0]
@@ -243,3 +255,21 @@ def test_digits_is_an_image_dataset_and_tabular_ones_are_not():
     d = load_dataset({"name": "digits", "test_fraction": 0.2})
     assert d.shape == (1, 8, 8) and d.features == 64
     assert load_dataset({"name": "wine"}).shape is None
+
+
+def test_the_dataset_registry_type_covers_what_its_loaders_return():
+    """DATASETS is typed Registry[Callable[[Mapping], R]]: every loader's result is an R (a
+    Loaded or a plain (X, y, task) tuple), and build_dataset accepts exactly those."""
+    loader = typing.get_args(typing.get_type_hints(data)["DATASETS"])[0]
+    returns = typing.get_args(loader)[-1]
+    accepted = tuple(typing.get_origin(r) or r for r in (typing.get_args(returns) or (returns,)))
+    cfg = {"n": 20, "dim": 3, "test_fraction": 0.2}
+    for name in ("synthetic_linreg", "synthetic_logreg", "digits", "iris"):
+        assert isinstance(DATASETS.get(name)({"name": name, **cfg}), accepted), name
+    assert Loaded in accepted and tuple in accepted
+
+
+def test_a_loader_returning_anything_else_is_named(monkeypatch):
+    monkeypatch.setitem(DATASETS._items, "weird", lambda cfg: load_dataset({"name": "iris"}))
+    with pytest.raises(TypeError, match="'weird' returned a Dataset"):
+        build_dataset({"name": "weird"})

@@ -4,6 +4,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -48,7 +49,7 @@ def descendants(pid: int = os.getpid()) -> list[int]:
 def listening(port: int) -> bool:
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            lines = open(name).read().splitlines()[1:]
+            lines = Path(name).read_text().splitlines()[1:]
         except OSError:
             continue
         for ln in lines:

@@ -85,7 +85,7 @@ def test_seeds_run_together_equal_separate_runs(small):
 
 def test_metrics_schema_and_semantics(small):
     cfg = config.load(small + ["straggler.p=0.5", "compressor=topk", "compressor.k=2", "seeds=2"])
-    exp, res = execute(cfg, None)
+    _, res = execute(cfg, None)
     df = res.metrics
     assert list(df.columns[: len(COLUMNS)]) == COLUMNS
     assert list(df.iter.unique()) == [0, 5, 10, 15, 20]

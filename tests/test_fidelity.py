@@ -78,7 +78,7 @@ def test_stale_shifts_equal_the_default_when_everyone_answers():
 
 
 def test_stale_shifts_is_a_boolean():
-    with pytest.raises(ConfigError, match="method.stale_shifts"):
+    with pytest.raises(ConfigError, match=r"method\.stale_shifts"):
         _method("coco_ef21", "yes", 3, 2)
 
 
@@ -88,12 +88,12 @@ def test_sgc_p_assumed_rescales_the_weights():
     default = _code({"name": "sgc", "d": 3, "p_assumed": None}, 6, p=0.2)
     assert torch.equal(default.B, true_p.B)
     torch.testing.assert_close(assumed.B * 0.5, true_p.B * 0.8)  # 1/(c(1−p̂)) vs 1/(c(1−p))
-    with pytest.raises(ConfigError, match="code.p_assumed"):
+    with pytest.raises(ConfigError, match=r"code\.p_assumed"):
         _code({"name": "sgc", "d": 3, "p_assumed": 1.0}, 6)
 
 
 def test_dirichlet_partition_is_rejected_on_regression_and_kept_on_classes():
-    with pytest.raises(ConfigError, match="dataset.partition"):
+    with pytest.raises(ConfigError, match=r"dataset\.partition"):
         partition_indices(np.linspace(0, 1, 50), 5, {"partition": "dirichlet"}, [0])
     parts = partition_indices(np.arange(50) % 3, 5, {"partition": "dirichlet", "alpha": 0.5}, [0])
     assert sorted(parts[parts < 50].tolist()) == list(range(50))

@@ -1,5 +1,7 @@
 """Networks and batched partition gradients: exact against autograd run on each partition alone."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -53,7 +55,7 @@ def reference_grad(
             c = co
         layers.append(torch.nn.Flatten())
         sizes = [model.flat, *model.hidden, model.C]
-        for l, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for l, (i, o) in enumerate(itertools.pairwise(sizes)):
             layers.append(torch.nn.Linear(i, o))
             if l < len(sizes) - 2:
                 layers.append(act())

@@ -148,7 +148,7 @@ def test_diana_is_unbiased_and_steps_its_shifts_by_the_default_alpha(comp, omega
 def test_ef21_shift_moves_by_the_compressed_difference():
     """EF21 (Richtárik et al. 2021): h_i ← h_i + C(u_i − h_i), so with an unbiased C, E[h_i'] = u_i
     for a device that answered (never C(u_i − h_i) alone), and ĝ = Σ_i a_i h_i'."""
-    ghat, m, U, h, a = one_step("coco_ef21", UNBIASED["randk_unbiased"], 4000, state=True)
+    ghat, m, U, _, a = one_step("coco_ef21", UNBIASED["randk_unbiased"], 4000, state=True)
     h_new = m.h.numpy()
     assert_mean_within(h_new[:, [0, 2, 3]], U[[0, 2, 3]], "EF21 h")
     np.testing.assert_allclose(ghat, np.einsum("m,kmd->kd", a, h_new), rtol=1e-12, atol=1e-12)

@@ -118,10 +118,10 @@ def test_random_override_sets_valid_run_invalid_exit_2(case, tmp_path_factory):
 
 def test_check_validates_groups_the_method_ignores_without_building_runs(monkeypatch):
     cfg = config.load([*TINY, "method=gc", "compressor.k=1000"])  # gc sends full precision, but k is a typo
-    with pytest.raises(config.ConfigError, match="compressor.k"):
+    with pytest.raises(config.ConfigError, match=r"compressor\.k"):
         config.check(cfg, None)
     cfg = config.load([*TINY, "method=gd", "straggler.p=2"])
-    with pytest.raises(config.ConfigError, match="straggler.p"):
+    with pytest.raises(config.ConfigError, match=r"straggler\.p"):
         config.check(cfg, None)
     big = config.load(["devices=2000", "seeds=300", "dataset.dim=200", "dataset.n=4000", "iters=1"])
     from cocoef_cli.sim import methods

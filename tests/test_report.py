@@ -67,7 +67,7 @@ def test_diverged_runs_are_listed_not_plotted(sweep_dir, tmp_path):
     rec = json.loads((run / "run.json").read_text())
     rec.update(status="diverged", diverged={"0": 12})
     (run / "run.json").write_text(json.dumps(rec))
-    rows, runs = load_runs(copy)
+    _, runs = load_runs(copy)
     assert (runs["status"] == "diverged").sum() == 1
     res = runner.invoke(app, ["report", str(copy), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output

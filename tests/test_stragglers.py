@@ -147,8 +147,7 @@ def test_delay_rejects_hopeless_deadline():
     ],
 )
 def test_replicates_are_independent_of_batching(cfg):
-    M = 7
-    loads = torch.tensor([[1.0, 2, 3, 1, 2, 3, 1], [2.0, 2, 2, 2, 2, 2, 2]])
+    loads = torch.tensor([[1.0, 2, 3, 1, 2, 3, 1], [2.0, 2, 2, 2, 2, 2, 2]])  # (R=2, M=7)
     both = build_straggler(cfg, loads, SeedRNG([0, 1], "straggler"))
     single = [build_straggler(cfg, loads[r : r + 1], SeedRNG([r], "straggler")) for r in (0, 1)]
     for _ in range(5):

@@ -2,6 +2,7 @@
 mlflow's client; the CSV/JSON record is unchanged by them. Live progress of a single run."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -84,7 +85,7 @@ def test_mlflow_run_read_back_and_a_failed_run(tmp_path, monkeypatch):
         _same(hist, _series(df, seed, "train_loss"))
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["cocoef-run.json", "metrics.csv"]
     art = client.download_artifacts(run.info.run_id, "metrics.csv", str(tmp_path))
-    assert open(art, "rb").read() == (out / "metrics.csv").read_bytes()
+    assert Path(art).read_bytes() == (out / "metrics.csv").read_bytes()
     assert [p.parent for p in tmp_path.rglob("run.json")] == [out]  # report reads run folders only
 
     # a failed run, tracked in a store given by URI: status tag failed

@@ -21,12 +21,13 @@ soon as the next model arrives, and then sends (the server drops a late message)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from cocoef_cli.distributed.wire import HEADER, CompressorStandIn, codec_for, fr
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
 from cocoef_cli.rng import SeedRNG
-from cocoef_cli.sim.compressors import build_compressor
+from cocoef_cli.sim.compressors import Compressor, build_compressor
 from cocoef_cli.sim.methods import METHODS
 from cocoef_cli.sim.stragglers import build_straggler
 
@@ -69,11 +70,11 @@ class Capture(CompressorStandIn):
 
     def __init__(self, C: Any):
         super().__init__(C)
-        self.last = None
+        self.last: torch.Tensor | None = None
 
     def output(self, v: torch.Tensor, rng: Any) -> torch.Tensor:
-        self.last = self.C.compress(v, rng)
-        return self.last
+        m = self.last = self.C.compress(v, rng)
+        return m
 
 
 def shard_objective(cfg: dict, meta: dict, arrays: dict[str, torch.Tensor], dtype: torch.dtype) -> Objective:
@@ -122,13 +123,15 @@ class Device:
         cls = METHODS.get(cfg["method"]["name"])
         self.crng = SliceRNG(SeedRNG([seed], "compressor"), self.M, [self.i])
         self.capture = Capture(self.C)
-        self.method = cls(cfg["method"], self.capture, 1, 1, self.D, self.dtype, torch.device("cpu"), self.crng)
+        # the capture and the sliced stream are duck-typed stand-ins for a Compressor and a SeedRNG
+        comp, crng = cast(Compressor, self.capture), cast(SeedRNG, self.crng)
+        self.method = cls(cfg["method"], comp, 1, 1, self.D, self.dtype, torch.device("cpu"), crng)
         self.states = cls.state_names
         self.draws_keys = cls.compresses and self.C.randomized  # one (M, D) draw per step
         self.obj = shard_objective(cfg, setup["shard"], arrays, self.dtype)
         self.own = [int(j) for j in setup["own"]]
         if self.obj.batch_size:
-            self.obj.batch_rng = SliceRNG(SeedRNG([seed], "batch"), self.N, self.own)
+            self.obj.batch_rng = cast(SeedRNG, SliceRNG(SeedRNG([seed], "batch"), self.N, self.own))
         self.b = arrays["b_row"]  # (n_own,) B_ij of the partitions held, ascending j
         self.pending: dict[str, torch.Tensor] | None = None
         self.msg_bytes = message_nbytes(self.codec, bool(self.states))
@@ -156,7 +159,7 @@ class Device:
         one = torch.ones(1, 1, dtype=torch.bool)
         self.method.step(u, one, one.to(self.dtype))
         m = self.capture.last if self.capture.last is not None else u  # gc: full precision u_i
-        keys = self.crng.last.reshape(-1) if self.codec.needs_keys else None
+        keys = self.crng.last.reshape(-1) if self.codec.needs_keys and self.crng.last is not None else None
         sq = float(getattr(self.method, self.states[0]).double().pow(2).sum()) if self.states else None
         return frame(self.codec, t, m.reshape(-1), keys, sq)
 
@@ -173,7 +176,7 @@ class Device:
         """A replayed straggler: nothing computed or sent; the random streams advance as in a step."""
         if self.draws_keys:
             self.crng.rand(1, self.D, dtype=self.dtype)
-        if self.obj.batch_size:
+        if self.obj.batch_size and self.obj.batch_rng is not None:
             self.obj.batch_rng.rand(*self.obj.valid.shape[1:], dtype=self.obj.Xp.dtype)
         if self.method.reset:
             for n in self.states:
@@ -181,9 +184,11 @@ class Device:
 
     def delay(self) -> float:
         """Wall seconds to sleep this iteration (no replay): the straggler model's draw (+ slow_s)."""
-        z = self.straggler.draw()
-        if self.straggler.timed:
-            d = self.time_scale * float(self.straggler.last_delays[0, self.i])
+        st = self.straggler
+        assert st is not None, "a replaying device has no straggler model"
+        z = st.draw()
+        if st.timed and st.last_delays is not None:
+            d = self.time_scale * float(st.last_delays[0, self.i])
         else:
             d = 0.0 if bool(z[0, self.i]) else self.straggle_s
         return d + self.slow
@@ -228,10 +233,8 @@ def serve(pg: Any, dev: Device) -> None:
         if not dev.replay:
             wait = dev.delay()
             if wait > 0:
-                try:
+                with contextlib.suppress(queue.Empty):
                     nxt = inbox.get(timeout=wait)  # the next model arrived first: this message is late
-                except queue.Empty:
-                    pass
         tp.send_array(pg, msg, 0)
     tp.send_array(pg, dev.bye(), 0)
 

@@ -6,6 +6,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cocoef_cli.checks import is_int, need_bool, need_int, need_num
@@ -28,7 +29,7 @@ def env_token() -> str | None:
     if not path:
         return None
     try:
-        token = open(path, encoding="utf-8").read().strip()
+        token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(TOKEN_FILE_ENV, path, "a readable file holding the run token", f"unreadable ({e})") from None
     if not token:

@@ -22,6 +22,7 @@ trailer; late ones included), ``n_late`` (cumulative dropped late messages), ``w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from cocoef_cli.distributed import transport as tp
 from cocoef_cli.distributed.options import TOKEN_ENV, TOKEN_FILE_ENV, RuntimeOptions, run_token
 from cocoef_cli.distributed.wire import CompressorStandIn, WireError, codec_for, message_iter, message_nbytes, unframe
 from cocoef_cli.rng import SeedRNG
+from cocoef_cli.sim.compressors import Compressor
 from cocoef_cli.sim.engine import RunParts, RunResult, Simulation, simulate
 from cocoef_cli.sim.methods import message_compressor_config
 
@@ -50,9 +52,10 @@ class Delivered(CompressorStandIn):
 
     def __init__(self, C: Any):
         super().__init__(C)
-        self.messages = None
+        self.messages: torch.Tensor | None = None
 
     def output(self, v: torch.Tensor, rng: Any) -> torch.Tensor:
+        assert self.messages is not None, "the delivered messages are set before each step"
         return self.messages
 
 
@@ -84,14 +87,15 @@ class Cluster:
         self.M = int(exp.cfg["devices"])
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Any] = []
-        self.pg = self.store = None
+        self.pg: Any = None  # the gloo process group and its store, from start()
+        self.store: Any = None
         self.inbox: queue.Queue = queue.Queue()
         self.threads: list[threading.Thread] = []
         self.closed_devices: set[int] = set()
         self.late_after_end = 0  # messages that arrived after the last update
 
     # -- start
-    def start(self, setups: list[dict], msg_bytes: int) -> None:
+    def start(self, setups: list[tuple[dict, dict[str, torch.Tensor]]], msg_bytes: int) -> None:
         o, M = self.opts, self.M
         world = M + 1
         self.token = run_token(o.spawn)
@@ -128,7 +132,7 @@ class Cluster:
         )
         env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
         env.pop(TOKEN_FILE_ENV, None)
-        log = tempfile.TemporaryFile(mode="w+")
+        log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - kept open for the device, closed in run()
         self.logs.append(log)
         self.procs.append(
             subprocess.Popen(
@@ -211,10 +215,8 @@ class Cluster:
                         if any(p.poll() not in (None, 0) for p in self.procs):
                             break
                 for p in self.procs:
-                    try:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
                         p.wait(timeout=max(end - time.perf_counter(), 1.0))
-                    except subprocess.TimeoutExpired:
-                        pass
         finally:
             for p in self.procs:
                 if p.poll() is None:
@@ -228,10 +230,9 @@ class Cluster:
             for log in self.logs:
                 log.close()
             if self.pg is not None:
-                try:
-                    self.pg.abort() if hasattr(self.pg, "abort") else None
-                except Exception:
-                    pass
+                with contextlib.suppress(Exception):
+                    if hasattr(self.pg, "abort"):
+                        self.pg.abort()
             for th in self.threads:
                 th.join(timeout=2)
             self.pg = None
@@ -258,7 +259,7 @@ class DistributedSimulation(Simulation):
         self.delivered = Delivered(C)
         self.server_method = cls(
             cfg["method"],
-            self.delivered,
+            cast(Compressor, self.delivered),  # a duck-typed stand-in
             1,
             self.M,
             self.D,
@@ -269,7 +270,8 @@ class DistributedSimulation(Simulation):
         self.keys_rng = SeedRNG(exp.seeds, "compressor") if self.codec.needs_keys else None
         self.state_sq = np.zeros(self.M)  # committed ‖state_i‖² of every device
         self.accepted = np.zeros(self.M, dtype=bool)
-        self.bytes, self.n_late, self.wall, self.iter_time = 0, 0, 0.0, None
+        self.bytes, self.n_late, self.wall = 0, 0, 0.0
+        self.iter_time: float | None = None
         # closing rule without replay
         self.exact = code.decode_name in EXACT_DECODERS
         self.wait_for = opts.wait_for if opts.wait_for is not None else max(self.M - (code.d - 1), 1)

@@ -76,7 +76,7 @@ def group(store: Any, rank: int, world: int, timeout_s: float, addr: str):
     """The gloo process group over ``store`` (under a cocoef prefix). With a loopback ``addr`` gloo
     binds 127.0.0.1 (nothing leaves the machine); otherwise gloo's default device (the host name's
     address, or ``GLOO_SOCKET_IFNAME``)."""
-    opts = dist.ProcessGroupGloo._Options()
+    opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # not in torch's stubs
     opts._timeout = datetime.timedelta(seconds=timeout_s)
     opts._devices = [
         dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from cocoef_cli.registry import Registry
-from cocoef_cli.sim.compressors import Compressor, ceil_log2, topk_mask
+from cocoef_cli.sim.compressors import Compressor, RandK, RandKUnbiased, ceil_log2, topk_mask
 
 CODECS: Registry[type[Codec]] = Registry("wire codec")
 
@@ -195,18 +195,6 @@ class TopKCodec(Codec):
         return out
 
 
-class _Keys:
-    """A stand-in for a SeedRNG with R = 1 that returns the given U[0,1) keys."""
-
-    R = 1
-
-    def __init__(self, keys: Tensor):
-        self.keys = keys
-
-    def rand(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
-        return self.keys.to(dtype).reshape(1, *shape)
-
-
 @CODECS.register("randk")
 @CODECS.register("randk_unbiased")
 class RandKCodec(Codec):
@@ -214,6 +202,7 @@ class RandKCodec(Codec):
     recomputed from the keys both ends regenerate from the shared seed."""
 
     needs_keys = True
+    C: RandK | RandKUnbiased
 
     def nbytes(self) -> int:
         return self.vs * self.C.k
@@ -221,8 +210,7 @@ class RandKCodec(Codec):
     def _idx(self, keys: Tensor | None) -> Tensor:
         if keys is None:
             raise WireError(f"{self.C.name}: the shared random keys are needed")
-        probe = torch.zeros(1, self.D, dtype=self.dtype)
-        return torch.sort(self.C._random_indices(probe, _Keys(keys))[0]).values
+        return torch.sort(self.C.random_indices(keys.to(self.dtype).reshape(1, self.D))[0]).values
 
     def encode(self, m, keys=None):
         return self._values(m[self._idx(keys)])

@@ -10,6 +10,7 @@ children with the launcher (no orphans).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -26,10 +27,8 @@ def _die_with_parent() -> None:
 
 def _terminate(pids) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from cocoef_cli.rng import SeedRNG
-from cocoef_cli.sim.codes import CODES, Code, conditioning, coverage_spread, straggler_sets
+from cocoef_cli.sim.codes import CRC, Code, conditioning, coverage_spread, straggler_sets
 from cocoef_cli.sim.compressors import Compressor
 from cocoef_cli.sim.stragglers import build_straggler
 
@@ -41,7 +41,7 @@ def code_report(
     fresh copy of its stream: the run's draws are untouched)."""
     rep: dict[str, Any] = {"code": code.name, "M": code.M, "N": code.N, "d": code.d, "decode": code.decode_name}
     if code.name == "crc":
-        rep["construction"] = CODES.get("crc").construction(code_cfg, code.M, code.d)
+        rep["construction"] = CRC.construction(code_cfg, code.M, code.d)
     if code.fixed_weights:
         model = build_straggler(straggler_cfg, code.S.sum(-1), SeedRNG(seeds, "straggler"))
         rep.update(kind="expectation", draws=max_sets, **coverage_spread(code, [model.draw() for _ in range(max_sets)]))

@@ -441,7 +441,7 @@ class Uncoded(CodeScheme):
     """
 
     name = "uncoded"
-    decoders = {"rescale": _decode_rescale, "unbiased": _decode_unbiased}
+    decoders: ClassVar[dict[str, Decoder]] = {"rescale": _decode_rescale, "unbiased": _decode_unbiased}
     fixed_weights = True
     square = True
 
@@ -471,7 +471,7 @@ class SGC(CodeScheme):
     """
 
     name = "sgc"
-    decoders = {"fixed": _decode_fixed}
+    decoders: ClassVar[dict[str, Decoder]] = {"fixed": _decode_fixed}
     fixed_weights = True
 
     @classmethod
@@ -550,7 +550,7 @@ class FRC(CodeScheme):
     """
 
     name = "frc"
-    decoders = {"exact": _decode_frc_groups, "optimal": _decode_lstsq}
+    decoders: ClassVar[dict[str, Decoder]] = {"exact": _decode_frc_groups, "optimal": _decode_lstsq}
     square = True
 
     @classmethod
@@ -601,9 +601,9 @@ def _cyclic_mds_rows(M: int, d: int, device: torch.device | str) -> torch.Tensor
     sgn = 1.0 if (M - d) % 2 == 0 else -1.0  # e^{iMθ}: x^M − 1 (cyclic) or x^M + 1 (negacyclic)
     g = np.poly(np.exp(1j * theta))[::-1].real  # g_0..g_{d−1}; real since the roots come in conjugate pairs
     B = np.zeros((M, M))
-    for t in range(d):  # row i = x^i g(x) mod (x^M − sgn): a coefficient wrapping past M is multiplied by sgn
-        cols = np.arange(M) + t
-        B[np.arange(M), cols % M] = g[t] * np.where(cols >= M, sgn, 1.0)
+    for j in range(d):  # row i = x^i g(x) mod (x^M − sgn): a coefficient wrapping past M is multiplied by sgn
+        cols = np.arange(M) + j
+        B[np.arange(M), cols % M] = g[j] * np.where(cols >= M, sgn, 1.0)
     if sgn < 0:  # 1 ∉ C: rescale partitions by the projection t of 1 onto C = rowspan(B)
         t = B.T @ np.linalg.lstsq(B.T, np.ones(M), rcond=None)[0]
         if np.abs(t).min() < 1e-6:
@@ -728,7 +728,7 @@ class CRC(CodeScheme):
     """
 
     name = "crc"
-    decoders = {"exact": _decode_lstsq, "optimal": _decode_lstsq}
+    decoders: ClassVar[dict[str, Decoder]] = {"exact": _decode_lstsq, "optimal": _decode_lstsq}
     square = True
 
     @classmethod
@@ -787,7 +787,7 @@ class BGC(CodeScheme):
     """
 
     name = "bgc"
-    decoders = {"optimal": _decode_lstsq}
+    decoders: ClassVar[dict[str, Decoder]] = {"optimal": _decode_lstsq}
 
     @classmethod
     def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:

@@ -187,7 +187,7 @@ class Compressor:
     """Base class: ``compress`` returns the server's dense reconstruction, ``bits`` one message's cost."""
 
     name: ClassVar[str] = ""
-    unbiased: ClassVar[bool] = False
+    unbiased: bool = False  # a class property; an instance may differ (terngrad with clip)
     randomized: ClassVar[bool] = False
 
     def __init__(self, D: int, value_bits: int = 32):
@@ -281,12 +281,12 @@ class _KSparse(Compressor):
         return idx, vals.mul_(self._scale()) if self._scale() != 1.0 else vals
 
     def _compress(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
-        idx, vals = self.sparse(v, rng)
+        idx, vals = self._sparse(v, rng, None, None)
         return torch.zeros_like(v).scatter_(-1, idx, vals)
 
-    def _random_indices(self, v: Tensor, rng: SeedRNG | None) -> Tensor:
-        """k coordinates per message, uniform without replacement: the k largest of iid U[0,1) keys."""
-        keys = _uniform(rng, v, self.name)
+    def random_indices(self, keys: Tensor) -> Tensor:
+        """The k coordinates random-k keeps for iid U[0,1) ``keys`` (..., D): the k largest keys, so
+        uniform without replacement; shape (..., k), unordered. The wire codec regenerates them."""
         return torch.topk(keys, self.k, dim=-1, sorted=False).indices
 
     def _extra_repr(self) -> str:
@@ -377,7 +377,7 @@ class RandK(_KSparse):
     randomized = True
 
     def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
-        return self._random_indices(v, rng), None
+        return self.random_indices(_uniform(rng, v, self.name)), None
 
     def bits(self) -> int:
         return self.value_bits * self.k
@@ -399,7 +399,7 @@ class RandKUnbiased(_KSparse):
         return self.D / self.k - 1.0
 
     def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
-        return self._random_indices(v, rng), None
+        return self.random_indices(_uniform(rng, v, self.name)), None
 
     def _scale(self) -> float:
         return self.D / self.k

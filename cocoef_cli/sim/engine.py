@@ -215,6 +215,7 @@ class RunResult:
     status: str  # completed | diverged
     diverged: dict[int, int]  # seed -> iteration at which it diverged
     wall_s: float
+    runtime: Any = None  # runtime=torch_distributed: its counters, a dict (a list of them for several seeds)
 
 
 def keep_freed_memory() -> bool:

@@ -203,7 +203,7 @@ def topk_rows(
             none,
             none,
         )
-    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, n))
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, n))  # type: ignore[attr-defined]  # set at import
     if threads == 1:
         _topk_rows_serial(x, k, h, r, cap, act, *add, out, picked)
     else:

@@ -53,6 +53,7 @@ class StragglerModel:
         self.rng = rng
         self.R, self.M = (int(s) for s in p.shape)
         self.last_time: torch.Tensor | None = None
+        self.last_delays: torch.Tensor | None = None  # (R, M) compute times of the last draw (timed models)
 
     @classmethod
     def from_config(cls, cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerModel:
