@@ -234,6 +234,11 @@ class MLP(Network):
         """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D)."""
         return self.full_loss_grad(theta, Xf, Y)[1]
 
+    def full_loss(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """(1/n) Σ_s ℓ_s(θ) for shared Xf (n, f), (R,): the forward of :meth:`full_loss_grad` (same bits)."""
+        Zt = self._forward(theta, Xf, class_major=True)[0]
+        return self.losses(Zt.transpose(1, 2), Y).mean(-1)
+
 
 @MODELS.register("cnn")
 class CNN(Network):
