@@ -252,18 +252,18 @@ def run_bench(
     thread_counts = sorted({1, usable_cores()})
     for name, wl in WORKLOADS.items():
         base = SETTING + wl + dev + ["devices=100"]
-        for M in LIMIT_DEVICES[:1] if quick else LIMIT_DEVICES:
+        for devices in LIMIT_DEVICES[:1] if quick else LIMIT_DEVICES:
             for n_threads in thread_counts:
                 with pinned_threads(n_threads):
-                    sim = simulation(SETTING + wl + dev + [f"devices={M}"])
+                    sim = simulation(SETTING + wl + dev + [f"devices={devices}"])
                     t_sim, t_central, t_pass = paired_times(
-                        [sim.step, central_step(sim), fused_pass(sim)], [5, 5, 5], rounds=9 if M <= 100 else 3
+                        [sim.step, central_step(sim), fused_pass(sim)], [5, 5, 5], rounds=9 if devices <= 100 else 3
                     )
-                    if n_threads == thread_counts[-1] and M == LIMIT_DEVICES[0]:
+                    if n_threads == thread_counts[-1] and devices == LIMIT_DEVICES[0]:
                         parts[name] = breakdown(sim)
-                rows_b.append((name, M, sim.exp.objective.model.D, n_threads, t_sim, t_central, t_pass))
+                rows_b.append((name, devices, sim.exp.objective.model.D, n_threads, t_sim, t_central, t_pass))
                 log(
-                    f"(b) {name} M={M}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
+                    f"(b) {name} M={devices}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
                     f"{t_central * 1e3:.2f} ms, pass over G and e {t_pass * 1e3:.2f} ms"
                 )
         sim1, sim10 = simulation(base), simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
@@ -332,7 +332,7 @@ def run_bench(
         f"| {part} | " + " | ".join(f"{parts[n][part] * 1e3:.2f}" for n in parts) + " |"
         for part in next(iter(parts.values()))
     ]
-    central = {n: b for n, M, _, th, _, b, _ in rows_b if th == thread_counts[-1] and M == LIMIT_DEVICES[0]}
+    central = {n: b for n, m, _, th, _, b, _ in rows_b if th == thread_counts[-1] and m == LIMIT_DEVICES[0]}
     md += [
         "",
         "Evaluation (every `eval_every` updates; target ≤ one central step): "
