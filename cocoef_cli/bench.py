@@ -42,6 +42,7 @@ SETTING = [
     "compressor.ratio=0.01",
     "seeds=1",
 ]
+LIMIT_DEVICES = (100, 1000)  # the M of (b): the iteration against the limit (the first also gives the breakdown)
 WORKLOADS = {"softmax": ["dataset=mnist5k", "model=softmax"], "mlp": ["dataset=mnist5k", "model=mlp"]}
 SMOKE_WORKLOADS = {"logistic": ["dataset=synthetic_logreg", "model=logistic"]}  # `--smoke`: seconds
 
@@ -126,8 +127,18 @@ def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
         "partition gradients": median_time(lambda: obj.partition_grad_blocks(sim.theta), repeat),
         "stragglers + decode": median_time(lambda: code.decode(exp.straggler.draw()), repeat),
         "encode + method step (top-k, EF update, aggregate)": median_time(lambda: method.coded_step(U, z, a), repeat),
-        "evaluation (every eval_every updates)": median_time(lambda: obj.evaluate(sim.theta), 3, warmup=1),
+        "evaluation (every eval_every updates)": evaluation_time(sim),
     }
+
+
+def evaluation_time(sim: Simulation, repeat: int = 5) -> float:
+    """Median seconds of one evaluation of a coded run beyond the work of the update it precedes:
+    the engine's evaluation computes the partition gradients at θ^t for the next update (full
+    partitions; :meth:`Simulation.row`), so what it adds is the rest of :meth:`Objective.evaluate`
+    (a forward pass on the training and the test set, Σ_j g_j) and the ef_norm column."""
+    obj = sim.exp.objective
+    G = obj.partition_grad_blocks(sim.theta) if sim.exp.code is not None and obj.batch_size is None else None
+    return median_time(lambda: (obj.evaluate(sim.theta, G), sim.state_norm()), repeat, warmup=1)
 
 
 def loop_step(overrides: Sequence[str]) -> Callable[[], object]:
@@ -248,22 +259,26 @@ def run_bench(
     rows_a, rows_b, rows_c, rows_d, parts = [], [], [], [], {}
     thread_counts = [1] if smoke else sorted({1, usable_cores()})
     rounds, repeat = (1, 1) if smoke else (9, 9)  # smoke: every measurement once
-    M_bc = 10 if smoke else 100  # the devices of (b) and (c)
+    M_bc = 10 if smoke else 100  # the devices of (c), and the first of (b)
+    limit_devices = [M_bc] if smoke or quick else [M_bc, *LIMIT_DEVICES[1:]]
     for name, wl in (SMOKE_WORKLOADS if smoke else WORKLOADS).items():
         base = SETTING + wl + dev + [f"devices={M_bc}"]
-        for n_threads in thread_counts:
-            with pinned_threads(n_threads):
-                sim = simulation(base)
-                t_sim, t_central, t_pass = paired_times(
-                    [sim.step, central_step(sim), fused_pass(sim)], [5, 5, 5], rounds=rounds
+        for devices in limit_devices:
+            for n_threads in thread_counts:
+                with pinned_threads(n_threads):
+                    sim = simulation(SETTING + wl + dev + [f"devices={devices}"])
+                    t_sim, t_central, t_pass = paired_times(
+                        [sim.step, central_step(sim), fused_pass(sim)],
+                        [5, 5, 5],
+                        rounds=rounds if devices <= 100 else min(rounds, 3),
+                    )
+                    if n_threads == thread_counts[-1] and devices == M_bc:
+                        parts[name] = breakdown(sim, repeat)
+                rows_b.append((name, devices, sim.exp.objective.model.D, n_threads, t_sim, t_central, t_pass))
+                log(
+                    f"(b) {name} M={devices}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
+                    f"{t_central * 1e3:.2f} ms, pass over G and e {t_pass * 1e3:.2f} ms"
                 )
-                if n_threads == thread_counts[-1]:
-                    parts[name] = breakdown(sim, repeat)
-            rows_b.append((name, sim.exp.objective.model.D, n_threads, t_sim, t_central, t_pass))
-            log(
-                f"(b) {name}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
-                f"{t_central * 1e3:.2f} ms, pass over G and e {t_pass * 1e3:.2f} ms"
-            )
         sim1, sim10 = simulation(base), simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
         t1, t10 = paired_times([sim1.step, sim10.step], [5, 2], rounds=min(rounds, 5))
         rows_c.append((name, t1, t10))
@@ -304,19 +319,19 @@ def run_bench(
     md += [f"| {n} | {M} | {a * 1e3:.2f} | {b * 1e3:.1f} | {b / a:.1f}× |" for n, M, a, b in rows_a]
     md += [
         "",
-        f"## (b) one COCO-EF iteration (M={M_bc}) vs one centralised full-batch autograd step and vs the limit",
+        "## (b) one COCO-EF iteration vs one centralised full-batch autograd step and vs the limit",
         "",
         "limit = central step + one pass e ← e + G over two (M, D) matrices (timed in the same rounds): what "
         "an iteration must at least do (the partition gradients, and read G and read and write e once).",
         "",
-        "| model | D | threads | iteration ms | central step ms | pass over G, e ms | limit ms | "
+        "| model | M | D | threads | iteration ms | central step ms | pass over G, e ms | limit ms | "
         "vs central step | vs limit (target ≤ 1.3×) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     md += [
-        f"| {n} | {D} | {th} | {a * 1e3:.2f} | {b * 1e3:.2f} | {c * 1e3:.2f} | {(b + c) * 1e3:.2f} | {a / b:.2f}× | "
-        f"{a / (b + c):.2f}× |"
-        for n, D, th, a, b, c in rows_b
+        f"| {n} | {M} | {D} | {th} | {a * 1e3:.2f} | {b * 1e3:.2f} | {c * 1e3:.2f} | {(b + c) * 1e3:.2f} | "
+        f"{a / b:.2f}× | {a / (b + c):.2f}× |"
+        for n, M, D, th, a, b, c in rows_b
     ]
     md += [
         "",
@@ -330,7 +345,7 @@ def run_bench(
         f"| {part} | " + " | ".join(f"{parts[n][part] * 1e3:.2f}" for n in parts) + " |"
         for part in next(iter(parts.values()))
     ]
-    central = {n: b for n, _, th, _, b, _ in rows_b if th == thread_counts[-1]}
+    central = {n: b for n, m, _, th, _, b, _ in rows_b if th == thread_counts[-1] and m == M_bc}
     md += [
         "",
         "Evaluation (every `eval_every` updates; target ≤ one central step): "

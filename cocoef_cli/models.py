@@ -130,6 +130,10 @@ class GLM:
         """(1/n) Σ_s ∇ℓ_s(θ) for shared features Xf (n, f̃): shape (R, D)."""
         return self.full_loss_grad(theta, Xf, Y)[1]
 
+    def full_loss(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """(1/n) Σ_s ℓ_s(θ), (R,), computed as :meth:`full_loss_grad` computes it (same bits)."""
+        return self.losses(self.logits(theta, Xf), Y).mean(-1)
+
 
 @MODELS.register("linear")
 class Linear(GLM):
@@ -218,6 +222,7 @@ class Metrics:
     grad_norm: torch.Tensor
     test_loss: torch.Tensor | None
     test_acc: torch.Tensor | None
+    grad: torch.Tensor | None = None  # ∇F(θ), (R, D)
 
 
 class Objective:
@@ -334,16 +339,33 @@ class Objective:
             F, g = F + 0.5 * self.l2 * (theta * theta).sum(-1), g + self.l2 * theta
         return F, g
 
-    def evaluate(self, theta: torch.Tensor) -> Metrics:
-        """Training objective, ‖∇F‖, and held-out mean loss / accuracy."""
+    def evaluate(self, theta: torch.Tensor, G: list[torch.Tensor] | None = None) -> Metrics:
+        """Training objective, ∇F and its norm, and held-out mean loss / accuracy.
+
+        ``G``: the partition gradient blocks at θ (:meth:`partition_grad_blocks`, full partitions,
+        no minibatch), which the next update needs anyway: then ∇F = Σ_j g_j (the partitions cover
+        the training set once, with weights 1/n and the l2 term |P_j|/n each), and F takes one
+        forward pass instead of a forward and backward pass."""
         te_loss = te_acc = None
         if self.Xte is not None and self.Yte is not None:
             Z = self.model.logits(theta, self.Xte)
             te_loss = self.model.losses(Z, self.Yte).mean(-1)
             c = self.model.correct(Z, self.Yte)
             te_acc = None if c is None else c.mean(-1)
-        F, g = self.loss_and_grad(theta)
-        return Metrics(F, g.norm(dim=-1), te_loss, te_acc)
+        if G is None:
+            F, g = self.loss_and_grad(theta)
+        else:
+            F, g = self.train_loss(theta), torch.cat([block.sum(1) for block in G], -1)
+        return Metrics(F, g.norm(dim=-1), te_loss, te_acc, g)
+
+    def train_loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """F(θ), (R,), as :meth:`loss_and_grad` computes it (the model's ``full_loss``, the same bits
+        as its ``full_loss_grad``), else :meth:`loss`."""
+        full = getattr(self.model, "full_loss", None)
+        if full is None:
+            return self.loss(theta)
+        F = full(theta, self.X, self.Y)
+        return F + 0.5 * self.l2 * (theta * theta).sum(-1) if self.l2 else F
 
     def f_star(self) -> float | None:
         """min F in closed form (ridge normal equations, float64) for least squares; else None."""

@@ -242,6 +242,11 @@ class MLP(Network):
         """(1/n) Σ_s ∇ℓ_s(θ) for shared Xf (n, f): (R, D)."""
         return self.full_loss_grad(theta, Xf, Y)[1]
 
+    def full_loss(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """(1/n) Σ_s ℓ_s(θ) for shared Xf (n, f), (R,): the forward of :meth:`full_loss_grad` (same bits)."""
+        Zt = self._forward(theta, Xf, class_major=True)[0]
+        return self.losses(Zt.transpose(1, 2), Y).mean(-1)
+
 
 class CNN(Network):
     """LeNet-5-size convolutional net for image datasets (1×28×28, 3×32×32, digits' 1×8×8), vmap(grad).

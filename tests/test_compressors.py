@@ -161,7 +161,7 @@ def _threshold_cases() -> list[tuple[str, torch.Tensor]]:
     return [("gauss", gauss), ("ties", ties), ("zeros", zeros), ("periodic", periodic), ("skewed", skewed)]
 
 
-THRESHOLD_PATHS = ["torch", "kernel"] if compressors.kernels.AVAILABLE else ["torch"]
+THRESHOLD_PATHS = ["torch", "kernel"] if compressors.USE_KERNELS and compressors._kernels() else ["torch"]
 
 
 @pytest.fixture(params=THRESHOLD_PATHS)

@@ -224,3 +224,41 @@ def test_delay_model_records_sim_time(small):
     # each update costs at most the deadline plus the upload of one message
     per_update = res.metrics.sim_time.diff().dropna() / 5
     assert (per_update <= 8.0 + 1.0).all()
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        ["dataset=mnist1d", "model=mlp", "model.l2=0.01"],
+        ["dataset=digits", "model=softmax", "model.l2=0.01", "seeds=2"],
+        ["iters=4"],
+    ],
+)
+def test_evaluation_shares_the_next_updates_gradients(setup, monkeypatch):
+    """An evaluation takes ∇F = Σ_j g_j from the partition gradients at θ^t and F from one forward
+    pass (the same bits as the full pass); the next update reuses those G, so a run computes one
+    partition pass per update (plus one for the final evaluation), never a full backward pass."""
+    from cocoef_cli.models import Objective
+    from cocoef_cli.sim.engine import Simulation, build_experiment, simulate
+
+    cfg = config.load(setup + ["iters=6", "eval_every=2", "devices=6"])
+    sim = Simulation(build_experiment(cfg))
+    sim.step()
+    obj = sim.exp.objective
+    full, shared = obj.evaluate(sim.theta), obj.evaluate(sim.theta, obj.partition_grad_blocks(sim.theta))
+    assert torch.equal(full.train_loss, shared.train_loss)
+    torch.testing.assert_close(shared.grad, full.grad, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(shared.grad, torch.zeros_like(shared.grad))
+
+    calls = {"partition": 0, "full": 0}
+    part, both = Objective.partition_grad_blocks, Objective.loss_and_grad
+    monkeypatch.setattr(
+        Objective,
+        "partition_grad_blocks",
+        lambda s, th: calls.__setitem__("partition", calls["partition"] + 1) or part(s, th),
+    )
+    monkeypatch.setattr(
+        Objective, "loss_and_grad", lambda s, th: calls.__setitem__("full", calls["full"] + 1) or both(s, th)
+    )
+    simulate(build_experiment(cfg))
+    assert calls == {"partition": 6 + 1, "full": 0}

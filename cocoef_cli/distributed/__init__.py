@@ -1,6 +1,6 @@
 """``runtime=torch_distributed``: a server process and M device processes on torch.distributed (gloo).
 
-DESIGN §10. The server (rank 0, the process that runs ``cocoef run``) holds the model θ, the code's
+docs/design.md §10. The server (rank 0, the process that runs ``cocoef run``) holds the model θ, the code's
 decoder and the evaluation data; device i (rank i + 1, its own process) holds only its partitions,
 computes u_i = Σ_j B_ij g_j, applies the method (error feedback included) and sends a compact message
 (:mod:`~cocoef_cli.distributed.wire`). With ``runtime.replay=true`` the straggler pattern is the

@@ -18,6 +18,7 @@ E[C(x)] = x and E‖C(x) − x‖² ≤ ω‖x‖².
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -29,7 +30,6 @@ from cocoef_cli.checks import is_int, need_int, need_num
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
-from cocoef_cli.sim import kernels
 
 COMPRESSORS: Registry[type[Compressor]] = Registry("compressor")
 
@@ -57,8 +57,22 @@ def sign_pm1(v: Tensor) -> Tensor:
 #: Expected number of a row's top-k entries in its strided sample (threshold path of topk_indices).
 SAMPLE_HITS = 8
 
-#: Select with the compiled per-row kernel (numba) when available; else full-row selection.
-USE_KERNELS = kernels.AVAILABLE
+#: Select with the compiled per-row kernel (numba) when available; else full-row selection. numba
+#: (≈ 0.3 s to import, ≈ 0.3 s more to load the compiled kernel) is imported at the first selection
+#: that uses the kernel (:func:`_kernels`), so runs without Top-k never import it.
+USE_KERNELS = importlib.util.find_spec("numba") is not None
+
+
+def _kernels() -> Any:
+    """The compiled-kernel module (:mod:`cocoef_cli.sim.kernels`, imported on first use), or None
+    where numba cannot be imported (``USE_KERNELS`` is then turned off)."""
+    global USE_KERNELS
+    from cocoef_cli.sim import kernels
+
+    if not kernels.AVAILABLE:
+        USE_KERNELS = False
+        return None
+    return kernels
 
 
 def topk_indices(v: Tensor, k: int, active: Tensor | None = None) -> Tensor:
@@ -87,7 +101,8 @@ def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) 
     """
     D = v.shape[-1]
     use_kernel = USE_KERNELS and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
-    if not use_kernel or k < 2 * SAMPLE_HITS or 8 * k > D or v.numel() == 0:
+    kernels = _kernels() if use_kernel and k >= 2 * SAMPLE_HITS and 8 * k <= D and v.numel() else None
+    if kernels is None:
         if add is not None:
             add.add_to(v)
         return _select(v.abs(), k), None

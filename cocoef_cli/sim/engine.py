@@ -265,13 +265,18 @@ class Simulation:
             self.upload_s = exp.bits_per_message / float(bandwidth)
         self.n_received: torch.Tensor | None = None  # of the last update
         self.residual: torch.Tensor | None = None
+        # the gradients at θ^t an evaluation computed, for the next update to reuse: G (coded; full
+        # partitions only, a minibatch draw cannot be made early) or ∇F (centralised)
+        self.next_G: list[torch.Tensor] | None = None
+        self.next_grad: torch.Tensor | None = None
 
     def step(self) -> None:
         """θ ← θ − η_t ĝ for update t = self.t + 1."""
         exp = self.exp
         self.t += 1
         if exp.code is None:  # centralised gradient descent
-            g = exp.objective.grad(self.theta)
+            g, self.next_grad = self.next_grad, None
+            g = exp.objective.grad(self.theta) if g is None else g
         else:
             g, z = self.coded_step()
             self.n_received = z.sum(-1)
@@ -289,7 +294,8 @@ class Simulation:
         exp = self.exp
         z = exp.straggler.draw()
         a, self.residual = exp.code.decode(z)
-        U = CodedSum(exp.code, exp.objective.partition_grad_blocks(self.theta), z)
+        G, self.next_G = self.next_G, None  # computed at θ^t by the evaluation, if there was one
+        U = CodedSum(exp.code, exp.objective.partition_grad_blocks(self.theta) if G is None else G, z)
         return exp.method.coded_step(U, z, a), z
 
     def state_norm(self) -> torch.Tensor | None:
@@ -297,8 +303,19 @@ class Simulation:
         return self.exp.method.state_norm()
 
     def row(self) -> dict[str, Any]:
-        """The metrics of θ^t per replicate (docs/design.md §8 columns that vary), as tensors or scalars."""
-        exp, m = self.exp, self.exp.objective.evaluate(self.theta)
+        """The metrics of θ^t per replicate (docs/design.md §8 columns that vary), as tensors or scalars.
+
+        The gradients the evaluation needs are the next update's: with full partitions the
+        partition gradients G at θ^t are computed here (∇F = Σ_j g_j) and kept for that update,
+        and a centralised run keeps ∇F, so an evaluation costs a forward pass on the training and
+        the test set beyond the update's own work."""
+        exp, obj = self.exp, self.exp.objective
+        G = None
+        if exp.code is not None and obj.batch_size is None:
+            G = self.next_G = obj.partition_grad_blocks(self.theta)
+        m = obj.evaluate(self.theta, G)
+        if exp.code is None:
+            self.next_grad = m.grad
         after = self.t > 0
         return {
             "seed": exp.seeds,

@@ -10,7 +10,10 @@ where numba cannot be imported; callers then select over full rows with torch (e
 
 from __future__ import annotations
 
+import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -166,6 +169,28 @@ if AVAILABLE:
     _topk_rows_serial = njit(cache=True, nogil=True)(_named(_topk_rows, "_topk_rows_serial"))
 
 
+_TARGET_READY = False  # numba's CPU target initialised (on the first call of a compiled function)
+
+
+@contextmanager
+def _target_without_scipy_linalg() -> Iterator[None]:
+    """numba initialises its CPU target on the first call of any compiled function, and that
+    imports ``scipy.linalg`` (≈ 0.25 s with what it pulls in) only to learn whether ``np.dot``
+    inside compiled code may call BLAS; these kernels never do. During that first call
+    ``scipy.linalg`` is hidden (unless something imported it already), so numba records "no BLAS"
+    (its compiled ``np.dot`` of vectors then loops, matrix products import scipy when compiled)."""
+    global _TARGET_READY
+    hide = not _TARGET_READY and "scipy.linalg" not in sys.modules
+    if hide:
+        sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import → ImportError
+    try:
+        yield
+    finally:
+        _TARGET_READY = True
+        if hide and sys.modules.get("scipy.linalg", 0) is None:
+            del sys.modules["scipy.linalg"]
+
+
 def topk_rows(
     x: np.ndarray,
     k: int,
@@ -204,9 +229,10 @@ def topk_rows(
             none,
         )
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, n))  # type: ignore[attr-defined]  # set at import
-    if threads == 1:
-        _topk_rows_serial(x, k, h, r, cap, act, *add, out, picked)
-    else:
-        numba.set_num_threads(threads)
-        _topk_rows_parallel(x, k, h, r, cap, act, *add, out, picked)
+    with _target_without_scipy_linalg():
+        if threads == 1:
+            _topk_rows_serial(x, k, h, r, cap, act, *add, out, picked)
+        else:
+            numba.set_num_threads(threads)
+            _topk_rows_parallel(x, k, h, r, cap, act, *add, out, picked)
     return out, picked
