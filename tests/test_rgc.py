@@ -102,3 +102,15 @@ def test_bad_config_names_the_key(cfg, key):
     with pytest.raises(ConfigError) as e:
         allocate(cfg, 12, SeedRNG([0], "code"))
     assert e.value.key == key
+
+
+def test_crc_presets_are_crc_with_a_construction_and_show_its_keys():
+    """code=crc_random is code=crc code.construction=random: the same config, run_id and keys."""
+    from cocoef_cli import config, explain
+    from cocoef_cli.record import run_id
+
+    for how in ("random", "best_random"):
+        a, b = config.load([f"code=crc_{how}"]), config.load(["code=crc", f"code.construction={how}"])
+        assert a["code"] == b["code"] and run_id(a) == run_id(b)
+        text = explain.show("code", f"crc_{how}")
+        assert f"code.construction  {how}" in text and "code.candidates" in text and "code.defaults" not in text
