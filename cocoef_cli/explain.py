@@ -132,6 +132,10 @@ def show(group: str, option: str | None = None, root: Path | None = None) -> str
         return f"+{group}={option}  ({path})\n{describe(group, option, root)}\n\n" + path.read_text().rstrip()
     values = config._option_defaults(group, option, root)
     _, comments = _comments(path)
+    parents = [d for d in values.pop("defaults", []) if isinstance(d, str) and d != "_self_"]
+    for parent in parents:  # an option extending another of its group (e.g. code=crc_random): the merged keys
+        values = {**config._option_defaults(group, parent, root), **values}
+        comments = {**_comments(root / group / f"{parent}.yaml")[1], **{k: c for k, c in comments.items() if c}}
     name = values.get("name", option)
     reg = registry(group)
     doc = inspect.cleandoc(reg.get(name).__doc__ or "") if reg is not None and name in reg else ""

@@ -38,7 +38,7 @@ def coverage(code: Code, a: torch.Tensor) -> torch.Tensor:
 
 
 def test_registry_lists_all_codes_with_descriptions():
-    assert CODES.names() == ["uncoded", "sgc", "frc", "crc", "bgc"]
+    assert CODES.names() == ["uncoded", "sgc", "frc", "crc", "bgc", "rgc"]
     for name, line in CODES.describe():
         assert line, f"{name} has no one-line description"
 

@@ -105,3 +105,16 @@ def test_figures_quick_only_end_to_end(tmp_path):
     # and a re-draw from the same runs gives the same table
     render(exp, {exp.name: exp}, runs, tmp_path / "again", quick=True)
     assert pd.read_csv(tmp_path / "again" / "fig7_vs_time.csv").equals(summ)
+
+
+def test_every_experiment_sweep_composes_valid_configs(tmp_path):
+    """Each experiment's sweep (first arm, --quick grid) expands into valid configs: a preset key
+    that another swept option lacks (e.g. straggler.s with straggler=bernoulli) fails here."""
+    from cocoef_cli.sweep import plan
+
+    for exp in load_experiments().values():
+        if exp.plot["kind"] == "table" or exp.spec.get("runs_of"):
+            continue
+        argv = arm_task(exp, exp.arms[0], tmp_path, quick=True).argv
+        jobs = plan(argv[1], argv[2 : argv.index("--out")], launcher="basic", check=False).jobs
+        assert jobs, exp.name

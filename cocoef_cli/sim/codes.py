@@ -14,7 +14,8 @@ Public API: :data:`CODES` (the registry, one entry per code with the math in its
 :func:`num_partitions`, :func:`allocate`, :func:`build_code`, :class:`Code` (also
 :meth:`Code.from_matrix` for an explicit B), :data:`RESIDUAL_TOL`.
 
-Decoder names: ``fixed`` (a = z), ``rescale`` / ``unbiased`` (uncoded), ``exact`` and ``optimal``.
+Decoder names: ``fixed`` (a = z), ``rescale`` / ``unbiased`` (uncoded), ``onestep`` (rgc:
+a_i = z_i·M/|F| with the residual reported), ``exact`` and ``optimal``.
 ``optimal`` is always the minimum-norm least-squares solution ``a = pinv(B_Fᵀ) 1`` of
 ``min ‖B_Fᵀ a − 1‖₂`` (B_F = B with straggler rows zeroed), computed in float64 as one batched
 ``torch.linalg.pinv`` over replicates. ``exact`` is the code's exact decoder; for ``crc`` it *is*
@@ -123,12 +124,19 @@ def _decode_frc_groups(code: Code, z: torch.Tensor) -> tuple[torch.Tensor, torch
     return a64.to(code.dtype), _residual(code, a64)
 
 
+def _decode_onestep(code: Code, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-step decoding: a_i = z_i · M / Σ_k z_k (0 when nobody answers), residual reported."""
+    a64 = _decode_rescale(code, z)[0].to(torch.float64)
+    return a64.to(code.dtype), _residual(code, a64)
+
+
 DECODERS: dict[str, Decoder] = {
     "fixed": _decode_fixed,
     "rescale": _decode_rescale,
     "unbiased": _decode_unbiased,
     "optimal": _decode_lstsq,
     "exact": _decode_lstsq,  # generic exact decoder (min-norm solve); frc overrides it
+    "onestep": _decode_onestep,
 }
 
 
@@ -799,9 +807,43 @@ class BGC(CodeScheme):
         return S | fix
 
 
+@CODES.register("rgc")
+class RGC(CodeScheme):
+    """Sparse random graph code (Charles, Papailiopoulos, Ellenberg 2017), an *approximate* code.
+
+    S is a random d-regular bipartite graph (M = N: a union of d disjoint random permutation
+    matrices drawn from the code stream, as sgc's ``allocation=random``): every device holds d
+    partitions, every partition is on d devices. B = S/d, so 1ᵀB = 1ᵀ (a = 1 is exact without
+    stragglers). With stragglers no weights need be exact: the decoders minimise, or only
+    estimate, the residual e = aᵀB_F − 1ᵀ, reported as ``‖e‖₂``; ĝ = ∇F + Σ_j e_j g_j + the
+    compression error Σ_i a_i (m_i − u_i), whose weights stay O(1) (no Vandermonde solves).
+
+    - ``optimal`` (default): a = argmin ‖B_Fᵀa − 1‖₂, the min-norm least squares pinv(B_Fᵀ)1
+      in float64 (the smallest residual of any decoder; nested survivor sets F' ⊂ F give
+      ‖e(F')‖ ≥ ‖e(F)‖).
+    - ``onestep``: a_i = z_i·M/|F|. Partition j's coverage is (aᵀB)_j = M c_j(F)/(d|F|) with
+      c_j(F) its surviving holders; over a uniformly random F of fixed size E[c_j(F)] =
+      d|F|/M, so E[aᵀB] = 1ᵀ: unbiased over random straggler sets, max|a| = M/|F|.
+    """
+
+    name = "rgc"
+    decoders = {"optimal": _decode_lstsq, "onestep": _decode_onestep}
+    square = True
+
+    @classmethod
+    def allocate(cls, cfg: Any, M: int, N: int, d: int, rng: SeedRNG) -> torch.Tensor:
+        return _random_regular(M, d, rng)
+
+    @classmethod
+    def encoding(cls, cfg: Any, S: torch.Tensor, p: torch.Tensor, d: int, rng: SeedRNG) -> torch.Tensor:
+        if not (bool((S.sum(1) == d).all()) and bool((S.sum(2) == d).all())):
+            raise ValueError("rgc: S is not d-regular")
+        return S.to(torch.float64) / d
+
+
 # ----------------------------------------------------------------------------- entry points
 def num_partitions(cfg: Any, M: int) -> int:
-    """N = ``code.partitions`` if set, else M; ``uncoded``, ``frc`` and ``crc`` require N = M."""
+    """N = ``code.partitions`` if set, else M; ``uncoded``, ``frc``, ``crc`` and ``rgc`` require N = M."""
     scheme = _scheme(cfg)
     N = _get(cfg, "partitions")
     if N is None:
