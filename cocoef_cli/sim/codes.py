@@ -827,7 +827,7 @@ class RGC(CodeScheme):
     """
 
     name = "rgc"
-    decoders = {"optimal": _decode_lstsq, "onestep": _decode_onestep}
+    decoders: ClassVar[dict[str, Decoder]] = {"optimal": _decode_lstsq, "onestep": _decode_onestep}
     square = True
 
     @classmethod
