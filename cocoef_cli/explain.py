@@ -16,7 +16,7 @@ from typing import Any
 
 from cocoef_cli import config
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.registry import summary
+from cocoef_cli.registry import TARGET, import_target, summary
 
 # `cocoef list` also takes the plural of a group (codes, compressors, ...)
 LISTABLE = (*config.ALL_GROUPS, *config.PRESETS)
@@ -80,11 +80,17 @@ def _comments(path: Path) -> tuple[str, dict[str, str]]:
 def describe(group: str, option: str, root: Path | None = None) -> str:
     """One line: the option file's leading comment, else its component's docstring summary, else
     the comment beside its ``name`` key."""
-    path = config.config_dir(root) / group / f"{option}.yaml"
-    head, keys = _comments(path)
+    path = config.option_path(group, option, root)
+    head, keys = _comments(path) if path else ("", {})
     if head:
         return head
-    reg, name = registry(group), config._option_defaults(group, option, root).get("name", option)
+    values = config._option_defaults(group, option, root)
+    reg, name = registry(group), values.get("name", option)
+    if values.get(TARGET):  # a plugin: its class's docstring
+        try:
+            return summary(import_target(f"{group}.{TARGET}", values[TARGET])) or values[TARGET]
+        except ConfigError as e:
+            return f"{values[TARGET]} ({e.reason})"
     if reg is not None and name in reg:
         return summary(reg.get(name))
     return keys.get("name", "")
@@ -95,7 +101,7 @@ def listing(group: str, root: Path | None = None) -> list[tuple[str, str]]:
     order, then the other files (plugins) by name."""
     reg = registry(group)
     order = {n: i for i, n in enumerate(reg.names())} if reg is not None else {}
-    opts = config.options(group, config.config_dir(root))
+    opts = config.options(group, root)
     opts.sort(key=lambda o: (order.get(o, len(order)), o))
     return [(o, describe(group, o, root)) for o in opts]
 
@@ -126,7 +132,7 @@ def show(group: str, option: str | None = None, root: Path | None = None) -> str
             raise ConfigError("NAME", None, opts, f"{group} has no default option: name one")
     if option not in opts:
         raise ConfigError(group, option, opts, f"unknown {group}")
-    path = root / group / f"{option}.yaml"
+    path = config.option_path(group, option, root)
     if group in config.PRESETS:  # a preset: the overrides it applies, as written
         return f"+{group}={option}  ({path})\n{describe(group, option, root)}\n\n" + path.read_text().rstrip()
     values = config._option_defaults(group, option, root)

@@ -28,7 +28,7 @@ import torch.nn.functional as Fn
 
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.models import MODELS, softmax_residual_t
+from cocoef_cli.models import MODELS, Model, softmax_residual_t
 from cocoef_cli.sim.rng import SeedRNG
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -53,7 +53,7 @@ def _int_list(cfg: Mapping, key: str, allow_empty: bool = True) -> list[int]:
     return [int(h) for h in v]
 
 
-class Network:
+class Network(Model):
     """Base of the networks: flat θ ↔ layer tensors, initialisation, softmax cross-entropy."""
 
     task = "classification"

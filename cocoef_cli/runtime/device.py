@@ -38,7 +38,7 @@ from cocoef_cli.runtime import transport as tp
 from cocoef_cli.runtime.options import TOKEN_ENV, TOKEN_HOW, env_token
 from cocoef_cli.runtime.wire import HEADER, CompressorStandIn, codec_for, frame, header, message_nbytes
 from cocoef_cli.sim.compressors import build_compressor
-from cocoef_cli.sim.methods import METHODS
+from cocoef_cli.sim.methods import build_method, method_class
 from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
@@ -119,10 +119,10 @@ class Device:
         seed = setup["seed"]
         self.C = build_compressor(setup["comp_cfg"], self.D)
         self.codec = codec_for(self.C, self.dtype)
-        cls = METHODS.get(cfg["method"]["name"])
+        cls = method_class(cfg)
         self.crng = SliceRNG(SeedRNG([seed], "compressor"), self.M, [self.i])
         self.capture = Capture(self.C)
-        self.method = cls(cfg["method"], self.capture, 1, 1, self.D, self.dtype, torch.device("cpu"), self.crng)
+        self.method = build_method(cfg, self.capture, 1, 1, self.D, self.dtype, torch.device("cpu"), self.crng)
         self.states = cls.state_names
         self.draws_keys = cls.compresses and self.C.randomized  # one (M, D) draw per step
         self.obj = shard_objective(cfg, setup["shard"], arrays, self.dtype)

@@ -26,7 +26,13 @@ from cocoef_cli.data import Dataset, load_dataset, partition_indices
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
 from cocoef_cli.sim.codes import CodedSum, allocate, build_code
-from cocoef_cli.sim.methods import METHODS, Method, build_message_compressor, message_compressor_config
+from cocoef_cli.sim.methods import (
+    Method,
+    build_message_compressor,
+    build_method,
+    message_compressor_config,
+    method_class,
+)
 from cocoef_cli.sim.rng import SeedRNG
 from cocoef_cli.sim.stragglers import build_straggler
 
@@ -99,7 +105,7 @@ def build_experiment(cfg: Mapping) -> Experiment:
     device = resolve_device(cfg["device"])
     R, M = int(cfg["seeds"]), int(cfg["devices"])
     seeds = [int(cfg["seed"]) + r for r in range(R)]
-    method_cls = METHODS.get(cfg["method"]["name"])
+    method_cls = method_class(cfg)
 
     data = load_dataset(cfg["dataset"])
     model = build_model(cfg["model"], data)
@@ -122,9 +128,7 @@ def build_experiment(cfg: Mapping) -> Experiment:
             dtype,
             device,
         )
-        method = method_cls(
-            cfg["method"], compressor, R, 1, model.D, dtype, device, SeedRNG(seeds, "compressor", device)
-        )
+        method = build_method(cfg, compressor, R, 1, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
         labels.update(code="none", compressor="none", straggler="none", d=None, p=0.0)
         return Experiment(
             cfg, seeds, data, objective, method, labels, f_star=objective.f_star(), dtype=dtype, device=device
@@ -147,7 +151,7 @@ def build_experiment(cfg: Mapping) -> Experiment:
         batch_size=batch,
         batch_rng=SeedRNG(seeds, "batch", device) if batch else None,
     )
-    method = method_cls(cfg["method"], compressor, R, M, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
+    method = build_method(cfg, compressor, R, M, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
     labels.update(code=code.name, straggler=cfg["straggler"]["name"], d=code.d, p=straggler.mean_p())
     return Experiment(
         cfg,
