@@ -202,6 +202,8 @@ def unknown_key(dotted: str, value: Any, cfg: dict, root: Path | None = None) ->
             if far
             else None
         )
+        if TARGET in (cfg.get(group) or {}):  # a plugin: its keys are its __init__'s, added with +
+            hint = f"a key of its _target_ class is added with +{dotted}={value}"
         return ConfigError(
             dotted, value, accepted or f"none ({group}={name} has no keys)", f"unknown key of {group}={name}", hint
         )

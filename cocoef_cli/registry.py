@@ -7,6 +7,8 @@ dotted path of a class importable from the working directory or ``PYTHONPATH``
 public base (:attr:`Registry.base`) and is built as ``cls(*needs, **keys)``: what its kind always
 needs (e.g. D for a compressor) positionally, then the group's keys as keyword arguments (all
 but ``name``, ``_target_`` and the kind's :attr:`Registry.common` keys, which the framework reads).
+A registered entry whose group also has a ``_target_`` (e.g. ``model=module``, a factory path)
+is a built-in: it reads its ``_target_`` itself.
 """
 
 from __future__ import annotations
@@ -76,9 +78,14 @@ class Registry(Generic[T]):
         except KeyError:
             raise ConfigError(self.kind, name, self.names(), f"unknown {self.kind}") from None
 
+    def plugin(self, cfg: Mapping[str, Any]) -> bool:
+        """True when ``cfg`` selects a ``_target_`` class: it has one and its ``name`` is not a
+        registered entry (a registered one, e.g. ``model=module``, reads its ``_target_`` itself)."""
+        return TARGET in cfg and cfg.get("name") not in self._items
+
     def entry(self, cfg: Mapping[str, Any]) -> T:
         """The factory of the group ``cfg``: its ``_target_`` (imported, checked) or its ``name``."""
-        if TARGET not in cfg:
+        if not self.plugin(cfg):
             return self.get(cfg.get("name"))
         key = f"{self.kind}.{TARGET}"
         obj = import_target(key, cfg[TARGET])
@@ -98,7 +105,7 @@ class Registry(Generic[T]):
         """The component of the group ``cfg``: ``builtin(registered factory)`` for a name, or
         ``cls(*needs, **keys)`` for a ``_target_`` (a key its constructor does not take, or a
         ValueError/TypeError it raises, is a ConfigError naming the key)."""
-        if TARGET not in cfg:
+        if not self.plugin(cfg):
             return builtin(self.get(cfg.get("name")))
         cls: Any = self.entry(cfg)
         keys = self.keys(cfg)

@@ -270,6 +270,21 @@ def test_plugins_in_every_launcher(plugdir, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(frames["basic"], frames["submitit_local"])
 
 
+def test_a_registered_name_reads_its_own_target():
+    """A built-in entry whose group has a _target_ (e.g. a factory path) is built by its own code."""
+    from cocoef_cli.registry import Registry
+
+    reg = Registry("thing", base=int)
+
+    @reg.register("builtin")
+    class Builtin:
+        pass
+
+    cfg = {"name": "builtin", "_target_": "not.imported", "width": 3}
+    assert reg.build(cfg, builtin=lambda cls: cls) is Builtin and not reg.plugin(cfg)
+    assert reg.plugin({"name": "custom", "_target_": "x.Y"})
+
+
 def test_a_config_dir_with_config_yaml_still_replaces_the_tree(tmp_path):
     import shutil
 
