@@ -31,8 +31,8 @@ ConfigDirOpt = typer.Option(
     None,
     "--config-dir",
     envvar="COCOEF_CONFIG_DIR",
-    help="A folder of extra options (<group>/<option>.yaml) added to the package's conf/ tree; "
-    "one holding config.yaml replaces that tree (docs/plugins.md).",
+    help="A folder of extra options (<group>/<option>.yaml) added to the package's own conf/ folder; "
+    "one holding config.yaml replaces it (docs/plugins.md).",
 )
 
 

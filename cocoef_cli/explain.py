@@ -140,9 +140,14 @@ def show(group: str, option: str | None = None, root: Path | None = None) -> str
     name = values.get("name", option)
     reg = registry(group)
     doc = inspect.cleandoc(reg.get(name).__doc__ or "") if reg is not None and name in reg else ""
+    if values.get(TARGET) and not doc:  # a plugin: its class's docstring, when it imports
+        try:
+            doc = inspect.cleandoc(import_target(f"{group}.{TARGET}", values[TARGET]).__doc__ or "")
+        except ConfigError:
+            doc = ""
     head = describe(group, option, root)
     lines = [f"{group}={option}  ({path}" + (f"; component {name})" if name != option else ")")]
-    if head and not (doc and head == summary(reg.get(name))):  # else the docstring starts with it
+    if head and not (doc and head == " ".join(doc.split("\n\n")[0].split())):  # else the docstring starts with it
         lines.append(head)
     lines += [doc, ""] if doc else [""]
     keys = [k for k in values if k != "name"]
