@@ -53,19 +53,30 @@ def config_dir(explicit: str | os.PathLike | None = None) -> Path:
     """The config root: ``--config-dir`` (a folder), else :func:`builtin_dir`.
 
     A ``--config-dir`` holding ``config.yaml`` replaces the built-in tree; one without it extends
-    it (:func:`layers`): its ``<group>/<option>.yaml`` files are options next to the built-in ones
-    (a file of the same name wins)."""
+    it (:func:`layers`): its ``<group>/<option>.yaml`` files are options next to the built-in ones,
+    under names of their own (Hydra would take the built-in file of the same name: an error)."""
     if explicit is None:
         return builtin_dir()
-    if not Path(explicit).is_dir():
+    root = Path(explicit)
+    if not root.is_dir():
         raise ConfigError(
             "--config-dir", str(explicit), "an existing folder (config.yaml in it replaces conf/)", "no such folder"
         )
-    return Path(explicit).resolve()
+    if not (root / "config.yaml").is_file():
+        base = builtin_dir()
+        for path in sorted(root.glob("*/*.yaml")):
+            if (base / path.parent.name / path.name).is_file():
+                raise ConfigError(
+                    "--config-dir",
+                    str(explicit),
+                    f"option files of names of their own (rename {path.parent.name}/{path.name}), or a full tree with config.yaml",
+                    f"{path.parent.name}/{path.name} has the name of a built-in option",
+                )
+    return root.resolve()
 
 
 def layers(root: Path | None = None) -> list[Path]:
-    """The folders searched for options, first wins: ``root`` alone when it holds config.yaml (a
+    """The folders searched for options (their names are distinct, :func:`config_dir`): ``root`` alone when it holds config.yaml (a
     full config tree), else ``root`` then the built-in tree (a user folder of extra options)."""
     root = Path(root) if root else builtin_dir()
     return [root] if (root / "config.yaml").is_file() else [root, builtin_dir()]

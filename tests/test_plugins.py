@@ -297,6 +297,11 @@ def test_a_config_dir_with_config_yaml_still_replaces_the_tree(tmp_path):
 
     assert config.layers(conf) == [conf.resolve()]
     assert config.options("straggler", conf) == ["bernoulli"]  # the built-in tree is not searched
+    shadow = tmp_path / "shadow" / "compressor"
+    shadow.mkdir(parents=True)
+    (shadow / "topk.yaml").write_text("name: topk\nratio: 0.5\n")
+    res = runner.invoke(app, ["run", "--config-dir", str(shadow.parent), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "compressor/topk.yaml has the name of a built-in option" in res.stderr
 
 
 def test_import_is_light_and_exports_the_base_classes():
