@@ -31,7 +31,8 @@ ConfigDirOpt = typer.Option(
     None,
     "--config-dir",
     envvar="COCOEF_CONFIG_DIR",
-    help="Config root holding config.yaml (default: the package's own conf/ folder).",
+    help="A folder of extra options (<group>/<option>.yaml) added to the package's own conf/ folder; "
+    "one holding config.yaml replaces it (docs/plugins.md).",
 )
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from cocoef_cli.checks import need_bool, need_choice, need_int, need_num
 from cocoef_cli.errors import ConfigError, closest
+from cocoef_cli.registry import TARGET
 
 GROUPS = ("method", "code", "compressor", "straggler", "dataset", "model", "optim", "network", "runtime")
 OPTIONAL_GROUPS = ("logger",)  # absent from configs recorded before it existed; never part of run_id
@@ -37,23 +38,65 @@ DEVICES = ("cpu", "cuda", "auto")
 RUNTIMES = ("simulator", "torch_distributed")
 
 
-def config_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The config root: ``--config-dir``, else $COCOEF_CONFIG_DIR, else ``conf/`` beside the package
+def builtin_dir() -> Path:
+    """The package's own config tree: $COCOEF_CONFIG_DIR, else ``conf/`` beside the package
     (editable install), else the copy a wheel installs under <prefix>/share/cocoef/conf."""
     env = os.environ.get("COCOEF_CONFIG_DIR")
     here = Path(__file__).resolve().parent
     shipped = Path(sys.prefix) / "share" / "cocoef" / "conf"  # data-files of an installed wheel
-    for cand in (explicit, env, here.parent / "conf", shipped):
+    for cand in (env, here.parent / "conf", shipped):
         if cand and (Path(cand) / "config.yaml").is_file():
             return Path(cand).resolve()
-    where = explicit or env or here.parent / "conf"
-    raise ConfigError("--config-dir", str(where), "a folder holding config.yaml", "no config found")
+    raise ConfigError(
+        "--config-dir", str(env or here.parent / "conf"), "a folder holding config.yaml", "no config found"
+    )
+
+
+def config_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The config root: ``--config-dir`` (a folder), else :func:`builtin_dir`.
+
+    A ``--config-dir`` holding ``config.yaml`` replaces the built-in tree; one without it extends
+    it (:func:`layers`): its ``<group>/<option>.yaml`` files are options next to the built-in ones,
+    under names of their own (Hydra would take the built-in file of the same name: an error)."""
+    if explicit is None:
+        return builtin_dir()
+    root = Path(explicit)
+    if not root.is_dir():
+        raise ConfigError(
+            "--config-dir", str(explicit), "an existing folder (config.yaml in it replaces conf/)", "no such folder"
+        )
+    if not (root / "config.yaml").is_file():
+        base = builtin_dir()
+        for path in sorted(root.glob("*/*.yaml")):
+            if (base / path.parent.name / path.name).is_file():
+                raise ConfigError(
+                    "--config-dir",
+                    str(explicit),
+                    f"option files of names of their own (rename {path.parent.name}/{path.name}), or a full tree with config.yaml",
+                    f"{path.parent.name}/{path.name} has the name of a built-in option",
+                )
+    return root.resolve()
+
+
+def layers(root: Path | None = None) -> list[Path]:
+    """The folders searched for options (their names are distinct, :func:`config_dir`): ``root`` alone when it holds config.yaml (a
+    full config tree), else ``root`` then the built-in tree (a user folder of extra options)."""
+    root = Path(root) if root else builtin_dir()
+    return [root] if (root / "config.yaml").is_file() else [root, builtin_dir()]
+
+
+def option_path(group: str, name: Any, root: Path | None = None) -> Path | None:
+    """The YAML file of option ``name`` of ``group`` (group ".": the root config), None if none."""
+    for layer in layers(root):
+        path = layer / group / f"{name}.yaml"
+        if path.is_file():
+            return path
+    return None
 
 
 def options(group: str, root: Path | None = None) -> list[str]:
-    """The options of a config group: the YAML files in ``conf/<group>/``."""
-    root = root or config_dir()
-    return sorted(p.stem for p in (root / group).glob("*.yaml"))
+    """The options of a config group: the YAML files in ``<layer>/<group>/`` of every layer."""
+    return sorted({p.stem for layer in layers(root) for p in (layer / group).glob("*.yaml")})
 
 
 def compose(overrides: Sequence[str] = (), root: str | os.PathLike | None = None, name: str = "config") -> dict:
@@ -118,18 +161,40 @@ def _register_resolver() -> None:
 _register_resolver()
 
 
+def searchpath(root: Path) -> list[str]:
+    """The Hydra override that adds a user folder of options to the built-in tree (none for a
+    full config tree), for the config dir ``layers(root)[-1]``."""
+    extra = layers(root)[:-1]
+    return [f"hydra.searchpath=[{','.join('file://' + str(p) for p in extra)}]"] if extra else []
+
+
 def _hydra_compose(root: Path, name: str, overrides: Sequence[str]) -> dict:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
-            cfg = hydra_compose(name, overrides=list(overrides))
+        with initialize_config_dir(config_dir=str(layers(root)[-1]), version_base="1.3"):
+            cfg = hydra_compose(name, overrides=[*overrides, *searchpath(root)], return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
-    return resolve(cfg, root)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    out = resolve(cfg, root)
+    assert isinstance(choices, dict)
+    return named(out, choices)
+
+
+def named(cfg: dict, choices: dict) -> dict:
+    """``cfg`` with ``name`` set to the selected option (Hydra's ``runtime.choices``) in the groups
+    whose option file leaves it out (a plugin's file of a user folder need not repeat it)."""
+    for g in ALL_GROUPS:
+        if isinstance(cfg.get(g), dict) and "name" not in cfg[g] and choices.get(g):
+            cfg[g] = {"name": choices[g], **cfg[g]}
+    return cfg
 
 
 def override_key(override: str) -> str:
@@ -194,7 +259,7 @@ def unknown_key(dotted: str, value: Any, cfg: dict, root: Path | None = None) ->
     if key and group in ALL_GROUPS:
         name = (cfg.get(group) or {}).get("name")
         accepted = [f"{group}.{k}" for k in group_keys(group, name, root)]
-        others = {o: group_keys(group, o, root) for o in options(group, root or config_dir()) if o != name}
+        others = {o: group_keys(group, o, root) for o in options(group, root) if o != name}
         owners = [o for o, keys in others.items() if key in keys]
         near = closest(key, group_keys(group, name, root))
         far = closest(key, [k for keys in others.values() for k in keys])
@@ -209,6 +274,8 @@ def unknown_key(dotted: str, value: Any, cfg: dict, root: Path | None = None) ->
             if far
             else None
         )
+        if TARGET in (cfg.get(group) or {}):  # a plugin: its keys are its __init__'s, added with +
+            hint = f"a key of its _target_ class is added with +{dotted}={value}"
         return ConfigError(
             dotted, value, accepted or f"none ({group}={name} has no keys)", f"unknown key of {group}={name}", hint
         )
@@ -227,7 +294,8 @@ def _check_declared(cfg: dict, root: Path | None) -> None:
     for k in cfg:
         if k not in top:
             raise unknown_key(k, cfg[k], cfg, root)
-    for g in (g for g in ALL_GROUPS if isinstance(cfg.get(g), dict)):
+    for g in (g for g in ALL_GROUPS if isinstance(cfg.get(g), dict) and TARGET not in cfg[g]):
+        # (a _target_ group's keys are checked against its class's __init__ when it is built)
         declared = _option_defaults(g, cfg[g].get("name"), root)
         for k in cfg[g]:
             if declared and k not in declared:
@@ -336,8 +404,8 @@ def _option_defaults(group: str, name: Any, root: Path | None) -> dict:
     try:
         import yaml
 
-        path = (root or config_dir()) / group / f"{name}.yaml"  # group ".": the root config
-        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+        path = option_path(group, name, root)  # group ".": the root config
+        data = yaml.safe_load(path.read_text()) if path else None
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError, ConfigError):
         return {}

@@ -32,15 +32,23 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import stream_seed
 
-#: name → loader(cfg), returning a :class:`Loaded` or a plain ``(X, y, task)`` tuple
-DATASETS: Registry[Callable[[Mapping], Loaded | tuple[np.ndarray, np.ndarray, str]]] = Registry("dataset")
+# a dataset's _target_ is any callable f(**keys) → Loaded or (X, y, task); these keys are the framework's
+SPLIT_KEYS = ("seed", "test_fraction", "standardize", "official_split", "partition", "alpha")
+DATASETS: Registry[Callable[..., Loaded | tuple[np.ndarray, np.ndarray, str]]] = Registry("dataset", common=SPLIT_KEYS)
 PARTITIONS = ("iid", "label_sorted", "dirichlet")
 
 
 @dataclass
 class Loaded:
     """What a registry loader may return instead of a plain ``(X, y, task)`` tuple: an official
-    test split (``X_test``, ``y_test``) and/or the image ``shape`` (C, H, W) of the flat features."""
+    test split (``X_test``, ``y_test``) and/or the image ``shape`` (C, H, W) of the flat features.
+
+    A dataset plugin (``dataset=custom dataset._target_=pkg.mod.load``) is a function (or class)
+    called with its YAML keys as keyword arguments (the split keys ``seed``, ``test_fraction``,
+    ``standardize``, ``partition``, ``alpha`` are the framework's) returning ``Loaded`` or
+    ``(X, y, task)``: X (n, f) features, y (n,) targets (class labels or real values), task
+    "classification" or "regression". The split, standardisation and partitioning are then
+    the built-ins' (:func:`build_dataset`, :func:`partition_indices`)."""
 
     X: np.ndarray
     y: np.ndarray
@@ -122,7 +130,7 @@ def build_dataset(cfg: Mapping) -> Dataset:
     split, see the module docstring); standardise with training statistics when
     ``dataset.standardize``: x ← (x − mean_train) / sd_train per feature (sd 0 → 1)."""
     name = cfg.get("name")
-    raw = DATASETS.get(name)(cfg)
+    raw = DATASETS.build(cfg, builtin=lambda load: load(cfg))  # a _target_: f(**keys)
     if isinstance(raw, tuple) and len(raw) == 3:
         raw = Loaded(*raw)
     if not isinstance(raw, Loaded):

@@ -16,7 +16,7 @@ from typing import Any
 
 from cocoef_cli import config
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.registry import Registry, summary
+from cocoef_cli.registry import TARGET, Registry, import_target, summary
 
 # `cocoef list` also takes the plural of a group (codes, compressors, ...)
 LISTABLE = (*config.ALL_GROUPS, *config.PRESETS)
@@ -81,11 +81,17 @@ def _comments(path: Path) -> tuple[str, dict[str, str]]:
 def describe(group: str, option: str, root: Path | None = None) -> str:
     """One line: the option file's leading comment, else its component's docstring summary, else
     the comment beside its ``name`` key."""
-    path = config.config_dir(root) / group / f"{option}.yaml"
-    head, keys = _comments(path)
+    path = config.option_path(group, option, root)
+    head, keys = _comments(path) if path else ("", {})
     if head:
         return head
-    reg, name = registry(group), config._option_defaults(group, option, root).get("name", option)
+    values = config._option_defaults(group, option, root)
+    reg, name = registry(group), values.get("name", option)
+    if values.get(TARGET):  # a plugin: its class's docstring
+        try:
+            return summary(import_target(f"{group}.{TARGET}", values[TARGET])) or values[TARGET]
+        except ConfigError as e:
+            return f"{values[TARGET]} ({e.reason})"
     if reg is not None and name in reg:
         return summary(reg.get(name))
     return keys.get("name", "")
@@ -96,7 +102,7 @@ def listing(group: str, root: Path | None = None) -> list[tuple[str, str]]:
     order, then the other files (plugins) by name."""
     reg = registry(group)
     order = {n: i for i, n in enumerate(reg.names())} if reg is not None else {}
-    opts = config.options(group, config.config_dir(root))
+    opts = config.options(group, root)
     opts.sort(key=lambda o: (order.get(o, len(order)), o))
     return [(o, describe(group, o, root)) for o in opts]
 
@@ -127,7 +133,9 @@ def show(group: str, option: str | None = None, root: Path | None = None) -> str
             raise ConfigError("NAME", None, opts, f"{group} has no default option: name one")
     if option not in opts:
         raise ConfigError(group, option, opts, f"unknown {group}")
-    path = root / group / f"{option}.yaml"
+    path = config.option_path(group, option, root)
+    if path is None:
+        raise ConfigError(group, option, opts, f"unknown {group}")
     if group in config.PRESETS:  # a preset: the overrides it applies, as written
         return f"+{group}={option}  ({path})\n{describe(group, option, root)}\n\n" + path.read_text().rstrip()
     values = config._option_defaults(group, option, root)
@@ -139,9 +147,14 @@ def show(group: str, option: str | None = None, root: Path | None = None) -> str
     name = values.get("name", option)
     reg = registry(group)
     doc = inspect.cleandoc(reg.get(name).__doc__ or "") if reg is not None and name in reg else ""
+    if values.get(TARGET) and not doc:  # a plugin: its class's docstring, when it imports
+        try:
+            doc = inspect.cleandoc(import_target(f"{group}.{TARGET}", values[TARGET]).__doc__ or "")
+        except ConfigError:
+            doc = ""
     head = describe(group, option, root)
     lines = [f"{group}={option}  ({path}" + (f"; component {name})" if name != option else ")")]
-    if head and not (doc and head == summary(reg.get(name))):  # else the docstring starts with it
+    if head and not (doc and head == " ".join(doc.split("\n\n")[0].split())):  # else the docstring starts with it
         lines.append(head)
     lines += [doc, ""] if doc else [""]
     keys = [k for k in values if k != "name"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,14 +21,14 @@ import torch.nn.functional as Fn
 
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.nets import CNN, MLP, softmax_residual_t
+from cocoef_cli.nets import CNN, MLP, Model, softmax_residual_t
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
 
-MODELS: Registry[Any] = Registry("model")  # GLM subclasses here, nets.Network ones (duck-typed alike)
+MODELS: Registry[type[Model]] = Registry("model", Model, common=("l2",))  # GLMs here, the networks of nets.py
 
 
-class GLM:
+class GLM(Model):
     """Base of the closed-form models: logits Z = X̃ Wᵀ with W of shape (C, f̃) (class-major, as
     torch.nn.Linear.weight with the bias as its last column), θ = vec(W)."""
 
@@ -199,16 +198,17 @@ MODELS.register("mlp")(MLP)
 MODELS.register("cnn")(CNN)
 
 
-def build_model(cfg: Mapping, data: Dataset) -> GLM:
-    """Instantiate ``model.name`` for ``data`` (checks the model suits the dataset's task)."""
-    cls = MODELS.get(cfg.get("name"))
+def build_model(cfg: Mapping, data: Dataset) -> Model:
+    """Instantiate ``model.name`` (or its ``_target_``, as ``cls(data, **keys)``) for ``data``
+    (checks the model suits the dataset's task)."""
+    cls = MODELS.entry(cfg)
     if cls.task == "regression" and data.task != "regression":
         raise ConfigError(
             "model", cfg.get("name"), "logistic, softmax", f"dataset {data.name} is a classification task"
         )
     if cls.task == "classification" and data.task != "classification":
         raise ConfigError("model", cfg.get("name"), "linear", f"dataset {data.name} is a regression task")
-    return cls(cfg, data)
+    return MODELS.build(cfg, data, builtin=lambda cls: cls(cfg, data))  # type: ignore[call-arg]  # built-ins take (cfg, data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ class Objective:
 
     def __init__(
         self,
-        model: GLM,
+        model: Model,
         data: Dataset,
         parts: np.ndarray,
         l2: float,

@@ -62,7 +62,83 @@ def _int_list(cfg: Mapping, key: str, allow_empty: bool = True) -> list[int]:
     return [int(h) for h in v]
 
 
-class Network:
+class Model:
+    """Base of every model: D parameters θ (one flat vector per replicate, (R, D)) and a loss ℓ.
+
+    A plugin (``model=custom model._target_=pkg.mod.MyModel``) subclasses it with
+    ``__init__(self, data, **keys)`` (data: the :class:`~cocoef_cli.data.Dataset`, with
+    ``features``, ``n_classes``, ``task``, ``shape``; keys its own YAML keys; ``model.l2`` is read
+    by the framework), sets ``self.D`` (and ``self.C``, the number of outputs), the class flag
+    ``task`` ("classification" or "regression", checked against the dataset), and implements
+    ``forward(self, theta, X)`` → Z (n, C): the outputs of ONE replicate, theta (D,), X (n, f).
+    The rest has defaults built on ``forward`` (override for speed):
+
+    * ``logits(theta (R, D), X (n, f) or (R, ..., f))`` → Z (R, ..., C), vmap of ``forward``;
+    * ``losses(Z, Y)`` per sample: cross-entropy logsumexp(z) − z_y (classification) or
+      ½(z − y)² (regression); ``correct(Z, Y)`` 1[argmax z = y] (None for regression);
+    * ``weighted_grads(theta, Xp, Yp, Wp, out=None)``: per partition Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}),
+      Xp (R, N, B, f), Yp / Wp (R, N, B), as ``[G]`` with G (R, N, D) (``torch.func``: grad,
+      vmapped over the partitions and the replicates; padding rows have w = 0);
+    * ``init(rng, dtype)`` θ⁰ = 0, (R, D); ``features(X)`` = X; ``full_grad`` (1/n) Σ_s ∇ℓ_s.
+    """
+
+    task = "classification"
+    D: int  # the number of parameters (an attribute, or a property in a subclass)
+
+    def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def features(self, X: torch.Tensor) -> torch.Tensor:
+        return X
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return (self.D,)
+
+    def init(self, rng: SeedRNG, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(rng.R, self.D, dtype=dtype, device=rng.device)
+
+    def logits(self, theta: torch.Tensor, Xf: torch.Tensor) -> torch.Tensor:
+        if Xf.dim() == 2:
+            return torch.func.vmap(self.forward, in_dims=(0, None))(theta, Xf)
+        R = theta.shape[0]
+        Z = torch.func.vmap(self.forward)(theta, Xf.reshape(R, -1, Xf.shape[-1]))
+        return Z.reshape(*Xf.shape[:-1], Z.shape[-1])
+
+    def losses(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        if self.task == "regression":
+            return 0.5 * (Z.squeeze(-1) - Y) ** 2
+        return torch.logsumexp(Z, -1) - Z.gather(-1, Y.expand(Z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+    def correct(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor | None:
+        return None if self.task == "regression" else (Z.argmax(-1) == Y).to(Z.dtype)
+
+    def _weighted_loss(self, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """Σ_b w_b ℓ(θ; x_b, y_b) for one replicate and one partition."""
+        return (W * self.losses(self.forward(theta, X), Y)).sum()
+
+    def weighted_grads(
+        self,
+        theta: torch.Tensor,
+        Xp: torch.Tensor,
+        Yp: torch.Tensor,
+        Wp: torch.Tensor,
+        out: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        g = torch.func.grad(self._weighted_loss)
+        G = torch.func.vmap(torch.func.vmap(g, in_dims=(None, 0, 0, 0)))(theta, Xp, Yp, Wp)  # (R, N, D)
+        if out is None:
+            return [G]
+        out[0].copy_(G)
+        return out
+
+    def full_grad(self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        R, n = theta.shape[0], Xf.shape[0]
+        W = torch.full((R, 1, n), 1.0 / n, dtype=theta.dtype, device=theta.device)
+        return self.weighted_grads(theta, Xf.expand(R, 1, *Xf.shape), Y.expand(R, 1, n), W)[0][:, 0]
+
+
+class Network(Model):
     """Base of the networks: flat θ ↔ layer tensors, initialisation, softmax cross-entropy."""
 
     task = "classification"
@@ -84,7 +160,7 @@ class Network:
         self.params.append((name, tuple(int(s) for s in shape), fan_in, fan_out))
 
     @property
-    def D(self) -> int:
+    def D(self) -> int:  # type: ignore[override]  # derived from the layers: read-only here
         return sum(math.prod(s) for _, s, _, _ in self.params)
 
     @property

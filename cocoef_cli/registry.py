@@ -1,14 +1,30 @@
-"""A tiny name → factory registry, one per kind of component (codes, compressors, ...)."""
+"""A tiny name → factory registry, one per kind of component (codes, compressors, ...), and the
+one place where a ``_target_`` (a class from outside the package) is resolved and built.
+
+A config group selects its component by ``name`` (a registered built-in) or by ``_target_``, the
+dotted path of a class importable from the working directory or ``PYTHONPATH``
+(``compressor._target_=mypkg.mod.MyCompressor``). A ``_target_`` class must subclass the kind's
+public base (:attr:`Registry.base`) and is built as ``cls(*needs, **keys)``: what its kind always
+needs (e.g. D for a compressor) positionally, then the group's keys as keyword arguments (all
+but ``name``, ``_target_`` and the kind's :attr:`Registry.common` keys, which the framework reads).
+A registered entry whose group also has a ``_target_`` (e.g. ``model=module``, a factory path)
+is a built-in: it reads its ``_target_`` itself.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable
-from typing import Generic, TypeVar
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
-from cocoef_cli.errors import ConfigError
+from cocoef_cli.errors import ConfigError, closest
 
 T = TypeVar("T")
+
+TARGET = "_target_"
 
 
 def summary(obj: object) -> str:
@@ -17,11 +33,34 @@ def summary(obj: object) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
-class Registry(Generic[T]):
-    """Maps a config name (e.g. ``topk``) to a factory; :meth:`describe` lists (name, summary)."""
+def import_target(key: str, path: Any) -> Any:
+    """The object at the dotted ``path`` (``pkg.mod.Name``); ConfigError naming ``key`` otherwise."""
+    accepted = "a dotted path pkg.module.Name importable from the working directory or PYTHONPATH"
+    if not isinstance(path, str) or "." not in path.strip("."):
+        raise ConfigError(key, path, accepted, "not set" if path is None else "not a dotted path")
+    module, _, attr = path.rpartition(".")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the console script's path lacks the cwd
+        sys.path.append(os.getcwd())
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(key, path, accepted, f"cannot import {module} ({e})") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        names = [n for n, v in vars(mod).items() if inspect.isclass(v) and getattr(v, "__module__", "") == module]
+        raise ConfigError(key, path, [f"{module}.{n}" for n in names], f"module {module} has no {attr}") from None
 
-    def __init__(self, kind: str):
+
+class Registry(Generic[T]):
+    """Maps a config name (e.g. ``topk``) to a factory; :meth:`describe` lists (name, summary).
+
+    ``base``: the class a ``_target_`` must subclass (None: any callable); ``common``: group keys
+    the framework reads itself, never passed to a ``_target_``'s constructor."""
+
+    def __init__(self, kind: str, base: type | None = None, common: tuple[str, ...] = ()):
         self.kind = kind  # the config group, e.g. "compressor"
+        self.base, self.common = base, common
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -38,6 +77,68 @@ class Registry(Generic[T]):
         if isinstance(name, str) and name in self._items:
             return self._items[name]
         raise ConfigError(self.kind, name, self.names(), f"unknown {self.kind}")
+
+    def plugin(self, cfg: Mapping[str, Any]) -> bool:
+        """True when ``cfg`` selects a ``_target_`` class: it has one and its ``name`` is not a
+        registered entry (a registered one, e.g. ``model=module``, reads its ``_target_`` itself)."""
+        return TARGET in cfg and cfg.get("name") not in self._items
+
+    def entry(self, cfg: Mapping[str, Any]) -> T:
+        """The factory of the group ``cfg``: its ``_target_`` (imported, checked) or its ``name``."""
+        if not self.plugin(cfg):
+            return self.get(cfg.get("name"))
+        key = f"{self.kind}.{TARGET}"
+        obj = import_target(key, cfg[TARGET])
+        base = self.base
+        if base is not None and not (inspect.isclass(obj) and issubclass(obj, base)):
+            what = f"a subclass of cocoef_cli.{base.__name__}"
+            raise ConfigError(key, cfg[TARGET], what, f"not a subclass of {base.__name__}")
+        if base is None and not callable(obj):
+            raise ConfigError(key, cfg[TARGET], "a class or function", "not callable")
+        return obj
+
+    def keys(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of a ``_target_``: the group's keys but name, _target_ and :attr:`common`."""
+        return {k: v for k, v in cfg.items() if k not in ("name", TARGET, *self.common)}
+
+    def build(self, cfg: Mapping[str, Any], *needs: Any, builtin: Callable[[T], Any]) -> Any:
+        """The component of the group ``cfg``: ``builtin(registered factory)`` for a name, or
+        ``cls(*needs, **keys)`` for a ``_target_`` (a key its constructor does not take, or a
+        ValueError/TypeError it raises, is a ConfigError naming the key)."""
+        if not self.plugin(cfg):
+            return builtin(self.get(cfg.get("name")))
+        cls: Any = self.entry(cfg)
+        keys = self.keys(cfg)
+        try:
+            sig = inspect.signature(cls)
+        except (TypeError, ValueError):  # no signature (a builtin callable): just call it
+            sig = None
+        if sig is not None:
+            params = list(sig.parameters.values())
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                named = [p.name for p in params[len(needs) :] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+                for k, v in keys.items():
+                    if k not in named:
+                        accepted = [f"{self.kind}.{n}" for n in named] or f"none ({cfg[TARGET]} takes no keys)"
+                        near = closest(k, named)
+                        hint = f"did you mean {self.kind}.{near}?" if near else None
+                        raise ConfigError(f"{self.kind}.{k}", v, accepted, f"not a key of {cfg[TARGET]}", hint)
+            try:
+                sig.bind(*needs, **keys)
+            except TypeError as e:
+                raise ConfigError(f"{self.kind}.{TARGET}", cfg[TARGET], "the keys its __init__ takes", str(e)) from None
+        try:
+            return cls(*needs, **keys)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            given = ", ".join(f"{self.kind}.{k}={v!r}" for k, v in keys.items()) or "no keys"
+            raise ConfigError(
+                f"{self.kind}.{TARGET}",
+                cfg[TARGET],
+                f"values its __init__ accepts (given: {given})",
+                f"{type(e).__name__}: {e}",
+            ) from None
 
     def names(self) -> list[str]:
         return list(self._items)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -135,8 +136,13 @@ def _task(cfg: DictConfig) -> str:
 
     runtime = HydraConfig.get().runtime
     out = Path(runtime.output_dir)
-    root = next((s.path for s in runtime.config_sources if s.provider == "main"), None)  # the sweep's root
+    # the sweep's root: a user folder of options on the search path, else the main config dir
+    sources = {s.provider: s.path for s in runtime.config_sources if s.schema == "file"}
+    root = sources.get("command-line", sources.get("main"))
     plain = config.resolve(cfg, root)
+    choices = OmegaConf.to_container(runtime.choices)
+    assert isinstance(choices, dict)
+    plain = config.named(plain, choices)
     rid = run_id(plain)
     if already_done(out, rid) is not None:
         return "skipped"
@@ -258,7 +264,7 @@ def plan(
         if jobs < 1 and not (launcher == "joblib" and jobs == -1):
             raise ConfigError("--jobs", jobs, "integers ≥ 1 (-1: all cores, joblib)", "out of range")
     task_ovs, hydra_ovs = _split_overrides(config.canonical(overrides))
-    hydra_ovs = [f"hydra/launcher={launcher}", *hydra_ovs]
+    hydra_ovs = [f"hydra/launcher={launcher}", *hydra_ovs, *config.searchpath(root)]
     if jobs is not None:
         hydra_ovs.append(f"{JOBS_KEY[launcher]}={jobs}")
     exp_ovs = [] if experiment == NO_PRESET else [f"+experiment={experiment}"]
@@ -279,7 +285,7 @@ def plan(
     plain_user = [str(o.input_line) for o in parsed_user if not o.is_sweep_override()]  # set by the parser
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config.layers(root)[-1]), version_base="1.3"):
             try:
                 hcfg = compose("config", overrides=[*plain_user, *hydra_ovs], return_hydra_config=True)
             except Exception as e:
@@ -369,8 +375,8 @@ def plan(
 
 def _arm_keys(root: Path, arm: str) -> set[str]:
     """The keys a ``conf/baseline/`` arm sets: the groups its defaults override and its own keys."""
-    path = Path(root) / "baseline" / f"{arm}.yaml"
-    if not path.is_file():
+    path = config.option_path("baseline", arm, root)
+    if path is None:
         return set()
     node = OmegaConf.to_container(OmegaConf.load(path))
     assert isinstance(node, dict)
@@ -397,7 +403,7 @@ def _launcher_keys(root: Path, launcher: str) -> list[str]:
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config.layers(root)[-1]), version_base="1.3"):
             cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
         return [f"hydra.launcher.{k}" for k in cfg.hydra.launcher if k != "_target_"]
     finally:
@@ -588,18 +594,25 @@ def _launch(root: Path, argv: list[str]) -> None:
     import hydra
     from hydra.core.global_hydra import GlobalHydra
 
-    saved_argv = sys.argv
+    saved_argv, saved_path = sys.argv, os.environ.get("PYTHONPATH")
+    # the workers of every launcher import a _target_ as this process does: from the cwd, then PYTHONPATH
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), saved_path) if p)
     root_logger = logging.getLogger()
     saved_handlers, saved_level = list(root_logger.handlers), root_logger.level
     GlobalHydra.instance().clear()
     try:
         sys.argv = argv
-        hydra.main(version_base="1.3", config_path=str(root), config_name="config")(_task)()
+        main = config.layers(root)[-1]  # the full tree; a user folder of options is on argv's hydra.searchpath
+        hydra.main(version_base="1.3", config_path=str(main), config_name="config")(_task)()
     except SystemExit as e:
         if e.code not in (0, None):
             raise SweepError(f"Hydra multirun exited with status {e.code} (see the message above)") from None
     finally:
         sys.argv = saved_argv
+        if saved_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_path
         root_logger.handlers[:] = saved_handlers
         root_logger.setLevel(saved_level)
         GlobalHydra.instance().clear()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import Code, allocate, build_code, conditioning, straggler_sets
-from cocoef_cli.sim.rng import SeedRNG
 
 F64 = torch.float64
 

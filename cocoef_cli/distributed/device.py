@@ -40,7 +40,7 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
 from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.compressors import Compressor, build_compressor
-from cocoef_cli.sim.methods import METHODS
+from cocoef_cli.sim.methods import build_method, method_class
 from cocoef_cli.sim.stragglers import build_straggler
 
 
@@ -120,12 +120,12 @@ class Device:
         seed = setup["seed"]
         self.C = build_compressor(setup["comp_cfg"], self.D)
         self.codec = codec_for(self.C, self.dtype)
-        cls = METHODS.get(cfg["method"]["name"])
+        cls = method_class(cfg)
         self.crng = SliceRNG(SeedRNG([seed], "compressor"), self.M, [self.i])
         self.capture = Capture(self.C)
         # the capture and the sliced stream are duck-typed stand-ins for a Compressor and a SeedRNG
         comp, crng = cast(Compressor, self.capture), cast(SeedRNG, self.crng)
-        self.method = cls(cfg["method"], comp, 1, 1, self.D, self.dtype, torch.device("cpu"), crng)
+        self.method = build_method(cfg, comp, 1, 1, self.D, self.dtype, torch.device("cpu"), crng)
         self.states = cls.state_names
         self.draws_keys = cls.compresses and self.C.randomized  # one (M, D) draw per step
         self.obj = shard_objective(cfg, setup["shard"], arrays, self.dtype)

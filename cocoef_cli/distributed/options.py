@@ -74,10 +74,10 @@ class RuntimeOptions:
     def from_config(cls, cfg: Mapping[str, Any]) -> RuntimeOptions:
         """Validate ``cfg['runtime']`` (and what this runtime cannot do) → options; ConfigError otherwise."""
         rt, M = cfg["runtime"], int(cfg["devices"])
-        from cocoef_cli.sim.methods import METHODS
+        from cocoef_cli.sim.methods import method_class
 
         method = cfg["method"]["name"]
-        if METHODS.get(method).centralized:
+        if method_class(cfg).centralized:
             raise ConfigError(
                 "method",
                 method,

@@ -64,8 +64,10 @@ def _code_name(cfg: Any) -> str:
     return str(name)
 
 
-def _scheme(cfg: Any) -> type[CodeScheme]:
-    return CODES.get(_code_name(cfg))
+def _scheme(cfg: Any) -> type[CodeScheme] | CodeScheme:
+    """The scheme of ``cfg``: a registered class, or an instance of a ``_target_`` class."""
+    _code_name(cfg)
+    return CODES.build(cfg, builtin=lambda cls: cls)
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -404,14 +406,23 @@ def _random_regular(M: int, d: int, rng: SeedRNG) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- code schemes
-CODES: Registry[type[CodeScheme]] = Registry("code")
-
-
 class CodeScheme:
-    """Base of the registry entries: allocation, encoding and accepted decoders of one code."""
+    """Base of the registry entries: allocation, encoding and accepted decoders of one code.
 
-    name: ClassVar[str]
-    decoders: ClassVar[dict[str, Decoder]]  # first = default
+    Built-ins are used as classes (classmethods reading the ``code`` group ``cfg``). A plugin
+    (``code._target_=pkg.mod.MyCode``) subclasses it and is built as ``cls(**keys)`` (its own
+    YAML keys; ``d``, ``partitions`` and ``decode`` are read by the framework from ``cfg``). It
+    implements ``allocate(self, cfg, M, N, d, rng)`` → S (R, M, N) bool, S[r, i, j] = device i
+    holds partition j (R = rng.R replicates; draw only from ``rng``), and optionally
+    ``encoding(self, cfg, S, p, d, rng)`` → B (R, M, N) float64 with the support of S (default
+    B = S; p (R, M) the straggler marginals). Device i sends u_i = Σ_j B_ij g_j; the decoders
+    (``decoders``, first = default) give weights a with ĝ = Σ_i a_i u_i: ``optimal`` the
+    min-norm least squares a = pinv(B_Fᵀ)1 (exact whenever 1ᵀ is in the row space of the
+    survivors' B), ``fixed`` a = z.
+    """
+
+    name: ClassVar[str] = ""
+    decoders: ClassVar[dict[str, Decoder]] = {"optimal": DECODERS["optimal"], "fixed": DECODERS["fixed"]}
     fixed_weights: ClassVar[bool] = False
     square: ClassVar[bool] = False  # requires N == M
 
@@ -437,6 +448,9 @@ class CodeScheme:
     def encoding(cls, cfg: Any, S: torch.Tensor, p: torch.Tensor, d: int, rng: SeedRNG) -> torch.Tensor:
         """B in float64, (R, M, N)."""
         return S.to(torch.float64)
+
+
+CODES: Registry[type[CodeScheme]] = Registry("code", CodeScheme, common=("d", "partitions", "decode"))
 
 
 @CODES.register("uncoded")
@@ -880,4 +894,6 @@ def build_code(cfg: Any, S: torch.Tensor, p: torch.Tensor, rng: SeedRNG, dtype: 
     if needs_p and bool((p >= 1).any() | (p < 0).any()):
         raise ValueError(f"code {scheme.name}/{decode} needs straggler marginals p_i in [0, 1)")
     B = scheme.encoding(cfg, S, p, d, rng)
-    return Code(scheme.name, S, B, d, decode, scheme.decoders[decode], scheme.fixed_weights, p, dtype=dtype)
+    name = scheme.name or _code_name(cfg)
+    fixed = scheme.fixed_weights or decode == "fixed"
+    return Code(name, S, B, d, decode, scheme.decoders[decode], fixed, p, dtype=dtype)

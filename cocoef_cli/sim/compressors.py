@@ -31,8 +31,6 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
 
-COMPRESSORS: Registry[type[Compressor]] = Registry("compressor")
-
 INDEX_BITS = ("log2", "32", "bitmap")
 
 
@@ -199,7 +197,24 @@ def resolve_k(cfg: Mapping[str, Any] | Any, D: int) -> int:
 
 
 class Compressor:
-    """Base class: ``compress`` returns the server's dense reconstruction, ``bits`` one message's cost."""
+    """Base class: ``compress`` returns the server's dense reconstruction, ``bits`` one message's cost.
+
+    A plugin (``compressor._target_=pkg.mod.MyCompressor``) subclasses it with
+    ``__init__(self, D, **keys)`` calling ``super().__init__(D)`` (keys: the group's YAML keys,
+    as keyword arguments), and implements
+
+    * ``compress(self, v, rng)``: v (R, M, D), one message a row ``v[r, i]``; returns a NEW tensor
+      of the same shape and dtype, the dense reconstruction C(v[r, i]) of every message (v itself
+      unchanged). Random draws come only from ``rng`` (a SeedRNG with rng.R == R:
+      ``rng.rand(M, D, dtype=v.dtype)`` is one U[0,1) per entry, shape (R, M, D)), so replicates
+      stay independent and reproducible;
+    * ``bits(self)``: the bits of ONE message (an int, a formula of D and the keys);
+    * the class flag ``unbiased`` (E[C(x)] = x; methods such as ``coco`` need it) and, for an
+      unbiased C, ``omega(self)`` with E‖C(x) − x‖² ≤ ω‖x‖² (optional).
+
+    The fast sparse path (:meth:`sparse`: k kept coordinates as (indices, values)) is optional:
+    without it the methods use the dense reconstruction.
+    """
 
     name: ClassVar[str] = ""
     unbiased: bool = False  # a class property; an instance may differ (terngrad with clip)
@@ -306,6 +321,9 @@ class _KSparse(Compressor):
 
     def _extra_repr(self) -> str:
         return f"k={self.k}"
+
+
+COMPRESSORS: Registry[type[Compressor]] = Registry("compressor", Compressor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,12 +664,12 @@ class Natural(Compressor):
 def build_compressor(cfg: Mapping[str, Any] | Any, D: int) -> Compressor:
     """The compressor named by ``cfg.name`` for messages of dimension D, validated.
 
-    ``cfg`` is the ``compressor`` config group (dict or OmegaConf DictConfig). Bad values raise
+    ``cfg`` is the ``compressor`` config group (dict or OmegaConf DictConfig), a built-in ``name``
+    or a ``_target_`` class (:meth:`~cocoef_cli.registry.Registry.build`). Bad values raise
     :class:`ConfigError` naming the dotted key (``compressor.k``, ``compressor.ratio``, ...).
     """
-    name = _cfg_get(cfg, "name")
-    cls = COMPRESSORS.get(name)  # ConfigError("compressor", name, names, ...) when unknown
-    return cls.from_config(cfg, D)
+    # a _target_ class: cls(D, **keys); a name: its from_config (ConfigError when unknown)
+    return COMPRESSORS.build(cfg, D, builtin=lambda cls: cls.from_config(cfg, D))
 
 
 __all__ = [

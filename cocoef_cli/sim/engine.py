@@ -28,7 +28,13 @@ from cocoef_cli.models import Objective, build_model
 from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import Code, CodedSum, allocate, build_code
 from cocoef_cli.sim.compressors import Compressor
-from cocoef_cli.sim.methods import METHODS, Method, build_message_compressor, message_compressor_config
+from cocoef_cli.sim.methods import (
+    Method,
+    build_message_compressor,
+    build_method,
+    message_compressor_config,
+    method_class,
+)
 from cocoef_cli.sim.stragglers import StragglerModel, build_straggler
 
 COLUMNS = [
@@ -151,15 +157,13 @@ def assemble(cfg: Mapping, smallest: bool = False, model: Any = None) -> Assembl
         device = torch.device("cpu")
     R, M = (1 if smallest else int(cfg["seeds"])), int(cfg["devices"])
     seeds = [int(cfg["seed"]) + r for r in range(R)]
-    method_cls = METHODS.get(cfg["method"]["name"])
+    method_cls = method_class(cfg)
 
     data = load_dataset(cfg["dataset"])
     model = build_model(cfg["model"], data) if model is None else model
     compressor = build_message_compressor(cfg, model.D)
     state_M = 1 if smallest or method_cls.centralized else M  # devices holding method state
-    method = method_cls(
-        cfg["method"], compressor, R, state_M, model.D, dtype, device, SeedRNG(seeds, "compressor", device)
-    )
+    method = build_method(cfg, compressor, R, state_M, model.D, dtype, device, SeedRNG(seeds, "compressor", device))
     labels: dict[str, Any] = {
         "method": cfg["method"]["name"],
         "dataset": data.name,

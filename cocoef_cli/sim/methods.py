@@ -21,14 +21,26 @@ from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import CodedSum
 from cocoef_cli.sim.compressors import Compressor, build_compressor
 
-METHODS: Registry[type[Method]] = Registry("method")
 STRAGGLER_STATES = ("freeze", "reset")
+
+
+def method_class(cfg: Mapping) -> type[Method]:
+    """The method class of the run ``cfg``: ``method.name`` or its ``method._target_``."""
+    return METHODS.entry(cfg["method"])
+
+
+def build_method(
+    cfg: Mapping, compressor: Compressor, R: int, M: int, D: int, dtype: torch.dtype, device: torch.device, rng: SeedRNG
+) -> Method:
+    """The method of the run ``cfg`` for R replicates of M devices, messages in ℝ^D."""
+    needs = (cfg["method"], compressor, R, M, D, dtype, device, rng)
+    return METHODS.build(cfg["method"], *needs, builtin=lambda cls: cls(*needs))
 
 
 def message_compressor_config(cfg: Mapping) -> Mapping:
     """The compressor config of the run's messages: ``compressor``, or the identity for a method
     that sends full precision (``compresses = False``)."""
-    return cfg["compressor"] if METHODS.get(cfg["method"]["name"]).compresses else {"name": "identity"}
+    return cfg["compressor"] if method_class(cfg).compresses else {"name": "identity"}
 
 
 def build_message_compressor(cfg: Mapping, D: int) -> Compressor:
@@ -37,11 +49,7 @@ def build_message_compressor(cfg: Mapping, D: int) -> Compressor:
     ``method.allow_biased``."""
     comp_cfg = message_compressor_config(cfg)
     compressor = build_compressor(comp_cfg, D)
-    if (
-        METHODS.get(cfg["method"]["name"]).needs_unbiased
-        and not compressor.unbiased
-        and not cfg["method"].get("allow_biased", False)
-    ):
+    if method_class(cfg).needs_unbiased and not compressor.unbiased and not cfg["method"].get("allow_biased", False):
         raise ConfigError(
             "compressor",
             comp_cfg["name"],
@@ -57,7 +65,18 @@ def aggregate(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 class Method:
-    """Base: no state. Subclasses set the class flags below and implement :meth:`step`."""
+    """Base: no state. Subclasses set the class flags below and implement :meth:`step`.
+
+    A plugin (``method._target_=pkg.mod.MyMethod``) subclasses it with ``__init__(self, cfg, C,
+    R, M, D, dtype, device, rng, **keys)`` calling ``super().__init__(cfg, C, R, M, D, dtype,
+    device, rng)`` (cfg: the method group, whose ``straggler_state`` the base reads; C the
+    message :class:`Compressor`; rng the compressor stream; keys its own YAML keys), and
+    implements ``step(self, U, z, a)`` → ĝ (R, D): U (R, M, D) the encoded gradients
+    u_i = Σ_j B_ij g_j (zero rows for stragglers), z (R, M) bool the devices that answered,
+    a (R, M) the decoding weights (zero on stragglers). Per-device states (R, M, D) named in
+    ``state_names`` are allocated as zeros by the base; :meth:`_keep` applies straggler_state;
+    :func:`aggregate` is ĝ = Σ_i a_i m_i. Compress with ``self.C.compress(v, self.rng)``.
+    """
 
     code: ClassVar[str | None] = None  # forces this code (e.g. "uncoded") whatever `code=` says
     compresses: ClassVar[bool] = True  # False: messages are full precision (compressor = identity)
@@ -101,6 +120,9 @@ class Method:
         if not self.state_names:
             return None
         return getattr(self, self.state_names[0]).flatten(1).norm(dim=-1)
+
+
+METHODS: Registry[type[Method]] = Registry("method", Method, common=("straggler_state", "allow_biased"))
 
 
 @METHODS.register("coco_ef")

@@ -22,8 +22,6 @@ from cocoef_cli.errors import ConfigError
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
 
-STRAGGLERS: Registry[type[StragglerModel]] = Registry("straggler")
-
 F64 = torch.float64
 
 
@@ -43,7 +41,17 @@ def _prob(cfg: Any, key: str, default: float) -> float:
 
 # ----------------------------------------------------------------------------- base model
 class StragglerModel:
-    """Base: constant marginals ``p`` (R, M) float64; ``draw()`` → z (R, M) bool (True = answers)."""
+    """Base: constant marginals ``p`` (R, M) float64; ``draw()`` → z (R, M) bool (True = answers).
+
+    A plugin (``straggler._target_=pkg.mod.MyModel``) subclasses it with
+    ``__init__(self, loads, rng, **keys)``: ``loads`` (R, M) the number of partitions each device
+    holds, ``rng`` the straggler stream (a SeedRNG over the R replicates), keys the group's YAML
+    keys. It calls ``super().__init__(p, rng)`` with p (R, M) its marginals P(device i straggles)
+    (used by ``sgc`` and the unbiased decoders), and overrides ``draw(self)`` → z (R, M) bool,
+    True = device i answers this iteration, drawing only from ``self.rng`` (e.g.
+    ``self.rng.rand(self.M, dtype=torch.float64)`` is (R, M) uniforms); the default ``draw`` is
+    independent Bernoulli(p_i) stragglers.
+    """
 
     name: ClassVar[str] = "base"
     timed: ClassVar[bool] = False  # True when draws also simulate compute time (``last_time``)
@@ -69,6 +77,9 @@ class StragglerModel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(R={self.R}, M={self.M}, mean_p={self.mean_p():.4g})"
+
+
+STRAGGLERS: Registry[type[StragglerModel]] = Registry("straggler", StragglerModel)
 
 
 def _full(loads: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
@@ -263,8 +274,8 @@ def build_straggler(cfg: Any, loads: torch.Tensor, rng: SeedRNG) -> StragglerMod
     name = _get(cfg, "name")
     if name is None:
         raise ConfigError("straggler", None, STRAGGLERS.names(), "no straggler model given")
-    cls = STRAGGLERS.get(str(name))
     loads = torch.as_tensor(loads)
     if loads.dim() != 2 or loads.shape[0] != rng.R:
         raise ValueError(f"loads must be (R={rng.R}, M); got {tuple(loads.shape)}")
-    return cls.from_config(cfg, loads, rng)
+    # a _target_ class: cls(loads, rng, **keys); a name: its from_config
+    return STRAGGLERS.build(cfg, loads, rng, builtin=lambda cls: cls.from_config(cfg, loads, rng))
