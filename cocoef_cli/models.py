@@ -200,6 +200,8 @@ class Softmax(GLM):
 def build_model(cfg: Mapping, data: Dataset) -> GLM:
     """Instantiate ``model.name`` for ``data`` (checks the model suits the dataset's task)."""
     cls = MODELS.get(cfg.get("name"))
+    if cls.task is None:  # follows the dataset (model=module)
+        return cls(cfg, data)
     if cls.task == "regression" and data.task != "regression":
         raise ConfigError(
             "model", cfg.get("name"), "logistic, softmax", f"dataset {data.name} is a classification task"
@@ -345,7 +347,7 @@ class Objective:
 
     def f_star(self) -> float | None:
         """min F in closed form (ridge normal equations, float64) for least squares; else None."""
-        if self.model.task != "regression":
+        if not isinstance(self.model, Linear):
             return None
         X, y = self.X.double().cpu().numpy(), self.Y.double().cpu().numpy()
         n, f = X.shape
@@ -354,5 +356,7 @@ class Objective:
         return float(0.5 * np.mean((X @ w - y) ** 2) + 0.5 * self.l2 * w @ w)
 
 
-# the neural networks (mlp, cnn) live in nets.py and register themselves in MODELS
+# the neural networks (mlp, cnn) live in nets.py, any torch.nn.Module (module) in modules.py; they
+# register themselves in MODELS
+from cocoef_cli import modules as _modules  # noqa: E402,F401
 from cocoef_cli import nets as _nets  # noqa: E402,F401
