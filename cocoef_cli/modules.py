@@ -116,8 +116,12 @@ class Module:
             try:
                 module = self.factory(**self.kwargs)
             except Exception as e:
+                call = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
                 raise ConfigError(
-                    "model._target_", self.target, "a factory returning a torch.nn.Module", f"it raised {_one_line(e)}"
+                    "model._target_",
+                    self.target,
+                    "a factory returning a torch.nn.Module",
+                    f"({call}) raised {_one_line(e)}",
                 ) from None
         if not isinstance(module, nn.Module):
             raise ConfigError(
@@ -146,21 +150,21 @@ class Module:
 
     def _check_forward(self, module: nn.Module) -> None:
         """The forward maps (2, *input_shape) to (2, num_outputs)."""
-        x = torch.zeros(2, *self.input_shape)
+        x, shape = torch.zeros(2, *self.input_shape), ", ".join(map(str, self.input_shape))
         try:
             with torch.no_grad():
                 z = module(x)
         except Exception as e:
             raise ConfigError(
-                "model._target_", self.target, f"a module taking batches (S, {self.input_shape})", _one_line(e)
+                "model._target_", self.target, f"a module taking batches (S, {shape})", _one_line(e)
             ) from None
         if not isinstance(z, torch.Tensor) or tuple(z.shape) != (2, self.C):
-            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            out = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ConfigError(
                 "model._target_",
                 self.target,
-                f"a module mapping (S, {', '.join(map(str, self.input_shape))}) to (S, {self.C})",
-                f"its output for S = 2 is {shape}",
+                f"a module mapping (S, {shape}) to (S, {self.C})",
+                f"its output for S = 2 is {out}",
             )
 
     # -- the model interface of cocoef_cli.models ---------------------------------------------

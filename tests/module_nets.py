@@ -80,3 +80,12 @@ def not_a_module(input_shape, num_outputs):
 
 def raises(input_shape, num_outputs):
     raise RuntimeError("no network today")
+
+
+def required(input_shape, num_outputs, width):
+    """``width`` has no default: the config must give it (+model.width=...)."""
+    return mlp(input_shape, num_outputs, width)
+
+
+def wrong_outputs(input_shape, num_outputs):
+    return mlp(input_shape, num_outputs + 1)
