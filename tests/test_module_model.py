@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import module_nets
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +15,6 @@ import torch
 import torch.nn.functional as Fn
 from typer.testing import CliRunner
 
-import module_nets
 from cocoef_cli import config
 from cocoef_cli.cli import app
 from cocoef_cli.data import Dataset, partition_indices
@@ -218,21 +218,21 @@ def test_a_required_argument_of_the_factory_is_named():
     assert module_model("required", dataset(), width=3).D == 36 * 3 + 3 + 3 * 4 + 4
 
 
-def test_run_rerun_and_a_joblib_sweep_with_a_module(tmp_path):
-    """The CLI in fresh processes with the factory's folder on PYTHONPATH: a run, its rerun (same metrics),
-    and a two-job sweep in two joblib workers (the workers import the factory module)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+def test_run_and_rerun_with_a_module(tmp_path):
     ov = ["model=module", "model._target_=module_nets.resnet", "+model.channels=2", "dataset=digits", "devices=6"]
-    ov += ["iters=4", "eval_every=2", "precision=float64"]
-    cli = [sys.executable, "-m", "cocoef_cli.cli"]
-    p = subprocess.run([*cli, "run", *ov, "--out", str(tmp_path / "r"), "-q"], env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    res = runner.invoke(app, ["run", *ov, "iters=4", "eval_every=2", "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "r" / "run.json").read_text())
     assert rec["config"]["model"] == {"name": "module", "_target_": "module_nets.resnet", "l2": 0.0, "channels": 2}
-    p = subprocess.run([*cli, "rerun", str(tmp_path / "r")], env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
+    res = runner.invoke(app, ["rerun", str(tmp_path / "r")])
+    assert res.exit_code == 0 and "identical" in res.output, res.output
+
+
+def test_a_joblib_sweep_imports_the_factory_in_its_workers(tmp_path):
+    """Two jobs in two joblib worker processes, the factory's folder on PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     mlp = ["model=module", "model._target_=module_nets.mlp", "+model.width=4"]  # on smoke's least squares
-    sweep = [*cli, "sweep", "smoke", *mlp, "method=coco_ef", "straggler.p=0.1,0.3"]
+    sweep = [sys.executable, "-m", "cocoef_cli.cli", "sweep", "smoke", *mlp, "method=coco_ef", "straggler.p=0.1,0.3"]
     p = subprocess.run([*sweep, "--jobs", "2", "--out", str(tmp_path / "s")], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     index = pd.read_csv(tmp_path / "s" / "index.csv")
