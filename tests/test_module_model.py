@@ -240,3 +240,20 @@ def test_a_joblib_sweep_imports_the_factory_in_its_workers(tmp_path):
     for job in index.job:
         m = pd.read_csv(tmp_path / "s" / job / "metrics.csv")
         assert (m.model == "module").all() and set(m.seed) == {0, 1} and m.iter.max() == 30
+
+
+@pytest.mark.parametrize(
+    "factory,builtin",
+    [("module_mlp", {"name": "mlp", "hidden": [64]}), ("module_lenet", {"name": "cnn", "channels": [6, 16]})],
+)
+def test_the_bench_modules_are_the_builtin_networks(factory, builtin):
+    """The nn.Modules `make bench` times against model=mlp / model=cnn: same θ layout, same partition gradients."""
+    data = dataset(11, (1, 28, 28), classes=3)
+    mod = build_model({"name": "module", "_target_": f"cocoef_cli.bench.{factory}", "l2": 0.0}, data)
+    ref = build_model({**builtin, "hidden": builtin.get("hidden", [120, 84]), "kernel": 5, "init": "torch"}, data)
+    assert mod.D == ref.D
+    parts = partition_indices(data.y_train, 3, {"partition": "iid"}, SEEDS)
+    theta = ref.init(SeedRNG(SEEDS, "init"), torch.float64)
+    G = Objective(mod, data, parts, 0.0, torch.float64, torch.device("cpu")).partition_grads(theta)
+    G_ref = Objective(ref, data, parts, 0.0, torch.float64, torch.device("cpu")).partition_grads(theta)
+    torch.testing.assert_close(G, G_ref, rtol=1e-9, atol=1e-12)
