@@ -69,11 +69,11 @@ class Module:
         self.shapes = [tuple(p.shape) for _, p in template.named_parameters()]
         if not self.names:
             raise ConfigError("model._target_", self.target, "a module with parameters", "it has no parameters")
-        self._check_forward(template)
         self.template = template
         self.buffers: dict[str, torch.Tensor] | None = None  # per replicate (R, ...), set by init
         self._grads = vmap(vmap(grad(self._wloss), in_dims=(None, None, 0, 0, 0)), in_dims=(0, 0, 0, 0, 0))
         self._grad_value_shared = vmap(grad_and_value(self._wloss), in_dims=(0, 0, None, None, None))
+        self._check_forward(template)
 
     # -- the factory ---------------------------------------------------------------------------
 
@@ -166,6 +166,19 @@ class Module:
                 f"a module mapping (S, {shape}) to (S, {self.C})",
                 f"its output for S = 2 is {out}",
             )
+        theta = torch.cat([p.detach().reshape(1, -1) for p in module.parameters()], 1)
+        theta = theta.expand(2, -1)  # two replicates, two partitions of one sample each
+        y = torch.zeros(2, 2, 1, dtype=torch.int64 if self.task == "classification" else x.dtype)
+        try:  # as the run calls it: vmap over replicates and partitions of grad (in-place updates fail here)
+            X = x[:1].reshape(1, 1, 1, -1).expand(2, 2, 1, -1)
+            self._grads(self._params(theta), self._buffers(theta), X, y, torch.ones(2, 2, 1))
+        except Exception as e:
+            raise ConfigError(
+                "model._target_",
+                self.target,
+                "a forward torch.func can differentiate and vmap (no in-place updates of buffers, no .item())",
+                f"its partition gradient failed: {_one_line(e)}",
+            ) from None
 
     # -- the model interface of cocoef_cli.models ---------------------------------------------
 
@@ -209,7 +222,7 @@ class Module:
         R = theta.shape[0]
         if self.buffers is None:
             return {
-                n: b.to(theta.device, theta.dtype if b.is_floating_point() else b.dtype).expand(R, *b.shape)
+                n: b.to(theta.device, theta.dtype if b.is_floating_point() else b.dtype).expand(R, *b.shape).clone()
                 for n, b in self.template.named_buffers()
             }
         return {n: b[:R] for n, b in self.buffers.items()}

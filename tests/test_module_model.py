@@ -192,6 +192,7 @@ def test_a_module_that_is_softmax_gives_its_trajectory():
             "raised RuntimeError: no network today",
         ),
         (["model=module", "model._target_=module_nets.batchnorm"], "model._target_", "BatchNorm in training mode"),
+        (["model=module", "model._target_=module_nets.Running"], "model._target_", "partition gradient failed"),
         (["model=module", "model._target_=module_nets.mlp", "+model.widht=3"], "model.widht", "did you mean"),
         (["model=module", "model._target_=module_nets.mlp", "model.width=3"], "model.width", "+model.width=3"),
         (["model=module", "model._target_=module_nets.mlp", "+model.num_outputs=3"], "model.num_outputs", "given"),
