@@ -88,6 +88,9 @@ def test_partition_grads_equal_autograd_per_partition(target, keys, shape, task)
     F, g = obj.loss_and_grad(theta)
     torch.testing.assert_close(g, full_ref + l2 * theta, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(F, obj.loss(theta), rtol=1e-12, atol=1e-14)
+    Z = model.logits(theta, X)  # shared inputs (n, f) and per-replicate ones (R, n, f) agree
+    assert Z.shape == (len(SEEDS), n, model.C)
+    torch.testing.assert_close(model.logits(theta, X.expand(len(SEEDS), n, X.shape[1])), Z)
     blocks = obj.partition_grad_blocks(theta)
     assert [b.shape[-1] for b in blocks] == [p.numel() for p in model.template.parameters()]
     torch.testing.assert_close(torch.cat(blocks, -1), G, rtol=0, atol=0)
