@@ -6,7 +6,8 @@
     iteration must compute the partition gradients and read G and read and write e once), at 1
     thread and at every usable core;
 (c) seeds=10 vs 10 × seeds=1 per iteration;  (d) time per iteration and peak memory as M grows,
-    against the state that must exist.
+    against the state that must exist;  (e) the partition gradients of ``model=module`` (any
+    nn.Module, torch.func) against the built-in networks and a central autograd step.
 Times are medians over repeats after warm-up, measured in one process; the two sides of each ratio
 are timed in alternating rounds (:func:`paired_times`), so that a slow phase of a shared machine
 does not land on one side only; each scaling point runs in its own subprocess so that its peak
@@ -243,6 +244,103 @@ def machine() -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# (e) model=module: the generic torch.func path against the built-in networks and a central step
+
+
+def module_mlp(input_shape: Sequence[int], num_outputs: int, hidden: int = 64) -> torch.nn.Module:
+    """``model=mlp`` (784-64-10 on MNIST) as a torch.nn.Module, for ``model=module``."""
+    import math
+
+    f = math.prod(input_shape)
+    nn = torch.nn
+    return nn.Sequential(nn.Flatten(), nn.Linear(f, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
+
+
+def module_lenet(input_shape: Sequence[int], num_outputs: int) -> torch.nn.Module:
+    """``model=cnn`` (LeNet-5: conv 5×5 ×6, pool, conv 5×5 ×16, pool, 120, 84) as a torch.nn.Module."""
+    nn = torch.nn
+    c, h, w = input_shape
+    pad = max(0, (32 - min(h, w)) // 2)
+    flat = 16 * (((h + 2 * pad - 4) // 2 - 4) // 2) * (((w + 2 * pad - 4) // 2 - 4) // 2)
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=pad),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_outputs),
+    )
+
+
+MODULE_WORKLOADS = {"mlp": ("model=mlp", "module_mlp"), "LeNet": ("model=cnn", "module_lenet")}
+
+
+def partial_grads(sim: Simulation) -> Callable[[], object]:
+    """A call computing the partition gradients of ``sim`` at its θ (what (e) times)."""
+    return lambda: sim.exp.objective.partition_grad_blocks(sim.theta)
+
+
+def module_section(quick: bool = False, device: str = "cpu", log: Callable[[str], None] = print) -> list[str]:
+    """(e) The partition gradients G (R = 1, M = 100 on mnist5k, as in (b)) of ``model=module`` for the
+    MLP and LeNet against the built-in ``model=mlp``/``model=cnn`` and against one central autograd step
+    of the same nn.Module on the same training set (forward, loss, backward), at one thread, timed in
+    alternating rounds. Returns the report's markdown lines."""
+    import copy
+
+    from cocoef_cli.run import pinned_threads
+
+    rows = []
+    with pinned_threads(1):
+        for name, (builtin, factory) in MODULE_WORKLOADS.items():
+            base = [*SETTING, "dataset=mnist5k", "devices=100", f"device={device}"]
+            s_mod = simulation([*base, "model=module", f"model._target_=cocoef_cli.bench.{factory}"])
+            s_built = simulation([*base, builtin])
+            obj = s_mod.exp.objective
+            model: Any = obj.model  # a modules.Module: its template nn.Module and input shape
+            net = copy.deepcopy(model.template).to(s_mod.theta.dtype)
+            torch.nn.utils.vector_to_parameters(s_mod.theta[0].clone(), net.parameters())
+            X, Y = obj.X.reshape(-1, *model.input_shape), obj.Y
+
+            def central(net: torch.nn.Module = net, X: torch.Tensor = X, Y: torch.Tensor = Y) -> None:
+                net.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(net(X), Y).backward()
+
+            t_mod, t_built, t_central = paired_times(
+                [partial_grads(s_mod), partial_grads(s_built), central],
+                [3, 3, 3],
+                rounds=2 if quick else 7,
+            )
+            rows.append((name, model.D, t_mod, t_built, t_central))
+            log(
+                f"(e) {name}: model=module {t_mod * 1e3:.1f} ms, {builtin} {t_built * 1e3:.1f} ms, "
+                f"central step {t_central * 1e3:.1f} ms ({t_mod / t_central:.2f}×)"
+            )
+    md = [
+        "",
+        "## (e) model=module: partition gradients of any nn.Module (torch.func) vs the built-in paths",
+        "",
+        "G for M = 100 partitions of mnist5k (R = 1, float32, 1 thread) by `model=module` (vmap over replicates "
+        "and partitions of grad of the functional module), by the built-in network, and one central autograd step "
+        "of the same nn.Module on the whole training set (forward, cross-entropy, backward).",
+        "",
+        "| network | D | model=module ms | built-in ms | central step ms | module / central (target ≤ 2×) | "
+        "module / built-in |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {n} | {D} | {a * 1e3:.1f} | {b * 1e3:.1f} | {c * 1e3:.1f} | {a / c:.2f}× | {a / b:.2f}× |"
+        for n, D, a, b, c in rows
+    ]
+    return md
+
+
 def run_bench(
     quick: bool = False,
     out: Path | None = None,
@@ -250,7 +348,7 @@ def run_bench(
     log: Callable[[str], None] = print,
     smoke: bool = False,
 ) -> str:
-    """Measure (a)–(d) and return the markdown report (also written to ``out`` when given).
+    """Measure (a)–(e) and return the markdown report (also written to ``out`` when given).
     ``quick``: M ≤ 100; ``smoke``: one small workload (:data:`SMOKE_WORKLOADS`) at M = 10, one
     thread, each measurement once: checks that the benchmark runs (an install), not the speed."""
     from cocoef_cli.run import pinned_threads, usable_cores
@@ -379,6 +477,7 @@ def run_bench(
         f"{(p['rss_mib'] - p['base_mib']) / p['state_mib']:.2f}× |"
         for n, M, p in rows_d
     ]
+    md += module_section(quick, device, log)
     text = "\n".join(md) + "\n"
     if out is not None:
         from cocoef_cli.record import atomic_write

@@ -263,8 +263,11 @@ def unknown_key(dotted: str, value: Any, cfg: dict, root: Path | None = None) ->
         owners = [o for o, keys in others.items() if key in keys]
         near = closest(key, group_keys(group, name, root))
         far = closest(key, [k for keys in others.values() for k in keys])
+        target = "_target_" in _option_defaults(group, name, root)
         hint = (
-            f"{dotted} belongs to {group}=" + ", ".join(owners)
+            f"keys of the {group}._target_ factory are added with +: +{dotted}={value}"
+            if target
+            else f"{dotted} belongs to {group}=" + ", ".join(owners)
             if owners
             else f"did you mean {group}.{near}?"
             if near
@@ -297,6 +300,8 @@ def _check_declared(cfg: dict, root: Path | None) -> None:
     for g in (g for g in ALL_GROUPS if isinstance(cfg.get(g), dict) and TARGET not in cfg[g]):
         # (a _target_ group's keys are checked against its class's __init__ when it is built)
         declared = _option_defaults(g, cfg[g].get("name"), root)
+        if "_target_" in declared:  # the other keys are the target's arguments: it checks them
+            continue
         for k in cfg[g]:
             if declared and k not in declared:
                 raise unknown_key(f"{g}.{k}", cfg[g][k], cfg, root)

@@ -21,6 +21,7 @@ import torch.nn.functional as Fn
 
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.modules import Module
 from cocoef_cli.nets import CNN, MLP, Model, softmax_residual_t
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
@@ -196,12 +197,15 @@ class Softmax(GLM):
 # the neural networks (nets.py), after the closed-form models
 MODELS.register("mlp")(MLP)
 MODELS.register("cnn")(CNN)
+MODELS.register("module")(Module)  # any torch.nn.Module (modules.py)
 
 
 def build_model(cfg: Mapping, data: Dataset) -> Model:
     """Instantiate ``model.name`` (or its ``_target_``, as ``cls(data, **keys)``) for ``data``
     (checks the model suits the dataset's task)."""
     cls = MODELS.entry(cfg)
+    if cls.task is None:  # follows the dataset (model=module)
+        return cls(cfg, data)  # type: ignore[call-arg]  # built-ins take (cfg, data)
     if cls.task == "regression" and data.task != "regression":
         raise ConfigError(
             "model", cfg.get("name"), "logistic, softmax", f"dataset {data.name} is a classification task"
@@ -369,7 +373,7 @@ class Objective:
 
     def f_star(self) -> float | None:
         """min F in closed form (ridge normal equations, float64) for least squares; else None."""
-        if self.model.task != "regression":
+        if not isinstance(self.model, Linear):
             return None
         X, y = self.X.double().cpu().numpy(), self.Y.double().cpu().numpy()
         n, f = X.shape

@@ -82,7 +82,7 @@ class Model:
     * ``init(rng, dtype)`` θ⁰ = 0, (R, D); ``features(X)`` = X; ``full_grad`` (1/n) Σ_s ∇ℓ_s.
     """
 
-    task = "classification"
+    task: str | None = "classification"  # None: follows the dataset
     D: int  # the number of parameters (an attribute, or a property in a subclass)
 
     def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:

@@ -34,22 +34,36 @@ def summary(obj: object) -> str:
 
 
 def import_target(key: str, path: Any) -> Any:
-    """The object at the dotted ``path`` (``pkg.mod.Name``); ConfigError naming ``key`` otherwise."""
+    """The object a dotted ``path`` (``pkg.mod.Name``, a ``_target_``) names: the longest importable
+    module prefix, then attributes (the working directory is on the import path, as for
+    ``python -m``). A bad path is a one-line :class:`ConfigError` naming ``key``."""
     accepted = "a dotted path pkg.module.Name importable from the working directory or PYTHONPATH"
-    if not isinstance(path, str) or "." not in path.strip("."):
-        raise ConfigError(key, path, accepted, "not set" if path is None else "not a dotted path")
-    module, _, attr = path.rpartition(".")
+    if path is None or path in ("", "???"):
+        raise ConfigError(key, path, accepted, "not set" if path is None else "required")
+    if not isinstance(path, str) or "." not in path or not all(p.isidentifier() for p in path.split(".")):
+        raise ConfigError(key, path, accepted, "not a dotted path")
     if os.getcwd() not in sys.path and "" not in sys.path:  # the console script's path lacks the cwd
         sys.path.append(os.getcwd())
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(key, path, accepted, f"cannot import {module} ({e})") from None
-    try:
-        return getattr(mod, attr)
-    except AttributeError:
-        names = [n for n, v in vars(mod).items() if inspect.isclass(v) and getattr(v, "__module__", "") == module]
-        raise ConfigError(key, path, [f"{module}.{n}" for n in names], f"module {module} has no {attr}") from None
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            obj: Any = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and not module.startswith(e.name):  # the module exists, one it imports not
+                raise ConfigError(key, path, accepted, f"importing {module} failed: {e}") from None
+            continue
+        except Exception as e:  # the module exists but fails on import: its own error, one line
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(key, path, accepted, f"importing {module} raised {type(e).__name__}: {first}") from None
+        for j, attr in enumerate(parts[i:], i):
+            if not hasattr(obj, attr):
+                owner = ".".join(parts[:j])
+                names = [f"{owner}.{n}" for n, v in vars(obj).items() if inspect.isclass(v) and not n.startswith("_")]
+                raise ConfigError(key, path, names or accepted, f"{owner} has no attribute {attr}") from None
+            obj = getattr(obj, attr)
+        return obj
+    raise ConfigError(key, path, accepted, f"cannot import {parts[0]} (no module named {parts[0]})")
 
 
 class Registry(Generic[T]):
