@@ -231,16 +231,6 @@ class Module(Model):
         """Outputs (S, K) of one replicate on flat samples x (S, f)."""
         return functional_call(self.template, (params, buffers), (x.reshape(x.shape[0], *self.input_shape),))
 
-    def losses(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        """Per-sample ℓ: logsumexp(z) − z_y (classification), ½(z − y)² (regression)."""
-        if self.task == "regression":
-            return 0.5 * (Z.squeeze(-1) - Y) ** 2
-        return torch.logsumexp(Z, -1) - Z.gather(-1, Y.expand(Z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-
-    def correct(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample 1[argmax z = y] (None for regression)."""
-        return None if self.task == "regression" else (Z.argmax(-1) == Y).to(Z.dtype)
-
     def _wloss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Σ_b w_b ℓ(θ; x_b, y_b) of one replicate and one group of samples."""
         return (w * self.losses(self._forward(params, buffers, x), y)).sum()

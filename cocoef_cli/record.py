@@ -14,6 +14,22 @@ from typing import IO, Any
 
 import pandas as pd
 
+#: the leading columns of metrics.csv that label a row (the setting, the seed and the update), not metrics
+LABEL_COLUMNS = (
+    "run_id",
+    "method",
+    "code",
+    "compressor",
+    "straggler",
+    "dataset",
+    "model",
+    "devices",
+    "d",
+    "p",
+    "seed",
+    "iter",
+)
+
 
 def atomic_write(path: Path, text: str | bytes) -> None:
     """Write ``text`` (str or bytes) to a temporary file beside ``path``, fsync, then rename (and

@@ -22,25 +22,11 @@ from typing import Any
 
 from cocoef_cli.checks import is_num
 from cocoef_cli.errors import ConfigError
+from cocoef_cli.record import LABEL_COLUMNS
 from cocoef_cli.registry import Registry
 
 LOGGERS: Registry[type[Logger]] = Registry("logger")
 EXTRA = "pip install -e '.[tracking]'"
-# columns of a metrics row that are not metrics
-_NOT_METRICS = (
-    "run_id",
-    "method",
-    "code",
-    "compressor",
-    "straggler",
-    "dataset",
-    "model",
-    "devices",
-    "d",
-    "p",
-    "seed",
-    "iter",
-)
 
 
 def flatten(cfg: dict) -> dict[str, Any]:
@@ -53,7 +39,7 @@ def flatten(cfg: dict) -> dict[str, Any]:
 
 def scalars(frame: Any) -> Iterator[tuple[str, int, float]]:
     """(tag ``seed{s}/{column}``, iter, value) of every finite metric in a frame of metrics rows."""
-    cols = [c for c in frame.columns if c not in _NOT_METRICS]
+    cols = [c for c in frame.columns if c not in LABEL_COLUMNS]
     for row in frame.itertuples(index=False):
         r = row._asdict()
         for c in cols:
@@ -123,7 +109,7 @@ def final_values(metrics: Any | None) -> dict[str, float]:
     last = metrics[metrics["iter"] == metrics.groupby("seed")["iter"].transform("max")]
     out = {}
     for c in last.columns:
-        if c not in _NOT_METRICS and last[c].notna().any():
+        if c not in LABEL_COLUMNS and last[c].notna().any():
             v = float(last[c].astype(float).mean())
             if math.isfinite(v):
                 out[f"final/{c}"] = v

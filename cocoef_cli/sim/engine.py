@@ -25,6 +25,7 @@ import torch
 from cocoef_cli.data import Dataset, load_dataset, partition_indices
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
+from cocoef_cli.record import LABEL_COLUMNS
 from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import Code, CodedSum, allocate, build_code
 from cocoef_cli.sim.compressors import Compressor
@@ -37,19 +38,8 @@ from cocoef_cli.sim.methods import (
 )
 from cocoef_cli.sim.stragglers import StragglerModel, build_straggler
 
-COLUMNS = [
-    "run_id",
-    "method",
-    "code",
-    "compressor",
-    "straggler",
-    "dataset",
-    "model",
-    "devices",
-    "d",
-    "p",
-    "seed",
-    "iter",
+COLUMNS = [  # docs/design.md §8
+    *LABEL_COLUMNS,
     "train_loss",
     "test_loss",
     "test_acc",
