@@ -253,7 +253,8 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
                 failures.append(f"bad input in {task.command}: {msg}")
             elif code != 0:
                 failures.append(f"{task.command}: exit {code}: {msg}")
-            echo(f"  [{time.perf_counter() - t0:6.1f}s] {task.sweep}/{task.arm.id}: {'ok' if code == 0 else 'FAILED'}")
+            status = "ok" if code == 0 else f"FAILED: {msg}"  # why, on the console, as it happens
+            echo(f"  [{time.perf_counter() - t0:6.1f}s] {task.sweep}/{task.arm.id}: {status}")
     if failures:
         if any(f.startswith("bad input") for f in failures):
             raise ConfigError("experiments", failures[0].split(": ", 1)[0], "valid overrides", failures[0])

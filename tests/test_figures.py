@@ -107,14 +107,32 @@ def test_figures_quick_only_end_to_end(tmp_path):
     assert pd.read_csv(tmp_path / "again" / "fig7_vs_time.csv").equals(summ)
 
 
-def test_every_experiment_sweep_composes_valid_configs(tmp_path):
-    """Each experiment's sweep (first arm, --quick grid) expands into valid configs: a preset key
-    that another swept option lacks (e.g. straggler.s with straggler=bernoulli) fails here."""
-    from cocoef_cli.sweep import plan
+@pytest.mark.parametrize("name", sorted(load_experiments()))
+def test_every_experiment_arm_composes_valid_configs(name, tmp_path):
+    """Every arm of every experiment expands into jobs (--quick grid) and its first job passes the
+    config check that ``cocoef run`` makes: a preset key that an arm's option lacks (e.g.
+    compressor.ratio with compressor=grouped_sign, straggler.s with straggler=bernoulli) fails here."""
+    from cocoef_cli import config
+    from cocoef_cli.sweep import check_builds, plan
 
-    for exp in load_experiments().values():
-        if exp.plot["kind"] == "table" or exp.spec.get("runs_of"):
-            continue
-        argv = arm_task(exp, exp.arms[0], tmp_path, quick=True).argv
-        jobs = plan(argv[1], argv[2 : argv.index("--out")], launcher="basic", check=False).jobs
-        assert jobs, exp.name
+    exp = load_experiments()[name]
+    if exp.plot["kind"] == "table" or exp.spec.get("runs_of"):
+        return
+    for arm in exp.arms:
+        argv = arm_task(exp, arm, tmp_path, quick=True).argv
+        jobs = plan(argv[1], argv[2 : argv.index("--out")], launcher="basic", check=False).unique
+        assert jobs, (exp.name, arm.id)
+        check_builds(jobs[:1], config.config_dir())
+
+
+def test_a_failed_sweep_says_why_on_the_console_as_it_ends(tmp_path):
+    """run_tasks echoes each sweep's reason with FAILED when it ends (not only in the final error)."""
+    from cocoef_cli.errors import ConfigError
+    from cocoef_cli.figures import Arm, Task
+
+    ovs = ["compressor=grouped_sign", "compressor.ratio=0.5"]
+    bad = Task("s", Arm("bad", "bad", ovs, None), "none", ovs, tmp_path / "s")
+    lines: list[str] = []
+    with pytest.raises(ConfigError):
+        run_tasks([bad], 1, lines.append)
+    assert len(lines) == 1 and "s/bad: FAILED: " in lines[0] and "compressor.ratio" in lines[0], lines
