@@ -62,3 +62,37 @@ def test_a_sweep_loads_its_dataset_once_for_the_check_and_every_job(tmp_path, mo
     res = CliRunner().invoke(app, ["sweep", "smoke", "--out", str(tmp_path / "s"), "--launcher", "basic", "-q"])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "s").glob("*/metrics.csv"))) == 4 and len(calls) == 1  # 4 jobs, one dataset
+
+
+def test_mnist5k_is_parsed_once_into_the_cache_keyed_by_the_files_content(tmp_path, monkeypatch):
+    """The parsed table is kept as .npy in COCOEF_CACHE_DIR; the next load reads it (no parse) and
+    gives the same arrays; a source of other content gets its own entry; a damaged cache file is
+    parsed again and replaced; an unwritable folder, or COCOEF_CACHE_DIR=off, only costs the parse."""
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    parses = []
+    parse = data._parse_uint8_csv
+    monkeypatch.setattr(data, "_parse_uint8_csv", lambda p: parses.append(p) or parse(p))
+    first = data.mnist5k({})
+    (entry,) = (tmp_path / "cache").glob("mnist5k-*.npy")
+    second = data.mnist5k({})
+    assert len(parses) == 1 and np.array_equal(first.X, second.X) and np.array_equal(first.y, second.y)
+
+    src = tmp_path / "other.csv"
+    src.write_text("1,2,3\n4,5,6\n")
+    t = data.cached_table(src, "t", (2, 3), np.uint8, parse)
+    assert t.tolist() == [[1, 2, 3], [4, 5, 6]] and len(list((tmp_path / "cache").glob("t-*.npy"))) == 1
+    src.write_text("7,8,9\n4,5,6\n")  # new content: a new key, never the stale table
+    assert data.cached_table(src, "t", (2, 3), np.uint8, parse)[0].tolist() == [7, 8, 9]
+    assert len(list((tmp_path / "cache").glob("t-*.npy"))) == 2
+
+    entry.write_bytes(entry.read_bytes()[:1000])  # truncated
+    assert np.array_equal(data.mnist5k({}).X, first.X) and len(parses) == 2
+    assert np.load(entry).shape == (5000, 785)  # replaced by a whole table
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(data.CACHE_ENV, str(blocker / "sub"))  # cannot be created
+    assert np.array_equal(data.mnist5k({}).X, first.X) and len(parses) == 3
+    monkeypatch.setenv(data.CACHE_ENV, "off")
+    assert data.cache_dir() is None and np.array_equal(data.mnist5k({}).X, first.X) and len(parses) == 4
