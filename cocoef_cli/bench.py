@@ -43,7 +43,7 @@ SETTING = [
     "compressor.ratio=0.01",
     "seeds=1",
 ]
-LIMIT_DEVICES = (100, 1000)  # the M of (b): the iteration against the limit (the first also gives the breakdown)
+LIMIT_DEVICES = (100, 1000)  # the M of (b): the iteration against the limit, each with its breakdown
 WORKLOADS = {"softmax": ["dataset=mnist5k", "model=softmax"], "mlp": ["dataset=mnist5k", "model=mlp"]}
 SMOKE_WORKLOADS = {"logistic": ["dataset=synthetic_logreg", "model=logistic"]}  # `--smoke`: seconds
 
@@ -118,7 +118,8 @@ def fused_pass(sim: Simulation) -> Callable[[], object]:
 def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
     """Median seconds of each part of one coded update, called as ``Simulation.coded_step`` calls
     them (after ``sim`` has run some updates): partition gradients, stragglers + decoding, encoding
-    with the method's step (fused for COCO-EF with Top-k); and one evaluation."""
+    with the method's step (fused for COCO-EF with Top-k); one evaluation; and, for comparison, the
+    two terms of the limit (the central step and the pass over G and e)."""
     exp = sim.exp
     obj, code, method = exp.objective, exp.code, exp.method
     z = exp.straggler.draw()
@@ -129,6 +130,8 @@ def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
         "stragglers + decode": median_time(lambda: code.decode(exp.straggler.draw()), repeat),
         "encode + method step (top-k, EF update, aggregate)": median_time(lambda: method.coded_step(U, z, a), repeat),
         "evaluation (every eval_every updates)": evaluation_time(sim),
+        "for comparison: central autograd step": median_time(central_step(sim), repeat),
+        "for comparison: one pass e ← e + G": median_time(fused_pass(sim), repeat),
     }
 
 
@@ -370,8 +373,8 @@ def run_bench(
                         [5, 5, 5],
                         rounds=rounds if devices <= 100 else min(rounds, 3),
                     )
-                    if n_threads == thread_counts[-1] and devices == M_bc:
-                        parts[name] = breakdown(sim, repeat)
+                    if n_threads == thread_counts[-1]:  # where the time goes, at every M of (b)
+                        parts[name if devices == M_bc else f"{name}, M={devices}"] = breakdown(sim, repeat)
                 rows_b.append((name, devices, sim.exp.objective.model.D, n_threads, t_sim, t_central, t_pass))
                 log(
                     f"(b) {name} M={devices}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
@@ -433,8 +436,8 @@ def run_bench(
     ]
     md += [
         "",
-        "Where an iteration's time goes (each part timed alone, ms; evaluation is not part of an update; "
-        "the seeds=10 columns are the runs of (c)):",
+        f"Where an iteration's time goes (each part timed alone, ms, {thread_counts[-1]} thread(s); evaluation is "
+        f"not part of an update; M = {M_bc} unless the column says otherwise; the seeds=10 columns are the runs of (c)):",
         "",
         "| part | " + " | ".join(parts) + " |",
         "|---|" + "---|" * len(parts),

@@ -410,7 +410,12 @@ def check_code(
 @clean_errors
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Fewer sizes (M ≤ 100): about a minute."),
-    out: Path = typer.Option(Path("results/bench.md"), "--out", help="Markdown report to write."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Markdown report to write (default: results/bench.md for the full bench; --quick and --smoke "
+        "write only with --out, so they never replace the measured report).",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
     smoke: bool = typer.Option(
         False, "--smoke", help="One small workload (logistic regression, M = 10): checks an install in seconds."
@@ -419,8 +424,11 @@ def bench(
     """Benchmarks: simulator vs a per-device loop, vs a centralised step, seeds=10 vs 1, scaling in M."""
     from cocoef_cli.bench import run_bench
 
+    if out is None and not (quick or smoke):
+        out = Path("results/bench.md")
     typer.echo(run_bench(quick, out, device, log=lambda line: typer.echo(line, err=True), smoke=smoke))
-    typer.echo(f"wrote {out}", err=True)
+    if out is not None:
+        typer.echo(f"wrote {out}", err=True)
 
 
 class _Command(typer.core.TyperCommand):

@@ -50,7 +50,7 @@ def softmax_residual_t(Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """softmax(z) − onehot(y) of class-major logits Zt (R, C, n) for labels Y (R, n) or (n,):
     (R, C, n). The softmax runs along the class axis, vectorised along n (with few classes about
     ten times faster on CPU than along the last axis of (R, n, C))."""
-    R, C, n = Zt.shape
+    R, n = Zt.shape[0], Zt.shape[2]
     P = torch.softmax(Zt, 1)
     minus_one = torch.full((R, 1, n), -1.0, dtype=P.dtype, device=P.device)
     return P.scatter_add_(1, Y.expand(R, n).unsqueeze(1), minus_one)  # p − 1 at the label: bits of p − onehot

@@ -1,6 +1,7 @@
 """`cocoef bench` building blocks on a small setting (the full benchmark is `make bench`)."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,8 @@ def test_breakdown_times_every_part_of_an_update(method):
         "stragglers + decode",
         "encode + method step (top-k, EF update, aggregate)",
         "evaluation (every eval_every updates)",
+        "for comparison: central autograd step",
+        "for comparison: one pass e ← e + G",
     }
     assert all(math.isfinite(s) and s > 0 for s in [t, *parts.values()])
     assert sim.t >= 3  # the timed updates really ran
@@ -69,3 +72,19 @@ def test_cpu_info_names_the_machine():
     assert info["cores"] >= 1 and set(info["vector"]) <= set(bench.VECTOR_FLAGS)
     line = bench.machine()
     assert "torch" in line and "numba" in line and str(info["model"]) in line
+
+
+def test_quick_and_smoke_benches_never_replace_the_measured_report(tmp_path, monkeypatch):
+    """`cocoef bench` writes results/bench.md; --quick and --smoke write only where --out says."""
+    from typer.testing import CliRunner
+
+    from cocoef_cli import bench
+    from cocoef_cli.cli import app
+
+    seen = []
+    monkeypatch.setattr(bench, "run_bench", lambda quick, out, device, log=None, smoke=False: seen.append(out) or "r")
+    monkeypatch.chdir(tmp_path)
+    for args in (["--smoke"], ["--quick"], ["--smoke", "--out", "x.md"], []):
+        res = CliRunner().invoke(app, ["bench", *args])
+        assert res.exit_code == 0, res.output
+    assert seen == [None, None, Path("x.md"), Path("results/bench.md")]
