@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -637,3 +638,24 @@ def test_terngrad_clips_at_clip_sigma_by_default_and_is_then_biased():
 def test_onebit_says_it_is_not_seide_1bit_sgd():
     line = dict(COMPRESSORS.describe())["onebit"]
     assert "Seide" in line and "unbiased" in line
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_kernels_threshold_is_the_rth_largest_sampled_magnitude(dtype):
+    """The Top-k kernel's threshold: the r-th largest of |x[::h]| (NaN as the largest, as numpy's
+    partition sorts it), and −1 when the sample holds fewer than r entries (full selection)."""
+    from cocoef_cli.sim import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    _rth_largest_strided = kernels._rth_largest_strided
+    rng = np.random.default_rng(3)
+    for D, h, r in [(1000, 7, 5), (997, 1, 40), (64, 9, 8), (50, 3, 17), (30, 4, 9)]:
+        x = rng.standard_normal(D).astype(dtype)
+        x[rng.integers(0, D, 3)] = 2.5  # ties
+        sample = np.abs(x[::h])
+        want = np.partition(sample, len(sample) - r)[len(sample) - r] if r <= len(sample) else -1.0
+        assert _rth_largest_strided(x, h, r) == want, (D, h, r)
+    x = np.ones(100, dtype)
+    x[::10][:3] = np.nan
+    assert _rth_largest_strided(x, 10, 3) == np.inf and _rth_largest_strided(x, 10, 4) == 1.0

@@ -86,6 +86,25 @@ if AVAILABLE:
                 return a[target]
         return a[target]
 
+    @njit(cache=True, nogil=True)
+    def _rth_largest_strided(row, h, r):  # pragma: no cover - compiled
+        """The r-th largest of |row[::h]| (NaN as the largest; −1 when the sample has fewer than r
+        entries), kept in an ascending buffer of r values: one compare per sampled entry, an
+        insertion only for the few that enter the running top r (no selection pass over a copy).
+        Only a threshold: the selection that uses it is exact whatever it is."""
+        top = np.full(r, -1.0, row.dtype)  # top[0]: the smallest of the r largest so far
+        for j in range(0, row.shape[0], h):
+            a = abs(row[j])
+            if a != a:
+                a = np.inf
+            if a > top[0]:
+                q = 1
+                while q < r and top[q] < a:
+                    top[q - 1] = top[q]
+                    q += 1
+                top[q - 1] = a
+        return top[0]
+
     def _topk_rows(x, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, out, picked):  # pragma: no cover
         n, D = x.shape
         nw = (D + 7) // 8
@@ -116,11 +135,7 @@ if AVAILABLE:
                     out[i, o] = o
                     picked[i, o] = row[o]
                 continue
-            ns = (D + h - 1) // h
-            sample = np.empty(ns, x.dtype)
-            for j in range(ns):
-                sample[j] = abs(row[j * h])
-            t = np.partition(sample, ns - r)[ns - r]  # the r-th largest sampled magnitude
+            t = _rth_largest_strided(row, h, r)  # the r-th largest sampled magnitude
             if t > 0:  # False for t = 0 (mostly-zero rows) and NaN: full selection below
                 # candidates |x_j| ≥ t (or NaN), in index order: a byte mask (vectorised), then
                 # the nonzero 8-byte words, each appended without branches
