@@ -284,7 +284,9 @@ def _tasks(exps: list[FigureSpec], runs: Path, quick: bool, tune: bool = False) 
 
 def arm_rows(task: Task, prune: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows, runs) of the jobs listed in the arm's ``index.csv``, with ``arm`` and ``label``
-    columns; job folders not in the index (an older step size) are deleted when ``prune``."""
+    columns; a swept group's column holds the option the job chose (``code=crc_random`` is a
+    preset of crc: its rows say crc_random, not crc); job folders not in the index (an older step
+    size) are deleted when ``prune``."""
     from cocoef_cli.report import load_runs
 
     index = pd.read_csv(task.out / "index.csv")
@@ -296,6 +298,10 @@ def arm_rows(task: Task, prune: bool = True) -> tuple[pd.DataFrame, pd.DataFrame
     rows, runs = load_runs(task.out)
     rows = rows[rows["run"].isin(jobs)] if not rows.empty else rows
     runs = runs[runs["run"].isin(jobs)]
+    # a swept group is labelled by the option the sweep chose (code=crc_random, not its name crc)
+    for group in (g for g in config.GROUPS if g in index.columns and g in rows.columns):
+        chosen = dict(zip(index["job"].astype(str), index[group].astype(str)))
+        rows = rows.assign(**{group: rows["run"].map(chosen).fillna(rows[group])})
     rows = rows.assign(arm=task.arm.id, label=task.arm.label)
     runs = runs.assign(arm=task.arm.id, label=task.arm.label)
     return rows, runs
@@ -432,7 +438,7 @@ def render(exp: FigureSpec, exps: dict[str, FigureSpec], runs: Path, figdir: Pat
         return info
     rows, runs_info = experiment_rows(exp, runs, quick)
     rows = _filter(rows, plot.get("filter"))
-    info["excluded"] = _excluded(runs_info)
+    info["excluded"] = _excluded(runs_info, grid=bool(exp.sweep.get("lr_grid")))
     chosen = None
     if exp.sweep.get("lr_grid"):
         rows, chosen = best_lr_rows(
@@ -441,7 +447,9 @@ def render(exp: FigureSpec, exps: dict[str, FigureSpec], runs: Path, figdir: Pat
             plot["y"],
             plot.get("mode", "max" if plot["y"] == "test_acc" else "min"),
         )
-        info["excluded"] = [e for e in info["excluded"] if any(f"[{r}]" in e for r in rows["run"].unique())]
+    _one_run_per_point(
+        exp, rows, ["label", *([plot["x"]] if kind == "final" else []), *[plot[k] for k in ("facet",) if plot.get(k)]]
+    )
     order = [a.label for a in exp.arms]
     title = plot.get("title", "") + ("" if not quick else "  [--quick]")
     if kind == "line":
@@ -480,6 +488,7 @@ def render(exp: FigureSpec, exps: dict[str, FigureSpec], runs: Path, figdir: Pat
         ],
     ]
     ys = [c for c in ("opt_gap", "test_acc", "bits_up", "sim_time") if c in fin and fin[c].notna().any()]
+    _one_run_per_point(exp, fin, keys)
     summ = fin.groupby(keys, sort=False)[ys].agg(["mean", "std"])
     summ.columns = [f"{a}_{b}" for a, b in summ.columns]
     summ = summ.reset_index()
@@ -512,9 +521,46 @@ def best_lr_rows(rows: pd.DataFrame, keys: list[str], y: str, mode: str) -> tupl
     return keep, pick
 
 
-def _excluded(runs_info: pd.DataFrame) -> list[str]:
+def _one_run_per_point(exp: FigureSpec, rows: pd.DataFrame, keys: list[str]) -> None:
+    """Every point (curve) the figure or its table draws averages the seeds of ONE run: raises
+    FiguresError when the completed rows of some ``keys`` group come from runs of different
+    configs, naming the point, the jobs and the config keys in which they differ."""
+    done = rows[rows["status"] == "completed"] if "status" in rows else rows
+    for point, g in done.groupby(keys, sort=False, dropna=False):
+        ids = g.drop_duplicates("run_id")
+        if len(ids) <= 1:
+            continue
+        cols = [c for c in ids.columns if "." in c and ids[c].astype(str).nunique() > 1]
+        where = ", ".join(f"{k}={v}" for k, v in zip(keys, point if isinstance(point, tuple) else (point,)))
+        raise FiguresError(
+            f"{exp.name}: the point ({where}) would average {len(ids)} runs of different configs "
+            f"(jobs {', '.join(ids['run'].astype(str).tolist()[:4])}; they differ in {', '.join(cols) or 'run_id'}): "
+            "sweep the differing key into the plot's x, facet or a filter"
+        )
+
+
+def _excluded(runs_info: pd.DataFrame, grid: bool = False) -> list[str]:
+    """The runs a figure leaves out (diverged, failed), one line each; with a step-size ``grid``,
+    one line per (arm, setting) none of whose step sizes completed (it is missing from the
+    figure), and one count of the other grid points that did not complete (their setting is drawn
+    at its best completed step size)."""
     bad = runs_info[runs_info["status"] != "completed"]
-    return [f"{r.label} [{r.run}]: {r.status}" for r in bad.itertuples()]
+    if not grid:
+        return [f"{r.label} [{r.run}]: {r.status}" for r in bad.itertuples()]
+    lr = runs_info["run"].str.extract(r"(?:^|,)optim\.lr=([^,]*)", expand=False)
+    setting = runs_info["run"].str.replace(r"(?:^|,)optim\.lr=[^,]*", "", regex=True).str.strip(",")
+    info = runs_info.assign(setting=setting.replace("", "default"), lr=lr)
+    completed = {(r.label, r.setting) for r in info[info["status"] == "completed"].itertuples()}
+    lines, other_n = [], 0
+    for (label, s), g in info.loc[bad.index].groupby(["label", "setting"], sort=False):
+        if (label, s) in completed:
+            other_n += len(g)
+            continue
+        lrs = ", ".join(f"{v:g}" for v in sorted(g["lr"].dropna().astype(float).unique()))
+        lines.append(f"{label} [{s}]: {'/'.join(sorted(set(g['status'])))} at every step size (lr {lrs})")
+    if other_n:
+        lines.append(f"{other_n} other run(s) at step sizes that were not chosen did not complete")
+    return lines
 
 
 def _bits_bars(table: pd.DataFrame, out: Path, title: str) -> Path:

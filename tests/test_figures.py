@@ -136,3 +136,23 @@ def test_a_failed_sweep_says_why_on_the_console_as_it_ends(tmp_path):
     with pytest.raises(ConfigError):
         run_tasks([bad], 1, lines.append)
     assert len(lines) == 1 and "s/bad: FAILED: " in lines[0] and "compressor.ratio" in lines[0], lines
+
+
+def test_a_figure_labels_a_swept_preset_by_its_option_and_never_averages_two_configs(tmp_path, small):
+    """code=crc_random is a preset of crc (its rows' code column says crc): the figure rows take
+    the option the sweep chose, and a point whose rows come from two configs is an error naming
+    the key in which they differ, not a silent average."""
+    from types import SimpleNamespace
+
+    from cocoef_cli.figures import Arm, FiguresError, Task, _one_run_per_point, arm_rows
+    from cocoef_cli.sweep import run_sweep
+
+    ovs = [*small, "devices=6", "code.d=2", "straggler=fixed", "straggler.s=1", "code=crc,crc_random"]
+    task = Task("t", Arm("a", "A", [], None), "none", ovs, tmp_path / "s")
+    assert run_sweep(task.preset, task.overrides, task.out, "basic", quiet=True, echo=lambda m: None).ok
+    rows, _ = arm_rows(task)
+    assert set(rows["code"]) == {"crc", "crc_random"}
+    exp = SimpleNamespace(name="t")
+    _one_run_per_point(exp, rows, ["label", "code"])  # one run per (arm, code): fine
+    with pytest.raises(FiguresError, match=r"would average 2 runs .*code\.construction"):
+        _one_run_per_point(exp, rows, ["label"])
