@@ -11,7 +11,10 @@ reaches ĝ multiplied by a_i. :data:`WEIGHT_BOUND` = 100 is the documented limit
 max_i|a_i| beyond which a biased compressor is flagged. Measured (docs/codes.md, COCO-EF with
 top-k 10%, 2 fixed stragglers, lr 0.05, 300 updates): frc (max|a| = 1) and crc cyclic_mds (max|a|
 4.3 at M = 12, d = 3; 28 at M = 100, d = 4) end within 1.2× of each other, while Tandon's random
-H (6.4·10^3 and 1.2·10^4) diverges to 10^86 and 10^54.
+H (6.4·10^3 and 1.2·10^4) diverges to 10^86 and 10^54. At each code's tuned step size (figure 9)
+crc cyclic_mds ends 3.4× (M = 12, Bernoulli) to 150× (M = 100, Bernoulli) above frc under
+top-k with EF although its weights are below the bound: crc is warned about with every biased
+compressor.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ def run_warnings(
     report: Mapping[str, Any] | None, compressor: Compressor, method_name: str, error_feedback: bool
 ) -> list[str]:
     """One-line warnings: a decoding code whose worst max|a_i| exceeds :data:`WEIGHT_BOUND`
-    with a biased compressor; unscaled ``sign`` (not a δ-contraction) under error feedback."""
+    with a biased compressor; else crc (any construction) with a biased compressor, whose
+    measured final gap at tuned step sizes is a multiple of frc's (figure 9); unscaled ``sign``
+    (not a δ-contraction) under error feedback."""
     out = []
     if (
         report is not None
@@ -74,6 +79,13 @@ def run_warnings(
             f"code={report['code']}{how}: measured max|a_i| = {report['max_abs_a_worst']:.3g} > {WEIGHT_BOUND:g} "
             f"with the biased compressor {compressor.name}: compression errors are multiplied by the decoding "
             f"weights; safer: {', '.join(safer)}"
+        )
+    elif report is not None and report.get("code") == "crc" and not compressor.unbiased:
+        out.append(
+            f"code=crc (construction={report.get('construction')}) with the biased compressor {compressor.name}: "
+            "its encoding coefficients have both signs, so each message is larger than what the decoded sum "
+            "keeps and its compression error is too; measured (figure 9, docs/codes.md), COCO-EF with top-k "
+            "10% at tuned step sizes ends 3.4-150x above frc; safer: code=frc, code=sgc, code=rgc"
         )
     if error_feedback and compressor.name == "sign":
         out.append(
