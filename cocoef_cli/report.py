@@ -355,7 +355,9 @@ def final_figure(
         if cats is None and _spans_decades(d[x]):
             ax.set_xscale("log")
         ax.set_xticks(vals)
-        ax.set_xticklabels([_fmt_val(float(v)) if cats is None else cats[int(v)] for v in vals])
+        ticks = [_fmt_val(float(v)) if cats is None else cats[int(v)] for v in vals]
+        crowded = cats is not None and sum(len(t) for t in ticks) > 40  # long category names: slant them
+        ax.set_xticklabels(ticks, rotation=25 if crowded else 0, ha="right" if crowded else "center")
         if ax.get_xscale() == "log":
             ax.minorticks_off()
         if y in LOG_COLUMNS and len(d) and (d[y] > 0).all():
