@@ -115,11 +115,12 @@ def fused_pass(sim: Simulation) -> Callable[[], object]:
     return lambda: e.add_(G)
 
 
-def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
+def breakdown(sim: Simulation, repeat: int = 9, compare: tuple[float, float] | None = None) -> dict[str, float]:
     """Median seconds of each part of one coded update, called as ``Simulation.coded_step`` calls
     them (after ``sim`` has run some updates): partition gradients, stragglers + decoding, encoding
     with the method's step (fused for COCO-EF with Top-k); one evaluation; and, for comparison, the
-    two terms of the limit (the central step and the pass over G and e)."""
+    two terms of the limit (the central step and the pass over G and e; ``compare``: those two
+    as already timed, in seconds, e.g. paired with the iteration in (b))."""
     exp = sim.exp
     obj, code, method = exp.objective, exp.code, exp.method
     z = exp.straggler.draw()
@@ -130,8 +131,8 @@ def breakdown(sim: Simulation, repeat: int = 9) -> dict[str, float]:
         "stragglers + decode": median_time(lambda: code.decode(exp.straggler.draw()), repeat),
         "encode + method step (top-k, EF update, aggregate)": median_time(lambda: method.coded_step(U, z, a), repeat),
         "evaluation (every eval_every updates)": evaluation_time(sim),
-        "for comparison: central autograd step": median_time(central_step(sim), repeat),
-        "for comparison: one pass e ← e + G": median_time(fused_pass(sim), repeat),
+        "for comparison: central autograd step": compare[0] if compare else median_time(central_step(sim), repeat),
+        "for comparison: one pass e ← e + G": compare[1] if compare else median_time(fused_pass(sim), repeat),
     }
 
 
@@ -374,7 +375,9 @@ def run_bench(
                         rounds=rounds if devices <= 100 else min(rounds, 3),
                     )
                     if n_threads == thread_counts[-1]:  # where the time goes, at every M of (b)
-                        parts[name if devices == M_bc else f"{name}, M={devices}"] = breakdown(sim, repeat)
+                        parts[name if devices == M_bc else f"{name}, M={devices}"] = breakdown(
+                            sim, repeat, compare=(t_central, t_pass)
+                        )
                 rows_b.append((name, devices, sim.exp.objective.model.D, n_threads, t_sim, t_central, t_pass))
                 log(
                     f"(b) {name} M={devices}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
@@ -436,8 +439,8 @@ def run_bench(
     ]
     md += [
         "",
-        f"Where an iteration's time goes (each part timed alone, ms, {thread_counts[-1]} thread(s); evaluation is "
-        f"not part of an update; M = {M_bc} unless the column says otherwise; the seeds=10 columns are the runs of (c)):",
+        f"Where an iteration's time goes (each part timed alone, ms, {thread_counts[-1]} thread(s); the two "
+        f"comparison rows are (b)'s paired timings; evaluation is not part of an update; M = {M_bc} unless the column says otherwise; the seeds=10 columns are the runs of (c)):",
         "",
         "| part | " + " | ".join(parts) + " |",
         "|---|" + "---|" * len(parts),

@@ -306,7 +306,7 @@ def cached_table(
         table = np.load(path, allow_pickle=False)
         if table.shape == shape and table.dtype == dtype:
             return table
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # missing, truncated (EOFError: empty), foreign
         pass
     table = parse(source)
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
@@ -314,6 +314,8 @@ def cached_table(
         folder.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             np.save(f, table, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())  # whole on disk before it gets the final name
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
     except OSError:
         with contextlib.suppress(OSError):

@@ -289,7 +289,7 @@ def arm_rows(task: Task, prune: bool = True) -> tuple[pd.DataFrame, pd.DataFrame
     size) are deleted when ``prune``."""
     from cocoef_cli.report import load_runs
 
-    index = pd.read_csv(task.out / "index.csv")
+    index = pd.read_csv(task.out / "index.csv", keep_default_na=False, dtype=str)  # values as the sweep wrote them
     jobs = set(index["job"].astype(str))
     if prune:
         for child in task.out.iterdir():
@@ -547,7 +547,7 @@ def _excluded(runs_info: pd.DataFrame, grid: bool = False) -> list[str]:
     bad = runs_info[runs_info["status"] != "completed"]
     if not grid:
         return [f"{r.label} [{r.run}]: {r.status}" for r in bad.itertuples()]
-    lr = runs_info["run"].str.extract(r"(?:^|,)optim\.lr=([^,]*)", expand=False)
+    lr = pd.to_numeric(runs_info["optim.lr"], errors="coerce") if "optim.lr" in runs_info else None
     setting = runs_info["run"].str.replace(r"(?:^|,)optim\.lr=[^,]*", "", regex=True).str.strip(",")
     info = runs_info.assign(setting=setting.replace("", "default"), lr=lr)
     completed = {(r.label, r.setting) for r in info[info["status"] == "completed"].itertuples()}
@@ -556,7 +556,7 @@ def _excluded(runs_info: pd.DataFrame, grid: bool = False) -> list[str]:
         if (label, s) in completed:
             other_n += len(g)
             continue
-        lrs = ", ".join(f"{v:g}" for v in sorted(g["lr"].dropna().astype(float).unique()))
+        lrs = ", ".join(f"{v:g}" for v in sorted(g["lr"].dropna().unique()))
         lines.append(f"{label} [{s}]: {'/'.join(sorted(set(g['status'])))} at every step size (lr {lrs})")
     if other_n:
         lines.append(f"{other_n} other run(s) at step sizes that were not chosen did not complete")

@@ -49,6 +49,7 @@ def test_random_crc_with_a_biased_compressor_warns_on_stderr_and_in_run_json(tmp
             "method=coco",
         ],  # unbiased compressor
         ["code=frc", "code.d=3", "compressor=scaled_sign"],
+        ["code=crc", "code.d=3", "compressor=topk", "method=coco"],  # no error feedback: crc ends level with frc
     ],
 )
 def test_no_warning_for_well_conditioned_codes_or_unbiased_compressors(tmp_path, overrides):

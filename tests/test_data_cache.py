@@ -88,11 +88,14 @@ def test_mnist5k_is_parsed_once_into_the_cache_keyed_by_the_files_content(tmp_pa
     entry.write_bytes(entry.read_bytes()[:1000])  # truncated
     assert np.array_equal(data.mnist5k({}).X, first.X) and len(parses) == 2
     assert np.load(entry).shape == (5000, 785)  # replaced by a whole table
+    entry.write_bytes(b"")  # empty (np.load raises EOFError)
+    assert np.array_equal(data.mnist5k({}).X, first.X) and len(parses) == 3
+    assert np.load(entry).shape == (5000, 785)
     assert not list((tmp_path / "cache").glob(".*.tmp"))
 
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv(data.CACHE_ENV, str(blocker / "sub"))  # cannot be created
-    assert np.array_equal(data.mnist5k({}).X, first.X) and len(parses) == 3
+    assert np.array_equal(data.mnist5k({}).X, first.X) and len(parses) == 4
     monkeypatch.setenv(data.CACHE_ENV, "off")
-    assert data.cache_dir() is None and np.array_equal(data.mnist5k({}).X, first.X) and len(parses) == 4
+    assert data.cache_dir() is None and np.array_equal(data.mnist5k({}).X, first.X) and len(parses) == 5

@@ -136,7 +136,7 @@ if AVAILABLE:
                     picked[i, o] = row[o]
                 continue
             t = _rth_largest_strided(row, h, r)  # the r-th largest sampled magnitude
-            if t > 0:  # False for t = 0 (mostly-zero rows) and NaN: full selection below
+            if t > 0:  # False for t ≤ 0 (mostly-zero rows; −1: a sample shorter than r): full selection below
                 # candidates |x_j| ≥ t (or NaN), in index order: a byte mask (vectorised), then
                 # the nonzero 8-byte words, each appended without branches
                 mask = np.zeros(nw * 8, np.uint8)
@@ -220,8 +220,9 @@ def topk_rows(
     and the values x_ij there (after the addition below).
 
     The threshold t of a row is the r-th largest of its strided sample x[::h]; the candidates
-    |x_j| ≥ t (in index order) are selected exactly; a row with t = 0 or NaN, fewer than k or more
-    than ``cap`` candidates is selected over the full row. ``threads``: numba threads to use.
+    |x_j| ≥ t (in index order) are selected exactly; a row with t ≤ 0 (t = −1 when the sample has
+    fewer than r entries; t = +inf when r sampled entries are NaN), fewer than k or more than
+    ``cap`` candidates is selected over the full row. ``threads``: numba threads to use.
     ``active`` (n,) bool: rows marked False are not selected (their indices are 0..k−1).
     ``add`` = (adds, crow, col, val, g, gstart, gwidth): first, every row with ``adds[i]`` (bool)
     gets x_i += u_i in place, u_i = Σ_{e = crow[i]}^{crow[i+1]−1} val[e]·G[col[e]] (summed in entry
