@@ -418,3 +418,20 @@ def test_conditioning_of_frc_uses_its_group_decoder_and_sgc_spread_is_unbiased()
     draws = [torch.rand(1, 12, generator=g) >= 0.25 for _ in range(4000)]
     sp = coverage_spread(sgc, draws)
     assert sp["bias"] < 0.05 and 0.1 < sp["spread"] < 1.0 and sp["max_abs_a"] == 1.0
+
+
+def test_best_random_searches_once_per_process_for_the_same_draws(monkeypatch):
+    """The best_random search is kept per candidate draw: a second build with the same seeds (the
+    config check, then the build, then the next job of a sweep worker) reuses it and gives the same
+    B; another seed searches again; a replicate set that contains the first seed reuses its part."""
+    from cocoef_cli.sim import codes
+
+    monkeypatch.setattr(codes, "_BEST", {})
+    calls = []
+    real = codes._weights_over_sets
+    monkeypatch.setattr(codes, "_weights_over_sets", lambda B, sets, *a: calls.append(B.shape) or real(B, sets, *a))
+    cfg = {"name": "crc", "d": 3, "construction": "best_random", "candidates": 8}
+    first = make(cfg, 12, seeds=(3,)).B
+    assert len(calls) == 1 and torch.equal(make(cfg, 12, seeds=(3,)).B, first) and len(calls) == 1
+    both = make(cfg, 12, seeds=(3, 4)).B
+    assert len(calls) == 2 and torch.equal(both[0], first[0])
