@@ -306,7 +306,8 @@ def final_figure(
 ) -> Path:
     """Final value of ``y`` (last evaluated iteration, mean over seeds, 95% CI) against a swept
     key ``x``, one line per ``hue``; writes PNG and PDF. A non-numeric ``x`` (e.g. ``code``) is
-    drawn at positions 0, 1, … in ``x_order`` (default: sorted)."""
+    drawn at positions 0, 1, … in ``x_order`` (default: sorted), as markers only: a line would run
+    through the categories where an arm has no value (diverged) as if it had one."""
     import seaborn as sns
 
     plt = pyplot()
@@ -349,7 +350,7 @@ def final_figure(
             err_style="bars",
             err_kws={"capsize": 3},
             ax=ax,
-            linewidth=1.6,
+            linewidth=1.6 if cats is None else 0,  # categories (codes): no line through a missing one
         )
         vals = sorted(d[x].unique())
         if cats is None and _spans_decades(d[x]):
