@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
+from minibatch_reference import assert_minibatch_grads
 
 from cocoef_cli import config
 from cocoef_cli.data import Dataset, partition_indices
@@ -146,19 +147,15 @@ def test_minibatch_grads_are_autograd_on_the_drawn_samples(name, mcfg):
         model, data, parts, 0.0, torch.float64, torch.device("cpu"), batch_size=b, batch_rng=SeedRNG(SEEDS, "batch")
     )
     theta = 0.2 * torch.randn(len(SEEDS), model.D, dtype=torch.float64)
-    twin = SeedRNG(SEEDS, "batch")
-    X, Y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
-    for _ in range(2):  # two successive draws
-        G = obj.partition_grads(theta)
-        keys = twin.rand(*parts.shape[1:], dtype=torch.float64)
-        for r in range(len(SEEDS)):
-            for j in range(parts.shape[1]):
-                valid = parts[r, j] < n
-                order = torch.argsort(keys[r, j].masked_fill(~torch.as_tensor(valid), 2.0))
-                bj = min(b, int(valid.sum()))
-                idx = torch.as_tensor(parts[r, j])[order[:bj]]
-                ref = reference_grad(name, model, theta[r], X[idx], Y[idx], valid.sum() / (bj * n))
-                torch.testing.assert_close(G[r, j], ref, rtol=1e-9, atol=1e-12)
+    assert_minibatch_grads(
+        obj,
+        theta,
+        data,
+        parts,
+        b,
+        SeedRNG(SEEDS, "batch"),
+        lambda r, th, Xb, Yb, w: reference_grad(name, model, th, Xb, Yb, w),
+    )
 
 
 def test_minibatch_at_least_the_partition_is_the_full_partition_gradient():

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as Fn
+from minibatch_reference import assert_minibatch_grads
 from typer.testing import CliRunner
 
 from cocoef_cli import config
@@ -105,19 +106,15 @@ def test_minibatch_grads_are_autograd_on_the_drawn_samples():
         model, data, parts, 0.0, torch.float64, torch.device("cpu"), batch_size=b, batch_rng=SeedRNG(SEEDS, "batch")
     )
     theta = model.init(SeedRNG(SEEDS, "init"), torch.float64)
-    twin = SeedRNG(SEEDS, "batch")
-    X, Y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
-    for _ in range(2):
-        G = obj.partition_grads(theta)
-        keys = twin.rand(*parts.shape[1:], dtype=torch.float64)
-        for r in range(len(SEEDS)):
-            for j in range(parts.shape[1]):
-                valid = parts[r, j] < n
-                order = torch.argsort(keys[r, j].masked_fill(~torch.as_tensor(valid), 2.0))
-                bj = min(b, int(valid.sum()))
-                idx = torch.as_tensor(parts[r, j])[order[:bj]]
-                ref = reference_grad(model, r, theta[r], X[idx], Y[idx], valid.sum() / (bj * n))
-                torch.testing.assert_close(G[r, j], ref, rtol=1e-9, atol=1e-12)
+    assert_minibatch_grads(
+        obj,
+        theta,
+        data,
+        parts,
+        b,
+        SeedRNG(SEEDS, "batch"),
+        lambda r, th, Xb, Yb, w: reference_grad(model, r, th, Xb, Yb, w),
+    )
 
 
 def test_init_is_the_factorys_under_the_replicate_seed():
