@@ -184,7 +184,7 @@ def scaling_point(overrides: Sequence[str], repeat: int = 3) -> dict:
     code = (
         "import json, numpy as np; from cocoef_cli.bench import sim_step_time, peak_rss_mib, state_mib; "
         "from cocoef_cli.sim import kernels; "
-        "kernels.AVAILABLE and kernels.topk_rows(np.zeros((2, 16), np.float32), 1, 4, 1, 8, 1); "
+        "kernels.library() and kernels.topk_rows(np.zeros((2, 16), np.float32), 1, 4, 1, 8, 1); "
         "base = peak_rss_mib(current=True); "
         f"t, sim = sim_step_time({list(overrides)!r}, {repeat}); "
         "print(json.dumps({'s': t, 'rss_mib': peak_rss_mib(), 'base_mib': base, 'state_mib': state_mib(sim)}))"
@@ -236,15 +236,17 @@ def cpu_info() -> dict[str, Any]:
 
 
 def machine() -> str:
-    """One line: CPU (vendor, model, vector extensions, usable cores), versions."""
-    import numba
+    """One line: CPU (vendor, model, vector extensions, usable cores), versions, the C compiler
+    that built the Top-k kernel."""
     import numpy
+
+    from cocoef_cli.sim import kernels
 
     c = cpu_info()
     return (
         f"{c['vendor']} {c['model']} ({', '.join(c['vector']) or 'no AVX'}; {c['cores']} usable cores), "
-        f"Python {platform.python_version()}, torch {torch.__version__}, numba {numba.__version__}, "
-        f"numpy {numpy.__version__}"
+        f"Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
+        f"Top-k kernel: {kernels.describe()}"
     )
 
 

@@ -54,6 +54,7 @@ def test_bench_smoke_runs_from_an_installed_wheel(tmp_path):
     ).stdout.split()
     assert Path(where[0]).is_relative_to(purelib)  # the installed package, not the checkout
     assert Path(where[1]) == (env_dir / "share" / "cocoef" / "conf").resolve()  # the conf tree shipped as data
+    assert (Path(where[0]).parent / "sim" / "topk_rows.c").is_file()  # the Top-k kernel's source, compiled on first use
     res = subprocess.run(
         [py, "-m", "cocoef_cli.cli", "bench", "--smoke", "--out", "bench.md"],
         cwd=work,

@@ -3,8 +3,8 @@
 Each mutation in tools/mutations.py (file, exact original snippet, replacement, the tests to run) is
 applied on its own to a scratch copy of the tree (never the working tree): the copy is made once per
 worker in a temporary folder, the file is rewritten, pytest runs there (``-x``, PYTHONPATH = the
-copy) on the mutation's tests, and the original bytes and modification time are put back (so
-numba's on-disk cache of the untouched kernels stays valid). A mutation is *killed* when pytest
+copy) on the mutation's tests, and the original bytes and modification time are put back (the
+compiled Top-k kernel is cached by its source's content, so a mutated C file is built anew). A mutation is *killed* when pytest
 fails, *survives* when the tests pass; entries marked ``equivalent`` carry the argument why no
 test can tell them apart: they are still run, and reported apart from the rate when they survive
 (one that is killed counts as killed and is flagged: its argument is wrong). A snippet that is not found exactly once
@@ -49,7 +49,7 @@ def check(mutations: list[Mutation]) -> None:
 
 
 def scratch_copy() -> Path:
-    """A copy of the tree (package, configs, tests; __pycache__ and numba caches included, times kept)."""
+    """A copy of the tree (package, configs, tests; __pycache__ included, times kept)."""
     dest = Path(tempfile.mkdtemp(prefix="cocoef-mutate-"))
     for name in COPY:
         src = ROOT / name

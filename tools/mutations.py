@@ -249,23 +249,23 @@ COMPRESSORS = [
 ]
 KERNELS = [
     M(
-        S + "kernels.py",
-        "                            acc[q] += c * src[q]",
-        "                            acc[q] = c * src[q]",
+        S + "topk_rows.c",
+        "acc[q] += c * src[q];",
+        "acc[q] = c * src[q];",
         CMP,
         K("fused"),
     ),
     M(
-        S + "kernels.py",
-        "o += (vals[j] > kth) | np.isnan(vals[j])",
-        "o += (vals[j] >= kth) | np.isnan(vals[j])",
+        S + "topk_rows.c",
+        "o += (vals[j] > kth) | (vals[j] != vals[j]);",
+        "o += (vals[j] >= kth) | (vals[j] != vals[j]);",
         CMP,
         K("topk"),
     ),
     M(
-        S + "kernels.py",
-        "if k <= count <= cap:",
-        "if k < count <= cap:",
+        S + "topk_rows.c",
+        "if (k <= count && count <= cap) {",
+        "if (k < count && count <= cap) {",
         CMP,
         K("topk"),
         equivalent="a row with exactly k candidates falls back to the full-row selection, which is exact too",

@@ -18,7 +18,6 @@ E[C(x)] = x and E‖C(x) − x‖² ≤ ω‖x‖².
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -55,19 +54,18 @@ def sign_pm1(v: Tensor) -> Tensor:
 #: Expected number of a row's top-k entries in its strided sample (threshold path of topk_indices).
 SAMPLE_HITS = 8
 
-#: Select with the compiled per-row kernel (numba) when available; else full-row selection. numba
-#: (≈ 0.3 s to import, ≈ 0.3 s more to load the compiled kernel) is imported at the first selection
-#: that uses the kernel (:func:`_kernels`), so runs without Top-k never import it.
-USE_KERNELS = importlib.util.find_spec("numba") is not None
+#: Select with the compiled per-row kernel (C, built once per machine) when it can be built; else
+#: full-row selection with torch (exact too). Turned off by :func:`_kernels` where no compiler builds it.
+USE_KERNELS = True
 
 
 def _kernels() -> Any:
-    """The compiled-kernel module (:mod:`cocoef_cli.sim.kernels`, imported on first use), or None
-    where numba cannot be imported (``USE_KERNELS`` is then turned off)."""
+    """The compiled-kernel module (:mod:`cocoef_cli.sim.kernels`, its library built or loaded on
+    first use), or None where the kernel cannot be built (``USE_KERNELS`` is then turned off)."""
     global USE_KERNELS
     from cocoef_cli.sim import kernels
 
-    if not kernels.AVAILABLE:
+    if kernels.library() is None:
         USE_KERNELS = False
         return None
     return kernels
@@ -89,7 +87,7 @@ def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) 
     r = k/h + 3√(k/h) + 2, so that t ≤ the row's k-th largest magnitude with high probability; the
     candidates {j : |v_j| ≥ t} (about r·h ≈ 2k of them) are selected exactly; rows whose candidate
     count is below k, above 8·r·h, or whose t is 0 are selected over the full row. Elsewhere (GPU,
-    small k, or without numba) the full rows are selected directly (:func:`_select`). ``active``
+    small k, or where the kernel cannot be built) the full rows are selected directly (:func:`_select`). ``active``
     (v.shape[:-1], bool): rows whose result the caller does not use; they may be skipped, and
     their indices are then arbitrary (valid) ones.
 

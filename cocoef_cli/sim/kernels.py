@@ -1,209 +1,195 @@
-"""Compiled CPU kernels (numba): the exact Top-k selection of many rows, one pass per row.
+"""Compiled CPU kernel (C): the exact Top-k selection of many rows, one pass per row.
 
 :func:`topk_rows` computes what :func:`cocoef_cli.sim.compressors.topk_indices` defines (the k
 largest |x_j| of every row, ties to the lower index, NaN largest) by a sampled threshold; each
-row is read once, in cache, by a compiled loop (rows in parallel). It can first add to each row
-a sparse combination of the rows of another matrix, x_i += Σ_j B_ij g_j (the encoding of gradient
-coding, fused so that error feedback reads and writes its memory once). ``AVAILABLE`` is False
-where numba cannot be imported; callers then select over full rows with torch (exact too, slower).
+row is read once, in cache, by a compiled loop (``topk_rows.c``; ranges of rows in parallel on
+Python threads, ctypes releasing the GIL). It can first add to each row a sparse combination of
+the rows of another matrix, x_i += Σ_j B_ij g_j (the encoding of gradient coding, fused so that
+error feedback reads and writes its memory once).
+
+The C file is compiled on the first selection of a process that needs it, with the machine's C
+compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``), for this CPU (``-march=native`` where the
+compiler takes it) and with ``-ffp-contract=off`` (no fused multiply-add: the same IEEE operations
+in the same order on every CPU), and kept in the cache folder (:func:`cocoef_cli.data.cache_dir`)
+under a key of the source, the flags and the CPU, so later processes only load it (≈ 1 ms).
+:func:`library` is None where no compiler builds it; callers then select over full rows with
+torch (exact too, slower), and a one-line note on stderr says why.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
 import sys
-import types
-from collections.abc import Iterator
-from contextlib import contextmanager
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
-try:
-    import numba
-    from numba import njit, prange
+from cocoef_cli.data import cache_dir
 
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps the torch path usable
-    AVAILABLE = False
+SOURCE = Path(__file__).with_name("topk_rows.c")
+#: -O3 vectorises the loops; -ffp-contract=off keeps a·b + c two roundings (never an FMA)
+FLAGS = ("-O3", "-std=c99", "-ffp-contract=off", "-fPIC", "-shared")
+NATIVE = "-march=native"
 
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = [_PTR, *[_I64] * 5, *[_PTR] * 8, _I64, _I64, _I64, _PTR, _PTR]
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
-if AVAILABLE:
-
-    @njit(cache=True, nogil=True)
-    def _select_into(vals, idx, k, out):  # pragma: no cover - compiled
-        """out[:k] = idx of the k largest vals (NaN largest), ties to the earliest position."""
-        m = vals.shape[0]
-        kth = np.partition(vals.copy(), m - k)[m - k]  # the k-th largest (NaN sorts last = largest)
-        o = 0
-        if np.isnan(kth):  # at least k NaN: the first k of them
-            for j in range(m):
-                if o < k and np.isnan(vals[j]):
-                    out[o] = idx[j]
-                    o += 1
-            return
-        _take_from(vals, idx, kth, k, out)
-
-    @njit(cache=True, nogil=True)
-    def _take_from(vals, idx, kth, k, out):  # pragma: no cover - compiled
-        """out[:k] = idx of every vals[j] > kth (at most k − 1 of them, NaN included), then of the
-        vals[j] == kth of lowest position."""
-        o = 0
-        for j in range(vals.shape[0]):  # without branches: at most k − 1 entries pass
-            out[min(o, k - 1)] = idx[j]
-            o += (vals[j] > kth) | np.isnan(vals[j])
-        for j in range(vals.shape[0]):
-            if o >= k:
-                break
-            if vals[j] == kth:
-                out[o] = idx[j]
-                o += 1
-
-    @njit(cache=True, nogil=True)
-    def _kth_largest(a, k):  # pragma: no cover - compiled
-        """The k-th largest entry of ``a`` (no NaN), by quickselect (median-of-three pivots,
-        Hoare partition); ``a`` is reordered."""
-        lo, hi, target = 0, a.shape[0] - 1, k - 1
-        while lo < hi:
-            x, y, z = a[lo], a[(lo + hi) >> 1], a[hi]
-            if x < y:
-                x, y = y, x
-            if y < z:
-                y = x if x < z else z
-            i, j = lo, hi
-            while i <= j:  # descending: a[lo:i] ≥ pivot ≥ a[j+1:hi+1]
-                while a[i] > y:
-                    i += 1
-                while a[j] < y:
-                    j -= 1
-                if i <= j:
-                    a[i], a[j] = a[j], a[i]
-                    i += 1
-                    j -= 1
-            if target <= j:
-                hi = j
-            elif target >= i:
-                lo = i
-            else:
-                return a[target]
-        return a[target]
-
-    @njit(cache=True, nogil=True)
-    def _rth_largest_strided(row, h, r):  # pragma: no cover - compiled
-        """The r-th largest of |row[::h]| (NaN as the largest; −1 when the sample has fewer than r
-        entries), kept in an ascending buffer of r values: one compare per sampled entry, an
-        insertion only for the few that enter the running top r (no selection pass over a copy).
-        Only a threshold: the selection that uses it is exact whatever it is."""
-        top = np.full(r, -1.0, row.dtype)  # top[0]: the smallest of the r largest so far
-        for j in range(0, row.shape[0], h):
-            a = abs(row[j])
-            if a != a:
-                a = np.inf
-            if a > top[0]:
-                q = 1
-                while q < r and top[q] < a:
-                    top[q - 1] = top[q]
-                    q += 1
-                top[q - 1] = a
-        return top[0]
-
-    def _topk_rows(x, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, out, picked):  # pragma: no cover
-        n, D = x.shape
-        nw = (D + 7) // 8
-        widest = gwidth.max() if gwidth.shape[0] else 0
-        for i in prange(n):
-            row = x[i]
-            lo, hi = crow[i], crow[i + 1]
-            if adds[i] and hi > lo:  # x_i += u_i, u_i = Σ_j B_ij g_j summed first (as a device does)
-                u = np.empty(widest, x.dtype)
-                off = 0
-                for b in range(gstart.shape[0]):  # block by block of columns
-                    w = gwidth[b]
-                    dst, acc = row[off : off + w], u[:w]
-                    src = g[gstart[b] + col[lo] * w : gstart[b] + (col[lo] + 1) * w]
-                    c = val[lo]
-                    for q in range(acc.shape[0]):  # bounds the compiler can see: vectorised
-                        acc[q] = c * src[q]
-                    for nz in range(lo + 1, hi):
-                        src = g[gstart[b] + col[nz] * w : gstart[b] + (col[nz] + 1) * w]
-                        c = val[nz]
-                        for q in range(acc.shape[0]):
-                            acc[q] += c * src[q]
-                    for q in range(dst.shape[0]):
-                        dst[q] += acc[q]
-                    off += w
-            if not active[i]:  # a row whose selection is not used: any valid indices
-                for o in range(k):
-                    out[i, o] = o
-                    picked[i, o] = row[o]
-                continue
-            t = _rth_largest_strided(row, h, r)  # the r-th largest sampled magnitude
-            if t > 0:  # False for t ≤ 0 (mostly-zero rows; −1: a sample shorter than r): full selection below
-                # candidates |x_j| ≥ t (or NaN), in index order: a byte mask (vectorised), then
-                # the nonzero 8-byte words, each appended without branches
-                mask = np.zeros(nw * 8, np.uint8)
-                for j in range(D):
-                    mask[j] = not abs(row[j]) < t
-                words = mask.view(np.uint64)
-                cand_idx = np.empty(cap + 8, np.int64)
-                count = 0
-                for w in range(nw):
-                    if words[w] != 0:
-                        p = min(count, cap)
-                        for q in range(8):
-                            cand_idx[p] = w * 8 + q
-                            p += mask[w * 8 + q]
-                        count += p - min(count, cap)
-                if k <= count <= cap:
-                    cand_val = np.empty(count, x.dtype)
-                    scratch = np.empty(count, x.dtype)
-                    nan = False
-                    for c in range(count):
-                        a = abs(row[cand_idx[c]])
-                        cand_val[c] = a
-                        scratch[c] = a
-                        nan |= a != a
-                    if nan:
-                        _select_into(cand_val, cand_idx[:count], k, out[i])
-                    else:
-                        _take_from(cand_val, cand_idx[:count], _kth_largest(scratch, k), k, out[i])
-                else:
-                    _select_into(np.abs(row), np.arange(D), k, out[i])
-            else:
-                _select_into(np.abs(row), np.arange(D), k, out[i])
-            for o in range(k):
-                picked[i, o] = row[out[i, o]]
-
-    def _named(fn, name):
-        """A copy of fn under another name: numba caches compiled code per function name."""
-        copy = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-        copy.__qualname__ = name
-        return copy
-
-    # rows in parallel (numba threads), and one thread without numba's threading layer (no thread
-    # pool beside torch's; the default runs use one thread)
-    _topk_rows_parallel = njit(parallel=True, cache=True, nogil=True)(_named(_topk_rows, "_topk_rows_parallel"))
-    _topk_rows_serial = njit(cache=True, nogil=True)(_named(_topk_rows, "_topk_rows_serial"))
+_LIBRARY: ctypes.CDLL | None = None
+_FLAGS: tuple[str, ...] = ()  # what the loaded library was built with
+_TRIED = False
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool): a forked child makes its own
 
 
-_TARGET_READY = False  # numba's CPU target initialised (on the first call of a compiled function)
+def compiler() -> str | None:
+    """The C compiler to build with: ``$CC`` (empty: none), else the first of cc, gcc, clang on PATH."""
+    env = os.environ.get("CC")
+    if env is not None:
+        return shutil.which(env.split()[0]) if env.strip() else None
+    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
-@contextmanager
-def _target_without_scipy_linalg() -> Iterator[None]:
-    """numba initialises its CPU target on the first call of any compiled function, and that
-    imports ``scipy.linalg`` (≈ 0.25 s with what it pulls in) only to learn whether ``np.dot``
-    inside compiled code may call BLAS; these kernels never do. During that first call
-    ``scipy.linalg`` is hidden (unless something imported it already), so numba records "no BLAS"
-    (its compiled ``np.dot`` of vectors then loops, matrix products import scipy when compiled)."""
-    global _TARGET_READY
-    hide = not _TARGET_READY and "scipy.linalg" not in sys.modules
-    if hide:
-        sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import → ImportError
+def cpu_key() -> str:
+    """What a native build depends on: the OS, the architecture and (Linux) the CPU's model and
+    feature flags, so a cache folder shared by different machines holds one build per CPU kind."""
+    parts = [sys.platform, platform.machine()]
     try:
-        yield
-    finally:
-        _TARGET_READY = True
-        if hide and sys.modules.get("scipy.linalg", 0) is None:
-            del sys.modules["scipy.linalg"]
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    parts.append(line.strip())
+                if line.strip() == "":
+                    break  # the first processor's block is enough
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def _compile(cc: str, flags: tuple[str, ...], out: Path) -> str | None:
+    """Build SOURCE into ``out``; None, or the compiler's last line of complaint."""
+    try:
+        done = subprocess.run([cc, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{cc}: {e}"
+    if done.returncode == 0 and out.exists():
+        return None
+    return f"{cc}: " + (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for suffix in _SUFFIX.values():
+        fn = getattr(lib, f"topk_rows_{suffix}")
+        fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+        rth = getattr(lib, f"rth_largest_strided_{suffix}")
+        rth.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+        rth.restype = ctypes.c_float if suffix == "f32" else ctypes.c_double
+    return lib
+
+
+def builds() -> list[tuple[tuple[str, ...], str]]:
+    """The builds to try, best first: (flags, cache key). The key covers the source, the flags
+    and, for the native build, the CPU (:func:`cpu_key`)."""
+    source = SOURCE.read_bytes()
+    out: list[tuple[tuple[str, ...], str]] = []
+    for flags in ((*FLAGS, NATIVE), FLAGS):
+        cpu = cpu_key() if NATIVE in flags else f"{sys.platform} {platform.machine()}"
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cpu.encode()])).hexdigest()[:16]
+        out.append((flags, key))
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (loaded from the cache folder, else built there on the first call of
+    the process), or None where it cannot be built (a note on stderr says why, once)."""
+    global _LIBRARY, _FLAGS, _TRIED
+    if _TRIED:
+        return _LIBRARY
+    _TRIED = True
+    folder, candidates = cache_dir(), builds()
+    for flags, key in candidates:
+        if folder is None:
+            break
+        try:
+            _LIBRARY, _FLAGS = _load(folder / f"topk_rows-{key}.so"), flags
+            return _LIBRARY
+        except (OSError, AttributeError):  # not built yet, damaged or foreign: built below
+            pass
+    cc = compiler()
+    if cc is None:
+        _unavailable("no C compiler found; set CC")
+        return None
+    failure = None
+    with tempfile.TemporaryDirectory(prefix="cocoef-kernel-") as tmp:
+        for flags, key in candidates:
+            built = Path(tmp) / f"topk_rows-{key}.so"
+            failure = _compile(cc, flags, built)
+            if failure is None:
+                break
+        else:
+            _unavailable(failure or "no build")
+            return None
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                staged = folder / f".{built.name}.{os.getpid()}.tmp"
+                shutil.copyfile(built, staged)
+                # atomic: a concurrent process loads the old file or the whole new one
+                os.replace(staged, folder / built.name)
+                built = folder / built.name
+            except OSError:  # an unwritable cache folder only costs the build
+                pass
+        _LIBRARY, _FLAGS = _load(built), flags  # loaded before the temporary folder goes (or from the cache)
+    return _LIBRARY
+
+
+def describe() -> str:
+    """The kernel's build, in words: the compiler (its first version line) and the flags, or why there is none."""
+    cc = compiler()
+    if library() is None or cc is None:
+        return "not built (Top-k selects with torch)"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        version = cc
+    return f"{version}, {' '.join(f for f in _FLAGS if f not in ('-fPIC', '-shared'))}"
+
+
+def _unavailable(why: str) -> None:
+    """The one-line note on stderr that Top-k falls back to torch, and why."""
+    print(
+        f"cocoef: the compiled Top-k kernel is not available ({why}); Top-k selects over full rows with torch (exact, slower)",
+        file=sys.stderr,
+    )
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The threads that run ranges of rows beside the caller's (at least ``workers``)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < workers:
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cocoef-topk"))
+    return _POOL[1]
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def rth_largest_strided(row: np.ndarray, h: int, r: int) -> float:
+    """The r-th largest of |row[::h]| (NaN as the largest; −1 when the sample has fewer than r
+    entries): the threshold of :func:`topk_rows`, one compare per sampled entry."""
+    lib = library()
+    assert lib is not None, "the compiled kernel is not available"
+    row = np.ascontiguousarray(row)
+    top = np.empty(r, row.dtype)
+    return getattr(lib, f"rth_largest_strided_{_SUFFIX[row.dtype]}")(_ptr(row), row.shape[0], h, r, _ptr(top))
 
 
 def topk_rows(
@@ -222,33 +208,44 @@ def topk_rows(
     The threshold t of a row is the r-th largest of its strided sample x[::h]; the candidates
     |x_j| ≥ t (in index order) are selected exactly; a row with t ≤ 0 (t = −1 when the sample has
     fewer than r entries; t = +inf when r sampled entries are NaN), fewer than k or more than
-    ``cap`` candidates is selected over the full row. ``threads``: numba threads to use.
-    ``active`` (n,) bool: rows marked False are not selected (their indices are 0..k−1).
+    ``cap`` candidates is selected over the full row. ``threads``: how many ranges of rows run at
+    once. ``active`` (n,) bool: rows marked False are not selected (their indices are 0..k−1).
     ``add`` = (adds, crow, col, val, g, gstart, gwidth): first, every row with ``adds[i]`` (bool)
     gets x_i += u_i in place, u_i = Σ_{e = crow[i]}^{crow[i+1]−1} val[e]·G[col[e]] (summed in entry
-    order, then added), where G (rows, D) is stored
-    as column blocks: block b is the C-contiguous (rows, gwidth[b]) array at g[gstart[b]:] (g flat,
-    x's dtype; the blocks' widths sum to D).
+    order, then added), where G (rows, D) is stored as column blocks: block b is the C-contiguous
+    (rows, gwidth[b]) array at g[gstart[b]:] (g flat, x's dtype; the blocks' widths sum to D).
     """
-    n = x.shape[0]
+    lib = library()
+    assert lib is not None, "the compiled kernel is not available"
+    if x.dtype not in _SUFFIX or not x.flags.c_contiguous or x.ndim != 2:
+        raise ValueError(f"x must be a C-contiguous 2-D float32/float64 array; got {x.dtype} {x.shape}")
+    n, D = x.shape
     out, picked = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=x.dtype)
     act = np.ones(n, dtype=np.bool_) if active is None else np.ascontiguousarray(active, dtype=np.bool_)
     if add is None:
-        none = np.zeros(0, dtype=np.int64)
-        add = (
-            np.zeros(n, dtype=np.bool_),
-            np.zeros(n + 1, dtype=np.int64),
-            none,
-            np.zeros(0, x.dtype),
-            np.zeros(0, x.dtype),
-            none,
-            none,
-        )
-    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, n))  # type: ignore[attr-defined]  # set at import
-    with _target_without_scipy_linalg():
-        if threads == 1:
-            _topk_rows_serial(x, k, h, r, cap, act, *add, out, picked)
-        else:
-            numba.set_num_threads(threads)
-            _topk_rows_parallel(x, k, h, r, cap, act, *add, out, picked)
+        adds, crow = np.zeros(n, np.bool_), np.zeros(n + 1, np.int64)
+        col, gstart, gwidth = (np.zeros(0, np.int64),) * 3
+        val = g = np.zeros(0, x.dtype)
+    else:
+        adds = np.ascontiguousarray(add[0], np.bool_)
+        crow, col, gstart, gwidth = (np.ascontiguousarray(a, np.int64) for a in (add[1], add[2], add[5], add[6]))
+        val, g = (np.ascontiguousarray(a, x.dtype) for a in (add[3], add[4]))
+    if act.shape != (n,) or adds.shape != (n,) or crow.shape != (n + 1,) or gstart.shape != gwidth.shape:
+        raise ValueError("active, adds, crow or the block arrays do not match x's rows")
+    fn = getattr(lib, f"topk_rows_{_SUFFIX[x.dtype]}")
+    head = (_ptr(x), D, k, h, r, cap, _ptr(act), _ptr(adds), _ptr(crow), _ptr(col), _ptr(val), _ptr(g))
+    tail = (_ptr(gstart), _ptr(gwidth), gstart.shape[0])
+
+    def rows(i0: int, i1: int) -> int:
+        return fn(*head, *tail, i0, i1, _ptr(out), _ptr(picked))
+
+    parts = max(1, min(threads, n))
+    bounds = [n * p // parts for p in range(parts + 1)]
+    if parts == 1:
+        status = [rows(0, n)]
+    else:
+        futures = [_pool(parts - 1).submit(rows, bounds[p], bounds[p + 1]) for p in range(1, parts)]
+        status = [rows(bounds[0], bounds[1])] + [f.result() for f in futures]
+    if any(status):
+        raise MemoryError("the Top-k kernel could not allocate its scratch memory")
     return out, picked

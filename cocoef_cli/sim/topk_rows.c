@@ -1,0 +1,234 @@
+/* The exact Top-k selection of many rows, one pass per row (cocoef_cli/sim/kernels.py builds and
+ * calls it). Plain C99, no Python API: kernels.py compiles it once per machine with the C compiler
+ * (-O3 -ffp-contract=off: no fused multiply-add, so every sum is the same IEEE operations in the
+ * same order on every CPU) and calls it through ctypes, which releases the GIL (rows in parallel
+ * on Python threads, each thread a range of rows).
+ *
+ * The file is read twice by the preprocessor: once for float (suffix _f32), once for double
+ * (_f64); REAL and NAME() are the element type and the suffixed name of the current pass. */
+#ifndef REAL
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define REAL float
+#define ABS fabsf
+#define NAME(f) f##_f32
+#include "topk_rows.c"
+#undef REAL
+#undef ABS
+#undef NAME
+
+#define REAL double
+#define ABS fabs
+#define NAME(f) f##_f64
+#include "topk_rows.c"
+#undef REAL
+#undef ABS
+#undef NAME
+
+#else
+
+/* The k-th largest of a[0..n) (no NaN; 1 <= k <= n) by quickselect (median-of-three pivot, Hoare
+ * partition, descending); a is reordered. */
+static REAL NAME(kth_largest)(REAL *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, target = k - 1;
+    while (lo < hi) {
+        REAL x = a[lo], y = a[(lo + hi) >> 1], z = a[hi], s;
+        if (x < y) {
+            s = x;
+            x = y;
+            y = s;
+        }
+        if (y < z) y = x < z ? x : z;
+        int64_t i = lo, j = hi;
+        while (i <= j) { /* a[lo..i) >= pivot >= a(j..hi] */
+            while (a[i] > y) i++;
+            while (a[j] < y) j--;
+            if (i <= j) {
+                s = a[i];
+                a[i] = a[j];
+                a[j] = s;
+                i++;
+                j--;
+            }
+        }
+        if (target <= j)
+            hi = j;
+        else if (target >= i)
+            lo = i;
+        else
+            return a[target];
+    }
+    return a[target];
+}
+
+/* out[0..k) = the positions (idx[j], or j when idx is NULL) of every vals[j] > kth or NaN (at most
+ * k - 1 of them: kth is the k-th largest, NaN largest), in order, then of the vals[j] == kth of
+ * lowest position. The first loop has no branch: a position that does not pass is overwritten. */
+static void NAME(take_from)(const REAL *vals, const int64_t *idx, int64_t m, REAL kth, int64_t k, int64_t *out) {
+    int64_t o = 0;
+    for (int64_t j = 0; j < m; j++) {
+        out[o < k - 1 ? o : k - 1] = idx ? idx[j] : j;
+        o += (vals[j] > kth) | (vals[j] != vals[j]);
+    }
+    for (int64_t j = 0; j < m && o < k; j++)
+        if (vals[j] == kth) out[o++] = idx ? idx[j] : j;
+}
+
+/* out[0..k) = the positions of the k largest vals[0..m) (NaN largest), ties to the lowest
+ * position; scratch: m entries. */
+static void NAME(select_into)(const REAL *vals, const int64_t *idx, int64_t m, int64_t k, int64_t *out, REAL *scratch) {
+    int64_t nan = 0, c = 0;
+    for (int64_t j = 0; j < m; j++) {
+        if (vals[j] != vals[j])
+            nan++;
+        else
+            scratch[c++] = vals[j];
+    }
+    if (nan >= k) { /* the k-th largest is NaN: the first k NaN */
+        int64_t o = 0;
+        for (int64_t j = 0; j < m && o < k; j++)
+            if (vals[j] != vals[j]) out[o++] = idx ? idx[j] : j;
+        return;
+    }
+    NAME(take_from)(vals, idx, m, NAME(kth_largest)(scratch, c, k - nan), k, out);
+}
+
+/* The r-th largest of |row[0]|, |row[h]|, |row[2h]|, ... (NaN as +inf; -1 when fewer than r are
+ * sampled), kept in the ascending buffer top[0..r): one compare per sampled entry, an insertion
+ * for the few that enter the running top r. Only a threshold: the selection using it is exact. */
+REAL NAME(rth_largest_strided)(const REAL *row, int64_t D, int64_t h, int64_t r, REAL *top) {
+    for (int64_t q = 0; q < r; q++) top[q] = -1;
+    for (int64_t j = 0; j < D; j += h) {
+        REAL a = ABS(row[j]);
+        if (a != a) a = INFINITY;
+        if (a > top[0]) {
+            int64_t q = 1;
+            while (q < r && top[q] < a) {
+                top[q - 1] = top[q];
+                q++;
+            }
+            top[q - 1] = a;
+        }
+    }
+    return top[0];
+}
+
+/* acc = c * src, acc += c * src and dst += acc over w entries (vectorised: the arrays do not overlap). */
+static void NAME(scaled)(REAL *restrict acc, const REAL *restrict src, REAL c, int64_t w) {
+    for (int64_t q = 0; q < w; q++) acc[q] = c * src[q];
+}
+
+static void NAME(add_scaled)(REAL *restrict acc, const REAL *restrict src, REAL c, int64_t w) {
+    for (int64_t q = 0; q < w; q++) acc[q] += c * src[q];
+}
+
+static void NAME(add)(REAL *restrict dst, const REAL *restrict acc, int64_t w) {
+    for (int64_t q = 0; q < w; q++) dst[q] += acc[q];
+}
+
+/* Rows i0..i1 of x (n, D), C-contiguous. First, a row with adds[i] gets x_i += u_i,
+ * u_i = sum_{e = crow[i]}^{crow[i+1]-1} val[e] * G[col[e]] (summed in entry order, then added), G
+ * stored as nblocks column blocks: block b is the C-contiguous (rows, gwidth[b]) array at
+ * g + gstart[b]. Then out[i, 0..k) = the positions of the k largest |x_ij| (NaN largest, ties to
+ * the lower position) and picked[i, .] = x_i there; a row with active[i] == 0 gets 0..k-1.
+ * The threshold t of a row is the r-th largest of its sample |x_i[::h]|; the candidates
+ * |x_ij| >= t (or NaN) are selected exactly; a row with t <= 0, fewer than k or more than cap
+ * candidates is selected over the full row. Returns 0, or -1 when scratch memory is short. */
+int NAME(topk_rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap, const uint8_t *active,
+                    const uint8_t *adds, const int64_t *crow, const int64_t *col, const REAL *val, const REAL *g,
+                    const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, int64_t i0, int64_t i1,
+                    int64_t *out, REAL *picked) {
+    int64_t nw = (D + 7) / 8, widest = 0;
+    for (int64_t b = 0; b < nblocks; b++) widest = gwidth[b] > widest ? gwidth[b] : widest;
+    REAL *u = malloc(sizeof(REAL) * (size_t)(widest + 1));
+    uint64_t *words = calloc((size_t)nw, sizeof(uint64_t)); /* the candidate mask, one byte per entry */
+    int64_t *cand_idx = malloc(sizeof(int64_t) * (size_t)(cap + 8));
+    REAL *cand_val = malloc(sizeof(REAL) * (size_t)(cap + 1)), *scratch = malloc(sizeof(REAL) * (size_t)(cap + 1));
+    REAL *top = malloc(sizeof(REAL) * (size_t)(r + 1)), *full = NULL, *full_scratch = NULL;
+    int status = 0;
+    if (!u || !words || !cand_idx || !cand_val || !scratch || !top) {
+        status = -1;
+        goto done;
+    }
+    uint8_t *mask = (uint8_t *)words;
+    for (int64_t i = i0; i < i1; i++) {
+        REAL *row = x + i * D;
+        int64_t *o_i = out + i * k, lo = crow[i], hi = crow[i + 1];
+        if (adds[i] && hi > lo) { /* x_i += u_i, block by block of columns */
+            int64_t off = 0;
+            for (int64_t b = 0; b < nblocks; b++) {
+                int64_t w = gwidth[b];
+                NAME(scaled)(u, g + gstart[b] + col[lo] * w, val[lo], w);
+                for (int64_t nz = lo + 1; nz < hi; nz++) NAME(add_scaled)(u, g + gstart[b] + col[nz] * w, val[nz], w);
+                NAME(add)(row + off, u, w);
+                off += w;
+            }
+        }
+        if (!active[i]) { /* a row whose selection is not used: any valid positions */
+            for (int64_t o = 0; o < k; o++) {
+                o_i[o] = o;
+                picked[i * k + o] = row[o];
+            }
+            continue;
+        }
+        REAL t = NAME(rth_largest_strided)(row, D, h, r, top);
+        int selected = 0;
+        if (t > 0) { /* candidates |x_j| >= t (or NaN), in order: a byte mask, then its nonzero words */
+            for (int64_t j = 0; j < D; j++) mask[j] = !(ABS(row[j]) < t);
+            int64_t count = 0;
+            for (int64_t w = 0; w < nw; w++) {
+                if (words[w]) {
+                    int64_t base = count < cap ? count : cap, p = base;
+                    for (int q = 0; q < 8; q++) {
+                        cand_idx[p] = w * 8 + q;
+                        p += mask[w * 8 + q];
+                    }
+                    count += p - base;
+                }
+            }
+            if (k <= count && count <= cap) {
+                int nan = 0;
+                for (int64_t c = 0; c < count; c++) {
+                    REAL a = ABS(row[cand_idx[c]]);
+                    cand_val[c] = a;
+                    scratch[c] = a;
+                    nan |= a != a;
+                }
+                if (nan)
+                    NAME(select_into)(cand_val, cand_idx, count, k, o_i, scratch);
+                else
+                    NAME(take_from)(cand_val, cand_idx, count, NAME(kth_largest)(scratch, count, k), k, o_i);
+                selected = 1;
+            }
+        }
+        if (!selected) { /* over the full row */
+            if (!full) {
+                full = malloc(sizeof(REAL) * (size_t)D);
+                full_scratch = malloc(sizeof(REAL) * (size_t)D);
+                if (!full || !full_scratch) {
+                    status = -1;
+                    goto done;
+                }
+            }
+            for (int64_t j = 0; j < D; j++) full[j] = ABS(row[j]);
+            NAME(select_into)(full, NULL, D, k, o_i, full_scratch);
+        }
+        for (int64_t o = 0; o < k; o++) picked[i * k + o] = row[o_i[o]];
+    }
+done:
+    free(u);
+    free(words);
+    free(cand_idx);
+    free(cand_val);
+    free(scratch);
+    free(top);
+    free(full);
+    free(full_scratch);
+    return status;
+}
+
+#endif
