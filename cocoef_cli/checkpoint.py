@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import atomic_write
+from cocoef_cli.record import Table, atomic_write
 from cocoef_cli.rng import SeedRNG
 
 FILENAME = "checkpoint.pt"
@@ -50,10 +50,13 @@ _KINDS = "biufc"  # numpy dtype kinds stored as raw bytes: bool, (unsigned) inte
 
 
 def plain(x: Any) -> Any:
-    """``x`` with numpy arrays/scalars and DataFrames replaced by tagged dicts of tensors, numbers,
+    """``x`` with numpy arrays/scalars, metrics Tables and DataFrames replaced by tagged dicts of tensors, numbers,
     strings and lists (loadable with ``weights_only=True``); :func:`unplain` inverts it exactly
     (dtype, shape, bytes). Tensors, scalars, lists and dicts pass through (recursively)."""
-    if isinstance(x, pd.DataFrame):
+    if isinstance(x, Table):
+        return {"__table__": list(x.columns), "columns": [plain(a) for a in x.columns.values()]}
+    pd = sys.modules.get("pandas")  # not imported: x is no DataFrame (pandas stays off the run's path)
+    if pd is not None and isinstance(x, pd.DataFrame):
         return {
             "__frame__": [str(c) for c in x.columns],
             "index": plain(x.index.to_numpy()),
@@ -89,7 +92,11 @@ def unplain(x: Any) -> Any:
             a = np.empty(len(vals), dtype=object)
             a[:] = vals
             return a.reshape(tuple(int(n) for n in x["shape"]))
-        if "__frame__" in x:
+        if "__table__" in x:
+            return Table(dict(zip(x["__table__"], [unplain(c) for c in x["columns"]], strict=True)))
+        if "__frame__" in x:  # a checkpoint of an older release
+            import pandas as pd
+
             cols = [unplain(c) for c in x["columns"]]
             return pd.DataFrame(dict(zip(x["__frame__"], cols, strict=True)), index=unplain(x["index"]))
         return {k: unplain(v) for k, v in x.items()}

@@ -77,8 +77,10 @@ def run(
 ) -> None:
     """One run (all its seeds): writes OUT/metrics.csv and OUT/run.json. With checkpoint_every=K it
     saves OUT/checkpoint.pt every K updates; rerunning the same command resumes from it."""
+    import numpy as np
+
     from cocoef_cli import config
-    from cocoef_cli.record import final_rows, run_id, to_yaml
+    from cocoef_cli.record import Table, nanmean, run_id, to_yaml
     from cocoef_cli.run import already_done, check_out_dir, execute
 
     # the whole schema, before any work, against the config root the config was composed from
@@ -107,18 +109,16 @@ def run(
     except Exception as e:  # a run that failed: one line, exit 1, run.json says failed
         typer.echo(f"run failed: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(1) from e
-    last = final_rows(res.metrics)
+    last = Table.from_rows(res.rows).last_rows()
     lab = exp.labels
     parts = [
         f"{lab['method']} | code={lab['code']} d={lab['d']} | {lab['compressor']} | {lab['straggler']} p={lab['p']:.3g}",
-        f"{len(exp.seeds)} seed(s), {int(cfg['iters'])} iters: train_loss {_fmt(last.train_loss.mean())}",
+        f"{len(exp.seeds)} seed(s), {int(cfg['iters'])} iters: train_loss {_fmt(nanmean(last.floats('train_loss')))}",
     ]
-    if last.opt_gap.notna().any():
-        parts.append(f"gap {_fmt(last.opt_gap.mean())}")
-    if last.test_acc.notna().any():
-        parts.append(f"test_acc {_fmt(last.test_acc.mean())}")
-    if last.bits_up.notna().any():
-        parts.append(f"bits {_fmt(float(last.bits_up.mean()))}")
+    for column, name in (("opt_gap", "gap"), ("test_acc", "test_acc"), ("bits_up", "bits")):
+        values = last.floats(column)
+        if not np.isnan(values).all():
+            parts.append(f"{name} {_fmt(nanmean(values))}")
     typer.echo(", ".join(parts) + f" [{res.status}, {res.wall_s:.1f}s] → {out}/metrics.csv")
     if res.status == "diverged":
         seeds = ", ".join(f"seed {s} at update {t}" for s, t in sorted(res.diverged.items()))

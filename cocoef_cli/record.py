@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import pandas as pd
+import numpy as np
+
+if TYPE_CHECKING:  # pandas (≈ 0.5 s to import) only where a DataFrame is asked for
+    import pandas as pd
 
 #: the leading columns of metrics.csv that label a row (the setting, the seed and the update), not metrics
 LABEL_COLUMNS = (
@@ -29,6 +36,140 @@ LABEL_COLUMNS = (
     "seed",
     "iter",
 )
+
+
+class Table:
+    """Metrics rows as named numpy columns of one length: what the simulator records and
+    ``metrics.csv`` holds, without pandas on the run's path. Columns follow pandas' types:
+    float32/float64 and int64 arrays, ``object`` arrays for text, None and mixed columns (as
+    ``pd.concat`` makes them), so :meth:`frame` is the DataFrame and :meth:`to_csv` is
+    ``frame().to_csv(index=False)``, byte for byte."""
+
+    def __init__(self, columns: Mapping[str, np.ndarray]):
+        self.columns: dict[str, np.ndarray] = dict(columns)
+        lengths = {len(a) for a in self.columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"columns of different lengths: {sorted(lengths)}")
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any], n: int) -> Table:
+        """A table of n rows: numpy arrays (or tensors: ``.numpy()`` of a CPU copy) as they are,
+        lists as a column, anything else repeated n times."""
+        cols = {}
+        for k, v in values.items():
+            if hasattr(v, "detach"):
+                v = v.detach().cpu().numpy()
+            cols[k] = v if isinstance(v, np.ndarray) else _column(v if isinstance(v, list) else [v] * n)
+        return cls(cols)
+
+    @classmethod
+    def from_rows(cls, rows: Table | pd.DataFrame) -> Table:
+        """A Table as it is; a DataFrame's columns as numpy arrays (a checkpoint of an older release)."""
+        if isinstance(rows, Table):
+            return rows
+        return cls({str(c): rows[c].to_numpy() for c in rows.columns})
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.columns
+
+    def floats(self, name: str) -> np.ndarray:
+        """A column as float64 (None and text as NaN)."""
+        a = self.columns[name]
+        if a.dtype.kind == "O":
+            return np.array([v if isinstance(v, int | float | np.number) else np.nan for v in a.tolist()], np.float64)
+        return a.astype(np.float64)
+
+    def last_rows(self) -> Table:
+        """The last evaluated row of every seed (its largest ``iter``; a diverged seed's last
+        finite evaluation): :func:`final_rows` of one run."""
+        seed, it = self.columns["seed"].tolist(), self.columns["iter"].tolist()
+        last: dict[Any, Any] = {}
+        for s, t in zip(seed, it):
+            last[s] = max(last.get(s, t), t)
+        return self.take(np.array([last[s] == t for s, t in zip(seed, it)], dtype=bool))
+
+    def take(self, rows: np.ndarray) -> Table:
+        """The rows a boolean mask or an index array selects, in that order."""
+        return Table({k: a[rows] for k, a in self.columns.items()})
+
+    def select(self, names: Sequence[str]) -> Table:
+        return Table({k: self.columns[k] for k in names})
+
+    def with_constant(self, name: str, value: Any) -> Table:
+        """This table with a column of ``value`` on every row (replaced when it exists)."""
+        return Table({**self.columns, name: _column([value] * len(self))})
+
+    def sorted_by(self, keys: Sequence[str]) -> Table:
+        """Rows ordered by the keys (the first key first), equal keys in their order (stable)."""
+        return self.take(np.lexsort([self.columns[k] for k in reversed(keys)]))
+
+    @staticmethod
+    def concat(tables: Sequence[Table]) -> Table:
+        """The rows of each table in turn (same columns); a column whose types differ is widened
+        as ``pd.concat`` widens it: numbers (bools among integers) to their common type, anything
+        with an object or text part to ``object``."""
+        rows = [t for t in tables if len(t)] or list(tables[:1])  # an empty table adds no row, nor a type
+        out = {}
+        for k in tables[0].columns:
+            parts = [t.columns[k] for t in rows]
+            kinds = {a.dtype.kind for a in parts}
+            if len({a.dtype for a in parts}) > 1 and not kinds <= set("biuf"):
+                parts = [a.astype(object) for a in parts]
+            out[k] = np.concatenate(parts)
+        return Table(out)
+
+    def frame(self) -> pd.DataFrame:
+        """The rows as a pandas DataFrame (pandas imported here)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.columns)
+
+    def to_csv(self) -> str:
+        """The CSV text pandas' ``to_csv(index=False)`` writes for :meth:`frame`: floats in their
+        shortest round-trip form of their own precision, NaN and None empty, minimal quoting."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator=os.linesep, quoting=csv.QUOTE_MINIMAL)
+        writer.writerow(list(self.columns))
+        writer.writerows(zip(*(_cells(a) for a in self.columns.values())))
+        return buf.getvalue()
+
+
+def nanmean(a: np.ndarray) -> float:
+    """The mean of the entries that are not NaN (NaN when there are none), as pandas' mean."""
+    kept = a[~np.isnan(a)]
+    return float(kept.mean()) if len(kept) else math.nan
+
+
+def _column(values: list) -> np.ndarray:
+    """A list as pandas types it: bools, integers and floats (None as NaN among floats) as numpy
+    numbers; text, None alone and anything else as ``object``."""
+    kinds = {type(v) for v in values}
+    if kinds and kinds <= {bool}:
+        return np.array(values, dtype=bool)
+    if kinds and kinds <= {int}:
+        return np.array(values, dtype=np.int64)
+    if kinds and kinds <= {int, float, type(None)} and float in kinds:
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    a = np.empty(len(values), dtype=object)
+    a[:] = values
+    return a
+
+
+def _cells(a: np.ndarray) -> list[str]:
+    """One column's CSV fields, as pandas formats them."""
+    if a.dtype.kind == "f":
+        text = a.astype(str)
+        text[np.isnan(a)] = ""
+        return text.tolist()
+    if a.dtype.kind == "O":
+        return ["" if v is None or (isinstance(v, float | np.floating) and v != v) else str(v) for v in a.tolist()]
+    return a.astype(str).tolist()
 
 
 def atomic_write(path: Path, text: str | bytes) -> None:
@@ -129,12 +270,14 @@ def command_line() -> str:
     return " ".join([prog, *sys.argv[1:]])
 
 
-def write_run(out: Path, metrics: pd.DataFrame | None, record: dict[str, Any]) -> None:
+def write_run(out: Path, metrics: Table | pd.DataFrame | None, record: dict[str, Any]) -> None:
     """Write ``metrics.csv`` (if any) then ``run.json`` (last: its presence marks the run done)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if metrics is not None:
-        atomic_write(out / "metrics.csv", metrics.to_csv(index=False))
+        atomic_write(
+            out / "metrics.csv", metrics.to_csv() if isinstance(metrics, Table) else metrics.to_csv(index=False)
+        )
     atomic_write(out / "run.json", json.dumps(record, indent=2, default=str) + "\n")
 
 

@@ -11,9 +11,11 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cocoef_cli.checks import is_int
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import FINISHED, clean_tmp, read_record, run_id, run_record, write_run
+from cocoef_cli.record import FINISHED, clean_tmp, nanmean, read_record, run_id, run_record, write_run
 from cocoef_cli.sim.engine import RunParts, RunResult, build_experiment, simulate
 from cocoef_cli.tracking import open_logger
 
@@ -180,10 +182,10 @@ def execute(
 
                 audit = audit_run(cfg)
             extra["code_conditioning"], extra["warnings"] = audit
-            write_run(out, result.metrics, run_record(cfg, result.status, result.wall_s, **extra))
+            write_run(out, result.rows, run_record(cfg, result.status, result.wall_s, **extra))
             if ckpt is not None:
                 ckpt.discard()
-        logger.close(result.status, result.metrics)
+        logger.close(result.status, result.rows)
         return exp, result
 
 
@@ -279,9 +281,10 @@ def _live(frame: Any) -> str:
     one), mean over the replicates still running."""
     if not len(frame):
         return "diverged"
-    text = f"train_loss {float(frame['train_loss'].mean()):.4g}"
-    if "test_acc" in frame and frame["test_acc"].notna().any():
-        text += f"  test_acc {float(frame['test_acc'].dropna().mean()):.3f}"
+    text = f"train_loss {nanmean(frame.floats('train_loss')):.4g}"
+    acc = frame.floats("test_acc") if "test_acc" in frame else np.full(1, np.nan)
+    if not np.isnan(acc).all():
+        text += f"  test_acc {nanmean(acc):.3f}"
     return text
 
 

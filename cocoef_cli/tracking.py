@@ -22,7 +22,7 @@ from typing import Any
 
 from cocoef_cli.checks import is_num
 from cocoef_cli.errors import ConfigError
-from cocoef_cli.record import LABEL_COLUMNS
+from cocoef_cli.record import LABEL_COLUMNS, Table
 from cocoef_cli.registry import Registry
 
 LOGGERS: Registry[type[Logger]] = Registry("logger")
@@ -52,6 +52,7 @@ class Logger:
     """No tracking: the CSV/JSON record only."""
 
     requires: tuple[str, ...] = ()  # importable modules the logger needs (the tracking extra)
+    tracks = False  # False: log and close do nothing (no rows are looked at, pandas is never imported)
 
     def __init__(self, cfg: dict, out: Path, run_id: str):
         self.cfg, self.out, self.run_id = cfg, Path(out), run_id
@@ -67,7 +68,11 @@ class Logger:
                 )
 
     def log(self, frame: Any) -> None:
-        """The rows of one evaluation."""
+        """The rows of one evaluation (a Table or a DataFrame)."""
+        if not self.tracks:
+            return
+        if isinstance(frame, Table):
+            frame = frame.frame()
         new = [(int(s), int(t)) for s, t in zip(frame["seed"], frame["iter"])]
         rows = frame[[k not in self.seen for k in new]]
         self.seen.update(new)
@@ -76,6 +81,10 @@ class Logger:
 
     def close(self, status: str, metrics: Any | None, error: str | None = None) -> None:
         """Log the rows not seen yet, the final values, the status; release the writer."""
+        if not self.tracks:
+            return
+        if isinstance(metrics, Table):
+            metrics = metrics.frame()
         if metrics is not None:
             self.log(metrics)
         self._guard(self._close, status, metrics, error)
@@ -159,6 +168,8 @@ class TensorBoardLogger(Logger):
     final values, mean over seeds, as its metrics). View: ``tensorboard --logdir OUT`` (a sweep
     folder shows every job)."""
 
+    tracks = True
+
     requires = ("tensorboard",)
 
     def __init__(self, cfg: dict, out: Path, run_id: str):
@@ -233,6 +244,8 @@ class MLflowLogger(Logger):
     ``metrics.csv`` and the run record as ``cocoef-run.json`` (never named run.json, so that the
     store's folders are never taken for runs); tags: ``status`` (running, completed, diverged,
     failed), ``cocoef.run_id``, ``cocoef.out``."""
+
+    tracks = True
 
     requires = ("mlflow",)
 

@@ -149,11 +149,11 @@ def test_records_stream_to_the_progress_hook(tmp_path):
     cfg = config.check(config.compose([*tiny, "dataset=digits", "model=softmax", "optim.lr=0.5"]), None)
     frames = []
     res = simulate(build_experiment(cfg), "x", on_record=frames.append)
-    got = pd.concat(frames).sort_values(["seed", "iter"], kind="stable")
+    got = pd.concat([f.frame() for f in frames]).sort_values(["seed", "iter"], kind="stable")
     assert got["train_loss"].tolist() == res.metrics["train_loss"].tolist() and len(frames) == 3
     text = _live(frames[-1])
     assert text.startswith(f"train_loss {frames[-1]['train_loss'].mean():.4g}") and "test_acc 0." in text
-    assert "test_acc" not in _live(frames[-1].assign(test_acc=float("nan")))
+    assert "test_acc" not in _live(frames[-1].with_constant("test_acc", float("nan")))
 
 
 def test_a_failing_tracker_never_fails_the_run(tmp_path, monkeypatch, capsys):

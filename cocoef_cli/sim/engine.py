@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from cocoef_cli.data import Dataset, load_dataset, partition_indices
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.models import Objective, build_model
-from cocoef_cli.record import LABEL_COLUMNS
+from cocoef_cli.record import LABEL_COLUMNS, Table
 from cocoef_cli.rng import SeedRNG
 from cocoef_cli.sim.codes import Code, CodedSum, allocate, build_code
 from cocoef_cli.sim.compressors import Compressor
@@ -205,11 +204,19 @@ def build_experiment(cfg: Mapping, model: Any = None) -> RunParts:
 
 @dataclass
 class RunResult:
-    metrics: pd.DataFrame
+    rows: Any  # the metrics rows: a Table (the simulator) or a DataFrame (the distributed runtime)
     status: str  # completed | diverged
     diverged: dict[int, int]  # seed -> iteration at which it diverged
     wall_s: float
     runtime: Any = None  # runtime=torch_distributed: its counters, a dict (a list of them for several seeds)
+
+    @property
+    def metrics(self) -> Any:
+        """The metrics rows as a pandas DataFrame (pandas is imported on the first use; the
+        record is written from ``rows`` without it)."""
+        if isinstance(self.rows, Table):
+            self.rows = self.rows.frame()
+        return self.rows
 
 
 def keep_freed_memory() -> bool:
@@ -333,7 +340,7 @@ def simulate(
     progress: Callable[[int], None] | None = None,
     sim: Simulation | None = None,
     checkpoint: Any = None,
-    on_record: Callable[[pd.DataFrame], None] | None = None,
+    on_record: Callable[[Table], None] | None = None,
 ) -> RunResult:
     """Run T updates for all replicates and return the metrics rows (docs/design.md §8).
 
@@ -355,7 +362,7 @@ def simulate(
     sim = Simulation(exp) if sim is None else sim
     alive = np.ones(R, dtype=bool)
     diverged: dict[int, int] = {}
-    rows: list[pd.DataFrame] = []
+    rows: list[Table] = []
     per_update_check = exp.device.type == "cpu"  # a host read of R flags costs nothing on CPU
 
     def mark_diverged(finite: torch.Tensor) -> None:
@@ -380,13 +387,7 @@ def simulate(
             loss0 = loss.detach().clone() if loss0 is None else loss0
             ok &= ~(loss > float(factor) * loss0)  # blow-up: F(θᵗ) > diverge_factor · F(θ⁰)
         mark_diverged(ok)
-        frame = pd.DataFrame(
-            {
-                k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v if isinstance(v, list) else [v] * R)
-                for k, v in cols.items()
-            }
-        )
-        rows.append(frame[alive])
+        rows.append(Table.of(cols, R).take(alive))
         if on_record is not None:
             on_record(rows[-1])
 
@@ -398,9 +399,9 @@ def simulate(
         if saved is None:
             record()
         else:  # resumed: the rows and divergence flags up to the checkpointed update
-            rows, diverged = list(saved["rows"]), dict(saved["diverged"])
+            rows, diverged = [Table.from_rows(r) for r in saved["rows"]], dict(saved["diverged"])
             alive[:] = saved["alive"]
-            first = rows[0].set_index("seed")["train_loss"]  # the rows at t = 0 of the replicates alive then
+            first = dict(zip(rows[0]["seed"].tolist(), rows[0]["train_loss"].tolist()))  # t = 0, replicates alive then
             loss0 = torch.tensor(
                 [float(first.get(s, math.nan)) for s in exp.seeds], dtype=sim.theta.dtype, device=sim.theta.device
             )
@@ -417,14 +418,10 @@ def simulate(
     finally:
         torch.set_flush_denormal(False)
 
-    df = pd.concat(rows, ignore_index=True)
+    table = Table.concat(rows)
     for k, v in exp.labels.items():
-        df[k] = v
-    df["run_id"] = run_id
-    df = (
-        df[COLUMNS + EXTRA_COLUMNS + list(sim.extra_columns)]
-        .sort_values(["seed", "iter"], kind="stable")
-        .reset_index(drop=True)
-    )
+        table = table.with_constant(k, v)
+    table = table.with_constant("run_id", run_id)
+    table = table.select(COLUMNS + EXTRA_COLUMNS + list(sim.extra_columns)).sorted_by(["seed", "iter"])
     status = "diverged" if diverged else "completed"
-    return RunResult(df, status, diverged, time.perf_counter() - t0)
+    return RunResult(table, status, diverged, time.perf_counter() - t0)
