@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test,lint]'
+	$(BIN)/python -m compileall -q cocoef_cli hydra_plugins >/dev/null  # bytecode now, as pip does for wheels (start-up)
 	touch $(STAMP)
 
 # the loggers' packages alone (logger=tensorboard | mlflow; `make install` has them too, through the test extra)

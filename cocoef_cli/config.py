@@ -410,7 +410,8 @@ def _option_defaults(group: str, name: Any, root: Path | None) -> dict:
         import yaml
 
         path = option_path(group, name, root)  # group ".": the root config
-        data = yaml.safe_load(path.read_text()) if path else None
+        # libyaml's parser where PyYAML has it (≈ 10× faster: a run reads some 20 option files)
+        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if path else None
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError, ConfigError):
         return {}

@@ -40,16 +40,17 @@ def test_a_build_is_cached_and_loaded_without_compiling(fresh, monkeypatch):
 
 
 def test_the_cache_key_follows_the_source_the_flags_and_the_cpu(monkeypatch, tmp_path):
-    original, keys = kernels.SOURCE, [key for _, key in kernels.builds()]
-    assert len(set(keys)) == 2  # native and portable builds are different files
+    original, builds = kernels.SOURCE, kernels.builds()
+    keys = [key for _, key in builds]
+    assert len(set(keys)) == len(builds) == 4  # native or not, OpenMP or not: four different files
     edited = tmp_path / "topk_rows.c"
     edited.write_bytes(kernels.SOURCE.read_bytes() + b"\n/* edited */\n")
     monkeypatch.setattr(kernels, "SOURCE", edited)
     assert not set(keys) & {key for _, key in kernels.builds()}
     monkeypatch.setattr(kernels, "SOURCE", original)
     monkeypatch.setattr(kernels, "cpu_key", lambda: "another cpu")
-    native, portable = [key for _, key in kernels.builds()]
-    assert native != keys[0] and portable == keys[1]  # a portable build runs on any CPU of the kind
+    for (flags, key), old in zip(kernels.builds(), keys):
+        assert (key != old) == (kernels.NATIVE in flags)  # a portable build runs on any CPU of the kind
 
 
 def test_a_damaged_cache_entry_is_rebuilt(fresh):
@@ -95,3 +96,14 @@ def test_a_malformed_input_is_refused():
         kernels.topk_rows(np.zeros((4, 64), np.float32)[:, ::2], 2, 1, 2, 8, 1)
     with pytest.raises(ValueError, match="do not match"):
         kernels.topk_rows(np.zeros((4, 64), np.float32), 2, 1, 2, 8, 1, active=np.ones(3, bool))
+
+
+def test_the_kernel_shares_torchs_openmp_runtime():
+    """Rows run on torch's own OpenMP threads: one libgomp in the process (a second runtime's
+    threads would compete with torch's spinning ones for the cores)."""
+    lib = kernels.library()
+    if lib is None or not lib.parallel_f32() or not os.path.exists("/proc/self/maps"):
+        pytest.skip("no OpenMP build (or no /proc) here")
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes

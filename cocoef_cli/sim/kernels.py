@@ -3,14 +3,14 @@
 :func:`topk_rows` computes what :func:`cocoef_cli.sim.compressors.topk_indices` defines (the k
 largest |x_j| of every row, ties to the lower index, NaN largest) by a sampled threshold; each
 row is read once, in cache, by a compiled loop (``topk_rows.c``; ranges of rows in parallel on
-Python threads, ctypes releasing the GIL). It can first add to each row a sparse combination of
+torch's own OpenMP threads, ctypes releasing the GIL). It can first add to each row a sparse combination of
 the rows of another matrix, x_i += Σ_j B_ij g_j (the encoding of gradient coding, fused so that
 error feedback reads and writes its memory once).
 
 The C file is compiled on the first selection of a process that needs it, with the machine's C
-compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``), for this CPU (``-march=native`` where the
-compiler takes it) and with ``-ffp-contract=off`` (no fused multiply-add: the same IEEE operations
-in the same order on every CPU), and kept in the cache folder (:func:`cocoef_cli.data.cache_dir`)
+compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``), for this CPU (``-march=native``) with
+OpenMP (``-fopenmp``), each dropped when the compiler refuses it, and with ``-ffp-contract=off``
+(no fused multiply-add: the same IEEE operations in the same order on every CPU), and kept in the cache folder (:func:`cocoef_cli.data.cache_dir`)
 under a key of the source, the flags and the CPU, so later processes only load it (≈ 1 ms).
 :func:`library` is None where no compiler builds it; callers then select over full rows with
 torch (exact too, slower), and a one-line note on stderr says why.
@@ -26,10 +26,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch  # noqa: F401  # loaded first: the kernel's libgomp.so.1 is then torch's own (one OpenMP pool)
 
 from cocoef_cli.data import cache_dir
 
@@ -37,15 +37,15 @@ SOURCE = Path(__file__).with_name("topk_rows.c")
 #: -O3 vectorises the loops; -ffp-contract=off keeps a·b + c two roundings (never an FMA)
 FLAGS = ("-O3", "-std=c99", "-ffp-contract=off", "-fPIC", "-shared")
 NATIVE = "-march=native"
+OPENMP = "-fopenmp"
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = [_PTR, *[_I64] * 5, *[_PTR] * 8, _I64, _I64, _I64, _PTR, _PTR]
+_ARGTYPES = [_PTR, *[_I64] * 6, *[_PTR] * 8, _I64, _I64, _PTR, _PTR]
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 _LIBRARY: ctypes.CDLL | None = None
 _FLAGS: tuple[str, ...] = ()  # what the loaded library was built with
 _TRIED = False
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool): a forked child makes its own
 
 
 def compiler() -> str | None:
@@ -96,10 +96,10 @@ def _load(path: Path) -> ctypes.CDLL:
 
 def builds() -> list[tuple[tuple[str, ...], str]]:
     """The builds to try, best first: (flags, cache key). The key covers the source, the flags
-    and, for the native build, the CPU (:func:`cpu_key`)."""
+    and, for a native build, the CPU (:func:`cpu_key`)."""
     source = SOURCE.read_bytes()
     out: list[tuple[tuple[str, ...], str]] = []
-    for flags in ((*FLAGS, NATIVE), FLAGS):
+    for flags in ((*FLAGS, NATIVE, OPENMP), (*FLAGS, OPENMP), (*FLAGS, NATIVE), FLAGS):
         cpu = cpu_key() if NATIVE in flags else f"{sys.platform} {platform.machine()}"
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cpu.encode()])).hexdigest()[:16]
         out.append((flags, key))
@@ -170,14 +170,6 @@ def _unavailable(why: str) -> None:
     )
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """The threads that run ranges of rows beside the caller's (at least ``workers``)."""
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < workers:
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cocoef-topk"))
-    return _POOL[1]
-
-
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
@@ -209,7 +201,7 @@ def topk_rows(
     |x_j| ≥ t (in index order) are selected exactly; a row with t ≤ 0 (t = −1 when the sample has
     fewer than r entries; t = +inf when r sampled entries are NaN), fewer than k or more than
     ``cap`` candidates is selected over the full row. ``threads``: how many ranges of rows run at
-    once. ``active`` (n,) bool: rows marked False are not selected (their indices are 0..k−1).
+    once (one without OpenMP). ``active`` (n,) bool: rows marked False are not selected (their indices are 0..k−1).
     ``add`` = (adds, crow, col, val, g, gstart, gwidth): first, every row with ``adds[i]`` (bool)
     gets x_i += u_i in place, u_i = Σ_{e = crow[i]}^{crow[i+1]−1} val[e]·G[col[e]] (summed in entry
     order, then added), where G (rows, D) is stored as column blocks: block b is the C-contiguous
@@ -233,19 +225,7 @@ def topk_rows(
     if act.shape != (n,) or adds.shape != (n,) or crow.shape != (n + 1,) or gstart.shape != gwidth.shape:
         raise ValueError("active, adds, crow or the block arrays do not match x's rows")
     fn = getattr(lib, f"topk_rows_{_SUFFIX[x.dtype]}")
-    head = (_ptr(x), D, k, h, r, cap, _ptr(act), _ptr(adds), _ptr(crow), _ptr(col), _ptr(val), _ptr(g))
-    tail = (_ptr(gstart), _ptr(gwidth), gstart.shape[0])
-
-    def rows(i0: int, i1: int) -> int:
-        return fn(*head, *tail, i0, i1, _ptr(out), _ptr(picked))
-
-    parts = max(1, min(threads, n))
-    bounds = [n * p // parts for p in range(parts + 1)]
-    if parts == 1:
-        status = [rows(0, n)]
-    else:
-        futures = [_pool(parts - 1).submit(rows, bounds[p], bounds[p + 1]) for p in range(1, parts)]
-        status = [rows(bounds[0], bounds[1])] + [f.result() for f in futures]
-    if any(status):
+    head = (_ptr(x), n, D, k, h, r, cap, _ptr(act), _ptr(adds), _ptr(crow), _ptr(col), _ptr(val), _ptr(g))
+    if fn(*head, _ptr(gstart), _ptr(gwidth), gstart.shape[0], max(1, min(threads, n)), _ptr(out), _ptr(picked)):
         raise MemoryError("the Top-k kernel could not allocate its scratch memory")
     return out, picked

@@ -1,14 +1,19 @@
 /* The exact Top-k selection of many rows, one pass per row (cocoef_cli/sim/kernels.py builds and
  * calls it). Plain C99, no Python API: kernels.py compiles it once per machine with the C compiler
  * (-O3 -ffp-contract=off: no fused multiply-add, so every sum is the same IEEE operations in the
- * same order on every CPU) and calls it through ctypes, which releases the GIL (rows in parallel
- * on Python threads, each thread a range of rows).
+ * same order on every CPU; -fopenmp where the compiler has it) and calls it through ctypes, which
+ * releases the GIL. With OpenMP, ranges of rows run in parallel on the OpenMP threads torch
+ * already runs (the kernel's libgomp.so.1 is the one torch loaded), so the cores torch just used
+ * pick the rows up without a second pool of threads competing for them.
  *
  * The file is read twice by the preprocessor: once for float (suffix _f32), once for double
  * (_f64); REAL and NAME() are the element type and the suffixed name of the current pass. */
 #ifndef REAL
 
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -130,7 +135,7 @@ static void NAME(add)(REAL *restrict dst, const REAL *restrict acc, int64_t w) {
     for (int64_t q = 0; q < w; q++) dst[q] += acc[q];
 }
 
-/* Rows i0..i1 of x (n, D), C-contiguous. First, a row with adds[i] gets x_i += u_i,
+/* Rows i0..i1 of x (n, D), C-contiguous (see NAME(topk_rows) below). First, a row with adds[i] gets x_i += u_i,
  * u_i = sum_{e = crow[i]}^{crow[i+1]-1} val[e] * G[col[e]] (summed in entry order, then added), G
  * stored as nblocks column blocks: block b is the C-contiguous (rows, gwidth[b]) array at
  * g + gstart[b]. Then out[i, 0..k) = the positions of the k largest |x_ij| (NaN largest, ties to
@@ -138,10 +143,10 @@ static void NAME(add)(REAL *restrict dst, const REAL *restrict acc, int64_t w) {
  * The threshold t of a row is the r-th largest of its sample |x_i[::h]|; the candidates
  * |x_ij| >= t (or NaN) are selected exactly; a row with t <= 0, fewer than k or more than cap
  * candidates is selected over the full row. Returns 0, or -1 when scratch memory is short. */
-int NAME(topk_rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap, const uint8_t *active,
-                    const uint8_t *adds, const int64_t *crow, const int64_t *col, const REAL *val, const REAL *g,
-                    const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, int64_t i0, int64_t i1,
-                    int64_t *out, REAL *picked) {
+static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap, const uint8_t *active,
+                      const uint8_t *adds, const int64_t *crow, const int64_t *col, const REAL *val, const REAL *g,
+                      const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, int64_t i0, int64_t i1,
+                      int64_t *out, REAL *picked) {
     int64_t nw = (D + 7) / 8, widest = 0;
     for (int64_t b = 0; b < nblocks; b++) widest = gwidth[b] > widest ? gwidth[b] : widest;
     REAL *u = malloc(sizeof(REAL) * (size_t)(widest + 1));
@@ -229,6 +234,37 @@ done:
     free(full);
     free(full_scratch);
     return status;
+}
+
+/* All n rows (see NAME(rows) above), split into `threads` ranges run in parallel (OpenMP; one
+ * range, on the calling thread, without it). Returns 0, or -1 when scratch memory is short. */
+int NAME(topk_rows)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap,
+                    const uint8_t *active, const uint8_t *adds, const int64_t *crow, const int64_t *col,
+                    const REAL *val, const REAL *g, const int64_t *gstart, const int64_t *gwidth, int64_t nblocks,
+                    int64_t threads, int64_t *out, REAL *picked) {
+    int status = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)threads) reduction(| : status)
+    {
+        int64_t t = omp_get_thread_num(), parts = omp_get_num_threads();
+        status |= NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks,
+                             n * t / parts, n * (t + 1) / parts, out, picked);
+    }
+#else
+    (void)threads;
+    status = NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, 0, n, out,
+                        picked);
+#endif
+    return status;
+}
+
+/* Whether this build runs rows in parallel (OpenMP). */
+int NAME(parallel)(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 #endif
