@@ -278,7 +278,8 @@ CACHE_ENV = "COCOEF_CACHE_DIR"
 
 
 def cache_dir() -> Path | None:
-    """Where derived copies of shipped datasets are kept: ``$COCOEF_CACHE_DIR`` (``off``: none), else
+    """Where derived files are kept (parsed copies of shipped datasets, the compiled Top-k kernel):
+    ``$COCOEF_CACHE_DIR`` (``off``: none), else
     ``$XDG_CACHE_HOME/cocoef``, else ``~/.cache/cocoef``; never inside the repository."""
     env = os.environ.get(CACHE_ENV)
     if env is not None and env.strip().lower() in ("", "off", "none", "0"):

@@ -40,7 +40,7 @@ LABEL_COLUMNS = (
 
 class Table:
     """Metrics rows as named numpy columns of one length: what the simulator records and
-    ``metrics.csv`` holds, without pandas on the run's path. Columns follow pandas' types:
+    ``metrics.csv`` holds, without pandas on the run's path. Columns follow pandas 3's types:
     float32/float64 and int64 arrays, ``object`` arrays for text, None and mixed columns (as
     ``pd.concat`` makes them), so :meth:`frame` is the DataFrame and :meth:`to_csv` is
     ``frame().to_csv(index=False)``, byte for byte."""
@@ -59,6 +59,8 @@ class Table:
         for k, v in values.items():
             if hasattr(v, "detach"):
                 v = v.detach().cpu().numpy()
+            if isinstance(v, np.generic):  # a numpy scalar keeps its type, as pandas keeps it
+                v = np.full(n, v)
             cols[k] = v if isinstance(v, np.ndarray) else _column(v if isinstance(v, list) else [v] * n)
         return cls(cols)
 
@@ -112,14 +114,16 @@ class Table:
     @staticmethod
     def concat(tables: Sequence[Table]) -> Table:
         """The rows of each table in turn (same columns); a column whose types differ is widened
-        as ``pd.concat`` widens it: numbers (bools among integers) to their common type, anything
-        with an object or text part to ``object``."""
+        as pandas 3's ``pd.concat`` widens it: numbers to their common type (bools among integers
+        too), anything else mixed to ``object``. An empty table adds no row, and (unlike pandas)
+        no type either: the simulator's empty evaluations (every replicate diverged) have the
+        types of the others."""
         rows = [t for t in tables if len(t)] or list(tables[:1])  # an empty table adds no row, nor a type
         out = {}
         for k in tables[0].columns:
             parts = [t.columns[k] for t in rows]
             kinds = {a.dtype.kind for a in parts}
-            if len({a.dtype for a in parts}) > 1 and not kinds <= set("biuf"):
+            if len({a.dtype for a in parts}) > 1 and not (kinds <= set("iuf") or kinds <= set("biu")):
                 parts = [a.astype(object) for a in parts]
             out[k] = np.concatenate(parts)
         return Table(out)
@@ -147,14 +151,14 @@ def nanmean(a: np.ndarray) -> float:
 
 
 def _column(values: list) -> np.ndarray:
-    """A list as pandas types it: bools, integers and floats (None as NaN among floats) as numpy
+    """A list as pandas types it: bools, integers and floats (None as NaN among numbers) as numpy
     numbers; text, None alone and anything else as ``object``."""
     kinds = {type(v) for v in values}
     if kinds and kinds <= {bool}:
         return np.array(values, dtype=bool)
     if kinds and kinds <= {int}:
         return np.array(values, dtype=np.int64)
-    if kinds and kinds <= {int, float, type(None)} and float in kinds:
+    if kinds and kinds <= {int, float, type(None)} and kinds & {int, float}:
         return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     a = np.empty(len(values), dtype=object)
     a[:] = values

@@ -52,7 +52,6 @@ class Logger:
     """No tracking: the CSV/JSON record only."""
 
     requires: tuple[str, ...] = ()  # importable modules the logger needs (the tracking extra)
-    tracks = False  # False: log and close do nothing (no rows are looked at, pandas is never imported)
 
     def __init__(self, cfg: dict, out: Path, run_id: str):
         self.cfg, self.out, self.run_id = cfg, Path(out), run_id
@@ -69,7 +68,7 @@ class Logger:
 
     def log(self, frame: Any) -> None:
         """The rows of one evaluation (a Table or a DataFrame)."""
-        if not self.tracks:
+        if not self.tracks():
             return
         if isinstance(frame, Table):
             frame = frame.frame()
@@ -81,13 +80,18 @@ class Logger:
 
     def close(self, status: str, metrics: Any | None, error: str | None = None) -> None:
         """Log the rows not seen yet, the final values, the status; release the writer."""
-        if not self.tracks:
+        if not self.tracks():
             return
         if isinstance(metrics, Table):
             metrics = metrics.frame()
         if metrics is not None:
             self.log(metrics)
         self._guard(self._close, status, metrics, error)
+
+    def tracks(self) -> bool:
+        """Whether this logger records anything beyond the run's files (it overrides ``_log`` or
+        ``_close``); the base logger never looks at the rows (nor imports pandas)."""
+        return type(self)._log is not Logger._log or type(self)._close is not Logger._close
 
     def _guard(self, fn: Any, *args: Any) -> None:
         """A tracker that fails never fails the run (its record is the source of truth): one
@@ -168,8 +172,6 @@ class TensorBoardLogger(Logger):
     final values, mean over seeds, as its metrics). View: ``tensorboard --logdir OUT`` (a sweep
     folder shows every job)."""
 
-    tracks = True
-
     requires = ("tensorboard",)
 
     def __init__(self, cfg: dict, out: Path, run_id: str):
@@ -244,8 +246,6 @@ class MLflowLogger(Logger):
     ``metrics.csv`` and the run record as ``cocoef-run.json`` (never named run.json, so that the
     store's folders are never taken for runs); tags: ``status`` (running, completed, diverged,
     failed), ``cocoef.run_id``, ``cocoef.out``."""
-
-    tracks = True
 
     requires = ("mlflow",)
 

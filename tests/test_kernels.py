@@ -49,8 +49,7 @@ def test_the_cache_key_follows_the_source_the_flags_and_the_cpu(monkeypatch, tmp
     assert not set(keys) & {key for _, key in kernels.builds()}
     monkeypatch.setattr(kernels, "SOURCE", original)
     monkeypatch.setattr(kernels, "cpu_key", lambda: "another cpu")
-    for (flags, key), old in zip(kernels.builds(), keys):
-        assert (key != old) == (kernels.NATIVE in flags)  # a portable build runs on any CPU of the kind
+    assert not set(keys) & {key for _, key in kernels.builds()}  # each CPU kind has its own builds
 
 
 def test_a_damaged_cache_entry_is_rebuilt(fresh):
@@ -77,8 +76,9 @@ def test_without_a_compiler_top_k_is_still_exact_and_says_why(fresh, monkeypatch
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_rows_split_over_threads_give_the_same_result(dtype):
-    if kernels.library() is None:
-        pytest.skip("no C compiler builds the kernel here")
+    lib = kernels.library()
+    if lib is None or not lib.parallel_f32():
+        pytest.skip("no OpenMP build of the kernel here")
     rng = np.random.default_rng(7)
     x = rng.standard_normal((37, 4000)).astype(dtype)
     x[5, ::3] = np.nan
@@ -107,3 +107,89 @@ def test_the_kernel_shares_torchs_openmp_runtime():
     with open("/proc/self/maps") as f:
         runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) == 1, runtimes
+
+
+def _reset(monkeypatch):
+    monkeypatch.setattr(kernels, "_TRIED", False)
+    monkeypatch.setattr(kernels, "_LIBRARY", None)
+
+
+def test_a_cached_lesser_build_does_not_hide_a_better_one(fresh, monkeypatch):
+    cc = kernels.compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    (best_flags, best), *_, (portable_flags, portable) = kernels.builds()
+    fresh.mkdir(parents=True)
+    assert kernels._compile(cc, portable_flags, fresh / f"topk_rows-{portable}.so") == ("", False)
+    assert kernels.library() is not None
+    if kernels._compile(cc, best_flags, fresh / "probe.so")[0]:
+        pytest.skip("this compiler refuses the best build")
+    assert (fresh / f"topk_rows-{best}.so").exists() and kernels.OPENMP in kernels.describe()
+
+
+def test_a_refused_build_is_remembered_and_the_next_one_used(fresh, monkeypatch):
+    if kernels.compiler() is None:
+        pytest.skip("no C compiler")
+    real = kernels._compile
+    monkeypatch.setattr(
+        kernels,
+        "_compile",
+        lambda cc, flags, out: ("cc: no openmp", True) if kernels.OPENMP in flags else real(cc, flags, out),
+    )
+    assert kernels.library() is not None and kernels.OPENMP not in kernels.describe()
+    assert len(list(fresh.glob("*.failed"))) == 2  # both OpenMP builds
+    _reset(monkeypatch)
+    monkeypatch.setattr(kernels, "_compile", lambda *a: pytest.fail("compiled again"))
+    assert kernels.library() is not None and kernels.NATIVE in kernels.describe()  # the cached native build
+
+
+def test_a_build_that_does_not_load_falls_back_to_the_next(fresh, monkeypatch):
+    if kernels.compiler() is None:
+        pytest.skip("no C compiler")
+    real, calls = kernels._load, []
+
+    def first_fails(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError("undefined symbol: GOMP_parallel")
+        return real(path)
+
+    monkeypatch.setattr(kernels, "_load", first_fails)
+    assert kernels.library() is not None and len(calls) == 2
+    assert "not loadable: undefined symbol" in next(fresh.glob("*.failed")).read_text()
+
+
+def test_cc_may_carry_arguments(fresh, monkeypatch):
+    cc = kernels.compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("CC", f"{cc[0]} -DCOCOEF_EXTRA=1")
+    assert kernels.compiler() == [cc[0], "-DCOCOEF_EXTRA=1"] and kernels.library() is not None
+
+
+def test_a_cached_build_others_can_write_is_not_loaded(fresh, monkeypatch):
+    if kernels.compiler() is None or not hasattr(os, "getuid"):
+        pytest.skip("no C compiler, or no file owners here")
+    assert kernels.library() is not None
+    (entry,) = fresh.glob("topk_rows-*.so")
+    assert kernels._trusted(entry)
+    entry.chmod(0o666)  # world-writable: someone else could have replaced it
+    assert not kernels._trusted(entry)
+    _reset(monkeypatch)
+    compiled = []
+    real = kernels._compile
+    monkeypatch.setattr(kernels, "_compile", lambda *a: compiled.append(a) or real(*a))
+    assert kernels.library() is not None and compiled  # built again, not loaded
+    assert kernels._trusted(entry)  # and replaced by a private copy (0755)
+
+
+def test_bad_scalars_are_refused_before_the_c_code_runs():
+    if kernels.library() is None:
+        pytest.skip("no C compiler builds the kernel here")
+    x = np.zeros((4, 64), np.float32)
+    for k, h, r, cap in [(0, 1, 2, 8), (65, 1, 2, 80), (2, 0, 2, 8), (2, 1, 0, 8), (8, 1, 2, 4)]:
+        with pytest.raises(ValueError, match="need 1 ≤ k ≤ D"):
+            kernels.topk_rows(x, k, h, r, cap, 1)
+    x.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        kernels.topk_rows(x, 2, 1, 2, 8, 1)

@@ -35,6 +35,9 @@ CASES = {
     "every float32": [dict(a=F32), dict(a=F32)],
     "every float64": [dict(a=F64), dict(a=F64)],
     "scalars repeated": [dict(a=1.5, b="coco_ef", c=None, d=3), dict(a=2.5, b="coco_ef", c=None, d=4)],
+    "numpy scalars": [dict(a=np.float32(0.1), b=np.int64(3)), dict(a=np.float32(0.2), b=np.int64(4))],
+    "ints with None": [dict(a=[1, None]), dict(a=[2, 3])],
+    "bools then floats": [dict(a=[True, False]), dict(a=F64[:2])],
 }
 
 
@@ -68,7 +71,18 @@ def test_any_numbers_print_as_pandas_prints_them(floats, ints, dtype):
     i = np.array(ints[: len(floats)] + [0] * (len(floats) - len(ints[: len(floats)])), dtype=np.int64)
     parts = [dict(x=f, y=i, z=[None] * len(f)), dict(x=f[::-1].copy(), y=i, z=list(f.astype(np.float64)))]
     want = _pandas(parts, [len(f), len(f)])
-    assert Table.concat([Table.of(d, len(f)) for d in parts]).to_csv() == want.to_csv(index=False)
+    table = Table.concat([Table.of(d, len(f)) for d in parts])
+    assert table.to_csv() == want.to_csv(index=False)
+    pd.testing.assert_frame_equal(table.frame(), want)
+
+
+def test_a_table_survives_a_checkpoint_round_trip():
+    from cocoef_cli.checkpoint import plain, unplain
+
+    t = Table.of({"seed": [0, 1], "iter": 5, "x": np.array([0.1, np.nan], np.float32), "n": [None, 3], "s": "a,b"}, 2)
+    back = unplain(plain(t))
+    assert isinstance(back, Table) and back.to_csv() == t.to_csv()
+    assert [a.dtype for a in back.columns.values()] == [a.dtype for a in t.columns.values()]
 
 
 def test_sorting_last_rows_and_means():

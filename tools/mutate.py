@@ -67,7 +67,6 @@ def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[int, float]:
         "PYTHONPATH": str(tree),
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "NUMBA_NUM_THREADS": "1",
         "MPLBACKEND": "Agg",
     }
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *tests]

@@ -44,7 +44,13 @@ NOCNN = K("not cnn and not mnist5k")  # the MLP and GLM cases of test_models.py 
 
 S = "cocoef_cli/sim/"
 METHODS = [
-    M(S + "methods.py", "self.alpha = float(alpha)", "self.alpha = 1.0", REF, K("diana")),
+    M(
+        S + "methods.py",
+        'self.alpha = need_num("method.alpha", alpha,',
+        'self.alpha = 1.0 or need_num("method.alpha", alpha,',
+        REF,
+        K("diana"),
+    ),
     M(S + "methods.py", "1.0 / (omega + 1.0)", "1.0 / (omega + 2.0)", OPT, K("diana")),
     M(S + "methods.py", "else aggregate(a, self.h + delta)", "else aggregate(a, delta)", REF, K("diana")),
     M(
@@ -310,7 +316,7 @@ STRAGGLERS = [
     ),
     M(S + "stragglers.py", "T.max(-1).values)", "T.min(-1).values)", STR, REF, ENG, K("delay")),
     M(S + "stragglers.py", "p = torch.linspace(lo, hi, M, dtype=F64", "p = torch.linspace(hi, lo, M, dtype=F64", STR),
-    M(S + "rng.py", "STREAMS.index(stream)]", "0]", STR, ENG),
+    M("cocoef_cli/rng.py", "STREAMS.index(stream)]", "0]", STR, ENG),
 ]
 C = "cocoef_cli/models.py"
 MODELS = [
@@ -331,8 +337,8 @@ MODELS = [
     ),
     M(
         C,
-        "return F + 0.5 * self.l2 * (theta * theta).sum(-1) if self.l2 else F",
-        "return F + self.l2 * (theta * theta).sum(-1) if self.l2 else F",
+        "F = self.model.losses(Z, self.Y).mean(-1)\n        return F + 0.5 * self.l2 * (theta * theta).sum(-1) if self.l2 else F",
+        "F = self.model.losses(Z, self.Y).mean(-1)\n        return F + self.l2 * (theta * theta).sum(-1) if self.l2 else F",
         MOD,
         NOCNN,
     ),
@@ -371,13 +377,7 @@ MODELS = [
         REF,
         K("classification"),
     ),
-    M(
-        C,
-        "return torch.softmax(Zt, 1) - (Y.expand",
-        "return torch.softmax(Zt, 2) - (Y.expand",
-        REF,
-        K("classification"),
-    ),
+    M("cocoef_cli/nets.py", "P = torch.softmax(Zt, 1)", "P = torch.softmax(Zt, 2)", REF, K("classification")),
     M(C, "P = torch.softmax(Z, -1)", "P = torch.softmax(Z, 0)", REF, K("classification")),
     M(C, "return 0.5 * (Z.squeeze(-1) - Y) ** 2", "return (Z.squeeze(-1) - Y) ** 2", REF, K("coco_ef-topk")),
     M(
@@ -438,7 +438,14 @@ NETS = [
     M(N, "for l in range(len(self.sizes) - 2, -1, -1):", "for l in range(len(self.sizes) - 2, 0, -1):", MOD, NOCNN),
     M(N, "A = self.act(Z) if l < L - 1 else Z", "A = self.act(Z)", MOD, NOCNN),
     M(N, "w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0],", "w = torch.full((Xf.shape[0],), 1.0,", MOD, NOCNN),
-    M(N, "return torch.logsumexp(Z, -1) - Z.gather(", "return torch.logsumexp(Z, -1) + Z.gather(", RMD, MOD, NOCNN),
+    M(
+        N,
+        "return 0.5 * (Z.squeeze(-1) - Y) ** 2\n        return torch.logsumexp(Z, -1) - Z.gather(",
+        "return 0.5 * (Z.squeeze(-1) - Y) ** 2\n        return torch.logsumexp(Z, -1) + Z.gather(",
+        RMD,
+        MOD,
+        NOCNN,
+    ),
     M(
         N,
         "return (Z.argmax(-1) == Y).to(Z.dtype)",

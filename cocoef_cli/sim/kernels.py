@@ -18,14 +18,17 @@ torch (exact too, slower), and a one-line note on stderr says why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,21 +47,27 @@ _ARGTYPES = [_PTR, *[_I64] * 6, *[_PTR] * 8, _I64, _I64, _PTR, _PTR]
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 _LIBRARY: ctypes.CDLL | None = None
-_FLAGS: tuple[str, ...] = ()  # what the loaded library was built with
+_BUILD = ""  # how the loaded library was built (flags and compiler), for describe()
 _TRIED = False
+_LOCK = threading.Lock()
 
 
-def compiler() -> str | None:
-    """The C compiler to build with: ``$CC`` (empty: none), else the first of cc, gcc, clang on PATH."""
+def compiler() -> list[str] | None:
+    """The C compiler command to build with: ``$CC`` split as a shell would (``ccache gcc``;
+    empty: none), else the first of cc, gcc, clang on PATH."""
     env = os.environ.get("CC")
     if env is not None:
-        return shutil.which(env.split()[0]) if env.strip() else None
-    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+        words = shlex.split(env)
+        found = shutil.which(words[0]) if words else None
+        return [found, *words[1:]] if found else None
+    cc = next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+    return [cc] if cc else None
 
 
 def cpu_key() -> str:
-    """What a native build depends on: the OS, the architecture and (Linux) the CPU's model and
-    feature flags, so a cache folder shared by different machines holds one build per CPU kind."""
+    """What a build depends on beyond its source and flags: the OS, the architecture and (Linux)
+    the CPU's model and feature flags, so a cache folder shared by different machines holds the
+    builds of each CPU kind apart."""
     parts = [sys.platform, platform.machine()]
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -72,18 +81,30 @@ def cpu_key() -> str:
     return "\n".join(parts)
 
 
-def _compile(cc: str, flags: tuple[str, ...], out: Path) -> str | None:
-    """Build SOURCE into ``out``; None, or the compiler's last line of complaint."""
+def builds() -> list[tuple[tuple[str, ...], str]]:
+    """The builds to try, best first: (flags, cache key); the key is the sha256 of the source,
+    the flags and :func:`cpu_key`."""
+    source, cpu = SOURCE.read_bytes(), cpu_key().encode()
+    out: list[tuple[tuple[str, ...], str]] = []
+    for flags in ((*FLAGS, NATIVE, OPENMP), (*FLAGS, OPENMP), (*FLAGS, NATIVE), FLAGS):
+        out.append((flags, hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cpu])).hexdigest()[:16]))
+    return out
+
+
+def _compile(cc: list[str], flags: tuple[str, ...], out: Path) -> tuple[str, bool]:
+    """Build SOURCE into ``out``: ("", _) on success, else (the compiler's last line of complaint,
+    whether the compiler refused the build; False for a compiler that could not run or timed out)."""
     try:
-        done = subprocess.run([cc, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*cc, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as e:
-        return f"{cc}: {e}"
+        return f"{cc[0]}: {e}", False
     if done.returncode == 0 and out.exists():
-        return None
-    return f"{cc}: " + (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return "", False
+    return f"{cc[0]}: " + (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1], True
 
 
 def _load(path: Path) -> ctypes.CDLL:
+    """The library at ``path`` with its functions typed (OSError / AttributeError: not loadable)."""
     lib = ctypes.CDLL(str(path))
     for suffix in _SUFFIX.values():
         fn = getattr(lib, f"topk_rows_{suffix}")
@@ -94,72 +115,105 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def builds() -> list[tuple[tuple[str, ...], str]]:
-    """The builds to try, best first: (flags, cache key). The key covers the source, the flags
-    and, for a native build, the CPU (:func:`cpu_key`)."""
-    source = SOURCE.read_bytes()
-    out: list[tuple[tuple[str, ...], str]] = []
-    for flags in ((*FLAGS, NATIVE, OPENMP), (*FLAGS, OPENMP), (*FLAGS, NATIVE), FLAGS):
-        cpu = cpu_key() if NATIVE in flags else f"{sys.platform} {platform.machine()}"
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cpu.encode()])).hexdigest()[:16]
-        out.append((flags, key))
-    return out
+def _trusted(path: Path) -> bool:
+    """Machine code is loaded from the cache folder only if this user owns the file and its
+    folder and nobody else can write them (a planted file would run in every run)."""
+    try:
+        f, d = path.stat(), path.parent.stat()
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):
+        return True
+    return f.st_uid == d.st_uid == os.getuid() and not f.st_mode & 0o022 and not d.st_mode & 0o002
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel (loaded from the cache folder, else built there on the first call of
-    the process), or None where it cannot be built (a note on stderr says why, once)."""
-    global _LIBRARY, _FLAGS, _TRIED
-    if _TRIED:
-        return _LIBRARY
-    _TRIED = True
-    folder, candidates = cache_dir(), builds()
-    for flags, key in candidates:
-        if folder is None:
-            break
-        try:
-            _LIBRARY, _FLAGS = _load(folder / f"topk_rows-{key}.so"), flags
+    """The compiled kernel, or None where no build works (a note on stderr says why, once).
+
+    The builds of :func:`builds` are tried best first: one already in the cache folder is loaded
+    (when :func:`_trusted`); else it is compiled, loaded, and copied into the folder for later
+    processes; a build the compiler refuses leaves ``<key>.failed`` (its message) so that later
+    processes go straight to the next one (remove the folder's ``topk_rows-*`` files to retry)."""
+    global _LIBRARY, _BUILD, _TRIED
+    with _LOCK:
+        if _TRIED:
             return _LIBRARY
-        except (OSError, AttributeError):  # not built yet, damaged or foreign: built below
-            pass
-    cc = compiler()
-    if cc is None:
-        _unavailable("no C compiler found; set CC")
-        return None
-    failure = None
-    with tempfile.TemporaryDirectory(prefix="cocoef-kernel-") as tmp:
-        for flags, key in candidates:
-            built = Path(tmp) / f"topk_rows-{key}.so"
-            failure = _compile(cc, flags, built)
-            if failure is None:
-                break
-        else:
-            _unavailable(failure or "no build")
-            return None
-        if folder is not None:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                staged = folder / f".{built.name}.{os.getpid()}.tmp"
-                shutil.copyfile(built, staged)
-                # atomic: a concurrent process loads the old file or the whole new one
-                os.replace(staged, folder / built.name)
-                built = folder / built.name
-            except OSError:  # an unwritable cache folder only costs the build
-                pass
-        _LIBRARY, _FLAGS = _load(built), flags  # loaded before the temporary folder goes (or from the cache)
-    return _LIBRARY
+        folder, cc, failure = cache_dir(), compiler(), "no C compiler found; set CC"
+        with tempfile.TemporaryDirectory(prefix="cocoef-kernel-") as tmp:
+            for flags, key in builds():
+                cached = folder / f"topk_rows-{key}.so" if folder is not None else None
+                if cached is not None and cached.with_suffix(".failed").exists():
+                    failure = cached.with_suffix(".failed").read_text(errors="replace").strip() or failure
+                    continue
+                if cached is not None and _trusted(cached):
+                    try:
+                        _LIBRARY, _BUILD = _load(cached), _describe(flags, _recorded(cached.with_suffix(".cc")))
+                        break
+                    except (OSError, AttributeError):  # damaged or foreign: built again below
+                        pass
+                if cc is None:
+                    continue
+                built = Path(tmp) / f"topk_rows-{key}.so"  # a fresh name: never a stale handle of dlopen
+                failure, refused = _compile(cc, flags, built)
+                if not failure:
+                    try:
+                        _LIBRARY = _load(built)  # before the temporary folder goes
+                    except (OSError, AttributeError) as e:
+                        failure, refused = f"{cc[0]}: built with {' '.join(flags)} but not loadable: {e}", True
+                version = _version(cc) if _LIBRARY is not None else ""
+                if cached is not None and (_LIBRARY is not None or refused):
+                    _store(cached, built if _LIBRARY is not None else None, failure, version)
+                if _LIBRARY is not None:
+                    _BUILD = _describe(flags, version)
+                    break
+        _TRIED = True
+        if _LIBRARY is None:
+            _unavailable(failure)
+        return _LIBRARY
+
+
+def _store(cached: Path, built: Path | None, failure: str, version: str) -> None:
+    """Keep a build (atomically: a concurrent process loads the old file or the whole new one,
+    mode 0755) with the compiler's version beside it, or the failure's message; an unwritable
+    folder only costs the build."""
+    staged = cached.parent / f".{cached.name}.{os.getpid()}.tmp"
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        if built is None:
+            cached.with_suffix(".failed").write_text(failure + "\n")
+            return
+        cached.with_suffix(".cc").write_text(version + "\n")
+        shutil.copyfile(built, staged)
+        os.chmod(staged, 0o755)
+        os.replace(staged, cached)
+    except OSError:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+
+
+def _version(cc: list[str]) -> str:
+    try:
+        return subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return " ".join(cc)
+
+
+def _recorded(note: Path) -> str:
+    """The compiler version kept beside a cached build."""
+    try:
+        return note.read_text().strip() or "compiler not recorded"
+    except OSError:
+        return "compiler not recorded"
+
+
+def _describe(flags: tuple[str, ...], version: str) -> str:
+    return f"{version}, {' '.join(f for f in flags if f not in ('-fPIC', '-shared'))}"
 
 
 def describe() -> str:
-    """The kernel's build, in words: the compiler (its first version line) and the flags, or why there is none."""
-    cc = compiler()
-    if library() is None or cc is None:
-        return "not built (Top-k selects with torch)"
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        version = cc
-    return f"{version}, {' '.join(f for f in _FLAGS if f not in ('-fPIC', '-shared'))}"
+    """The loaded kernel's build, in words: the compiler that built it and the flags, or that
+    there is none."""
+    return _BUILD if library() is not None else "not built (Top-k selects with torch)"
 
 
 def _unavailable(why: str) -> None:
@@ -209,9 +263,11 @@ def topk_rows(
     """
     lib = library()
     assert lib is not None, "the compiled kernel is not available"
-    if x.dtype not in _SUFFIX or not x.flags.c_contiguous or x.ndim != 2:
-        raise ValueError(f"x must be a C-contiguous 2-D float32/float64 array; got {x.dtype} {x.shape}")
+    if x.dtype not in _SUFFIX or not x.flags.c_contiguous or not x.flags.writeable or x.ndim != 2:
+        raise ValueError(f"x must be a writable C-contiguous 2-D float32/float64 array; got {x.dtype} {x.shape}")
     n, D = x.shape
+    if not (1 <= k <= D and h >= 1 and r >= 1 and cap >= k):
+        raise ValueError(f"need 1 ≤ k ≤ D, h ≥ 1, r ≥ 1, cap ≥ k; got k={k}, D={D}, h={h}, r={r}, cap={cap}")
     out, picked = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=x.dtype)
     act = np.ones(n, dtype=np.bool_) if active is None else np.ascontiguousarray(active, dtype=np.bool_)
     if add is None:
