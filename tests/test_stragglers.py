@@ -191,3 +191,13 @@ def test_bad_config_raises_config_error_naming_the_key(cfg, key):
     with pytest.raises(ConfigError) as err:
         build(cfg, M=10)
     assert err.value.key == key
+
+
+def test_every_purpose_has_its_own_stream():
+    """(seed, purpose) seeds differ across purposes and across seeds, and repeat for the same pair:
+    the straggler pattern a seed sees never depends on the compressor's draws."""
+    from cocoef_cli.rng import STREAMS, stream_seed
+
+    seeds = {(s, p): stream_seed(s, p) for s in (0, 1, 7) for p in STREAMS}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(stream_seed(s, p) == v for (s, p), v in seeds.items())

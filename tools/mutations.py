@@ -440,8 +440,8 @@ NETS = [
     M(N, "w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0],", "w = torch.full((Xf.shape[0],), 1.0,", MOD, NOCNN),
     M(
         N,
-        "return 0.5 * (Z.squeeze(-1) - Y) ** 2\n        return torch.logsumexp(Z, -1) - Z.gather(",
-        "return 0.5 * (Z.squeeze(-1) - Y) ** 2\n        return torch.logsumexp(Z, -1) + Z.gather(",
+        '"""Per-sample ℓ = logsumexp(z) − z_y."""\n        return torch.logsumexp(Z, -1) - Z.gather(',
+        '"""Per-sample ℓ = logsumexp(z) − z_y."""\n        return torch.logsumexp(Z, -1) + Z.gather(',
         RMD,
         MOD,
         NOCNN,
