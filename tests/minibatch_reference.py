@@ -1,17 +1,34 @@
 """The minibatch draw of ``Objective`` re-done by hand, for tests of any model's partition gradients."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
+from cocoef_cli.data import partition_indices
+from cocoef_cli.models import Objective
+from cocoef_cli.rng import SeedRNG
+
 
 def assert_minibatch_grads(
-    obj, theta: torch.Tensor, data, parts, b: int, twin, reference: Callable[..., torch.Tensor], draws: int = 2
+    model,
+    data,
+    seeds: Sequence[int],
+    b: int,
+    theta: torch.Tensor,
+    reference: Callable[..., torch.Tensor],
+    partitions: int = 9,
+    draws: int = 2,
 ) -> None:
-    """For ``draws`` successive updates: G = obj.partition_grads(θ) equals, per replicate r and
-    partition j, ``reference(r, θ_r, X_batch, Y_batch, w)`` on the b_j = min(b, |P_j|) samples the
-    run's ``batch`` stream draws (``twin``: a fresh copy of it; padding sorts last), with weight
-    w = |P_j| / (b_j n)."""
+    """A float64 ``Objective`` of ``model`` with ``batch_size=b`` over ``partitions`` iid partitions
+    of ``data`` (replicate seeds ``seeds``): for ``draws`` successive updates, G =
+    obj.partition_grads(θ) equals, per replicate r and partition j, ``reference(r, θ_r, X_batch,
+    Y_batch, w)`` on the b_j = min(b, |P_j|) samples the run's ``batch`` stream draws (re-drawn
+    from a fresh copy of the stream; padding sorts last), with weight w = |P_j| / (b_j n)."""
+    parts = partition_indices(data.y_train, partitions, {"partition": "iid"}, seeds)
+    obj = Objective(
+        model, data, parts, 0.0, torch.float64, torch.device("cpu"), batch_size=b, batch_rng=SeedRNG(seeds, "batch")
+    )
+    twin = SeedRNG(seeds, "batch")
     n = len(data.y_train)
     X, Y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
     for _ in range(draws):

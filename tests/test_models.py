@@ -142,19 +142,9 @@ def test_minibatch_grads_are_autograd_on_the_drawn_samples(name, mcfg):
     n, b = 30, 4
     data = image_data(n, (1, 12, 12))
     model = build_model({**mcfg, "init": "torch"} if name != "softmax" else mcfg, data)
-    parts = partition_indices(data.y_train, 9, {"partition": "iid"}, SEEDS)  # sizes 4 and 3: b_j < b too
-    obj = Objective(
-        model, data, parts, 0.0, torch.float64, torch.device("cpu"), batch_size=b, batch_rng=SeedRNG(SEEDS, "batch")
-    )
     theta = 0.2 * torch.randn(len(SEEDS), model.D, dtype=torch.float64)
-    assert_minibatch_grads(
-        obj,
-        theta,
-        data,
-        parts,
-        b,
-        SeedRNG(SEEDS, "batch"),
-        lambda r, th, Xb, Yb, w: reference_grad(name, model, th, Xb, Yb, w),
+    assert_minibatch_grads(  # 9 partitions of 30: sizes 4 and 3, so b_j < b too
+        model, data, SEEDS, b, theta, lambda r, th, Xb, Yb, w: reference_grad(name, model, th, Xb, Yb, w)
     )
 
 

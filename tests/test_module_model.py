@@ -101,19 +101,9 @@ def test_minibatch_grads_are_autograd_on_the_drawn_samples():
     n, b = 30, 4
     data = dataset(n, (1, 6, 6))
     model = module_model("resnet", data)
-    parts = partition_indices(data.y_train, 9, {"partition": "iid"}, SEEDS)  # sizes 4 and 3: b_j < b too
-    obj = Objective(
-        model, data, parts, 0.0, torch.float64, torch.device("cpu"), batch_size=b, batch_rng=SeedRNG(SEEDS, "batch")
-    )
     theta = model.init(SeedRNG(SEEDS, "init"), torch.float64)
-    assert_minibatch_grads(
-        obj,
-        theta,
-        data,
-        parts,
-        b,
-        SeedRNG(SEEDS, "batch"),
-        lambda r, th, Xb, Yb, w: reference_grad(model, r, th, Xb, Yb, w),
+    assert_minibatch_grads(  # 9 partitions of 30: sizes 4 and 3, so b_j < b too
+        model, data, SEEDS, b, theta, lambda r, th, Xb, Yb, w: reference_grad(model, r, th, Xb, Yb, w)
     )
 
 

@@ -11,6 +11,7 @@ parameters stop being finite is marked diverged at that evaluation and records n
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import sys
 import time
@@ -210,13 +211,11 @@ class RunResult:
     wall_s: float
     runtime: Any = None  # runtime=torch_distributed: its counters, a dict (a list of them for several seeds)
 
-    @property
+    @functools.cached_property
     def metrics(self) -> Any:
         """The metrics rows as a pandas DataFrame (pandas is imported on the first use; the
         record is written from ``rows`` without it)."""
-        if isinstance(self.rows, Table):
-            self.rows = self.rows.frame()
-        return self.rows
+        return self.rows.frame() if isinstance(self.rows, Table) else self.rows
 
 
 def keep_freed_memory() -> bool:
