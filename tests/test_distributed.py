@@ -250,6 +250,27 @@ def test_a_killed_device_fails_the_run_and_nothing_is_left(tmp_path):
     assert not (tmp_path / "metrics.csv").exists()
 
 
+def test_a_downlink_to_a_dead_device_names_the_device():
+    """gloo's send to a device that died raises "Connection closed by peer": the server says
+    which device, as for a failed uplink (not gloo's bare message)."""
+    from types import SimpleNamespace
+
+    from cocoef_cli.distributed.server import Cluster
+
+    class Work:
+        def __init__(self, dead: bool):
+            self.dead = dead
+
+        def wait(self):
+            if self.dead:
+                raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:25515")
+
+    cluster = Cluster(SimpleNamespace(cfg={"devices": 3}), None)
+    cluster.pg = SimpleNamespace(send=lambda tensors, dst, tag: Work(dst == 3))  # device 2 = rank 3
+    with pytest.raises(RuntimeError, match=r"^device 2: connection failed: .*Connection closed by peer"):
+        cluster.broadcast(np.zeros(4, np.uint8))
+
+
 def test_port_is_released_after_a_run():
     import cocoef_cli.distributed.server as server
 

@@ -158,10 +158,16 @@ class Cluster:
 
     # -- talk
     def broadcast(self, buf: np.ndarray) -> None:
-        """The same downlink to every device (sent before anybody's answer is awaited)."""
-        works = [self.pg.send([torch.from_numpy(buf)], i + 1, 0) for i in range(self.M)]
-        for w in works:
-            w.wait()
+        """The same downlink to every device (sent before anybody's answer is awaited); a send that
+        fails (a device died: gloo's "Connection closed by peer") raises as :meth:`get` does,
+        naming the device."""
+        works = [self.pg.send([torch.from_numpy(buf)], i + 1, 0) for i in range(self.M)]  # gloo fails at wait
+        for i, w in enumerate(works):
+            try:
+                w.wait()
+            except RuntimeError as e:
+                self.check_devices()  # a device process that exited says so first, with its status
+                raise RuntimeError(f"device {i}: connection failed: {e}" + self._log()) from e
 
     def get(self, timeout: float) -> tuple[int, np.ndarray] | None:
         """The next uplink message (None after ``timeout`` seconds); raises if a device failed."""
