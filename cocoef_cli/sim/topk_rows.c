@@ -18,6 +18,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Columns per piece of the fused addition: u (CHUNK entries) stays in L1 while the partition rows
+ * are summed into it, and the sample is taken from the added piece while it is there. */
+#define CHUNK 1024
+
 #define REAL float
 #define ABS fabsf
 #define NAME(f) f##_f32
@@ -102,23 +106,27 @@ static void NAME(select_into)(const REAL *vals, const int64_t *idx, int64_t m, i
     NAME(take_from)(vals, idx, m, NAME(kth_largest)(scratch, c, k - nan), k, out);
 }
 
+/* Enter |a| (NaN as +inf) into the ascending buffer top[0..r) of the r largest seen so far: one
+ * compare, an insertion for the few that enter. */
+static inline void NAME(push)(REAL *top, int64_t r, REAL a) {
+    a = ABS(a);
+    if (a != a) a = INFINITY;
+    if (a > top[0]) {
+        int64_t q = 1;
+        while (q < r && top[q] < a) {
+            top[q - 1] = top[q];
+            q++;
+        }
+        top[q - 1] = a;
+    }
+}
+
 /* The r-th largest of |row[0]|, |row[h]|, |row[2h]|, ... (NaN as +inf; -1 when fewer than r are
- * sampled), kept in the ascending buffer top[0..r): one compare per sampled entry, an insertion
- * for the few that enter the running top r. Only a threshold: the selection using it is exact. */
+ * sampled), kept in the ascending buffer top[0..r). Only a threshold: the selection using it is
+ * exact. */
 REAL NAME(rth_largest_strided)(const REAL *row, int64_t D, int64_t h, int64_t r, REAL *top) {
     for (int64_t q = 0; q < r; q++) top[q] = -1;
-    for (int64_t j = 0; j < D; j += h) {
-        REAL a = ABS(row[j]);
-        if (a != a) a = INFINITY;
-        if (a > top[0]) {
-            int64_t q = 1;
-            while (q < r && top[q] < a) {
-                top[q - 1] = top[q];
-                q++;
-            }
-            top[q - 1] = a;
-        }
-    }
+    for (int64_t j = 0; j < D; j += h) NAME(push)(top, r, row[j]);
     return top[0];
 }
 
@@ -147,9 +155,8 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
                       const uint8_t *adds, const int64_t *crow, const int64_t *col, const REAL *val, const REAL *g,
                       const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, int64_t i0, int64_t i1,
                       int64_t *out, REAL *picked) {
-    int64_t nw = (D + 7) / 8, widest = 0;
-    for (int64_t b = 0; b < nblocks; b++) widest = gwidth[b] > widest ? gwidth[b] : widest;
-    REAL *u = malloc(sizeof(REAL) * (size_t)(widest + 1));
+    int64_t nw = (D + 7) / 8;
+    REAL *u = malloc(sizeof(REAL) * (size_t)(CHUNK + 1));
     uint64_t *words = calloc((size_t)nw, sizeof(uint64_t)); /* the candidate mask, one byte per entry */
     int64_t *cand_idx = malloc(sizeof(int64_t) * (size_t)(cap + 8));
     REAL *cand_val = malloc(sizeof(REAL) * (size_t)(cap + 1)), *scratch = malloc(sizeof(REAL) * (size_t)(cap + 1));
@@ -163,13 +170,22 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
     for (int64_t i = i0; i < i1; i++) {
         REAL *row = x + i * D;
         int64_t *o_i = out + i * k, lo = crow[i], hi = crow[i + 1];
-        if (adds[i] && hi > lo) { /* x_i += u_i, block by block of columns */
-            int64_t off = 0;
+        int sampled = 0; /* whether top holds the row's sample (taken while the added chunks are in L1) */
+        if (adds[i] && hi > lo) { /* x_i += u_i, block by block of columns, CHUNK columns at a time */
+            int64_t off = 0, next = 0; /* next: the next sampled position */
+            sampled = active[i];
+            for (int64_t q = 0; q < r; q++) top[q] = -1;
             for (int64_t b = 0; b < nblocks; b++) {
                 int64_t w = gwidth[b];
-                NAME(scaled)(u, g + gstart[b] + col[lo] * w, val[lo], w);
-                for (int64_t nz = lo + 1; nz < hi; nz++) NAME(add_scaled)(u, g + gstart[b] + col[nz] * w, val[nz], w);
-                NAME(add)(row + off, u, w);
+                for (int64_t c = 0; c < w; c += CHUNK) {
+                    int64_t n = w - c < CHUNK ? w - c : CHUNK;
+                    NAME(scaled)(u, g + gstart[b] + col[lo] * w + c, val[lo], n);
+                    for (int64_t nz = lo + 1; nz < hi; nz++)
+                        NAME(add_scaled)(u, g + gstart[b] + col[nz] * w + c, val[nz], n);
+                    NAME(add)(row + off + c, u, n);
+                    if (sampled)
+                        for (; next < off + c + n; next += h) NAME(push)(top, r, row[next]);
+                }
                 off += w;
             }
         }
@@ -180,7 +196,7 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
             }
             continue;
         }
-        REAL t = NAME(rth_largest_strided)(row, D, h, r, top);
+        REAL t = sampled ? top[0] : NAME(rth_largest_strided)(row, D, h, r, top);
         int selected = 0;
         if (t > 0) { /* candidates |x_j| >= t (or NaN), in order: a byte mask, then its nonzero words */
             for (int64_t j = 0; j < D; j++) mask[j] = !(ABS(row[j]) < t);
@@ -244,12 +260,24 @@ int NAME(topk_rows)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t
                     int64_t threads, int64_t *out, REAL *picked) {
     int status = 0;
 #ifdef _OPENMP
+    /* ranges of equal work: a row costs 1, plus 1 for its selection (active), plus 1 for its
+     * addition (adds), so that stragglers' rows, which neither add nor select, do not leave a
+     * thread idle at the end */
+    int64_t *work = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    if (!work) return -1;
+    work[0] = 0;
+    for (int64_t i = 0; i < n; i++) work[i + 1] = work[i] + 1 + (active[i] != 0) + (adds[i] && crow[i + 1] > crow[i]);
 #pragma omp parallel num_threads((int)threads) reduction(| : status)
     {
-        int64_t t = omp_get_thread_num(), parts = omp_get_num_threads();
-        status |= NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks,
-                             n * t / parts, n * (t + 1) / parts, out, picked);
+        int64_t t = omp_get_thread_num(), parts = omp_get_num_threads(), i0 = 0, i1 = 0;
+        while (i0 < n && work[i0] * parts < work[n] * t) i0++; /* the first row at or after t/parts of the work */
+        i1 = i0;
+        while (i1 < n && work[i1] * parts < work[n] * (t + 1)) i1++;
+        if (t == parts - 1) i1 = n;
+        status |= NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, i0, i1,
+                             out, picked);
     }
+    free(work);
 #else
     (void)threads;
     status = NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, 0, n, out,
