@@ -138,12 +138,22 @@ def breakdown(sim: Simulation, repeat: int = 9, compare: tuple[float, float] | N
 
 def evaluation_time(sim: Simulation, repeat: int = 5) -> float:
     """Median seconds of one evaluation of a coded run beyond the work of the update it precedes:
-    the engine's evaluation computes the partition gradients at θ^t for the next update (full
-    partitions; :meth:`Simulation.row`), so what it adds is the rest of :meth:`Objective.evaluate`
-    (a forward pass on the training and the test set, Σ_j g_j) and the ef_norm column."""
-    obj = sim.exp.objective
-    G = obj.partition_grad_blocks(sim.theta) if sim.exp.code is not None and obj.batch_size is None else None
-    return median_time(lambda: (obj.evaluate(sim.theta, G), sim.state_norm()), repeat, warmup=1)
+    the engine's evaluation computes the partition gradients at θ^t for the next update, with F
+    from their forward pass (full partitions; :meth:`Simulation.row`), so what it adds is that
+    loss, the rest of :meth:`Objective.evaluate` (a forward pass on the test set, Σ_j g_j) and
+    the ef_norm column: the median of the whole, less the median of the partition gradients."""
+    obj, th = sim.exp.objective, sim.theta
+    if sim.exp.code is None or obj.batch_size is not None:
+        return median_time(lambda: (obj.evaluate(th), sim.state_norm()), repeat, warmup=1)
+    whole, grads = paired_times(
+        [
+            lambda: (obj.evaluate(th, *obj.partition_loss_grad_blocks(th)), sim.state_norm()),
+            lambda: obj.partition_grad_blocks(th),
+        ],
+        [1, 1],
+        rounds=repeat,
+    )
+    return max(whole - grads, 0.0)
 
 
 def loop_step(overrides: Sequence[str]) -> Callable[[], object]:

@@ -85,6 +85,10 @@ class GLM(Model):
         """Per-sample ℓ."""
         raise NotImplementedError
 
+    def losses_t(self, Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """:meth:`losses` of class-major logits Zt (R, C, n): (R, n)."""
+        return self.losses(Zt.transpose(1, 2), Y)
+
     def correct(self, Z: torch.Tensor, Y: torch.Tensor) -> torch.Tensor | None:
         """Per-sample 0/1 correctness (None for regression)."""
         return None
@@ -108,14 +112,31 @@ class GLM(Model):
         throughout: Zᵀ = W Xpᵀ, the residual Eᵀ = w ⊙ (μ(Z) − Y)ᵀ along the class axis, then
         ∇W = Eᵀ Xp per partition, written in place (the long dimensions stay contiguous; several
         times faster on CPU than Xp Wᵀ and Xpᵀ E, whose inner dimension is the short C)."""
+        return self._weighted(theta, Xp, Yp, Wp, out, False)[0]
+
+    def weighted_loss_grads(
+        self,
+        theta: torch.Tensor,
+        Xp: torch.Tensor,
+        Yp: torch.Tensor,
+        Wp: torch.Tensor,
+        out: list[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(:meth:`weighted_grads`, L) with L_r = Σ_{j,b} w_{rjb} ℓ(θ_r; x_{rjb}), (R,), from the
+        same forward pass (with full partitions and w = 1/n, L = (1/n) Σ_s ℓ_s: F without l2)."""
+        return self._weighted(theta, Xp, Yp, Wp, out, True)  # type: ignore[return-value]
+
+    def _weighted(self, theta, Xp, Yp, Wp, out, loss: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         R, N, Bsz, f = Xp.shape
         Zt = self.logits_t(theta, Xp.reshape(R, N * Bsz, f))  # (R, C, N·B)
-        Et = self.residual_t(Zt, Yp.reshape(R, N * Bsz)) * Wp.reshape(R, 1, N * Bsz)
+        Y, W = Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz)
+        L = (self.losses_t(Zt, Y) * W).sum(-1) if loss else None
+        Et = self.residual_t(Zt, Y) * W.unsqueeze(1)
         Et = Et.view(R, self.C, N, Bsz).transpose(1, 2).reshape(R * N, self.C, Bsz)
         if out is None:
             out = [torch.empty(R, N, self.D, dtype=theta.dtype, device=theta.device)]
         torch.bmm(Et, Xp.reshape(R * N, Bsz, f), out=out[0].view(R * N, self.C, f))
-        return out
+        return out, L
 
     def full_loss_grad(
         self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor
@@ -189,6 +210,9 @@ class Softmax(GLM):
 
     def losses(self, Z, Y):
         return torch.logsumexp(Z, -1) - Z.gather(-1, Y.expand(Z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+    def losses_t(self, Zt, Y):
+        return torch.logsumexp(Zt, 1) - Zt.gather(1, Y.expand(Zt.shape[0], Zt.shape[2]).unsqueeze(1)).squeeze(1)
 
     def correct(self, Z, Y):
         return (Z.argmax(-1) == Y).to(Z.dtype)
@@ -285,6 +309,34 @@ class Objective:
         The blocks are buffers this objective reuses on the next call (a fresh (R, N, D) tensor
         every iteration costs page faults): copy them to keep them. They lie one after the other
         in one storage (a kernel can read them as one flat array)."""
+        out = self._buffers(theta)
+        if self.batch_size is None:
+            blocks = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp, out=out)
+        else:
+            Xb, Yb, Wb = self._minibatch()
+            blocks = self.model.weighted_grads(theta, Xb, Yb, Wb, out=out)
+        return self._add_l2(theta, blocks)
+
+    def partition_loss_grad_blocks(self, theta: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(G, F(θ)) with full partitions (no minibatch): G as :meth:`partition_grad_blocks` gives
+        it and F = Σ_{j,b} ℓ(θ; x_{jb})/n + ½ l2 ‖θ‖² from the same forward pass where the model
+        offers ``weighted_loss_grads`` (the partitions cover the training set once), else
+        :meth:`train_loss` (a second forward pass)."""
+        both = getattr(self.model, "weighted_loss_grads", None)
+        if both is None:
+            return self.partition_grad_blocks(theta), self.train_loss(theta)
+        blocks, F = both(theta, self.Xp, self.Yp, self.Wp, out=self._buffers(theta))
+        return self._add_l2(theta, blocks), (F + 0.5 * self.l2 * (theta * theta).sum(-1) if self.l2 else F)
+
+    def _add_l2(self, theta: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """g_j += (l2/n) |P_j| θ: the l2 term split over the partitions by their share of the data."""
+        if self.l2:
+            for block, th in zip(blocks, theta.split(list(self.model.blocks), -1)):
+                block.add_((self.l2 / self.n) * self.sizes.unsqueeze(-1) * th.unsqueeze(1))
+        return blocks
+
+    def _buffers(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        """The reused blocks of G (see :meth:`partition_grad_blocks`), (re)allocated on a change of shape."""
         R, N = theta.shape[0], self.N
         shapes = [(R, N, int(size)) for size in self.model.blocks]
         if (
@@ -295,15 +347,7 @@ class Objective:
         ):
             flat = torch.empty(R * N * sum(self.model.blocks), dtype=theta.dtype, device=theta.device)
             self._G = [b.view(shape) for b, shape in zip(flat.split([math.prod(sh) for sh in shapes]), shapes)]
-        if self.batch_size is None:
-            blocks = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp, out=self._G)
-        else:
-            Xb, Yb, Wb = self._minibatch()
-            blocks = self.model.weighted_grads(theta, Xb, Yb, Wb, out=self._G)
-        if self.l2:
-            for block, th in zip(blocks, theta.split(list(self.model.blocks), -1)):
-                block.add_((self.l2 / self.n) * self.sizes.unsqueeze(-1) * th.unsqueeze(1))
-        return blocks
+        return self._G
 
     def partition_grads(self, theta: torch.Tensor) -> torch.Tensor:
         """G with G[r, j] = g_j(θ_r), shape (R, N, D) (a new tensor)."""
@@ -343,13 +387,15 @@ class Objective:
             F, g = F + 0.5 * self.l2 * (theta * theta).sum(-1), g + self.l2 * theta
         return F, g
 
-    def evaluate(self, theta: torch.Tensor, G: list[torch.Tensor] | None = None) -> Metrics:
+    def evaluate(
+        self, theta: torch.Tensor, G: list[torch.Tensor] | None = None, F: torch.Tensor | None = None
+    ) -> Metrics:
         """Training objective, ∇F and its norm, and held-out mean loss / accuracy.
 
-        ``G``: the partition gradient blocks at θ (:meth:`partition_grad_blocks`, full partitions,
-        no minibatch), which the next update needs anyway: then ∇F = Σ_j g_j (the partitions cover
-        the training set once, with weights 1/n and the l2 term |P_j|/n each), and F takes one
-        forward pass instead of a forward and backward pass."""
+        ``G``, ``F``: the partition gradient blocks at θ and F(θ) (:meth:`partition_loss_grad_blocks`,
+        full partitions, no minibatch), which the next update needs anyway: then ∇F = Σ_j g_j (the
+        partitions cover the training set once, with weights 1/n and the l2 term |P_j|/n each), and
+        the training set takes no pass of its own (with G alone, F takes one forward pass)."""
         te_loss = te_acc = None
         if self.Xte is not None and self.Yte is not None:
             Z = self.model.logits(theta, self.Xte)
@@ -359,7 +405,7 @@ class Objective:
         if G is None:
             F, g = self.loss_and_grad(theta)
         else:
-            F, g = self.train_loss(theta), torch.cat([block.sum(1) for block in G], -1)
+            F, g = self.train_loss(theta) if F is None else F, torch.cat([block.sum(1) for block in G], -1)
         return Metrics(F, g.norm(dim=-1), te_loss, te_acc, g)
 
     def train_loss(self, theta: torch.Tensor) -> torch.Tensor:

@@ -307,6 +307,23 @@ class MLP(Network):
             0
         ]
 
+    def weighted_loss_grads(
+        self,
+        theta: torch.Tensor,
+        Xp: torch.Tensor,
+        Yp: torch.Tensor,
+        Wp: torch.Tensor,
+        out: list[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(:meth:`weighted_grads`, L) with L_r = Σ_{j,b} w_{rjb} ℓ(θ_r; x_{rjb}, y_{rjb}), (R,), from
+        the logits of the same forward pass."""
+        R, N, Bsz, f = Xp.shape
+        Y, W = Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz)
+        blocks, Z = self._backward(theta, Xp.reshape(R, N * Bsz, f), Y, W, N, out)
+        Zt = Z.transpose(1, 2)  # (R, C, S), contiguous
+        L = torch.logsumexp(Zt, 1) - Zt.gather(1, Y.unsqueeze(1)).squeeze(1)
+        return blocks, (L * W).sum(-1)
+
     def full_loss_grad(
         self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -235,9 +235,10 @@ def test_delay_model_records_sim_time(small):
     ],
 )
 def test_evaluation_shares_the_next_updates_gradients(setup, monkeypatch):
-    """An evaluation takes ∇F = Σ_j g_j from the partition gradients at θ^t and F from one forward
-    pass (the same bits as the full pass); the next update reuses those G, so a run computes one
-    partition pass per update (plus one for the final evaluation), never a full backward pass."""
+    """An evaluation takes ∇F = Σ_j g_j and F from the partition gradients' pass at θ^t (F the
+    same value as the full pass, summed in another order); the next update reuses those G, so a
+    run computes one partition pass per update (plus one for the final evaluation), never a full
+    backward pass and never a forward pass of its own on the training set."""
     from cocoef_cli.models import Objective
     from cocoef_cli.sim.engine import Simulation, build_experiment, simulate
 
@@ -245,20 +246,27 @@ def test_evaluation_shares_the_next_updates_gradients(setup, monkeypatch):
     sim = Simulation(build_experiment(cfg))
     sim.step()
     obj = sim.exp.objective
-    full, shared = obj.evaluate(sim.theta), obj.evaluate(sim.theta, obj.partition_grad_blocks(sim.theta))
-    assert torch.equal(full.train_loss, shared.train_loss)
+    full, shared = obj.evaluate(sim.theta), obj.evaluate(sim.theta, *obj.partition_loss_grad_blocks(sim.theta))
+    torch.testing.assert_close(shared.train_loss, full.train_loss, rtol=1e-6, atol=0)
+    assert torch.equal(obj.evaluate(sim.theta, obj.partition_grad_blocks(sim.theta)).train_loss, full.train_loss)
     torch.testing.assert_close(shared.grad, full.grad, rtol=1e-5, atol=1e-7)
     assert not torch.equal(shared.grad, torch.zeros_like(shared.grad))
 
-    calls = {"partition": 0, "full": 0}
-    part, both = Objective.partition_grad_blocks, Objective.loss_and_grad
-    monkeypatch.setattr(
-        Objective,
-        "partition_grad_blocks",
-        lambda s, th: calls.__setitem__("partition", calls["partition"] + 1) or part(s, th),
-    )
-    monkeypatch.setattr(
-        Objective, "loss_and_grad", lambda s, th: calls.__setitem__("full", calls["full"] + 1) or both(s, th)
-    )
+    calls = {"partition": 0, "partition+loss": 0, "full": 0, "train_loss": 0}
+
+    def counted(name, key):
+        method = getattr(Objective, name)
+
+        def wrapper(s, th):
+            calls[key] += 1
+            return method(s, th)
+
+        monkeypatch.setattr(Objective, name, wrapper)
+
+    counted("partition_grad_blocks", "partition")
+    counted("partition_loss_grad_blocks", "partition+loss")
+    counted("loss_and_grad", "full")
+    counted("train_loss", "train_loss")
     simulate(build_experiment(cfg))
-    assert calls == {"partition": 6 + 1, "full": 0}
+    # evaluations at t = 0, 2, 4, 6 compute G with F; the updates at t = 1, 3, 5 compute G alone
+    assert calls == {"partition": 3, "partition+loss": 4, "full": 0, "train_loss": 0}

@@ -126,6 +126,37 @@ def test_partition_grads_equal_autograd_per_partition(name, mcfg, shape, scheme)
     F, g = obj.loss_and_grad(theta)
     torch.testing.assert_close(F, obj.loss(theta), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(g, full, rtol=1e-9, atol=1e-12)
+    # the evaluation's F from the partitions' own forward pass (padding rows weigh nothing)
+    blocks, F = obj.partition_loss_grad_blocks(theta)
+    torch.testing.assert_close(torch.cat(blocks, -1), G, rtol=0, atol=0)
+    torch.testing.assert_close(F, obj.loss(theta), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["linear", "logistic", "softmax", "mlp"])
+def test_partition_loss_is_the_training_loss_with_unequal_padded_partitions(name):
+    """F from the partition forward pass (Σ_{j,b} ℓ/n + ½ l2 ‖θ‖²) equals F(θ) computed on the
+    training set directly, for every model that fuses it; the gradients are the same bits."""
+    n, g = 29, np.random.default_rng(3)
+    task = "regression" if name == "linear" else "classification"
+    classes = 2 if name == "logistic" else 3
+    y = g.normal(size=n) if task == "regression" else np.arange(n) % classes
+    data = Dataset("flat", g.normal(size=(n, 5)), y, np.zeros((0, 5)), np.zeros(0), task, classes)
+    mcfg = {"name": name, "hidden": [4], "activation": "tanh", "init": "torch"} if name == "mlp" else {"name": name}
+    model = build_model(mcfg, data)
+    assert hasattr(model, "weighted_loss_grads")
+    scheme = {"partition": "iid"} if task == "regression" else {"partition": "dirichlet", "alpha": 0.3}
+    parts = partition_indices(data.y_train, 5, scheme, SEEDS)
+    assert len(set((parts < n).sum(-1).ravel().tolist())) > 1
+    obj = Objective(model, data, parts, 0.1, torch.float64, torch.device("cpu"))
+    theta = 0.5 * torch.randn(len(SEEDS), model.D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    G = torch.cat(obj.partition_grad_blocks(theta), -1).clone()
+    blocks, F = obj.partition_loss_grad_blocks(theta)
+    torch.testing.assert_close(torch.cat(blocks, -1), G, rtol=0, atol=0)
+    torch.testing.assert_close(F, obj.loss(theta), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(F, obj.loss(theta + 0.1))  # F depends on θ: the check can fail
+    m = obj.evaluate(theta, blocks, F)
+    torch.testing.assert_close(m.train_loss, F, rtol=0, atol=0)
+    torch.testing.assert_close(m.grad, obj.grad(theta), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -306,14 +306,16 @@ class Simulation:
         """The metrics of θ^t per replicate (docs/design.md §8 columns that vary), as tensors or scalars.
 
         The gradients the evaluation needs are the next update's: with full partitions the
-        partition gradients G at θ^t are computed here (∇F = Σ_j g_j) and kept for that update,
-        and a centralised run keeps ∇F, so an evaluation costs a forward pass on the training and
-        the test set beyond the update's own work."""
+        partition gradients G at θ^t are computed here (∇F = Σ_j g_j, and F from their forward
+        pass) and kept for that update, and a centralised run keeps ∇F, so an evaluation costs a
+        forward pass on the test set (and, with minibatches, one on the training set) beyond the
+        update's own work."""
         exp, obj = self.exp, self.exp.objective
-        G = None
+        G = F = None
         if exp.code is not None and obj.batch_size is None:
-            G = self.next_G = obj.partition_grad_blocks(self.theta)
-        m = obj.evaluate(self.theta, G)
+            G, F = obj.partition_loss_grad_blocks(self.theta)
+            self.next_G = G
+        m = obj.evaluate(self.theta, G, F)
         if exp.code is None:
             self.next_grad = m.grad
         after = self.t > 0
