@@ -22,7 +22,7 @@ import torch.nn.functional as Fn
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.modules import Module
-from cocoef_cli.nets import CNN, MLP, Model, softmax_residual_t
+from cocoef_cli.nets import CNN, MLP, Model, cross_entropy_t, softmax_residual_t
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
 
@@ -212,7 +212,7 @@ class Softmax(GLM):
         return torch.logsumexp(Z, -1) - Z.gather(-1, Y.expand(Z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
 
     def losses_t(self, Zt, Y):
-        return torch.logsumexp(Zt, 1) - Zt.gather(1, Y.expand(Zt.shape[0], Zt.shape[2]).unsqueeze(1)).squeeze(1)
+        return cross_entropy_t(Zt, Y)
 
     def correct(self, Z, Y):
         return (Z.argmax(-1) == Y).to(Z.dtype)

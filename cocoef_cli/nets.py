@@ -56,6 +56,12 @@ def softmax_residual_t(Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return P.scatter_add_(1, Y.expand(R, n).unsqueeze(1), minus_one)  # p − 1 at the label: bits of p − onehot
 
 
+def cross_entropy_t(Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """ℓ = logsumexp(z) − z_y of class-major logits Zt (R, C, n) for labels Y (R, n) or (n,): (R, n)."""
+    R, n = Zt.shape[0], Zt.shape[2]
+    return torch.logsumexp(Zt, 1) - Zt.gather(1, Y.expand(R, n).unsqueeze(1)).squeeze(1)
+
+
 def _int_list(cfg: Mapping, key: str, allow_empty: bool = True) -> list[int]:
     v = cfg.get(key)
     if not isinstance(v, (list, tuple)) or not all(is_int(h) and h >= 1 for h in v) or (not allow_empty and not v):
@@ -320,9 +326,7 @@ class MLP(Network):
         R, N, Bsz, f = Xp.shape
         Y, W = Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz)
         blocks, Z = self._backward(theta, Xp.reshape(R, N * Bsz, f), Y, W, N, out)
-        Zt = Z.transpose(1, 2)  # (R, C, S), contiguous
-        L = torch.logsumexp(Zt, 1) - Zt.gather(1, Y.unsqueeze(1)).squeeze(1)
-        return blocks, (L * W).sum(-1)
+        return blocks, (cross_entropy_t(Z.transpose(1, 2), Y) * W).sum(-1)  # Z.transpose: (R, C, S), contiguous
 
     def full_loss_grad(
         self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor
