@@ -22,7 +22,7 @@ import torch.nn.functional as Fn
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.modules import Module
-from cocoef_cli.nets import CNN, MLP, Model, cross_entropy_t, softmax_residual_t
+from cocoef_cli.nets import CNN, MLP, Model, Rows, cross_entropy_t, softmax_residual_t
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
 
@@ -35,6 +35,7 @@ class GLM(Model):
 
     task = "classification"
     inits = ("zeros", "normal")
+    takes_rows = True
 
     def __init__(self, cfg: Mapping, data: Dataset):
         self.bias = bool(cfg.get("bias", True))
@@ -105,14 +106,16 @@ class GLM(Model):
         Yp: torch.Tensor,
         Wp: torch.Tensor,
         out: list[torch.Tensor] | None = None,
+        rows: Rows | None = None,
     ) -> list[torch.Tensor]:
         """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}) for features Xp (R, N, B, f̃), targets Yp and weights Wp (R, N, B),
         as the column blocks (R, N, D_l) of ``blocks`` (here one, (R, N, D)), written into ``out``
         (contiguous tensors of those shapes) when given. Two batched products, class-major
         throughout: Zᵀ = W Xpᵀ, the residual Eᵀ = w ⊙ (μ(Z) − Y)ᵀ along the class axis, then
         ∇W = Eᵀ Xp per partition, written in place (the long dimensions stay contiguous; several
-        times faster on CPU than Xp Wᵀ and Xpᵀ E, whose inner dimension is the short C)."""
-        return self._weighted(theta, Xp, Yp, Wp, out, False)[0]
+        times faster on CPU than Xp Wᵀ and Xpᵀ E, whose inner dimension is the short C).
+        With ``rows`` (Xp as rows of one shared X̃) Zᵀ is one product on X̃ for all replicates."""
+        return self._weighted(theta, Xp, Yp, Wp, out, False, rows)[0]
 
     def weighted_loss_grads(
         self,
@@ -121,14 +124,21 @@ class GLM(Model):
         Yp: torch.Tensor,
         Wp: torch.Tensor,
         out: list[torch.Tensor] | None = None,
+        rows: Rows | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(:meth:`weighted_grads`, L) with L_r = Σ_{j,b} w_{rjb} ℓ(θ_r; x_{rjb}), (R,), from the
         same forward pass (with full partitions and w = 1/n, L = (1/n) Σ_s ℓ_s: F without l2)."""
-        return self._weighted(theta, Xp, Yp, Wp, out, True)  # type: ignore[return-value]
+        return self._weighted(theta, Xp, Yp, Wp, out, True, rows)  # type: ignore[return-value]
 
-    def _weighted(self, theta, Xp, Yp, Wp, out, loss: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _weighted(
+        self, theta, Xp, Yp, Wp, out, loss: bool, rows: Rows | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         R, N, Bsz, f = Xp.shape
-        Zt = self.logits_t(theta, Xp.reshape(R, N * Bsz, f))  # (R, C, N·B)
+        if rows is None:
+            Zt = self.logits_t(theta, Xp.reshape(R, N * Bsz, f))  # (R, C, N·B)
+        else:  # one product W X̃ᵀ for all replicates on the shared rows, then each replicate's order
+            Zt = self.logits_t(theta, rows.X)
+            Zt = Zt.gather(2, rows.positions.unsqueeze(1).expand(R, self.C, N * Bsz))
         Y, W = Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz)
         L = (self.losses_t(Zt, Y) * W).sum(-1) if loss else None
         Et = self.residual_t(Zt, Y) * W.unsqueeze(1)
@@ -287,7 +297,12 @@ class Objective:
         valid = idx < self.n
         Xpad = torch.cat([self.X, torch.zeros(1, self.X.shape[1], dtype=dtype, device=device)])
         Ypad = torch.cat([self.Y, torch.zeros(1, dtype=ydtype, device=device)])
+        self.X = Xpad[: self.n]  # a view: the training set is held once (with its padding row)
         self.Xp, self.Yp = Xpad[idx], Ypad[idx]  # (R, N, B, f̃), (R, N, B)
+        # with several replicates, the models that can run their first product once on the shared
+        # rows (one larger product: the same values up to rounding; one replicate keeps its own)
+        R = idx.shape[0]
+        self.rows = Rows(Xpad, idx.reshape(R, -1)) if R > 1 and model.takes_rows else None
         self.valid = valid
         self.sizes = valid.sum(-1).to(dtype)  # |P_j|, (R, N)
         self.Wp = valid.to(dtype) / self.n  # full-partition weights 1/n
@@ -311,7 +326,7 @@ class Objective:
         in one storage (a kernel can read them as one flat array)."""
         out = self._buffers(theta)
         if self.batch_size is None:
-            blocks = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp, out=out)
+            blocks = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp, out=out, **self._rows())
         else:
             Xb, Yb, Wb = self._minibatch()
             blocks = self.model.weighted_grads(theta, Xb, Yb, Wb, out=out)
@@ -325,8 +340,11 @@ class Objective:
         both = getattr(self.model, "weighted_loss_grads", None)
         if both is None:
             return self.partition_grad_blocks(theta), self.train_loss(theta)
-        blocks, F = both(theta, self.Xp, self.Yp, self.Wp, out=self._buffers(theta))
+        blocks, F = both(theta, self.Xp, self.Yp, self.Wp, out=self._buffers(theta), **self._rows())
         return self._add_l2(theta, blocks), (F + 0.5 * self.l2 * (theta * theta).sum(-1) if self.l2 else F)
+
+    def _rows(self) -> dict[str, Rows]:
+        return {} if self.rows is None else {"rows": self.rows}
 
     def _add_l2(self, theta: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
         """g_j += (l2/n) |P_j| θ: the l2 term split over the partitions by their share of the data."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
@@ -44,6 +45,16 @@ DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": lambda a: a * (1 - a),
 }
 INITS = ("torch", "kaiming", "xavier")
+
+
+class Rows(NamedTuple):
+    """Per-replicate rows of one shared matrix: replicate r's rows are X[positions[r]], X (n + 1, f)
+    (the training set and a zero padding row), positions (R, S). A model's first product then runs
+    once on X for all replicates (X read once, not R times) and is gathered into each replicate's
+    order; its results equal the per-replicate product up to the rounding of one larger product."""
+
+    X: torch.Tensor
+    positions: torch.Tensor
 
 
 def softmax_residual_t(Zt: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -91,6 +102,7 @@ class Model:
 
     task: str | None = "classification"  # None: follows the dataset
     D: int  # the number of parameters (an attribute, or a property in a subclass)
+    takes_rows = False  # weighted_grads accepts ``rows`` (:class:`Rows`): the built-in GLMs and MLP
 
     def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -224,6 +236,8 @@ class MLP(Network):
     product over partitions is about a fifth faster than a_{l−1}ᵀ δ_l into (in, out)).
     """
 
+    takes_rows = True
+
     def __init__(self, cfg: Mapping, data: Dataset):
         super().__init__(cfg, data)
         self.hidden = _int_list(cfg, "hidden")
@@ -239,25 +253,39 @@ class MLP(Network):
         return tuple(math.prod(shape) for _, shape, _, _ in self.params)
 
     def _forward(
-        self, theta: torch.Tensor, X: torch.Tensor, class_major: bool = False
+        self, theta: torch.Tensor, X: torch.Tensor, class_major: bool = False, rows: Rows | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (R, S, C), or (R, C, S) if ``class_major``, and the layer inputs [a_0 = X, a_1, …]
-        for X (S, f) shared or (R, S, f)."""
+        for X (S, f) shared or (R, S, f); with ``rows`` (X (R, S, f) as rows of a shared matrix)
+        the first layer is one product on the shared rows."""
         P = self.unflatten(theta)
         A, acts = X, []
         L = len(self.sizes) - 1
         for l in range(L):
             acts.append(A)
             W, b = P[2 * l], P[2 * l + 1]
-            if l == L - 1 and class_major:  # Zᵀ = W Aᵀ + b
+            if l == 0 and rows is not None:
+                Z = self._first_layer(W, b, rows, class_major and L == 1)
+            elif l == L - 1 and class_major:  # Zᵀ = W Aᵀ + b
                 At = A.transpose(-2, -1)
                 return (
                     torch.baddbmm(b.unsqueeze(-1), W, At) if A.dim() == 3 else torch.matmul(W, At) + b.unsqueeze(-1)
                 ), acts
-            Wt = W.transpose(-2, -1)
-            Z = torch.baddbmm(b.unsqueeze(1), A, Wt) if A.dim() == 3 else torch.matmul(A, Wt) + b.unsqueeze(1)
+            else:
+                Wt = W.transpose(-2, -1)
+                Z = torch.baddbmm(b.unsqueeze(1), A, Wt) if A.dim() == 3 else torch.matmul(A, Wt) + b.unsqueeze(1)
             A = self.act(Z) if l < L - 1 else Z
         return A, acts
+
+    @staticmethod
+    def _first_layer(W: torch.Tensor, b: torch.Tensor, rows: Rows, class_major: bool) -> torch.Tensor:
+        """a_0 W_0ᵀ + b_0 of every replicate's rows, (R, S, o) (class-major (R, o, S)), from one
+        product X [W_0 of every replicate]ᵀ + [b_0 …] of shape (n + 1, R·o) on the shared X."""
+        R, o = W.shape[0], W.shape[1]
+        Z = torch.addmm(b.reshape(-1), rows.X, W.reshape(R * o, -1).T)  # (n + 1, R·o)
+        flat = (rows.positions * R + torch.arange(R, device=rows.positions.device).unsqueeze(1)).reshape(-1)
+        Z = Z.view(-1, o).index_select(0, flat).view(R, -1, o)
+        return Z.transpose(1, 2).contiguous() if class_major else Z
 
     def logits(self, theta: torch.Tensor, Xf: torch.Tensor) -> torch.Tensor:
         """z for Xf (n, f) shared by the replicates → (R, n, C), or (R, ..., f) → (R, ..., C)."""
@@ -274,11 +302,13 @@ class MLP(Network):
         w: torch.Tensor,
         N: int,
         out: list[torch.Tensor] | None = None,
+        rows: Rows | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Σ_b w ∇ℓ per group of S/N consecutive rows: X (R, S, f) or (S, f) (then N = 1),
         Y, w (R, S) or (S,) → (one block (R, N, size) per parameter tensor (``blocks``), written in
-        place into ``out`` (allocated when None); the logits Z of the forward pass)."""
-        Zt, acts = self._forward(theta, X, class_major=True)
+        place into ``out`` (allocated when None); the logits Z of the forward pass). ``rows``: X
+        as rows of a shared matrix (:class:`Rows`), for the forward's first layer."""
+        Zt, acts = self._forward(theta, X, class_major=True, rows=rows)
         R, S = Zt.shape[0], Zt.shape[2]
         delta = (softmax_residual_t(Zt, Y) * w.unsqueeze(-2)).transpose(1, 2).contiguous()  # (R, S, C), weighted
         Bsz = S // N
@@ -305,13 +335,14 @@ class MLP(Network):
         Yp: torch.Tensor,
         Wp: torch.Tensor,
         out: list[torch.Tensor] | None = None,
+        rows: Rows | None = None,
     ) -> list[torch.Tensor]:
         """Σ_b w_{rjb} ∇ℓ(θ_r; x_{rjb}, y_{rjb}) for Xp (R, N, B, f), Yp, Wp (R, N, B), as one block
-        (R, N, size) per parameter tensor, written into ``out`` when given."""
+        (R, N, size) per parameter tensor, written into ``out`` when given (``rows``: Xp as rows
+        of a shared matrix, :class:`Rows`)."""
         R, N, Bsz, f = Xp.shape
-        return self._backward(theta, Xp.reshape(R, N * Bsz, f), Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz), N, out)[
-            0
-        ]
+        S = N * Bsz
+        return self._backward(theta, Xp.reshape(R, S, f), Yp.reshape(R, S), Wp.reshape(R, S), N, out, rows)[0]
 
     def weighted_loss_grads(
         self,
@@ -320,12 +351,13 @@ class MLP(Network):
         Yp: torch.Tensor,
         Wp: torch.Tensor,
         out: list[torch.Tensor] | None = None,
+        rows: Rows | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(:meth:`weighted_grads`, L) with L_r = Σ_{j,b} w_{rjb} ℓ(θ_r; x_{rjb}, y_{rjb}), (R,), from
         the logits of the same forward pass."""
         R, N, Bsz, f = Xp.shape
         Y, W = Yp.reshape(R, N * Bsz), Wp.reshape(R, N * Bsz)
-        blocks, Z = self._backward(theta, Xp.reshape(R, N * Bsz, f), Y, W, N, out)
+        blocks, Z = self._backward(theta, Xp.reshape(R, N * Bsz, f), Y, W, N, out, rows)
         return blocks, (cross_entropy_t(Z.transpose(1, 2), Y) * W).sum(-1)  # Z.transpose: (R, C, S), contiguous
 
     def full_loss_grad(

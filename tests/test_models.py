@@ -75,6 +75,7 @@ CASES = [
     ("mlp", {"name": "mlp", "hidden": [7], "activation": "relu"}, (1, 6, 5)),
     ("mlp", {"name": "mlp", "hidden": [6, 5], "activation": "tanh"}, (12,)),
     ("mlp", {"name": "mlp", "hidden": [4], "activation": "sigmoid", "init": "xavier"}, (12,)),
+    ("mlp", {"name": "mlp", "hidden": [], "activation": "relu"}, (12,)),  # one layer: the first is the last
     ("cnn", {"name": "cnn", "channels": [2, 3], "kernel": 5, "hidden": [6, 5]}, (1, 28, 28)),
     ("cnn", {"name": "cnn", "channels": [2], "kernel": 3, "hidden": [], "activation": "tanh"}, (3, 32, 32)),
 ]
@@ -157,6 +158,46 @@ def test_partition_loss_is_the_training_loss_with_unequal_padded_partitions(name
     m = obj.evaluate(theta, blocks, F)
     torch.testing.assert_close(m.train_loss, F, rtol=0, atol=0)
     torch.testing.assert_close(m.grad, obj.grad(theta), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "logistic", "softmax", "mlp", "mlp0"])
+def test_replicates_share_the_first_product_and_equal_each_seed_alone(name):
+    """With R > 1 replicates the first product runs once on the shared rows (``Objective.rows``);
+    replicate r's partition gradients and F equal the objective of its seed alone (R = 1, which
+    keeps its own product) to rounding."""
+    n, g = 31, np.random.default_rng(5)
+    task = "regression" if name == "linear" else "classification"
+    classes = 2 if name == "logistic" else 3
+    y = g.normal(size=n) if task == "regression" else np.arange(n) % classes
+    data = Dataset("flat", g.normal(size=(n, 6)), y, np.zeros((0, 6)), np.zeros(0), task, classes)
+    hidden = [] if name == "mlp0" else [4]
+    mcfg = (
+        {"name": "mlp", "hidden": hidden, "activation": "tanh", "init": "torch"}
+        if name.startswith("mlp")
+        else {"name": name}
+    )
+    model = build_model(mcfg, data)
+    seeds = [0, 1, 2]
+    parts = partition_indices(data.y_train, 4, {"partition": "iid"}, seeds)
+    obj = Objective(model, data, parts, 0.1, torch.float64, torch.device("cpu"))
+    assert obj.rows is not None
+    theta = 0.5 * torch.randn(3, model.D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    blocks, F = obj.partition_loss_grad_blocks(theta)
+    G = torch.cat(blocks, -1)
+    for r, seed in enumerate(seeds):
+        alone = Objective(
+            model,
+            data,
+            partition_indices(data.y_train, 4, {"partition": "iid"}, [seed]),
+            0.1,
+            torch.float64,
+            torch.device("cpu"),
+        )
+        assert alone.rows is None
+        b1, F1 = alone.partition_loss_grad_blocks(theta[r : r + 1])
+        torch.testing.assert_close(G[r : r + 1], torch.cat(b1, -1), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(F[r : r + 1], F1, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(G[0], G[1])  # replicates differ (θ and partitions): the check can fail
 
 
 @pytest.mark.parametrize(
