@@ -192,8 +192,38 @@ def arm_task(exp: FigureSpec, arm: Arm, runs: Path, quick: bool, tune: bool = Fa
 
 
 def _worker_init(env: dict[str, str]) -> None:
-    """A sweep worker process: thread counts and config root before torch is imported."""
+    """A sweep worker process: thread counts and config root before torch is imported; a crash
+    (segmentation fault, abort) prints its Python traceback on stderr (``faulthandler``)."""
+    import faulthandler
+
     os.environ.update(env)
+    faulthandler.enable()
+
+
+def worker_deaths(processes: dict, wait: float = 5.0) -> str:
+    """Why worker processes died, from their exit codes: "worker pid 12 killed by SIGKILL (the
+    out-of-memory killer sends it)" or "worker pid 12 exited with status 3"; "" when none did.
+    A process without an exit code yet is waited for up to ``wait`` seconds (the pool reports a
+    death when the worker's pipe closes, which can be before its exit status can be read)."""
+    import signal
+
+    why = []
+    for proc in processes.values():
+        if proc.exitcode is None and hasattr(proc, "join"):
+            proc.join(wait)
+        code = proc.exitcode
+        if code is None or code == 0:
+            continue
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            hint = {
+                "SIGKILL": " (the out-of-memory killer sends it)",
+                "SIGTERM": " (the pool stops the other workers so when one dies)",
+            }.get(name, "")
+            why.append(f"worker pid {proc.pid} killed by {name}{hint}")
+        else:
+            why.append(f"worker pid {proc.pid} exited with status {code}")
+    return "; ".join(why)
 
 
 def _worker_sweep(task: Task) -> tuple[int, str, int, int]:
@@ -224,6 +254,7 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
     ``{"jobs": N, "skipped": M}`` (jobs listed by the sweeps, jobs resumed as already done)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = str(max(1, (os.cpu_count() or 1) // max(1, jobs)))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore"}
@@ -241,11 +272,16 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
         initargs=(env,),
     ) as pool:
         started = {pool.submit(_worker_sweep, t): t for t in tasks}
+        processes = dict(getattr(pool, "_processes", None) or {})  # to read their exit codes
         for fut in as_completed(started):
             task = started[fut]
             try:
                 code, msg, n_jobs, n_skipped = fut.result()
-            except Exception as e:  # a worker died, or a sweep raised
+            except BrokenProcessPool:  # a worker died: every sweep not finished stops with it
+                processes.update(getattr(pool, "_processes", None) or {})
+                why = worker_deaths(processes) or "a worker process died"
+                code, msg, n_jobs, n_skipped = 1, f"not finished: {why}; the worker pool stopped", 0, 0
+            except Exception as e:  # a sweep raised
                 code, msg, n_jobs, n_skipped = 1, f"{type(e).__name__}: {e}", 0, 0
             counts["jobs"] += n_jobs
             counts["skipped"] += n_skipped

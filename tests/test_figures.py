@@ -156,3 +156,42 @@ def test_a_figure_labels_a_swept_preset_by_its_option_and_never_averages_two_con
     _one_run_per_point(exp, rows, ["label", "code"])  # one run per (arm, code): fine
     with pytest.raises(FiguresError, match=r"would average 2 runs .*code\.construction"):
         _one_run_per_point(exp, rows, ["label"])
+
+
+def test_worker_deaths_names_the_signal_or_the_status():
+    from types import SimpleNamespace
+
+    from cocoef_cli.figures import worker_deaths
+
+    procs = {1: SimpleNamespace(pid=11, exitcode=-9), 2: SimpleNamespace(pid=12, exitcode=3)}
+    procs[3] = SimpleNamespace(pid=13, exitcode=None)  # still running
+    procs[4] = SimpleNamespace(pid=14, exitcode=0)
+    why = worker_deaths(procs)
+    assert (
+        why == "worker pid 11 killed by SIGKILL (the out-of-memory killer sends it); worker pid 12 exited with status 3"
+    )
+    assert worker_deaths({1: SimpleNamespace(pid=5, exitcode=-11)}) == "worker pid 5 killed by SIGSEGV"
+    assert worker_deaths({}) == ""
+
+
+def test_a_worker_killed_mid_sweep_says_by_what(tmp_path, monkeypatch):
+    """A sweep whose worker process is killed (here its model kills it with SIGKILL, as the
+    out-of-memory killer would) fails with the signal on the console, not a bare BrokenProcessPool."""
+    from cocoef_cli.figures import Arm, FiguresError, Task
+
+    (tmp_path / "killer_model.py").write_text(
+        "import os, signal\n"
+        "from cocoef_cli.nets import Model\n"
+        "class Killer(Model):\n"
+        "    def __init__(self, data, **keys):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned worker starts with the parent's sys.path
+    ovs = ["dataset=digits", "model=custom", "model._target_=killer_model.Killer", "iters=2"]
+    task = Task("s", Arm("killed", "killed", ovs, None), "none", ovs, tmp_path / "s")
+    lines: list[str] = []
+    with pytest.raises(FiguresError) as failed:
+        run_tasks([task], 1, lines.append)
+    assert "killed by SIGKILL" in str(failed.value), (str(failed.value), lines)
+    assert len(lines) == 1 and "s/killed: FAILED: not finished: worker pid" in lines[0], lines
+    assert "BrokenProcessPool" not in lines[0]
