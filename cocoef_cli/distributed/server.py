@@ -439,16 +439,15 @@ def run_distributed(exp: RunParts, run_id: str = "", progress=None) -> RunResult
     the rows are concatenated as the simulator's would be."""
     if len(exp.seeds) == 1:
         return run_one(exp, run_id, progress)
-    import pandas as pd
-
+    from cocoef_cli.record import Table
     from cocoef_cli.sim.engine import build_experiment
 
     results = []
     for s in exp.seeds:
         sub = build_experiment(dict(exp.cfg, seed=s, seeds=1))
         results.append(run_one(sub, run_id, progress))
-    df = pd.concat([r.metrics for r in results], ignore_index=True)
+    rows = Table.concat([r.rows for r in results])
     diverged = {k: v for r in results for k, v in r.diverged.items()}
-    res = RunResult(df, "diverged" if diverged else "completed", diverged, sum(r.wall_s for r in results))
+    res = RunResult(rows, "diverged" if diverged else "completed", diverged, sum(r.wall_s for r in results))
     res.runtime = [r.runtime for r in results]
     return res

@@ -205,7 +205,7 @@ def build_experiment(cfg: Mapping, model: Any = None) -> RunParts:
 
 @dataclass
 class RunResult:
-    rows: Any  # the metrics rows: a Table (the simulator) or a DataFrame (the distributed runtime)
+    rows: Any  # the metrics rows: a Table
     status: str  # completed | diverged
     diverged: dict[int, int]  # seed -> iteration at which it diverged
     wall_s: float
