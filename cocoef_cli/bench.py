@@ -395,13 +395,17 @@ def run_bench(
                     f"(b) {name} M={devices}, {n_threads} thread(s): iteration {t_sim * 1e3:.2f} ms, central step "
                     f"{t_central * 1e3:.2f} ms, pass over G and e {t_pass * 1e3:.2f} ms"
                 )
-        sim1, sim10 = simulation(base), simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
-        t1, t10 = paired_times([sim1.step, sim10.step], [5, 2], rounds=min(rounds, 5))
-        rows_c.append((name, t1, t10))
-        parts[f"{name}, seeds=10"] = breakdown(sim10, repeat=min(repeat, 5))
-        log(
-            f"(c) {name}: seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t1 * 1e3:.2f} ms ({t10 / (10 * t1):.2f} × 10 seeds=1)"
-        )
+        for n_threads in thread_counts:
+            with pinned_threads(n_threads):
+                sim1, sim10 = simulation(base), simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
+                t1, t10 = paired_times([sim1.step, sim10.step], [5, 2], rounds=min(rounds, 5))
+                if n_threads == thread_counts[-1]:
+                    parts[f"{name}, seeds=10"] = breakdown(sim10, repeat=min(repeat, 5))
+            rows_c.append((name, n_threads, t1, t10))
+            log(
+                f"(c) {name}, {n_threads} thread(s): seeds=10 {t10 * 1e3:.2f} ms vs seeds=1 {t1 * 1e3:.2f} ms "
+                f"({t10 / (10 * t1):.2f} × 10 seeds=1)"
+            )
         for M in [10] if smoke else [10, 100] if quick else [10, 100, 1000]:
             ov = SETTING + wl + dev + [f"devices={M}"]
             t_vec, t_loop = paired_times(
@@ -421,7 +425,7 @@ def run_bench(
         "# Benchmarks",
         "",
         f"Machine: {machine()}. Device: `{device}`; torch threads: "
-        f"{' and '.join(map(str, thread_counts))} in (b), {torch.get_num_threads()} elsewhere.",
+        f"{' and '.join(map(str, thread_counts))} in (b) and (c), {torch.get_num_threads()} elsewhere.",
         "",
         f"Command: `cocoef bench{' --quick' if quick else ''}{' --smoke' if smoke else ''}` (medians after warm-up, the two sides of each "
         "ratio timed in alternating rounds; setting: mnist5k, "
@@ -475,10 +479,12 @@ def run_bench(
         "",
         f"## (c) replicates: seeds=10 vs seeds=1 (M={M_bc}), per iteration",
         "",
-        "| model | seeds=1 ms | seeds=10 ms | seeds=10 / seeds=1 | seeds=10 / (10 × seeds=1) (target ≤ 1.1) |",
-        "|---|---|---|---|---|",
+        "| model | threads | seeds=1 ms | seeds=10 ms | seeds=10 / seeds=1 | seeds=10 / (10 × seeds=1) (target ≤ 1.1) |",
+        "|---|---|---|---|---|---|",
     ]
-    md += [f"| {n} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× | {b / (10 * a):.2f} |" for n, a, b in rows_c]
+    md += [
+        f"| {n} | {th} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× | {b / (10 * a):.2f} |" for n, th, a, b in rows_c
+    ]
     md += [
         "",
         "## (d) scaling with the number of devices (each point in a fresh process)",
