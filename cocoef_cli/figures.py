@@ -215,10 +215,13 @@ def worker_deaths(processes: dict, wait: float = 5.0) -> str:
         if code is None or code == 0:
             continue
         if code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:  # a real-time or unknown signal: no name
+                name = f"signal {-code}"
             hint = {
                 "SIGKILL": " (the out-of-memory killer sends it)",
-                "SIGTERM": " (the pool stops the other workers so when one dies)",
+                "SIGTERM": " (the pool stops the other workers when one dies)",
             }.get(name, "")
             why.append(f"worker pid {proc.pid} killed by {name}{hint}")
         else:
@@ -273,14 +276,19 @@ def run_tasks(tasks: list[Task], jobs: int, echo: Callable[[str], None], config_
     ) as pool:
         started = {pool.submit(_worker_sweep, t): t for t in tasks}
         processes = dict(getattr(pool, "_processes", None) or {})  # to read their exit codes
+        died = ""  # why the pool broke, said once (by the first sweep it stopped)
         for fut in as_completed(started):
             task = started[fut]
             try:
                 code, msg, n_jobs, n_skipped = fut.result()
             except BrokenProcessPool:  # a worker died: every sweep not finished stops with it
-                processes.update(getattr(pool, "_processes", None) or {})
-                why = worker_deaths(processes) or "a worker process died"
-                code, msg, n_jobs, n_skipped = 1, f"not finished: {why}; the worker pool stopped", 0, 0
+                if died:
+                    why = "the worker pool stopped (see above)"
+                else:
+                    processes.update(getattr(pool, "_processes", None) or {})
+                    died = worker_deaths(processes) or "a worker process died"
+                    why = f"{died}; the worker pool stopped"
+                code, msg, n_jobs, n_skipped = 1, f"not finished: {why}", 0, 0
             except Exception as e:  # a sweep raised
                 code, msg, n_jobs, n_skipped = 1, f"{type(e).__name__}: {e}", 0, 0
             counts["jobs"] += n_jobs

@@ -11,6 +11,7 @@ batched matrix products over a padded (R, N, B, f) layout of the partitions.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -299,10 +300,11 @@ class Objective:
         Ypad = torch.cat([self.Y, torch.zeros(1, dtype=ydtype, device=device)])
         self.X = Xpad[: self.n]  # a view: the training set is held once (with its padding row)
         self.Xp, self.Yp = Xpad[idx], Ypad[idx]  # (R, N, B, f̃), (R, N, B)
-        # with several replicates, the models that can run their first product once on the shared
-        # rows (one larger product: the same values up to rounding; one replicate keeps its own)
+        # with several replicates, a model that takes ``rows`` runs its first product once on the
+        # shared rows (one larger product: the same values up to rounding); one replicate keeps its own
         R = idx.shape[0]
-        self.rows = Rows(Xpad, idx.reshape(R, -1)) if R > 1 and model.takes_rows else None
+        takes = model.takes_rows and "rows" in inspect.signature(model.weighted_grads).parameters
+        self.rows = Rows(Xpad, idx.reshape(R, -1)) if R > 1 and takes else None
         self.valid = valid
         self.sizes = valid.sum(-1).to(dtype)  # |P_j|, (R, N)
         self.Wp = valid.to(dtype) / self.n  # full-partition weights 1/n

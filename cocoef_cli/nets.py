@@ -12,7 +12,8 @@ replicates computed in one batched pass (no loop over partitions or replicates):
 
 - ``mlp``: a hand-written batched backward. The forward and the back-propagated errors
   δ_l = ∂(Σ w ℓ)/∂z_l are per sample and do not depend on the partition, so they are computed once
-  for all R·N·B rows with R-batched products; only the weight gradients are reduced per partition,
+  for all R·N·B rows with R-batched products (with R > 1 the first layer is one product on the
+  shared training set, :class:`Rows`); only the weight gradients are reduced per partition,
   ∇W_l[r, j] = δ_l[r, j]ᵀ A_{l−1}[r, j] (W_l stored (out, in); one ``bmm`` over the R·N partitions) and
   ∇b_l[r, j] = Σ_b δ_l[r, j, b]. Padding rows carry w = 0, hence δ = 0: sizes may differ exactly.
 - ``cnn``: ``torch.func.vmap`` (over R, then over N) of ``torch.func.grad`` of the functional net.

@@ -171,6 +171,10 @@ def test_worker_deaths_names_the_signal_or_the_status():
         why == "worker pid 11 killed by SIGKILL (the out-of-memory killer sends it); worker pid 12 exited with status 3"
     )
     assert worker_deaths({1: SimpleNamespace(pid=5, exitcode=-11)}) == "worker pid 5 killed by SIGSEGV"
+    assert worker_deaths({1: SimpleNamespace(pid=6, exitcode=-40)}) == "worker pid 6 killed by signal 40"  # no name
+    assert worker_deaths({1: SimpleNamespace(pid=7, exitcode=-15)}) == (
+        "worker pid 7 killed by SIGTERM (the pool stops the other workers when one dies)"
+    )
     assert worker_deaths({}) == ""
 
 

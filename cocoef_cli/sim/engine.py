@@ -205,7 +205,7 @@ def build_experiment(cfg: Mapping, model: Any = None) -> RunParts:
 
 @dataclass
 class RunResult:
-    rows: Any  # the metrics rows: a Table
+    rows: Table  # the metrics rows
     status: str  # completed | diverged
     diverged: dict[int, int]  # seed -> iteration at which it diverged
     wall_s: float
@@ -215,7 +215,7 @@ class RunResult:
     def metrics(self) -> Any:
         """The metrics rows as a pandas DataFrame (pandas is imported on the first use; the
         record is written from ``rows`` without it)."""
-        return self.rows.frame() if isinstance(self.rows, Table) else self.rows
+        return self.rows.frame()
 
 
 def keep_freed_memory() -> bool:
