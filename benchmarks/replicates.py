@@ -1,6 +1,7 @@
 """seeds = 10 against 10 × seeds = 1 per iteration (issue 17's replicate target ≤ 1.1), at 1 thread
 and at 2, for the bench setting (mnist5k, sgc d=3, Bernoulli p=0.2, COCO-EF + Top-k 1%, M = 100):
-the two runs timed in alternating rounds in this process (:func:`cocoef_cli.bench.paired_times`).
+the two runs timed in alternating rounds in this process (:func:`cocoef_cli.bench.replicate_times`, as
+`make bench` times its (c)).
 
     .venv/bin/python benchmarks/replicates.py [--rounds 5] [--threads 1 2] [--models softmax mlp]
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from cocoef_cli.bench import SETTING, WORKLOADS, machine, paired_times, simulation
+from cocoef_cli.bench import SETTING, WORKLOADS, machine, replicate_times
 from cocoef_cli.run import pinned_threads
 
 
@@ -26,10 +27,7 @@ def main() -> None:
     for n_threads in args.threads:
         for name in args.models:
             with pinned_threads(n_threads):
-                base = SETTING + WORKLOADS[name] + ["device=cpu", "devices=100"]
-                one = simulation(base)
-                ten = simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
-                t1, t10 = paired_times([one.step, ten.step], [5, 2], rounds=args.rounds)
+                t1, t10, _ = replicate_times(SETTING + WORKLOADS[name] + ["device=cpu", "devices=100"], args.rounds)
             print(
                 f"{name}, {n_threads} thread(s): seeds=1 {t1 * 1e3:.2f} ms, seeds=10 {t10 * 1e3:.2f} ms, "
                 f"seeds=10 / (10 × seeds=1) = {t10 / (10 * t1):.2f}",

@@ -84,6 +84,15 @@ def simulation(overrides: Sequence[str]) -> Simulation:
     return Simulation(build_experiment(config.load(list(overrides))))
 
 
+def replicate_times(overrides: Sequence[str], rounds: int = 5) -> tuple[float, float, Simulation]:
+    """(c): seconds per iteration of the run ``overrides`` (seeds=1) and of the same run with
+    seeds=10, timed in alternating rounds, and the seeds=10 simulation (for its breakdown)."""
+    one = simulation(overrides)
+    ten = simulation([o for o in overrides if o != "seeds=1"] + ["seeds=10"])
+    t1, t10 = paired_times([one.step, ten.step], [5, 2], rounds=rounds)
+    return t1, t10, ten
+
+
 def sim_step_time(overrides: Sequence[str], repeat: int = 9) -> tuple[float, Simulation]:
     sim = simulation(overrides)
     return median_time(sim.step, repeat), sim
@@ -397,8 +406,7 @@ def run_bench(
                 )
         for n_threads in thread_counts:
             with pinned_threads(n_threads):
-                sim1, sim10 = simulation(base), simulation([o for o in base if o != "seeds=1"] + ["seeds=10"])
-                t1, t10 = paired_times([sim1.step, sim10.step], [5, 2], rounds=min(rounds, 5))
+                t1, t10, sim10 = replicate_times(base, rounds=min(rounds, 5))
                 if n_threads == thread_counts[-1]:
                     parts[f"{name}, seeds=10"] = breakdown(sim10, repeat=min(repeat, 5))
             rows_c.append((name, n_threads, t1, t10))

@@ -36,7 +36,6 @@ class GLM(Model):
 
     task = "classification"
     inits = ("zeros", "normal")
-    takes_rows = True
 
     def __init__(self, cfg: Mapping, data: Dataset):
         self.bias = bool(cfg.get("bias", True))
@@ -298,12 +297,14 @@ class Objective:
         valid = idx < self.n
         Xpad = torch.cat([self.X, torch.zeros(1, self.X.shape[1], dtype=dtype, device=device)])
         Ypad = torch.cat([self.Y, torch.zeros(1, dtype=ydtype, device=device)])
-        self.X = Xpad[: self.n]  # a view: the training set is held once (with its padding row)
+        self.X = Xpad[: self.n]  # a view of the padded copy, not a second copy of the training set
         self.Xp, self.Yp = Xpad[idx], Ypad[idx]  # (R, N, B, f̃), (R, N, B)
-        # with several replicates, a model that takes ``rows`` runs its first product once on the
-        # shared rows (one larger product: the same values up to rounding); one replicate keeps its own
+        # with several replicates, a model whose partition gradients take ``rows`` (the built-in GLMs
+        # and MLP) runs its first product once on the shared rows (one larger product: the same values
+        # up to rounding); one replicate keeps its own
         R = idx.shape[0]
-        takes = model.takes_rows and "rows" in inspect.signature(model.weighted_grads).parameters
+        fns = [model.weighted_grads, getattr(model, "weighted_loss_grads", model.weighted_grads)]
+        takes = all("rows" in inspect.signature(fn).parameters for fn in fns)
         self.rows = Rows(Xpad, idx.reshape(R, -1)) if R > 1 and takes else None
         self.valid = valid
         self.sizes = valid.sum(-1).to(dtype)  # |P_j|, (R, N)

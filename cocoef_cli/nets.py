@@ -103,7 +103,6 @@ class Model:
 
     task: str | None = "classification"  # None: follows the dataset
     D: int  # the number of parameters (an attribute, or a property in a subclass)
-    takes_rows = False  # weighted_grads accepts ``rows`` (:class:`Rows`): the built-in GLMs and MLP
 
     def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -236,8 +235,6 @@ class MLP(Network):
     δ_{l−1} = (δ_l W_l) ⊙ σ'(a_{l−1}); ∇W_l = δ_lᵀ a_{l−1} (rows of a contiguous: the batched
     product over partitions is about a fifth faster than a_{l−1}ᵀ δ_l into (in, out)).
     """
-
-    takes_rows = True
 
     def __init__(self, cfg: Mapping, data: Dataset):
         super().__init__(cfg, data)

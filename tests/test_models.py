@@ -200,6 +200,23 @@ def test_replicates_share_the_first_product_and_equal_each_seed_alone(name):
     assert not torch.allclose(G[0], G[1])  # replicates differ (θ and partitions): the check can fail
 
 
+def test_a_subclass_whose_partition_gradients_take_no_rows_keeps_the_per_replicate_product():
+    from cocoef_cli.nets import MLP
+
+    class Own(MLP):  # a plugin overriding weighted_grads with the older signature
+        def weighted_grads(self, theta, Xp, Yp, Wp, out=None):
+            return super().weighted_grads(theta, Xp, Yp, Wp, out)
+
+    data = image_data(12, (1, 3, 3))
+    parts = partition_indices(data.y_train, 3, {"partition": "iid"}, SEEDS)
+    mcfg = {"name": "mlp", "hidden": [3], "activation": "tanh", "init": "torch"}
+    assert Objective(build_model(mcfg, data), data, parts, 0.0, torch.float64, torch.device("cpu")).rows is not None
+    own = Objective(Own(mcfg, data), data, parts, 0.0, torch.float64, torch.device("cpu"))
+    assert own.rows is None
+    theta = own.model.init(SeedRNG(SEEDS, "init"), torch.float64)
+    assert own.partition_grads(theta).shape == (len(SEEDS), 3, own.model.D)
+
+
 @pytest.mark.parametrize(
     "name,mcfg",
     [
