@@ -226,13 +226,15 @@ def test_topk_threshold_path_keeps_nan_like_torch_topk(threshold_path):
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", ["one storage", "separate"])
-def test_topk_with_a_fused_coded_sum_equals_encoding_first(dtype, threads, layout, threshold_path):
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
+def test_topk_with_a_fused_coded_sum_equals_encoding_first(dtype, threads, layout, d, threshold_path):
     """sparse(e, add=U) (the kernel adds u_i = z_i Σ_j B_ij g_j to each row in its own pass) leaves
     e + U in e, also in rows whose selection is not asked for (``active`` ⊂ z), and selects what
     Top-k of e + U selects; G given as column blocks that lie in one storage (as the objective
     makes them) or apart (copied into one). The kernel sums u_i first and then adds it, exactly as
-    a device of the distributed runtime does."""
-    code, blocks, z, e = _coded_sum_case(dtype, layout)
+    a device of the distributed runtime does (d = 2 to 4 in one loop per chunk, others through an
+    accumulator: each path is covered)."""
+    code, blocks, z, e = _coded_sum_case(dtype, layout, d)
     U = CodedSum(code, blocks, z)
     active = z & (torch.rand(z.shape, generator=torch.Generator().manual_seed(1)) < 0.8)
     before = torch.get_num_threads()
@@ -253,13 +255,14 @@ def test_topk_with_a_fused_coded_sum_equals_encoding_first(dtype, threads, layou
         assert torch.equal(v, e + u * z.unsqueeze(-1))
 
 
-def _coded_sum_case(dtype, layout):
-    """An sgc code (R = 2, M = 10), G as four column blocks (in one storage or apart), z, e."""
+def _coded_sum_case(dtype, layout, d=3):
+    """An sgc code (R = 2, M = 10, d partitions a device), G as four column blocks (in one storage
+    or apart), z, e."""
     g = torch.Generator().manual_seed(11)
     R, M = 2, 10
     rng_ = SeedRNG([0, 1], "code")
-    S = allocate({"name": "sgc", "d": 3}, M, rng_)
-    code = build_code({"name": "sgc", "d": 3}, S, torch.full((R, M), 0.2, dtype=F64), rng_, dtype)
+    S = allocate({"name": "sgc", "d": d}, M, rng_)
+    code = build_code({"name": "sgc", "d": d}, S, torch.full((R, M), 0.2, dtype=F64), rng_, dtype)
     widths = [2000, 30, 4000, 7]
     if layout == "one storage":
         flat = torch.randn(R * code.N * sum(widths), generator=g).to(dtype)

@@ -2,6 +2,7 @@
 back to torch's exact selection with a note; rows split over threads give the same result."""
 
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -193,3 +194,58 @@ def test_bad_scalars_are_refused_before_the_c_code_runs():
     x.flags.writeable = False
     with pytest.raises(ValueError, match="writable"):
         kernels.topk_rows(x, 2, 1, 2, 8, 1)
+
+
+#: Builds whose candidate masks take each of the kernel's three forms on an x86 CPU: AVX-512 (the
+#: native build where the CPU has it), AVX without AVX-512 (as on an EPYC before Zen 4) and the
+#: portable byte-packing loop (no -march: the x86-64 baseline has no AVX).
+VECTOR_PATHS = {"native": ("-march=native",), "avx, no avx-512": ("-march=native", "-mno-avx512f"), "portable": ()}
+
+
+def _selection_cases(dtype: type) -> list[np.ndarray]:
+    """Rows on which a wrong candidate mask or a wrong k-th largest shows: Gaussian rows of
+    different scales, integer ties at the threshold, magnitudes over the whole exponent range
+    (subnormals to the largest finite, ±inf), all-zero rows, and a length that is not a multiple
+    of 64 (the last block takes the scalar tail)."""
+    rng = np.random.default_rng(11)
+    info = np.finfo(dtype)
+    gauss = rng.standard_normal((6, 4096 + 37)) * rng.random((6, 1)) * 10.0 ** rng.integers(-3, 4, (6, 1))
+    ties = rng.integers(-3, 4, (6, 4096 + 37)).astype(float)
+    wide = np.exp(rng.uniform(np.log(info.smallest_subnormal), np.log(info.max), (6, 4096 + 37)))
+    wide *= rng.choice([-1.0, 1.0], wide.shape)
+    wide[1, ::97], wide[2, 5], wide[3] = np.inf, -np.inf, info.smallest_subnormal
+    zeros = np.zeros((3, 4096 + 37))
+    zeros[1, 4000:] = 1.0  # fewer nonzeros than the sample needs: the full-row selection
+    with np.errstate(over="ignore"):
+        return [np.ascontiguousarray(c.astype(dtype)) for c in (gauss, ties, wide, zeros)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path", list(VECTOR_PATHS))
+def test_every_vector_form_of_the_kernel_selects_exactly(path, dtype, tmp_path, monkeypatch):
+    """Each build (AVX-512, AVX, portable) gives the k largest |x_j| of every row, ties to the
+    lower index, as a stable full sort does; and NaN counts as the largest."""
+    cc = kernels.compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    flags, probe = (*kernels.FLAGS, *VECTOR_PATHS[path]), tmp_path / "probe.c"
+    probe.write_text("int probe(void) { return 0; }\n")
+    if subprocess.run([*cc, *flags, "-o", str(tmp_path / "probe.so"), str(probe)], capture_output=True).returncode:
+        pytest.skip(f"this compiler does not take {' '.join(VECTOR_PATHS[path]) or 'the plain flags'}")
+    built = tmp_path / "variant.so"
+    failure, _ = kernels._compile(cc, flags, built)
+    assert not failure, failure  # the flags build: so must the kernel
+    monkeypatch.setattr(kernels, "_LIBRARY", kernels._load(built))
+    monkeypatch.setattr(kernels, "_TRIED", True)
+    k = 90
+    h = k // 8
+    r = int(k / h + 3 * np.sqrt(k / h)) + 2
+    for x in _selection_cases(dtype):
+        idx, picked = kernels.topk_rows(x.copy(), k, h, r, 8 * r * h, 1)
+        want = np.sort(np.argsort(-np.abs(x), axis=1, kind="stable")[:, :k], axis=1)
+        assert np.array_equal(np.sort(idx, axis=1), want)
+        assert np.array_equal(picked, np.take_along_axis(x, idx, axis=1))
+    x = _selection_cases(dtype)[0]
+    x[2, 777] = np.nan
+    idx, _ = kernels.topk_rows(x.copy(), k, h, r, 8 * r * h, 1)
+    assert 777 in idx[2]

@@ -18,60 +18,117 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The candidate masks of 64 entries, !(|p_q| < t) as bit q (true for NaN): one vector compare per
+ * 16 (AVX-512) or 8 (AVX) floats where -march=native has them, else bytes packed 8 at a time. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define MASK64_SIMD 1
+static inline uint64_t mask64_simd_f32(const float *p, float t) {
+    __m512 tt = _mm512_set1_ps(t);
+    uint64_t bits = 0;
+    for (int q = 0; q < 4; q++)
+        bits |= (uint64_t)_mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(p + 16 * q)), tt, _CMP_NLT_UQ) << (16 * q);
+    return bits;
+}
+static inline uint64_t mask64_simd_f64(const double *p, double t) {
+    __m512d tt = _mm512_set1_pd(t);
+    uint64_t bits = 0;
+    for (int q = 0; q < 8; q++)
+        bits |= (uint64_t)_mm512_cmp_pd_mask(_mm512_abs_pd(_mm512_loadu_pd(p + 8 * q)), tt, _CMP_NLT_UQ) << (8 * q);
+    return bits;
+}
+#elif defined(__AVX__)
+#include <immintrin.h>
+#define MASK64_SIMD 1
+static inline uint64_t mask64_simd_f32(const float *p, float t) {
+    __m256 tt = _mm256_set1_ps(t), sign = _mm256_set1_ps(-0.0f);
+    uint64_t bits = 0;
+    for (int q = 0; q < 8; q++) {
+        __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(p + 8 * q));
+        bits |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a, tt, _CMP_NLT_UQ)) << (8 * q);
+    }
+    return bits;
+}
+static inline uint64_t mask64_simd_f64(const double *p, double t) {
+    __m256d tt = _mm256_set1_pd(t), sign = _mm256_set1_pd(-0.0);
+    uint64_t bits = 0;
+    for (int q = 0; q < 16; q++) {
+        __m256d a = _mm256_andnot_pd(sign, _mm256_loadu_pd(p + 4 * q));
+        bits |= (uint64_t)(uint32_t)_mm256_movemask_pd(_mm256_cmp_pd(a, tt, _CMP_NLT_UQ)) << (4 * q);
+    }
+    return bits;
+}
+#endif
+
+/* Bins of one round of the radix selection (NAME(kth_largest)). */
+#define BINS 2048
+
 /* Columns per piece of the fused addition: u (CHUNK entries) stays in L1 while the partition rows
  * are summed into it, and the sample is taken from the added piece while it is there. */
 #define CHUNK 1024
 
 #define REAL float
+#define KEY uint32_t
 #define ABS fabsf
 #define NAME(f) f##_f32
 #include "topk_rows.c"
 #undef REAL
+#undef KEY
 #undef ABS
 #undef NAME
 
 #define REAL double
+#define KEY uint64_t
 #define ABS fabs
 #define NAME(f) f##_f64
 #include "topk_rows.c"
 #undef REAL
+#undef KEY
 #undef ABS
 #undef NAME
 
 #else
 
-/* The k-th largest of a[0..n) (no NaN; 1 <= k <= n) by quickselect (median-of-three pivot, Hoare
- * partition, descending); a is reordered. */
+/* The k-th largest of a[0..n) (non-negative, no NaN; 1 <= k <= n) by radix selection on the bits
+ * (for such values their order as unsigned integers is the order of the values): a histogram of
+ * BINS bins over the span of the bits, the bin holding the k-th largest kept (in place, a is
+ * overwritten), repeated on that bin (at most 3 rounds for float, 6 for double); no comparison
+ * of values, so no branch that depends on the data. */
 static REAL NAME(kth_largest)(REAL *a, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1, target = k - 1;
-    while (lo < hi) {
-        REAL x = a[lo], y = a[(lo + hi) >> 1], z = a[hi], s;
-        if (x < y) {
-            s = x;
-            x = y;
-            y = s;
-        }
-        if (y < z) y = x < z ? x : z;
-        int64_t i = lo, j = hi;
-        while (i <= j) { /* a[lo..i) >= pivot >= a(j..hi] */
-            while (a[i] > y) i++;
-            while (a[j] < y) j--;
-            if (i <= j) {
-                s = a[i];
-                a[i] = a[j];
-                a[j] = s;
-                i++;
-                j--;
-            }
-        }
-        if (target <= j)
-            hi = j;
-        else if (target >= i)
-            lo = i;
-        else
-            return a[target];
+    uint32_t hist[BINS];
+    KEY lo = (KEY)-1, hi = 0, key;
+    for (int64_t c = 0; c < n; c++) {
+        memcpy(&key, a + c, sizeof key);
+        lo = key < lo ? key : lo;
+        hi = key > hi ? key : hi;
     }
-    return a[target];
+    while (lo != hi) {
+        int shift = 0;
+        while (((hi - lo) >> shift) >= BINS) shift++;
+        int64_t bins = (int64_t)((hi - lo) >> shift) + 1, b, above = 0, m = 0;
+        memset(hist, 0, sizeof(uint32_t) * (size_t)bins);
+        for (int64_t c = 0; c < n; c++) {
+            memcpy(&key, a + c, sizeof key);
+            hist[(key - lo) >> shift]++;
+        }
+        for (b = bins - 1; above + hist[b] < k; b--) above += hist[b];
+        KEY bin_lo = lo + ((KEY)b << shift); /* keep the bin [bin_lo, bin_lo + 2^shift) */
+        lo = (KEY)-1;
+        hi = 0;
+        for (int64_t c = 0; c < n; c++) {
+            memcpy(&key, a + c, sizeof key);
+            int in = ((key - bin_lo) >> shift) == 0 && key >= bin_lo;
+            a[m] = a[c];
+            m += in;
+            lo = in && key < lo ? key : lo;
+            hi = in && key > hi ? key : hi;
+        }
+        n = m;
+        k -= above;
+    }
+    REAL kth;
+    memcpy(&kth, &lo, sizeof kth);
+    return kth;
 }
 
 /* out[0..k) = the positions (idx[j], or j when idx is NULL) of every vals[j] > kth or NaN (at most
@@ -143,6 +200,75 @@ static void NAME(add)(REAL *restrict dst, const REAL *restrict acc, int64_t w) {
     for (int64_t q = 0; q < w; q++) dst[q] += acc[q];
 }
 
+/* dst += c0 s0 + ... (two to four terms) over w entries in one loop: the same roundings in the
+ * same order as acc = c0 s0, acc += c1 s1, ..., dst += acc, without storing acc. */
+static void NAME(add_combination)(REAL *restrict dst, const REAL *const *s, const REAL *c, int64_t terms, int64_t w) {
+    const REAL *restrict s0 = s[0], *restrict s1 = s[1];
+    REAL c0 = c[0], c1 = c[1];
+    if (terms == 2) {
+        for (int64_t q = 0; q < w; q++) dst[q] += c0 * s0[q] + c1 * s1[q];
+        return;
+    }
+    const REAL *restrict s2 = s[2];
+    REAL c2 = c[2];
+    if (terms == 3) {
+        for (int64_t q = 0; q < w; q++) dst[q] += c0 * s0[q] + c1 * s1[q] + c2 * s2[q];
+        return;
+    }
+    const REAL *restrict s3 = s[3];
+    REAL c3 = c[3];
+    for (int64_t q = 0; q < w; q++) dst[q] += c0 * s0[q] + c1 * s1[q] + c2 * s2[q] + c3 * s3[q];
+}
+
+/* The bits !(|p_q| < t) of p[0..64) (see mask64_simd above). */
+static inline uint64_t NAME(mask64)(const REAL *p, REAL t) {
+#ifdef MASK64_SIMD
+    return NAME(mask64_simd)(p, t);
+#else
+    uint8_t m[64];
+    uint64_t w[8], bits = 0;
+    for (int q = 0; q < 64; q++) m[q] = !(ABS(p[q]) < t);
+    memcpy(w, m, sizeof m);
+    for (int q = 0; q < 8; q++) /* byte b of w[q] (0 or 1) to bit b: the multiply gathers them in the top byte */
+        bits |= (((w[q] & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56) << (8 * q);
+    return bits;
+#endif
+}
+
+/* The candidates of a row: the positions j with !(|row_j| < t) (|row_j| >= t, or NaN), ascending,
+ * into idx and their |row_j| into val (both with room for cap + 4). Returns their count, or cap + 1
+ * as soon as there are more than cap. Blocks of 64 entries: a bit mask, then its set bits by
+ * count-trailing-zeros, the first four written whether set or not (no branch on how many). */
+static int64_t NAME(candidates)(const REAL *row, int64_t D, REAL t, int64_t cap, int64_t *idx, REAL *val) {
+    int64_t count = 0, j0 = 0;
+    for (; j0 + 64 <= D; j0 += 64) {
+        uint64_t bits = NAME(mask64)(row + j0, t);
+        int64_t set = __builtin_popcountll(bits);
+        if (count + set > cap) return cap + 1;
+        for (int s = 0; s < 4; s++) { /* an unset slot writes position 63, overwritten later */
+            int q = __builtin_ctzll(bits | 1ull << 63);
+            idx[count + s] = j0 + q;
+            val[count + s] = ABS(row[j0 + q]);
+            bits &= bits - 1;
+        }
+        for (int64_t s = 4; bits; s++) {
+            int q = __builtin_ctzll(bits);
+            idx[count + s] = j0 + q;
+            val[count + s] = ABS(row[j0 + q]);
+            bits &= bits - 1;
+        }
+        count += set;
+    }
+    for (; j0 < D; j0++) {
+        if (!(ABS(row[j0]) < t)) {
+            if (count == cap) return cap + 1;
+            idx[count] = j0;
+            val[count++] = ABS(row[j0]);
+        }
+    }
+    return count;
+}
+
 /* Rows i0..i1 of x (n, D), C-contiguous (see NAME(topk_rows) below). First, a row with adds[i] gets x_i += u_i,
  * u_i = sum_{e = crow[i]}^{crow[i+1]-1} val[e] * G[col[e]] (summed in entry order, then added), G
  * stored as nblocks column blocks: block b is the C-contiguous (rows, gwidth[b]) array at
@@ -155,18 +281,15 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
                       const uint8_t *adds, const int64_t *crow, const int64_t *col, const REAL *val, const REAL *g,
                       const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, int64_t i0, int64_t i1,
                       int64_t *out, REAL *picked) {
-    int64_t nw = (D + 7) / 8;
     REAL *u = malloc(sizeof(REAL) * (size_t)(CHUNK + 1));
-    uint64_t *words = calloc((size_t)nw, sizeof(uint64_t)); /* the candidate mask, one byte per entry */
     int64_t *cand_idx = malloc(sizeof(int64_t) * (size_t)(cap + 8));
-    REAL *cand_val = malloc(sizeof(REAL) * (size_t)(cap + 1)), *scratch = malloc(sizeof(REAL) * (size_t)(cap + 1));
+    REAL *cand_val = malloc(sizeof(REAL) * (size_t)(cap + 8)), *scratch = malloc(sizeof(REAL) * (size_t)(cap + 1));
     REAL *top = malloc(sizeof(REAL) * (size_t)(r + 1)), *full = NULL, *full_scratch = NULL;
     int status = 0;
-    if (!u || !words || !cand_idx || !cand_val || !scratch || !top) {
+    if (!u || !cand_idx || !cand_val || !scratch || !top) {
         status = -1;
         goto done;
     }
-    uint8_t *mask = (uint8_t *)words;
     for (int64_t i = i0; i < i1; i++) {
         REAL *row = x + i * D;
         int64_t *o_i = out + i * k, lo = crow[i], hi = crow[i + 1];
@@ -179,10 +302,16 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
                 int64_t w = gwidth[b];
                 for (int64_t c = 0; c < w; c += CHUNK) {
                     int64_t n = w - c < CHUNK ? w - c : CHUNK;
-                    NAME(scaled)(u, g + gstart[b] + col[lo] * w + c, val[lo], n);
-                    for (int64_t nz = lo + 1; nz < hi; nz++)
-                        NAME(add_scaled)(u, g + gstart[b] + col[nz] * w + c, val[nz], n);
-                    NAME(add)(row + off + c, u, n);
+                    if (hi - lo >= 2 && hi - lo <= 4) { /* the usual d: one loop, no accumulator */
+                        const REAL *src[4];
+                        for (int64_t nz = lo; nz < hi; nz++) src[nz - lo] = g + gstart[b] + col[nz] * w + c;
+                        NAME(add_combination)(row + off + c, src, val + lo, hi - lo, n);
+                    } else {
+                        NAME(scaled)(u, g + gstart[b] + col[lo] * w + c, val[lo], n);
+                        for (int64_t nz = lo + 1; nz < hi; nz++)
+                            NAME(add_scaled)(u, g + gstart[b] + col[nz] * w + c, val[nz], n);
+                        NAME(add)(row + off + c, u, n);
+                    }
                     if (sampled)
                         for (; next < off + c + n; next += h) NAME(push)(top, r, row[next]);
                 }
@@ -198,26 +327,13 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
         }
         REAL t = sampled ? top[0] : NAME(rth_largest_strided)(row, D, h, r, top);
         int selected = 0;
-        if (t > 0) { /* candidates |x_j| >= t (or NaN), in order: a byte mask, then its nonzero words */
-            for (int64_t j = 0; j < D; j++) mask[j] = !(ABS(row[j]) < t);
-            int64_t count = 0;
-            for (int64_t w = 0; w < nw; w++) {
-                if (words[w]) {
-                    int64_t base = count < cap ? count : cap, p = base;
-                    for (int q = 0; q < 8; q++) {
-                        cand_idx[p] = w * 8 + q;
-                        p += mask[w * 8 + q];
-                    }
-                    count += p - base;
-                }
-            }
+        if (t > 0) {
+            int64_t count = NAME(candidates)(row, D, t, cap, cand_idx, cand_val);
             if (k <= count && count <= cap) {
                 int nan = 0;
                 for (int64_t c = 0; c < count; c++) {
-                    REAL a = ABS(row[cand_idx[c]]);
-                    cand_val[c] = a;
-                    scratch[c] = a;
-                    nan |= a != a;
+                    scratch[c] = cand_val[c];
+                    nan |= cand_val[c] != cand_val[c];
                 }
                 if (nan)
                     NAME(select_into)(cand_val, cand_idx, count, k, o_i, scratch);
@@ -242,7 +358,6 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
     }
 done:
     free(u);
-    free(words);
     free(cand_idx);
     free(cand_val);
     free(scratch);
