@@ -247,6 +247,16 @@ def test_topk_with_a_fused_coded_sum_equals_encoding_first(dtype, threads, layou
     torch.testing.assert_close(v, e + U.dense(), rtol=1e-6, atol=1e-6)  # stragglers' rows: u = 0
     assert torch.equal(idx.sort(-1).values[active], _topk_reference(v, 90)[active])
     assert torch.equal(vals, v.gather(-1, idx))
+    # with subtract, the same selection, and e ← v − m (v + (−m), stragglers untouched) in the same pass
+    w = e.clone()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        idx_s, vals_s = make("topk", w.shape[-1], k=90).sparse(w, active=active, add=U, subtract=True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(idx_s, idx) and torch.equal(vals_s, vals)
+    assert torch.equal(w, v.scatter_add(-1, idx, -vals.masked_fill(~active.unsqueeze(-1), 0.0)))
     if threshold_path == "kernel":  # summed in the device's order: equal to the last bit
         u = torch.zeros_like(e)
         cols = torch.cat(blocks, -1)
@@ -618,6 +628,30 @@ def test_error_feedback_invariant(name):
     # EF with a non-contractive compressor (randk_unbiased) lets e grow: 1e-10 relative to its scale
     scale = max(1.0, e.abs().max().item(), sum_m.abs().max().item())
     torch.testing.assert_close(sum_m + e, sum_u, rtol=0, atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("D", [17, 4000])
+def test_sparse_with_subtract_leaves_the_error_feedback_residual(name, D):
+    """sparse(v, subtract=True) returns what sparse(v) returns and leaves v − C(v) on the active
+    messages (v + (−m) at the k indices) and v on the others, whether the compressor fuses the
+    subtraction (Top-k, in the kernel's pass for D = 4000) or not (the generic update after)."""
+    c = make(name, D, k=3 if D == 17 else 40, group=5, levels=2)
+    v = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(21))
+    v[0, 1, 7] = float("inf")  # inf − inf = NaN, as v + (−m) gives it
+    active = torch.tensor([[True, True, False, True, True], [False, True, True, True, False]])
+    plain = c.sparse(v.clone(), rng(3, 4), active=active)
+    w = v.clone()
+    got = c.sparse(w, rng(3, 4), active=active, subtract=True)
+    if plain is None:
+        assert got is None and torch.equal(w, v)
+        return
+    idx, vals = got
+    assert torch.equal(idx.sort(-1).values, plain[0].sort(-1).values)
+    assert torch.equal(vals.gather(-1, idx.argsort(-1)), plain[1].gather(-1, plain[0].argsort(-1)))
+    want = v.scatter_add(-1, idx, -vals.masked_fill(~active.unsqueeze(-1), 0.0))
+    assert torch.equal(w.nan_to_num(7.0), want.nan_to_num(7.0))
+    assert torch.equal(w[~active], v[~active])
 
 
 def test_terngrad_clips_at_clip_sigma_by_default_and_is_then_biased():

@@ -459,8 +459,10 @@ class CompressorStandIn:
 
     __call__ = compress
 
-    def sparse(self, v: torch.Tensor, rng: Any = None, active: Any = None, add: Any = None) -> None:
-        if add is not None:  # the Compressor.sparse contract: v += add, always
+    def sparse(
+        self, v: torch.Tensor, rng: Any = None, active: Any = None, add: Any = None, subtract: bool = False
+    ) -> None:
+        if add is not None:  # the Compressor.sparse contract: v += add, always (subtract: only with a result)
             add.add_to(v)
         return None  # methods take the dense path: the message is the dense output of compress
 

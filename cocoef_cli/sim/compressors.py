@@ -76,7 +76,16 @@ def topk_indices(v: Tensor, k: int, active: Tensor | None = None) -> Tensor:
     return topk_pick(v, k, active)[0]
 
 
-def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) -> tuple[Tensor, Tensor | None]:
+def subtract_at(v: Tensor, idx: Tensor, vals: Tensor, active: Tensor | None = None) -> Tensor:
+    """v ← v − m in place, m = ``vals`` at ``idx`` (..., k) on the ``active`` messages and 0 on the
+    others (v + (−m), touching k entries a message); returns v."""
+    m = vals if active is None else vals.masked_fill(active.unsqueeze(-1).logical_not(), 0.0)
+    return v.scatter_add_(-1, idx, m.neg())
+
+
+def topk_pick(
+    v: Tensor, k: int, active: Tensor | None = None, add: Any = None, subtract: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """(indices (..., k) of the k largest |v_j| of every row (last dim), in no particular order,
     and v at those indices when the kernel ran (else None)); ties go to the lower index; NaN
     counts as the largest magnitude (as in ``torch.topk``).
@@ -94,6 +103,9 @@ def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) 
     ``add`` (a :class:`~cocoef_cli.sim.codes.CodedSum` U, optional): first v += U in place (v
     contiguous (R, M, D)), in the kernel's pass over each row when the kernel runs (u_i summed
     over its partitions first, then added, as a device of the distributed runtime does).
+    ``subtract``: last, v ← v − v at the picked indices of the ``active`` rows
+    (:func:`subtract_at`; in the kernel's pass over the row when it runs); the values are then
+    always returned (those before).
     """
     D = v.shape[-1]
     use_kernel = USE_KERNELS and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
@@ -101,14 +113,29 @@ def topk_pick(v: Tensor, k: int, active: Tensor | None = None, add: Any = None) 
     if kernels is None:
         if add is not None:
             add.add_to(v)
-        return _select(v.abs(), k), None
+        idx = _select(v.abs(), k)
+        if not subtract:
+            return idx, None
+        vals = v.gather(-1, idx)
+        subtract_at(v, idx, vals, active)
+        return idx, vals
     h = k // SAMPLE_HITS
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
     x = v.detach().reshape(-1, D).contiguous()
     act = None if active is None else active.detach().reshape(-1).to(torch.bool).numpy()
     idx, picked = kernels.topk_rows(
-        x.numpy(), k, h, r, 8 * r * h, torch.get_num_threads(), act, None if add is None else add.kernel_args(v)
+        x.numpy(),
+        k,
+        h,
+        r,
+        8 * r * h,
+        torch.get_num_threads(),
+        act,
+        None if add is None else add.kernel_args(v),
+        subtract,
     )
+    if subtract and x.data_ptr() != v.data_ptr():  # v was not contiguous: the kernel subtracted in a copy
+        v.copy_(x.view(v.shape))
     shape = (*v.shape[:-1], k)
     return torch.from_numpy(idx).view(shape), torch.from_numpy(picked).view(shape)
 
@@ -245,7 +272,12 @@ class Compressor:
         return self.compress(v, rng)
 
     def sparse(
-        self, v: Tensor, rng: SeedRNG | None = None, active: Tensor | None = None, add: Any = None
+        self,
+        v: Tensor,
+        rng: SeedRNG | None = None,
+        active: Tensor | None = None,
+        add: Any = None,
+        subtract: bool = False,
     ) -> tuple[Tensor, Tensor] | None:
         """C(v) as (indices, values) of shape (..., k) when the compressor keeps k coordinates per
         message (C(v) = 0 elsewhere), drawing exactly what :meth:`compress` draws; None otherwise.
@@ -253,14 +285,29 @@ class Compressor:
         messages the caller will not use (stragglers'); their indices may be arbitrary. ``add``
         (a :class:`~cocoef_cli.sim.codes.CodedSum` U, optional): v += U in place first, always
         (also when the result is None), fused into the selection where the compressor can
-        (``fuses_add``)."""
+        (``fuses_add``). ``subtract``: when the result is not None, also v ← v − C(v) in place on
+        the active messages (error feedback's e ← v − m, computed as v + (−m)), fused into the
+        selection where the compressor can (``fuses_subtract``); the values returned are C(v)'s."""
         if add is not None and not self.fuses_add:
             add.add_to(v)
             add = None
-        return self._sparse(v, rng, active, add)
+        if subtract and self.fuses_subtract:
+            return self._sparse_subtract(v, rng, active, add)
+        out = self._sparse(v, rng, active, add)
+        if subtract and out is not None:
+            subtract_at(v, out[0], out[1], active)
+        return out
 
     #: True: :meth:`_sparse` adds ``add`` to v itself, in its own pass; else :meth:`sparse` adds it first
     fuses_add: ClassVar[bool] = False
+    #: True: :meth:`_sparse_subtract` is :meth:`sparse` with ``subtract``, in the selection's pass
+    fuses_subtract: ClassVar[bool] = False
+
+    def _sparse_subtract(
+        self, v: Tensor, rng: SeedRNG | None, active: Tensor | None, add: Any
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`sparse` with ``subtract`` (classes that set ``fuses_subtract``)."""
+        raise NotImplementedError  # pragma: no cover - only called when fuses_subtract
 
     def _sparse(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None, add: Any) -> tuple[Tensor, Tensor] | None:
         """:meth:`sparse` after v += U (or with ``add`` to fuse, when the class ``fuses_add``)."""
@@ -379,8 +426,19 @@ class TopK(_KSparse):
             index_bits=_cfg_get(cfg, "index_bits", "log2"),
         )
 
+    fuses_subtract = True
+
     def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
         return topk_pick(v, self.k, active, add)
+
+    def _sparse_subtract(
+        self, v: Tensor, rng: SeedRNG | None, active: Tensor | None, add: Any
+    ) -> tuple[Tensor, Tensor]:
+        if v.shape[-1] != self.D:
+            raise ValueError(f"{self.name}: last dim of v is {v.shape[-1]}, compressor built for D={self.D}")
+        idx, vals = topk_pick(v, self.k, active, add, subtract=True)
+        assert vals is not None  # topk_pick gives the values when it subtracts
+        return idx, vals
 
     def bits(self) -> int:
         vb, k, D = self.value_bits, self.k, self.D

@@ -43,7 +43,7 @@ NATIVE = "-march=native"
 OPENMP = "-fopenmp"
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = [_PTR, *[_I64] * 6, *[_PTR] * 8, _I64, _I64, _PTR, _PTR]
+_ARGTYPES = [_PTR, *[_I64] * 6, *[_PTR] * 8, _I64, _I64, _I64, _PTR, _PTR]
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 _LIBRARY: ctypes.CDLL | None = None
@@ -247,6 +247,7 @@ def topk_rows(
     threads: int,
     active: np.ndarray | None = None,
     add: tuple | None = None,
+    subtract: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (n, k) of the k largest |x_j| of every row of the C-contiguous float array x (n, D),
     and the values x_ij there (after the addition below).
@@ -260,6 +261,9 @@ def topk_rows(
     gets x_i += u_i in place, u_i = Σ_{e = crow[i]}^{crow[i+1]−1} val[e]·G[col[e]] (summed in entry
     order, then added), where G (rows, D) is stored as column blocks: block b is the C-contiguous
     (rows, gwidth[b]) array at g[gstart[b]:] (g flat, x's dtype; the blocks' widths sum to D).
+    ``subtract``: last, every active row gets x_ij += −x_ij at its k positions (error feedback's
+    e ← v − m with m = v there, as that sum), while the row is in cache; the values returned are
+    those before.
     """
     lib = library()
     assert lib is not None, "the compiled kernel is not available"
@@ -282,6 +286,7 @@ def topk_rows(
         raise ValueError("active, adds, crow or the block arrays do not match x's rows")
     fn = getattr(lib, f"topk_rows_{_SUFFIX[x.dtype]}")
     head = (_ptr(x), n, D, k, h, r, cap, _ptr(act), _ptr(adds), _ptr(crow), _ptr(col), _ptr(val), _ptr(g))
-    if fn(*head, _ptr(gstart), _ptr(gwidth), gstart.shape[0], max(1, min(threads, n)), _ptr(out), _ptr(picked)):
+    tail = (gstart.shape[0], int(subtract), max(1, min(threads, n)), _ptr(out), _ptr(picked))
+    if fn(*head, _ptr(gstart), _ptr(gwidth), *tail):
         raise MemoryError("the Top-k kernel could not allocate its scratch memory")
     return out, picked

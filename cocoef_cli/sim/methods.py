@@ -145,7 +145,8 @@ class CocoEF(Method):
     def _send(self, z, a, add=None):
         """m_i = C(v_i) with v = e (+ ``add``, added in place first), e ← v − m, ĝ = Σ a_i m_i."""
         v = self.e  # holds v = u + e from here on
-        sparse = self.C.sparse(v, self.rng, active=z, add=add)  # stragglers' selections are never used
+        # stragglers' selections are never used; e ← v − m for the devices that sent m (v + (−m))
+        sparse = self.C.sparse(v, self.rng, active=z, add=add, subtract=True)
         if sparse is None:
             m = self.C.compress(v, self.rng)
             g = aggregate(a, m)
@@ -155,7 +156,6 @@ class CocoEF(Method):
             m = vals.masked_fill(z.unsqueeze(-1).logical_not(), 0.0)  # m_i at idx; stragglers sent nothing (even inf)
             g = torch.zeros(v.shape[0], v.shape[2], dtype=v.dtype, device=v.device)
             g.scatter_add_(1, idx.flatten(1), (m * a.unsqueeze(-1)).flatten(1))
-            v.scatter_add_(-1, idx, m.neg_())  # e ← v − m, touching k entries a row (v + (−m) = v − m exactly)
         if self.reset:
             v.mul_(z.unsqueeze(-1))
         return g

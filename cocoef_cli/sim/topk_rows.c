@@ -274,13 +274,14 @@ static int64_t NAME(candidates)(const REAL *row, int64_t D, REAL t, int64_t cap,
  * stored as nblocks column blocks: block b is the C-contiguous (rows, gwidth[b]) array at
  * g + gstart[b]. Then out[i, 0..k) = the positions of the k largest |x_ij| (NaN largest, ties to
  * the lower position) and picked[i, .] = x_i there; a row with active[i] == 0 gets 0..k-1.
- * The threshold t of a row is the r-th largest of its sample |x_i[::h]|; the candidates
+ * With subtract, an active row then gets x_ij += -picked there (error feedback's e = v - m, as
+ * that sum: +0 for a finite entry), while it is in cache. The threshold t of a row is the r-th largest of its sample |x_i[::h]|; the candidates
  * |x_ij| >= t (or NaN) are selected exactly; a row with t <= 0, fewer than k or more than cap
  * candidates is selected over the full row. Returns 0, or -1 when scratch memory is short. */
 static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap, const uint8_t *active,
                       const uint8_t *adds, const int64_t *crow, const int64_t *col, const REAL *val, const REAL *g,
-                      const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, int64_t i0, int64_t i1,
-                      int64_t *out, REAL *picked) {
+                      const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, int64_t subtract, int64_t i0,
+                      int64_t i1, int64_t *out, REAL *picked) {
     REAL *u = malloc(sizeof(REAL) * (size_t)(CHUNK + 1));
     int64_t *cand_idx = malloc(sizeof(int64_t) * (size_t)(cap + 8));
     REAL *cand_val = malloc(sizeof(REAL) * (size_t)(cap + 8)), *scratch = malloc(sizeof(REAL) * (size_t)(cap + 1));
@@ -355,6 +356,8 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
             NAME(select_into)(full, NULL, D, k, o_i, full_scratch);
         }
         for (int64_t o = 0; o < k; o++) picked[i * k + o] = row[o_i[o]];
+        if (subtract)
+            for (int64_t o = 0; o < k; o++) row[o_i[o]] += -picked[i * k + o];
     }
 done:
     free(u);
@@ -372,7 +375,7 @@ done:
 int NAME(topk_rows)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap,
                     const uint8_t *active, const uint8_t *adds, const int64_t *crow, const int64_t *col,
                     const REAL *val, const REAL *g, const int64_t *gstart, const int64_t *gwidth, int64_t nblocks,
-                    int64_t threads, int64_t *out, REAL *picked) {
+                    int64_t subtract, int64_t threads, int64_t *out, REAL *picked) {
     int status = 0;
 #ifdef _OPENMP
     /* ranges of equal work: a row costs 1, plus 1 for its selection (active), plus 1 for its
@@ -389,14 +392,14 @@ int NAME(topk_rows)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t
         i1 = i0;
         while (i1 < n && work[i1] * parts < work[n] * (t + 1)) i1++;
         if (t == parts - 1) i1 = n;
-        status |= NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, i0, i1,
-                             out, picked);
+        status |= NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, subtract,
+                             i0, i1, out, picked);
     }
     free(work);
 #else
     (void)threads;
-    status = NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, 0, n, out,
-                        picked);
+    status = NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, subtract, 0, n,
+                        out, picked);
 #endif
     return status;
 }
