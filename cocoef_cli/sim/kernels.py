@@ -230,12 +230,12 @@ def _ptr(a: np.ndarray) -> int:
 
 def rth_largest_strided(row: np.ndarray, h: int, r: int) -> float:
     """The r-th largest of |row[::h]| (NaN as the largest; −1 when the sample has fewer than r
-    entries): the threshold of :func:`topk_rows`, one compare per sampled entry."""
+    entries): the threshold of :func:`topk_rows`, by radix selection over a copy of the sample."""
     lib = library()
     assert lib is not None, "the compiled kernel is not available"
     row = np.ascontiguousarray(row)
-    top = np.empty(r, row.dtype)
-    return getattr(lib, f"rth_largest_strided_{_SUFFIX[row.dtype]}")(_ptr(row), row.shape[0], h, r, _ptr(top))
+    sample = np.empty(-(-row.shape[0] // h), row.dtype)
+    return getattr(lib, f"rth_largest_strided_{_SUFFIX[row.dtype]}")(_ptr(row), row.shape[0], h, r, _ptr(sample))
 
 
 def topk_rows(

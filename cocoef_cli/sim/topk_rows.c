@@ -91,8 +91,8 @@ static inline uint64_t mask64_simd_f64(const double *p, double t) {
 
 /* The k-th largest of a[0..n) (non-negative, no NaN; 1 <= k <= n) by radix selection on the bits
  * (for such values their order as unsigned integers is the order of the values): a histogram of
- * BINS bins over the span of the bits, the bin holding the k-th largest kept (in place, a is
- * overwritten), repeated on that bin (at most 3 rounds for float, 6 for double); no comparison
+ * up to BINS bins (about one per value) over the span of the bits, the bin holding the k-th
+ * largest kept (in place, a is overwritten), repeated on that bin; no comparison
  * of values, so no branch that depends on the data. */
 static REAL NAME(kth_largest)(REAL *a, int64_t n, int64_t k) {
     uint32_t hist[BINS];
@@ -104,7 +104,8 @@ static REAL NAME(kth_largest)(REAL *a, int64_t n, int64_t k) {
     }
     while (lo != hi) {
         int shift = 0;
-        while (((hi - lo) >> shift) >= BINS) shift++;
+        KEY most = n < 64 ? 64 : n < BINS ? (KEY)n : BINS; /* about one bin per value, 64 to BINS */
+        while (((hi - lo) >> shift) >= most) shift++;
         int64_t bins = (int64_t)((hi - lo) >> shift) + 1, b, above = 0, m = 0;
         memset(hist, 0, sizeof(uint32_t) * (size_t)bins);
         for (int64_t c = 0; c < n; c++) {
@@ -163,28 +164,24 @@ static void NAME(select_into)(const REAL *vals, const int64_t *idx, int64_t m, i
     NAME(take_from)(vals, idx, m, NAME(kth_largest)(scratch, c, k - nan), k, out);
 }
 
-/* Enter |a| (NaN as +inf) into the ascending buffer top[0..r) of the r largest seen so far: one
- * compare, an insertion for the few that enter. */
-static inline void NAME(push)(REAL *top, int64_t r, REAL a) {
+/* |a|, NaN as +inf: a sampled magnitude. */
+static inline REAL NAME(sampled)(REAL a) {
     a = ABS(a);
-    if (a != a) a = INFINITY;
-    if (a > top[0]) {
-        int64_t q = 1;
-        while (q < r && top[q] < a) {
-            top[q - 1] = top[q];
-            q++;
-        }
-        top[q - 1] = a;
-    }
+    return a != a ? (REAL)INFINITY : a;
+}
+
+/* The r-th largest of the m sampled magnitudes in sample[0..m) (reordered), -1 when m < r. */
+static REAL NAME(threshold)(REAL *sample, int64_t m, int64_t r) {
+    return m < r ? (REAL)-1 : NAME(kth_largest)(sample, m, r);
 }
 
 /* The r-th largest of |row[0]|, |row[h]|, |row[2h]|, ... (NaN as +inf; -1 when fewer than r are
- * sampled), kept in the ascending buffer top[0..r). Only a threshold: the selection using it is
- * exact. */
-REAL NAME(rth_largest_strided)(const REAL *row, int64_t D, int64_t h, int64_t r, REAL *top) {
-    for (int64_t q = 0; q < r; q++) top[q] = -1;
-    for (int64_t j = 0; j < D; j += h) NAME(push)(top, r, row[j]);
-    return top[0];
+ * sampled), by radix selection over a copy in sample[0..ceil(D/h)). Only a threshold: the
+ * selection using it is exact. */
+REAL NAME(rth_largest_strided)(const REAL *row, int64_t D, int64_t h, int64_t r, REAL *sample) {
+    int64_t m = 0;
+    for (int64_t j = 0; j < D; j += h) sample[m++] = NAME(sampled)(row[j]);
+    return NAME(threshold)(sample, m, r);
 }
 
 /* acc = c * src, acc += c * src and dst += acc over w entries (vectorised: the arrays do not overlap). */
@@ -285,20 +282,20 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
     REAL *u = malloc(sizeof(REAL) * (size_t)(CHUNK + 1));
     int64_t *cand_idx = malloc(sizeof(int64_t) * (size_t)(cap + 8));
     REAL *cand_val = malloc(sizeof(REAL) * (size_t)(cap + 8)), *scratch = malloc(sizeof(REAL) * (size_t)(cap + 1));
-    REAL *top = malloc(sizeof(REAL) * (size_t)(r + 1)), *full = NULL, *full_scratch = NULL;
+    REAL *sample = malloc(sizeof(REAL) * (size_t)(D / h + 1)), *full = NULL, *full_scratch = NULL;
     int status = 0;
-    if (!u || !cand_idx || !cand_val || !scratch || !top) {
+    if (!u || !cand_idx || !cand_val || !scratch || !sample) {
         status = -1;
         goto done;
     }
     for (int64_t i = i0; i < i1; i++) {
         REAL *row = x + i * D;
         int64_t *o_i = out + i * k, lo = crow[i], hi = crow[i + 1];
-        int sampled = 0; /* whether top holds the row's sample (taken while the added chunks are in L1) */
+        int sampled = 0; /* whether sample holds the row's sample (taken while the added chunks are in L1) */
+        int64_t taken = 0;
         if (adds[i] && hi > lo) { /* x_i += u_i, block by block of columns, CHUNK columns at a time */
             int64_t off = 0, next = 0; /* next: the next sampled position */
             sampled = active[i];
-            for (int64_t q = 0; q < r; q++) top[q] = -1;
             for (int64_t b = 0; b < nblocks; b++) {
                 int64_t w = gwidth[b];
                 for (int64_t c = 0; c < w; c += CHUNK) {
@@ -314,7 +311,7 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
                         NAME(add)(row + off + c, u, n);
                     }
                     if (sampled)
-                        for (; next < off + c + n; next += h) NAME(push)(top, r, row[next]);
+                        for (; next < off + c + n; next += h) sample[taken++] = NAME(sampled)(row[next]);
                 }
                 off += w;
             }
@@ -326,7 +323,7 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
             }
             continue;
         }
-        REAL t = sampled ? top[0] : NAME(rth_largest_strided)(row, D, h, r, top);
+        REAL t = sampled ? NAME(threshold)(sample, taken, r) : NAME(rth_largest_strided)(row, D, h, r, sample);
         int selected = 0;
         if (t > 0) {
             int64_t count = NAME(candidates)(row, D, t, cap, cand_idx, cand_val);
@@ -364,7 +361,7 @@ done:
     free(cand_idx);
     free(cand_val);
     free(scratch);
-    free(top);
+    free(sample);
     free(full);
     free(full_scratch);
     return status;
