@@ -1,8 +1,10 @@
 """The compiled Top-k kernel's build: cached per source, flags and CPU; a missing compiler falls
 back to torch's exact selection with a note; rows split over threads give the same result."""
 
+import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,14 +102,21 @@ def test_a_malformed_input_is_refused():
 
 
 def test_the_kernel_shares_torchs_openmp_runtime():
-    """Rows run on torch's own OpenMP threads: one libgomp in the process (a second runtime's
-    threads would compete with torch's spinning ones for the cores)."""
+    """Rows run on torch's own OpenMP threads: one libgomp in a process that loaded torch and the
+    kernel (a second runtime's threads would compete with torch's spinning ones for the cores).
+    Checked in a fresh process: a test process may hold other libraries' OpenMP (scikit-learn
+    ships its own libgomp)."""
     lib = kernels.library()
     if lib is None or not lib.parallel_f32() or not os.path.exists("/proc/self/maps"):
         pytest.skip("no OpenMP build (or no /proc) here")
-    with open("/proc/self/maps") as f:
-        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
-    assert len(runtimes) == 1, runtimes
+    probe = (
+        "import json; from cocoef_cli.sim import kernels; assert kernels.library() is not None; "
+        "print(json.dumps(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l or 'libiomp' in l})))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    runtimes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(runtimes) == 1 and "torch" in runtimes[0], runtimes
 
 
 def _reset(monkeypatch):
