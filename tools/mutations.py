@@ -76,7 +76,13 @@ METHODS = [
         K("ef21"),
     ),
     M(S + "methods.py", "v.sub_(m.mul_(z.unsqueeze(-1)))", "v.sub_(m)", REF, K("coco_ef")),
-    M(S + "methods.py", "v.scatter_add_(-1, idx, m.neg_())", "v.scatter_add_(-1, idx, m)", REF, K("coco_ef")),
+    M(
+        S + "compressors.py",
+        "return v.scatter_add_(-1, idx, m.neg())",
+        "return v.scatter_add_(-1, idx, m)",
+        REF,
+        K("coco_ef"),
+    ),
     M(
         S + "methods.py",
         "m = vals.masked_fill(z.unsqueeze(-1).logical_not(), 0.0)",
@@ -276,6 +282,28 @@ KERNELS = [
         K("topk"),
         equivalent="a row with exactly k candidates falls back to the full-row selection, which is exact too",
     ),
+    M(
+        S + "topk_rows.c",
+        "dst[q] += c0 * s0[q] + c1 * s1[q] + c2 * s2[q];",
+        "dst[q] += c0 * s0[q] + (c1 * s1[q] + c2 * s2[q]);",
+        CMP,
+        K("fused"),
+    ),
+    # the AVX-512 form is compiled only where the CPU has AVX-512 (elsewhere this one survives)
+    M(
+        S + "topk_rows.c",
+        "_mm512_abs_ps(_mm512_loadu_ps(p + 16 * q)), tt, _CMP_NLT_UQ)",
+        "_mm512_abs_ps(_mm512_loadu_ps(p + 16 * q)), tt, _CMP_GE_OQ)",
+        "tests/test_kernels.py",
+        K("vector_form"),
+    ),
+    M(
+        S + "topk_rows.c",
+        "for (int64_t o = 0; o < k; o++) row[o_i[o]] += -picked[i * k + o];",
+        "for (int64_t o = 0; o < k; o++) row[o_i[o]] = 0;",
+        CMP,
+        K("subtract or fused"),
+    ),
 ]
 STRAGGLERS = [
     M(
@@ -422,7 +450,7 @@ N = "cocoef_cli/nets.py"
 NETS = [
     M(N, '"tanh": lambda a: 1 - a * a', '"tanh": lambda a: 1 - a', MOD, NOCNN),
     M(N, '"sigmoid": lambda a: a * (1 - a)', '"sigmoid": lambda a: 1 - a', MOD, NOCNN),
-    M(N, '"relu": lambda a: (a > 0).to(a.dtype)', '"relu": lambda a: (a >= 0).to(a.dtype)', MOD, NOCNN),
+    M(N, '"relu": lambda a: torch.gt(a, 0,', '"relu": lambda a: torch.ge(a, 0,', MOD, NOCNN),
     M(N, "c = 1.0 / math.sqrt(fan_in)", "c = 1.0 / fan_in", MOD, NOCNN),
     M(N, "c = math.sqrt(6.0 / fan_in)", "c = math.sqrt(2.0 / fan_in)", MOD, NOCNN),
     M(N, "c = math.sqrt(6.0 / (fan_in + fan_out))", "c = math.sqrt(6.0 / fan_in)", MOD, NOCNN),
