@@ -5,7 +5,9 @@ its whole pass with the encoding fused (e + B G, then the selection), per call.
 Each ``--source`` (default: this tree's ``cocoef_cli/sim/topk_rows.c``) is built with the flags
 the package uses (:func:`cocoef_cli.sim.kernels.builds`, the best that builds) into a temporary
 folder, and the builds are timed in alternating rounds on the same rows (restored before each
-call), so two versions of the C file compare in one process:
+call), so two versions of the C file compare in one process. An older version must keep the
+file name (it includes itself: ``git show REV:cocoef_cli/sim/topk_rows.c > OLD/topk_rows.c``) and
+this tree's C signature (from f451f0f on, which added ``subtract``):
 
     .venv/bin/python benchmarks/topk_kernel.py [--source OLD.c --source cocoef_cli/sim/topk_rows.c]
         [--models softmax mlp] [--devices 100 1000] [--threads 1 2] [--rounds 7]

@@ -654,6 +654,23 @@ def test_sparse_with_subtract_leaves_the_error_feedback_residual(name, D):
     assert torch.equal(w[~active], v[~active])
 
 
+def test_a_top_k_subclass_that_changes_its_values_keeps_them_under_subtract():
+    """A plugin subclass of TopK that scales its values is not fused: sparse(subtract=True)
+    returns its scaled values and leaves v − C(v) with them."""
+
+    class Doubled(compressors.TopK):
+        def _scale(self) -> float:
+            return 2.0
+
+    c = Doubled(4000, 40)
+    assert not Doubled.fuses_subtract and compressors.TopK.fuses_subtract
+    v = torch.randn(1, 3, 4000, generator=torch.Generator().manual_seed(2))
+    w = v.clone()
+    idx, vals = c.sparse(w, subtract=True)
+    assert torch.equal(vals, 2.0 * v.gather(-1, idx))
+    assert torch.equal(w, v.scatter_add(-1, idx, -vals))
+
+
 def test_terngrad_clips_at_clip_sigma_by_default_and_is_then_biased():
     D, M = 8, 4000
     x = torch.tensor([10.0, 0.1, -0.2, 0.3, 0.1, -0.1, 0.2, 0.0], dtype=F64)

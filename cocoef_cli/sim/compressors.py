@@ -428,6 +428,13 @@ class TopK(_KSparse):
 
     fuses_subtract = True
 
+    def __init_subclass__(cls, **kw: Any) -> None:
+        """A subclass that changes what is picked or returned (``_pick``, ``_sparse``, ``_scale``)
+        without its own ``_sparse_subtract`` takes the generic subtraction after its ``_sparse``."""
+        super().__init_subclass__(**kw)
+        if "_sparse_subtract" not in cls.__dict__ and any(n in cls.__dict__ for n in ("_pick", "_sparse", "_scale")):
+            cls.fuses_subtract = False
+
     def _pick(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None = None, add: Any = None):
         return topk_pick(v, self.k, active, add)
 

@@ -92,8 +92,8 @@ static inline uint64_t mask64_simd_f64(const double *p, double t) {
 /* The k-th largest of a[0..n) (non-negative, no NaN; 1 <= k <= n) by radix selection on the bits
  * (for such values their order as unsigned integers is the order of the values): a histogram of
  * up to BINS bins (about one per value) over the span of the bits, the bin holding the k-th
- * largest kept (in place, a is overwritten), repeated on that bin; no comparison
- * of values, so no branch that depends on the data. */
+ * largest kept (in place, a is overwritten), repeated on that bin; no branch per element (the
+ * number of rounds and the bin scan depend on the data). */
 static REAL NAME(kth_largest)(REAL *a, int64_t n, int64_t k) {
     uint32_t hist[BINS];
     KEY lo = (KEY)-1, hi = 0, key;
@@ -221,6 +221,10 @@ static void NAME(add_combination)(REAL *restrict dst, const REAL *const *s, cons
 static inline uint64_t NAME(mask64)(const REAL *p, REAL t) {
 #ifdef MASK64_SIMD
     return NAME(mask64_simd)(p, t);
+#elif defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    uint64_t bits = 0; /* the byte packing below reads bytes little-endian */
+    for (int q = 0; q < 64; q++) bits |= (uint64_t)!(ABS(p[q]) < t) << q;
+    return bits;
 #else
     uint8_t m[64];
     uint64_t w[8], bits = 0;
@@ -280,8 +284,8 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
                       const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, int64_t subtract, int64_t i0,
                       int64_t i1, int64_t *out, REAL *picked) {
     REAL *u = malloc(sizeof(REAL) * (size_t)(CHUNK + 1));
-    int64_t *cand_idx = malloc(sizeof(int64_t) * (size_t)(cap + 8));
-    REAL *cand_val = malloc(sizeof(REAL) * (size_t)(cap + 8)), *scratch = malloc(sizeof(REAL) * (size_t)(cap + 1));
+    int64_t *cand_idx = malloc(sizeof(int64_t) * (size_t)(cap + 4));
+    REAL *cand_val = malloc(sizeof(REAL) * (size_t)(cap + 4)), *scratch = malloc(sizeof(REAL) * (size_t)(cap + 1));
     REAL *sample = malloc(sizeof(REAL) * (size_t)(D / h + 1)), *full = NULL, *full_scratch = NULL;
     int status = 0;
     if (!u || !cand_idx || !cand_val || !scratch || !sample) {
