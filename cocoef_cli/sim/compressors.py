@@ -347,9 +347,12 @@ class _KSparse(Compressor):
     def _scale(self) -> float:
         return 1.0
 
-    def _sparse(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None, add: Any) -> tuple[Tensor, Tensor]:
+    def _check_width(self, v: Tensor) -> None:
         if v.shape[-1] != self.D:
             raise ValueError(f"{self.name}: last dim of v is {v.shape[-1]}, compressor built for D={self.D}")
+
+    def _sparse(self, v: Tensor, rng: SeedRNG | None, active: Tensor | None, add: Any) -> tuple[Tensor, Tensor]:
+        self._check_width(v)
         idx, vals = self._pick(v, rng, active, add)
         if vals is None:
             vals = v.gather(-1, idx)
@@ -441,8 +444,7 @@ class TopK(_KSparse):
     def _sparse_subtract(
         self, v: Tensor, rng: SeedRNG | None, active: Tensor | None, add: Any
     ) -> tuple[Tensor, Tensor]:
-        if v.shape[-1] != self.D:
-            raise ValueError(f"{self.name}: last dim of v is {v.shape[-1]}, compressor built for D={self.D}")
+        self._check_width(v)
         idx, vals = topk_pick(v, self.k, active, add, subtract=True)
         assert vals is not None  # topk_pick gives the values when it subtracts
         return idx, vals
