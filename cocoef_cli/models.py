@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch.nn.functional as Fn
 from cocoef_cli.data import Dataset
 from cocoef_cli.errors import ConfigError
 from cocoef_cli.modules import Module
-from cocoef_cli.nets import CNN, MLP, Model, Rows, cross_entropy_t, softmax_residual_t
+from cocoef_cli.nets import CNN, MLP, Model, PartitionTerms, Rows, cross_entropy_t, softmax_residual_t
 from cocoef_cli.registry import Registry
 from cocoef_cli.rng import SeedRNG
 
@@ -133,6 +133,13 @@ class GLM(Model):
     def _weighted(
         self, theta, Xp, Yp, Wp, out, loss: bool, rows: Rows | None
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        terms, L = self._terms(theta, Xp, Yp, Wp, loss, rows)
+        R, N = Xp.shape[:2]
+        return [b.view(R, N, self.D) for b in terms.blocks(self.blocks, out, theta)], L
+
+    def _terms(self, theta, Xp, Yp, Wp, loss: bool, rows: Rows | None) -> tuple[PartitionTerms, torch.Tensor | None]:
+        """(:class:`PartitionTerms` of :meth:`weighted_grads`: the residuals Eᵀ (R·N, C, B) and the
+        features (R·N, B, f̃), ∇W = Eᵀ Xp per partition when written; L when ``loss``)."""
         R, N, Bsz, f = Xp.shape
         if rows is None:
             Zt = self.logits_t(theta, Xp.reshape(R, N * Bsz, f))  # (R, C, N·B)
@@ -143,10 +150,11 @@ class GLM(Model):
         L = (self.losses_t(Zt, Y) * W).sum(-1) if loss else None
         Et = self.residual_t(Zt, Y) * W.unsqueeze(1)
         Et = Et.view(R, self.C, N, Bsz).transpose(1, 2).reshape(R * N, self.C, Bsz)
-        if out is None:
-            out = [torch.empty(R, N, self.D, dtype=theta.dtype, device=theta.device)]
-        torch.bmm(Et, Xp.reshape(R * N, Bsz, f), out=out[0].view(R * N, self.C, f))
-        return out, L
+        return PartitionTerms(R * N, [(Et, Xp.reshape(R * N, Bsz, f))]), L
+
+    def weighted_terms(self, theta, Xp, Yp, Wp, rows: Rows | None = None) -> PartitionTerms:
+        """The :class:`PartitionTerms` of :meth:`weighted_grads` (same arguments, same values)."""
+        return self._terms(theta, Xp, Yp, Wp, False, rows)[0]
 
     def full_loss_grad(
         self, theta: torch.Tensor, Xf: torch.Tensor, Y: torch.Tensor
@@ -263,6 +271,51 @@ class Metrics:
     grad: torch.Tensor | None = None  # ∇F(θ), (R, D)
 
 
+class PartitionGradients:
+    """G = [g_j(θ_r)] of one θ, formed on demand: whole, into the objective's reused blocks
+    (:meth:`blocks`), or, where the model offers :class:`~cocoef_cli.nets.PartitionTerms`
+    (``by_rows``), a range of its R·N rows at a time into any buffer (:meth:`write`; row r·N + j
+    is g_j(θ_r)), so that a consumer can use each range while it is in cache."""
+
+    def __init__(
+        self,
+        objective: Objective,
+        theta: torch.Tensor,
+        terms: PartitionTerms | None,
+        whole: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    ):
+        self.objective, self.theta, self.terms, self._whole = objective, theta, terms, whole
+        self.rows = theta.shape[0] * objective.N
+        self.widths: tuple[int, ...] = tuple(int(w) for w in objective.model.blocks)
+        self.by_rows = terms is not None
+        self._blocks: list[torch.Tensor] | None = None
+
+    def blocks(self) -> list[torch.Tensor]:
+        """All of G as the objective's reused blocks (R, N, D_l) (see
+        :meth:`Objective.partition_grad_blocks`), formed on the first call."""
+        if self._blocks is None:
+            out = self.objective._buffers(self.theta)
+            if self.terms is not None:
+                self.terms.write(0, self.rows, out)
+            else:
+                assert self._whole is not None
+                out = self._whole(out)
+            self._blocks = self.objective._add_l2(self.theta, out)
+        return self._blocks
+
+    def write(self, first: int, stop: int, out: Sequence[torch.Tensor]) -> None:
+        """G's rows [first, stop) into ``out``, one contiguous (stop − first, D_l) tensor per block."""
+        if self.terms is None:
+            raise ValueError("this model forms its partition gradients whole (no weighted_terms)")
+        self.terms.write(first, stop, out)
+        self.objective.add_l2_rows(self.theta, first, stop, out)
+
+    def buffer(self, numel: int) -> torch.Tensor:
+        """A flat tensor of ``numel`` entries in G's dtype to :meth:`write` into, reused (the
+        objective's: a fresh one per θ would cost page faults)."""
+        return self.objective._scratch(numel, self.theta)
+
+
 class Objective:
     """F and its partition gradients for one model, dataset and per-replicate partitioning.
 
@@ -310,6 +363,7 @@ class Objective:
         self.sizes = valid.sum(-1).to(dtype)  # |P_j|, (R, N)
         self.Wp = valid.to(dtype) / self.n  # full-partition weights 1/n
         self._G: list[torch.Tensor] | None = None  # blocks of the partition gradients, reused
+        self._part_buffer: torch.Tensor | None = None  # rows of G written by parts (PartitionGradients.buffer)
 
     @property
     def R(self) -> int:
@@ -327,13 +381,19 @@ class Objective:
         The blocks are buffers this objective reuses on the next call (a fresh (R, N, D) tensor
         every iteration costs page faults): copy them to keep them. They lie one after the other
         in one storage (a kernel can read them as one flat array)."""
-        out = self._buffers(theta)
-        if self.batch_size is None:
-            blocks = self.model.weighted_grads(theta, self.Xp, self.Yp, self.Wp, out=out, **self._rows())
-        else:
-            Xb, Yb, Wb = self._minibatch()
-            blocks = self.model.weighted_grads(theta, Xb, Yb, Wb, out=out)
-        return self._add_l2(theta, blocks)
+        return self.partition_gradients(theta).blocks()
+
+    def partition_gradients(self, theta: torch.Tensor) -> PartitionGradients:
+        """G at θ, formed when (and as far as) a consumer needs it (:class:`PartitionGradients`);
+        a minibatch is drawn here."""
+        X, Y, W = (self.Xp, self.Yp, self.Wp) if self.batch_size is None else self._minibatch()
+        rows = self._rows() if self.batch_size is None else {}
+        terms = getattr(self.model, "weighted_terms", None)
+        if terms is not None:
+            return PartitionGradients(self, theta, terms(theta, X, Y, W, **rows))
+        return PartitionGradients(
+            self, theta, None, lambda out: self.model.weighted_grads(theta, X, Y, W, out=out, **rows)
+        )
 
     def partition_loss_grad_blocks(self, theta: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(G, F(θ)) with full partitions (no minibatch): G as :meth:`partition_grad_blocks` gives
@@ -351,10 +411,20 @@ class Objective:
 
     def _add_l2(self, theta: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
         """g_j += (l2/n) |P_j| θ: the l2 term split over the partitions by their share of the data."""
-        if self.l2:
-            for block, th in zip(blocks, theta.split(list(self.model.blocks), -1)):
-                block.add_((self.l2 / self.n) * self.sizes.unsqueeze(-1) * th.unsqueeze(1))
+        self.add_l2_rows(theta, 0, theta.shape[0] * self.N, [b.view(-1, b.shape[-1]) for b in blocks])
         return blocks
+
+    def add_l2_rows(self, theta: torch.Tensor, first: int, stop: int, blocks: Sequence[torch.Tensor]) -> None:
+        """:meth:`_add_l2` for G's rows [first, stop) (flattened: row r·N + j is g_j(θ_r)), in
+        ``blocks`` (stop − first, D_l)."""
+        if not self.l2:
+            return
+        N = self.N
+        for r in range(first // N, (stop - 1) // N + 1):
+            a, b = max(first, r * N), min(stop, (r + 1) * N)
+            scale = (self.l2 / self.n) * self.sizes[r, a - r * N : b - r * N].unsqueeze(-1)
+            for block, th in zip(blocks, theta[r].split(list(self.model.blocks), -1)):
+                block[a - first : b - first].add_(scale * th)
 
     def _buffers(self, theta: torch.Tensor) -> list[torch.Tensor]:
         """The reused blocks of G (see :meth:`partition_grad_blocks`), (re)allocated on a change of shape."""
@@ -369,6 +439,13 @@ class Objective:
             flat = torch.empty(R * N * sum(self.model.blocks), dtype=theta.dtype, device=theta.device)
             self._G = [b.view(shape) for b, shape in zip(flat.split([math.prod(sh) for sh in shapes]), shapes)]
         return self._G
+
+    def _scratch(self, numel: int, theta: torch.Tensor) -> torch.Tensor:
+        """The reused buffer of :meth:`PartitionGradients.buffer`, (re)allocated when too small."""
+        buf = self._part_buffer
+        if buf is None or buf.numel() < numel or buf.dtype != theta.dtype or buf.device != theta.device:
+            buf = self._part_buffer = torch.empty(numel, dtype=theta.dtype, device=theta.device)
+        return buf[:numel]
 
     def partition_grads(self, theta: torch.Tensor) -> torch.Tensor:
         """G with G[r, j] = g_j(θ_r), shape (R, N, D) (a new tensor)."""

@@ -49,6 +49,35 @@ DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 INITS = ("torch", "kaiming", "xavier")
 
 
+class PartitionTerms:
+    """The partition gradients of one θ before their reduction per partition: the products and sums
+    that form them from what a model computes once for every sample (its forward pass and errors),
+    so that :meth:`write` can form any range of the R·N partition gradients (flattened: row
+    r·N + j is g_j(θ_r)) when a consumer needs it. Block b of G is ``L_b[rows] @ X_b[rows]``
+    (one batched product; X_b 2-D: shared by the rows) or, with X_b None, ``L_b[rows].sum(1)``."""
+
+    def __init__(self, rows: int, terms: Sequence[tuple[torch.Tensor, torch.Tensor | None]]):
+        self.rows, self.terms = rows, list(terms)
+
+    def write(self, first: int, stop: int, out: Sequence[torch.Tensor]) -> None:
+        """The blocks of G's rows [first, stop) into ``out`` (contiguous, stop − first rows each)."""
+        n = stop - first
+        for (L, X), o in zip(self.terms, out):
+            if X is None:
+                torch.sum(L[first:stop], 1, out=o.view(n, L.shape[2]))
+            elif X.dim() == 2:
+                torch.matmul(L[first:stop], X, out=o.view(n, L.shape[1], X.shape[1]))
+            else:
+                torch.bmm(L[first:stop], X[first:stop], out=o.view(n, L.shape[1], X.shape[2]))
+
+    def blocks(self, widths: Sequence[int], out: list[torch.Tensor] | None, like: torch.Tensor) -> list[torch.Tensor]:
+        """All of G as blocks (R, N, w) of the given widths, written into ``out`` (allocated when None)."""
+        if out is None:
+            out = [torch.empty(self.rows, w, dtype=like.dtype, device=like.device) for w in widths]
+        self.write(0, self.rows, out)
+        return out
+
+
 class Rows(NamedTuple):
     """Per-replicate rows of one shared matrix: replicate r's rows are X[positions[r]], X (n + 1, f)
     (the training set and a zero padding row), positions (R, S). A model's first product then runs
@@ -307,25 +336,43 @@ class MLP(Network):
         Y, w (R, S) or (S,) → (one block (R, N, size) per parameter tensor (``blocks``), written in
         place into ``out`` (allocated when None); the logits Z of the forward pass). ``rows``: X
         as rows of a shared matrix (:class:`Rows`), for the forward's first layer."""
+        terms, Z = self._terms(theta, X, Y, w, N, rows)
+        blocks = terms.blocks(self.blocks, out, Z)
+        R = Z.shape[0]
+        return [b.view(R, N, -1) for b in blocks], Z
+
+    def _terms(
+        self, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor, N: int, rows: Rows | None
+    ) -> tuple[PartitionTerms, torch.Tensor]:
+        """(:class:`PartitionTerms` of :meth:`_backward`'s blocks, the logits Z (R, S, C)): the forward
+        pass and every layer's errors δ_l, computed once; ∇W_l = δ_lᵀ a_{l−1} and ∇b_l = Σ_b δ_l
+        per group of S/N rows when written."""
         Zt, acts = self._forward(theta, X, class_major=True, rows=rows)
         R, S = Zt.shape[0], Zt.shape[2]
         delta = (softmax_residual_t(Zt, Y) * w.unsqueeze(-2)).transpose(1, 2).contiguous()  # (R, S, C), weighted
         Bsz = S // N
         P = self.unflatten(theta)
-        if out is None:
-            out = [torch.empty(R, N, size, dtype=Zt.dtype, device=Zt.device) for size in self.blocks]
+        terms: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by block: W_0, b_0, W_1, …
         for l in range(len(self.sizes) - 2, -1, -1):
             A = acts[l]
             i, o = self.sizes[l], self.sizes[l + 1]
-            gW = out[2 * l].view(R * N, o, i)
+            d = delta.reshape(R * N, Bsz, o)
             if A.dim() == 2:  # shared inputs, one group: δᵀ A per replicate
-                torch.matmul(delta.transpose(1, 2), A, out=gW)
+                terms[2 * l] = (delta.transpose(1, 2), A)
             else:
-                torch.bmm(delta.reshape(R * N, Bsz, o).transpose(1, 2), A.reshape(R * N, Bsz, i), out=gW)
-            torch.sum(delta.view(R, N, Bsz, o), 2, out=out[2 * l + 1])
+                terms[2 * l] = (d.transpose(1, 2), A.reshape(R * N, Bsz, i))
+            terms[2 * l + 1] = (d, None)
             if l > 0:
                 delta = torch.bmm(delta, P[2 * l]) * self.dact(A)
-        return out, Zt.transpose(1, 2)
+        return PartitionTerms(R * N, [terms[b] for b in range(len(terms))]), Zt.transpose(1, 2)
+
+    def weighted_terms(
+        self, theta: torch.Tensor, Xp: torch.Tensor, Yp: torch.Tensor, Wp: torch.Tensor, rows: Rows | None = None
+    ) -> PartitionTerms:
+        """The :class:`PartitionTerms` of :meth:`weighted_grads` (same arguments, same values)."""
+        R, N, Bsz, f = Xp.shape
+        S = N * Bsz
+        return self._terms(theta, Xp.reshape(R, S, f), Yp.reshape(R, S), Wp.reshape(R, S), N, rows)[0]
 
     def weighted_grads(
         self,

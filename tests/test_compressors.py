@@ -285,6 +285,69 @@ def _coded_sum_case(dtype, layout, d=3):
     return code, blocks, z, e
 
 
+class _Rows:
+    """A RowSource over given blocks (what PartitionGradients is to the kernel), counting writes."""
+
+    def __init__(self, blocks):
+        self._b, self.writes = blocks, 0
+        self.rows, self.widths, self.by_rows = (
+            blocks[0].shape[0] * blocks[0].shape[1],
+            tuple(b.shape[2] for b in blocks),
+            True,
+        )
+
+    def blocks(self):
+        return self._b
+
+    def write(self, first, stop, out):
+        self.writes += 1
+        for o, b in zip(out, self._b):
+            o.copy_(b.reshape(-1, b.shape[-1])[first:stop])
+
+    def buffer(self, numel):
+        return torch.full((numel,), float("nan"), dtype=self._b[0].dtype)
+
+
+@pytest.mark.parametrize("code_name, d", [("sgc", 1), ("sgc", 2), ("sgc", 3), ("frc", 2), ("frc", 5), ("uncoded", 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_run_by_parts_of_g_is_the_whole_run(code_name, d, threads, monkeypatch):
+    """COCO-EF's fused update with G formed a part of rows at a time (each part's partition
+    gradients written just before its rows, the parts wrapping around sgc's cyclic allocation)
+    leaves the same bits in e and selects the same entries with the same values as with G whole;
+    a code whose rows share few partitions with their neighbours (rgc's random regular graph) is
+    not run by parts."""
+    from cocoef_cli.sim import codes as codes_mod
+
+    if "kernel" not in THRESHOLD_PATHS:
+        pytest.skip("no compiled kernel: G is formed whole")
+    g = torch.Generator().manual_seed(4)
+    R, M, widths = 2, 40, [500, 30, 1000, 7]
+    ccfg = {"name": code_name, "d": d}
+    rng_ = SeedRNG([0, 1], "code")
+    S = allocate(ccfg, M, rng_)
+    code = build_code(ccfg, S, torch.full((R, M), 0.2, dtype=F64), rng_, torch.float32)
+    blocks = [torch.randn(R, code.N, w, generator=g) for w in widths]
+    z = torch.rand(R, M, generator=g) < 0.7
+    e = torch.randn(R, M, sum(widths), generator=g)
+    monkeypatch.setattr(codes_mod, "PART_BYTES", 10 * 4 * sum(widths))  # parts of 10 rows (of R·M = 80)
+    topk = make("topk", e.shape[-1], k=90)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        whole, parts = e.clone(), e.clone()
+        ref = topk.sparse(whole, active=z, add=CodedSum(code, blocks, z), subtract=True)
+        src = _Rows(blocks)
+        got = topk.sparse(parts, active=z, add=CodedSum(code, src, z), subtract=True)
+    finally:
+        torch.set_num_threads(before)
+    assert src.writes >= 8  # 8 parts, one or more runs each: G was formed by parts
+    assert torch.equal(parts, whole) and torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert not torch.equal(whole, e)
+    rcfg = {"name": "rgc", "d": 3}
+    rgc = build_code(rcfg, allocate(rcfg, M, rng_), torch.full((R, M), 0.2, dtype=F64), rng_, torch.float32)
+    assert rgc.row_parts(10) is None and code.row_parts(10) is not None
+
+
 def test_a_coded_sum_of_the_wrong_shape_is_refused(threshold_path):
     """Both paths refuse G blocks of the wrong number of partitions and a v of the wrong width
     (the kernel reads without bounds checks)."""

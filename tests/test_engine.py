@@ -263,7 +263,7 @@ def test_evaluation_shares_the_next_updates_gradients(setup, monkeypatch):
 
         monkeypatch.setattr(Objective, name, wrapper)
 
-    counted("partition_grad_blocks", "partition")
+    counted("partition_gradients", "partition")  # an update's G (formed whole or by parts)
     counted("partition_loss_grad_blocks", "partition+loss")
     counted("loss_and_grad", "full")
     counted("train_loss", "train_loss")

@@ -160,6 +160,36 @@ def test_partition_loss_is_the_training_loss_with_unequal_padded_partitions(name
     torch.testing.assert_close(m.grad, obj.grad(theta), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["linear", "softmax", "mlp"])
+@pytest.mark.parametrize("batch", [None, 2])
+def test_partition_gradients_by_rows_are_the_bits_of_the_whole(name, batch):
+    """G written a range of rows at a time (PartitionGradients.write, ranges that cut a replicate
+    in two or span two, l2 included, also a minibatch) are the same bits as G formed whole."""
+    n, g = 31, np.random.default_rng(5)
+    task = "regression" if name == "linear" else "classification"
+    y = g.normal(size=n) if task == "regression" else np.arange(n) % 3
+    data = Dataset("flat", g.normal(size=(n, 6)), y, np.zeros((0, 6)), np.zeros(0), task, 3)
+    mcfg = {"name": name, "hidden": [5, 4], "activation": "relu", "init": "torch"} if name == "mlp" else {"name": name}
+    model = build_model(mcfg, data)
+    parts = partition_indices(data.y_train, 5, {"partition": "iid"}, SEEDS)
+    theta = 0.5 * torch.randn(len(SEEDS), model.D, dtype=torch.float32, generator=torch.Generator().manual_seed(2))
+
+    def objective():
+        rng = SeedRNG(SEEDS, "batch") if batch else None
+        return Objective(model, data, parts, 0.1, torch.float32, torch.device("cpu"), batch_size=batch, batch_rng=rng)
+
+    whole = [b.clone() for b in objective().partition_grad_blocks(theta)]
+    src = objective().partition_gradients(theta)  # the same minibatch draw: a fresh stream
+    assert src.by_rows and src.rows == len(SEEDS) * 5 and src.widths == tuple(model.blocks)
+    cuts = [0, 2, 3, 7, src.rows]  # 0–2, 2–3 in replicate 0; 3–7 spans replicates 0 and 1
+    for a, b in itertools.pairwise(cuts):
+        out = [torch.full((b - a, w), float("nan")) for w in src.widths]
+        src.write(a, b, out)
+        for o, ref in zip(out, whole):
+            assert torch.equal(o, ref.reshape(-1, ref.shape[-1])[a:b])
+    assert not torch.equal(whole[0], objective().partition_grad_blocks(theta + 0.1)[0])  # G depends on θ
+
+
 @pytest.mark.parametrize("name", ["linear", "logistic", "softmax", "mlp", "mlp0"])
 def test_replicates_share_the_first_product_and_equal_each_seed_alone(name):
     """With R > 1 replicates the first product runs once on the shared rows (``Objective.rows``);

@@ -162,6 +162,17 @@ CODES = [
     M(S + "codes.py", "S.scatter_(1, (i + o) % N, True)", "S.scatter_(1, (i - o) % N, True)", REF, K("coco_ef-topk")),
     M(S + "codes.py", "H[:, :, -1] = -H[:, :, :-1].sum(-1)", "H[:, :, -1] = H[:, :, :-1].sum(-1)", COD),
     M(S + "codes.py", "B[..., i, i] = 1.0", "B[..., i, i] = 2.0", COD),
+    # G by parts (CodedSum.kernel_parts, Code.row_parts): the renumbered columns, the runs, each part's CSR
+    M(
+        S + "codes.py",
+        "np.searchsorted(used, cols).astype(np.int64)",
+        "(cols - cols.min()).astype(np.int64)",
+        CMP,
+        K("by_parts"),
+    ),
+    M(S + "codes.py", "runs = [(int(r[0]), int(r[-1]) + 1)", "runs = [(int(r[0]), int(r[-1]))", CMP, K("by_parts")),
+    M(S + "codes.py", "crow_np[p.i0 : p.i1 + 1] - lo", "crow_np[p.i0 : p.i1 + 1]", CMP, K("by_parts")),
+    M(S + "codes.py", "at += j1 - j0", "at += 0", CMP, K("by_parts")),
     M(
         S + "codes.py",
         "rng.rand(M, N, dtype=torch.float64) < d / N",
@@ -358,8 +369,8 @@ MODELS = [
     M(C, "bj = self.sizes.clamp(max=b).clamp(min=1)", "bj = self.sizes.clamp(min=1)", OPT, K("minibatch")),
     M(
         C,
-        "block.add_((self.l2 / self.n) * self.sizes.unsqueeze(-1) * th.unsqueeze(1))",
-        "block.add_(self.l2 * th.unsqueeze(1))",
+        "block[a - first : b - first].add_(scale * th)",
+        "block[a - first : b - first].add_(self.l2 * th)",
         REF,
         K("ridge"),
     ),
@@ -465,6 +476,21 @@ NETS = [
     M(N, "delta = torch.bmm(delta, P[2 * l]) * self.dact(A)", "delta = torch.bmm(delta, P[2 * l])", MOD, NOCNN),
     M(N, "for l in range(len(self.sizes) - 2, -1, -1):", "for l in range(len(self.sizes) - 2, 0, -1):", MOD, NOCNN),
     M(N, "A = self.act(Z) if l < L - 1 else Z", "A = self.act(Z)", MOD, NOCNN),
+    M(N, "torch.bmm(L[first:stop], X[first:stop]", "torch.bmm(L[first:stop], X[: stop - first]", MOD, K("by_rows")),
+    M(
+        C,
+        "for r in range(first // N, (stop - 1) // N + 1):",
+        "for r in range(first // N, (stop - 1) // N):",
+        MOD,
+        K("by_rows"),
+    ),
+    M(
+        C,
+        "theta[r].split(list(self.model.blocks), -1)",
+        "theta[0].split(list(self.model.blocks), -1)",
+        MOD,
+        K("autograd_per_partition"),
+    ),
     M(N, "w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0],", "w = torch.full((Xf.shape[0],), 1.0,", MOD, NOCNN),
     M(
         N,

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -185,6 +185,7 @@ class Code:
         if not self.fixed_weights:  # the least-squares and group decoders use the dense float64 B
             self._dense[torch.float64] = B.to(torch.float64)
         self._csr: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+        self._row_parts: dict[int, list[RowPart] | None] = {}
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense encoding matrix B (R, M, N) in ``dtype`` (default: the code's), cached."""
@@ -278,6 +279,25 @@ class Code:
             )
         return self._csr[key]
 
+    def row_parts(self, m: int) -> list[RowPart] | None:
+        """B's R·M rows in parts of m consecutive rows, each with the partitions (rows of the
+        block-diagonal G, r·N + j) its rows read: as ascending runs [j0, j1), and its CSR columns
+        renumbered to positions in their concatenation. None when the parts would read more than
+        1.25 × R·N partitions in all (B's rows share few partitions with their neighbours, as in
+        crc or a random allocation: forming G by parts would compute much of it twice). Cached."""
+        if m not in self._row_parts:
+            crow, col = self._crow.cpu().numpy(), self.csr(torch.float64, torch.device("cpu"))[1].numpy()
+            rows, parts = self.R * self.M, []
+            for i0 in range(0, rows, m):
+                i1 = min(rows, i0 + m)
+                cols = col[crow[i0] : crow[i1]]
+                used = np.unique(cols)
+                breaks = np.flatnonzero(np.diff(used) != 1) + 1
+                runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(used, breaks) if len(r)]
+                parts.append(RowPart(i0, i1, runs, len(used), np.searchsorted(used, cols).astype(np.int64)))
+            self._row_parts[m] = parts if sum(p.n for p in parts) <= 1.25 * self.R * self.N else None
+        return self._row_parts[m]
+
     def full_weights(self) -> torch.Tensor:
         """ā (R, M) in the code's dtype with āᵀB = 1ᵀ when every device answers: the min-norm
         least squares pinv(Bᵀ)1 in float64 (for sgc ā_i = 1 − p_i is one solution)."""
@@ -300,14 +320,65 @@ class Code:
         return f"Code({self.name}, R={self.R}, M={self.M}, N={self.N}, d={self.d}, decode={self.decode_name})"
 
 
+class RowPart(NamedTuple):
+    """Rows [i0, i1) of B (:meth:`Code.row_parts`): the n partitions they read, as runs [j0, j1) of
+    G's rows, and their CSR entries' columns as positions 0..n−1 in those runs."""
+
+    i0: int
+    i1: int
+    runs: list[tuple[int, int]]
+    n: int
+    col: np.ndarray
+
+
+class RowSource(Protocol):
+    """G (R, N, D) formed on demand (:class:`cocoef_cli.models.PartitionGradients`): ``blocks()``
+    all of it as column blocks (R, N, D_l); where ``by_rows``, ``write(first, stop, out)`` its
+    rows [first, stop) of R·N (row r·N + j is g_j(θ_r)) into ``out``, one contiguous
+    (stop − first, D_l) tensor per block of ``widths``; ``buffer(numel)`` a flat tensor of G's dtype
+    to write them in, reused from one θ to the next."""
+
+    rows: int
+    widths: tuple[int, ...]
+    by_rows: bool
+
+    def blocks(self) -> list[torch.Tensor]: ...
+
+    def write(self, first: int, stop: int, out: Sequence[torch.Tensor]) -> None: ...
+
+    def buffer(self, numel: int) -> torch.Tensor: ...
+
+
+#: Bytes of G a part of the kernel's rows forms at a time (:meth:`CodedSum.kernel_parts`): the
+#: partition gradients a part needs are written just before its rows run and read back from the
+#: caches, not from memory; small enough for a core's share of the last-level cache of the
+#: machines measured (docs/performance.md), large enough that a part's rows share their partitions.
+PART_BYTES = 8 << 20
+
+
 class CodedSum:
     """U = B G of one iteration, not yet formed: u_i = z_i Σ_j B_ij g_j (stragglers compute
-    nothing), for G given as column blocks (R, N, D_l). A consumer either forms it
-    (:meth:`add_to`, :meth:`dense`) or fuses the sum into its own pass over the rows of U (the
-    compiled Top-k kernel does, for error feedback: see :meth:`kernel_args`)."""
+    nothing), for G given as column blocks (R, N, D_l), or formed on demand (:class:`RowSource`).
+    A consumer either forms it (:meth:`add_to`, :meth:`dense`) or fuses the sum into its own pass
+    over the rows of U (the compiled Top-k kernel does, for error feedback: see
+    :meth:`kernel_parts`)."""
 
-    def __init__(self, code: Code, blocks: Sequence[torch.Tensor], z: torch.Tensor):
-        self.code, self.blocks, self.z = code, list(blocks), z
+    def __init__(self, code: Code, G: Sequence[torch.Tensor] | RowSource, z: torch.Tensor):
+        self.code, self.z = code, z
+        self.source: RowSource | None = None
+        self._blocks: list[torch.Tensor] | None = None
+        if isinstance(G, Sequence):
+            self._blocks = list(G)
+        else:
+            self.source = G
+
+    @property
+    def blocks(self) -> list[torch.Tensor]:
+        """G's column blocks (R, N, D_l) (formed whole on the first use when G is a :class:`RowSource`)."""
+        if self._blocks is None:
+            assert self.source is not None
+            self._blocks = self.source.blocks()
+        return self._blocks
 
     def add_to(self, v: torch.Tensor) -> torch.Tensor:
         """v += U in place (v: contiguous (R, M, D)); returns v."""
@@ -330,8 +401,7 @@ class CodedSum:
                 f"G blocks must be ({code.R}, {code.N}, ·) in {v.dtype}; got "
                 f"{[(tuple(b.shape), b.dtype) for b in self.blocks]}"
             )
-        if v.shape != (code.R, code.M, D) or not v.is_contiguous() or v.device.type != "cpu":
-            raise ValueError(f"v must be a contiguous CPU (R={code.R}, M={code.M}, D={D}) tensor; got {tuple(v.shape)}")
+        self._check_v(v, D)
         crow, col, val, _ = self.code.csr(first.dtype, first.device)
         sizes = [b.numel() for b in self.blocks]
         starts = np.cumsum([0] + sizes[:-1])
@@ -353,6 +423,48 @@ class CodedSum:
             starts,
             np.array([b.shape[2] for b in self.blocks]),
         )
+
+    def _check_v(self, v: torch.Tensor, D: int) -> None:
+        code = self.code
+        if v.shape != (code.R, code.M, D) or not v.is_contiguous() or v.device.type != "cpu":
+            raise ValueError(f"v must be a contiguous CPU (R={code.R}, M={code.M}, D={D}) tensor; got {tuple(v.shape)}")
+
+    def kernel_parts(self, v: torch.Tensor) -> Iterator[tuple[int, int, tuple]]:
+        """The kernel's rows of v (R·M, flattened) in parts: (i0, i1, the :meth:`kernel_args` of
+        rows [i0, i1)), to be run in order. Where G is a :class:`RowSource` that writes by rows and
+        consecutive rows of B share their partitions (sgc, frc, uncoded: a part of ``m`` devices
+        needs about m partitions; :meth:`Code.row_parts`), each part forms the partition gradients
+        it needs (about PART_BYTES) just before it is yielded, into one reused buffer, and the
+        kernel reads them from the caches; else one part adds from all of G. Same sums, same order."""
+        src = self.source
+        plan = None
+        if src is not None and src.by_rows and self._blocks is None:
+            plan = self.code.row_parts(max(1, PART_BYTES // max(1, v.element_size() * sum(src.widths))))
+        if plan is None or len(plan) == 1:
+            yield 0, self.code.R * self.code.M, self.kernel_args(v)
+            return
+        assert src is not None
+        widths = src.widths
+        self._check_v(v, sum(widths))
+        crow, _, val, _ = self.code.csr(v.dtype, v.device)
+        crow_np, val_np = crow.numpy(), val.numpy()
+        adds = self.z.reshape(-1).to(torch.bool).numpy()
+        width_np = np.array(widths, dtype=np.int64)
+        buf = src.buffer(max(p.n for p in plan) * sum(widths))
+        for p in plan:
+            sizes = [p.n * w for w in widths]
+            out = [b.view(p.n, w) for b, w in zip(buf[: sum(sizes)].split(sizes), widths)]
+            at = 0
+            for j0, j1 in p.runs:
+                src.write(j0, j1, [o[at : at + j1 - j0] for o in out])
+                at += j1 - j0
+            lo, hi = crow_np[p.i0], crow_np[p.i1]
+            starts = np.cumsum([0] + sizes[:-1])
+            yield (
+                p.i0,
+                p.i1,
+                (adds[p.i0 : p.i1], crow_np[p.i0 : p.i1 + 1] - lo, p.col, val_np[lo:hi], buf.numpy(), starts, width_np),
+            )
 
 
 # ----------------------------------------------------------------------------- allocations

@@ -22,6 +22,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -123,21 +124,15 @@ def topk_pick(
     r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
     x = v.detach().reshape(-1, D).contiguous()
     act = None if active is None else active.detach().reshape(-1).to(torch.bool).numpy()
-    idx, picked = kernels.topk_rows(
-        x.numpy(),
-        k,
-        h,
-        r,
-        8 * r * h,
-        torch.get_num_threads(),
-        act,
-        None if add is None else add.kernel_args(v),
-        subtract,
-    )
+    xs, threads = x.numpy(), torch.get_num_threads()
+    out, picked = np.empty((xs.shape[0], k), np.int64), np.empty((xs.shape[0], k), xs.dtype)
+    for i0, i1, args in [(0, xs.shape[0], None)] if add is None else add.kernel_parts(v):
+        part = None if act is None else act[i0:i1]
+        kernels.topk_rows(xs[i0:i1], k, h, r, 8 * r * h, threads, part, args, subtract, (out[i0:i1], picked[i0:i1]))
     if subtract and x.data_ptr() != v.data_ptr():  # v was not contiguous: the kernel subtracted in a copy
         v.copy_(x.view(v.shape))
     shape = (*v.shape[:-1], k)
-    return torch.from_numpy(idx).view(shape), torch.from_numpy(picked).view(shape)
+    return torch.from_numpy(out).view(shape), torch.from_numpy(picked).view(shape)
 
 
 #: Entries per block of the full-row selection (temporaries stay small whatever M·D is).

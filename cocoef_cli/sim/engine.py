@@ -295,7 +295,7 @@ class Simulation:
         z = exp.straggler.draw()
         a, self.residual = exp.code.decode(z)
         G, self.next_G = self.next_G, None  # computed at θ^t by the evaluation, if there was one
-        U = CodedSum(exp.code, exp.objective.partition_grad_blocks(self.theta) if G is None else G, z)
+        U = CodedSum(exp.code, exp.objective.partition_gradients(self.theta) if G is None else G, z)
         return exp.method.coded_step(U, z, a), z
 
     def state_norm(self) -> torch.Tensor | None:

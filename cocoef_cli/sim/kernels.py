@@ -248,6 +248,7 @@ def topk_rows(
     active: np.ndarray | None = None,
     add: tuple | None = None,
     subtract: bool = False,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (n, k) of the k largest |x_j| of every row of the C-contiguous float array x (n, D),
     and the values x_ij there (after the addition below).
@@ -263,7 +264,7 @@ def topk_rows(
     (rows, gwidth[b]) array at g[gstart[b]:] (g flat, x's dtype; the blocks' widths sum to D).
     ``subtract``: last, every active row gets x_ij += −x_ij at its k positions (error feedback's
     e ← v − m with m = v there, as that sum), while the row is in cache; the values returned are
-    those before.
+    those before. ``out``: the (n, k) arrays to return them in (int64 and x's dtype, C-contiguous).
     """
     lib = library()
     assert lib is not None, "the compiled kernel is not available"
@@ -272,7 +273,13 @@ def topk_rows(
     n, D = x.shape
     if not (1 <= k <= D and h >= 1 and r >= 1 and cap >= k):
         raise ValueError(f"need 1 ≤ k ≤ D, h ≥ 1, r ≥ 1, cap ≥ k; got k={k}, D={D}, h={h}, r={r}, cap={cap}")
-    out, picked = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=x.dtype)
+    if out is None:
+        out = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=x.dtype)
+    elif any(a.shape != (n, k) or not a.flags.c_contiguous or not a.flags.writeable for a in out) or (
+        out[0].dtype != np.int64 or out[1].dtype != x.dtype
+    ):
+        raise ValueError(f"out must be writable C-contiguous ({n}, {k}) int64 and {x.dtype} arrays")
+    positions, picked = out
     act = np.ones(n, dtype=np.bool_) if active is None else np.ascontiguousarray(active, dtype=np.bool_)
     if add is None:
         adds, crow = np.zeros(n, np.bool_), np.zeros(n + 1, np.int64)
@@ -286,7 +293,7 @@ def topk_rows(
         raise ValueError("active, adds, crow or the block arrays do not match x's rows")
     fn = getattr(lib, f"topk_rows_{_SUFFIX[x.dtype]}")
     head = (_ptr(x), n, D, k, h, r, cap, _ptr(act), _ptr(adds), _ptr(crow), _ptr(col), _ptr(val), _ptr(g))
-    tail = (gstart.shape[0], int(subtract), max(1, min(threads, n)), _ptr(out), _ptr(picked))
+    tail = (gstart.shape[0], int(subtract), max(1, min(threads, n)), _ptr(positions), _ptr(picked))
     if fn(*head, _ptr(gstart), _ptr(gwidth), *tail):
         raise MemoryError("the Top-k kernel could not allocate its scratch memory")
-    return out, picked
+    return positions, picked

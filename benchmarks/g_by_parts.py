@@ -1,0 +1,67 @@
+"""G formed by parts (``codes.PART_BYTES`` of partition gradients written just before the kernel's
+rows that add them, read back from the caches) against G formed whole (one (R, N, D) tensor in
+memory, then the kernel over all rows), per update of the bench setting (mnist5k, sgc d=3,
+Bernoulli p=0.2, COCO-EF + Top-k 1%, seeds=1), with the limit of (b) (central step + one pass
+e ← e + G) timed in the same rounds. Both paths are in the package (``PART_BYTES`` of at least
+all of G is the whole path), so they alternate in rounds on one simulation in this process.
+
+    .venv/bin/python benchmarks/g_by_parts.py [--models mlp softmax] [--devices 100 1000]
+        [--threads 1 2] [--mib 4 8 16] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cocoef_cli import config
+from cocoef_cli.bench import SETTING, WORKLOADS, central_step, fused_pass, machine, paired_times
+from cocoef_cli.run import pinned_threads
+from cocoef_cli.sim import codes
+from cocoef_cli.sim.engine import Simulation, build_experiment
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--devices", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--mib", type=float, nargs="+", default=[codes.PART_BYTES / 2**20])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    print(f"Machine: {machine()}")
+    default = codes.PART_BYTES
+    sizes = [int(m * 2**20) for m in args.mib] + [1 << 62]  # the last: one part, G whole
+
+    def update(sim: Simulation, part_bytes: int):
+        def step() -> None:
+            codes.PART_BYTES = part_bytes
+            sim.step()
+
+        return step
+
+    for n_threads in args.threads:
+        for model in args.models:
+            for devices in args.devices:
+                with pinned_threads(n_threads):
+                    cfg = config.load(SETTING + WORKLOADS[model] + [f"devices={devices}", "device=cpu"])
+                    sim = Simulation(build_experiment(cfg))
+                    try:
+                        fns = [update(sim, b) for b in sizes] + [central_step(sim), fused_pass(sim)]
+                        times = paired_times(fns, [3] * len(fns), rounds=args.rounds)
+                    finally:
+                        codes.PART_BYTES = default
+                limit = times[-2] + times[-1]
+                whole = times[len(sizes) - 1]
+                cells = [
+                    f"{m:g} MiB parts {t * 1e3:.2f} ms ({t / limit:.2f}× limit, {t / whole:.2f}× whole)"
+                    for m, t in zip(args.mib, times)
+                ]
+                print(
+                    f"{model} M={devices}, {n_threads} thread(s): limit {limit * 1e3:.2f} ms; G whole "
+                    f"{whole * 1e3:.2f} ms ({whole / limit:.2f}× limit); " + "; ".join(cells),
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
