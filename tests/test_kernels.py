@@ -211,6 +211,15 @@ def test_bad_scalars_are_refused_before_the_c_code_runs():
 VECTOR_PATHS = {"native": ("-march=native",), "avx, no avx-512": ("-march=native", "-mno-avx512f"), "portable": ()}
 
 
+def _cpu_flags() -> set[str]:
+    """The first processor's feature flags (/proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def _selection_cases(dtype: type) -> list[np.ndarray]:
     """Rows on which a wrong candidate mask or a wrong k-th largest shows: Gaussian rows of
     different scales, integer ties at the threshold, magnitudes over the whole exponent range
@@ -256,5 +265,14 @@ def test_every_vector_form_of_the_kernel_selects_exactly(path, dtype, tmp_path, 
         assert np.array_equal(picked, np.take_along_axis(x, idx, axis=1))
     x = _selection_cases(dtype)[0]
     x[2, 777] = np.nan
+    x[3, x.shape[1] - 5] = np.nan  # in the last, partial block of 64 (the scalar tail)
     idx, _ = kernels.topk_rows(x.copy(), k, h, r, 8 * r * h, 1)
-    assert 777 in idx[2]
+    assert 777 in idx[2] and x.shape[1] - 5 in idx[3]
+    # the build took the form its flags ask for on this CPU (where /proc/cpuinfo says what it has)
+    flags = _cpu_flags()
+    if not flags:
+        return
+    want = {"native": 512 if "avx512f" in flags else 256 if "avx" in flags else 0, "portable": 0}
+    want["avx, no avx-512"] = 256 if "avx" in flags else 0
+    suffix = "f32" if dtype == np.float32 else "f64"
+    assert getattr(kernels._LIBRARY, f"vector_form_{suffix}")() == want[path]

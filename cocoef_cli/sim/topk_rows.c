@@ -422,6 +422,17 @@ int NAME(topk_rows)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t
     return status;
 }
 
+/* The candidate mask this build compiled (NAME(mask64)): 512 (AVX-512), 256 (AVX), 0 (portable). */
+int NAME(vector_form)(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
 /* Whether this build runs rows in parallel (OpenMP). */
 int NAME(parallel)(void) {
 #ifdef _OPENMP
