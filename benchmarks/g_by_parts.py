@@ -1,12 +1,12 @@
 """G formed by parts (``codes.PART_BYTES`` of partition gradients written just before the kernel's
 rows that add them, read back from the caches) against G formed whole (one (R, N, D) tensor in
 memory, then the kernel over all rows), per update of the bench setting (mnist5k, sgc d=3,
-Bernoulli p=0.2, COCO-EF + Top-k 1%, seeds=1), with the limit of (b) (central step + one pass
+Bernoulli p=0.2, COCO-EF + Top-k 1%, seeds=1 or ``--seeds R``), with the limit of (b) (central step + one pass
 e ← e + G) timed in the same rounds. Both paths are in the package (``PART_BYTES`` of at least
 all of G is the whole path), so they alternate in rounds on one simulation in this process.
 
     .venv/bin/python benchmarks/g_by_parts.py [--models mlp softmax] [--devices 100 1000]
-        [--threads 1 2] [--mib 4 8 16] [--rounds 5]
+        [--threads 1 2] [--mib 4 8 16] [--seeds 1] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--mib", type=float, nargs="+", default=[codes.PART_BYTES / 2**20])
+    ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     print(f"Machine: {machine()}")
@@ -43,7 +44,8 @@ def main() -> None:
         for model in args.models:
             for devices in args.devices:
                 with pinned_threads(n_threads):
-                    cfg = config.load(SETTING + WORKLOADS[model] + [f"devices={devices}", "device=cpu"])
+                    setting = [o for o in SETTING if o != "seeds=1"] + [f"seeds={args.seeds}"]
+                    cfg = config.load(setting + WORKLOADS[model] + [f"devices={devices}", "device=cpu"])
                     sim = Simulation(build_experiment(cfg))
                     try:
                         fns = [update(sim, b) for b in sizes] + [central_step(sim), fused_pass(sim)]
@@ -57,7 +59,7 @@ def main() -> None:
                     for m, t in zip(args.mib, times)
                 ]
                 print(
-                    f"{model} M={devices}, {n_threads} thread(s): limit {limit * 1e3:.2f} ms; G whole "
+                    f"{model} M={devices}, seeds={args.seeds}, {n_threads} thread(s): limit {limit * 1e3:.2f} ms; G whole "
                     f"{whole * 1e3:.2f} ms ({whole / limit:.2f}× limit); " + "; ".join(cells),
                     flush=True,
                 )
