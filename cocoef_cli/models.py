@@ -271,6 +271,23 @@ class Metrics:
     grad: torch.Tensor | None = None  # ∇F(θ), (R, D)
 
 
+def _alongside(model: Model, name: str) -> Callable | None:
+    """``model.<name>``, an optional other form of ``weighted_grads`` (``weighted_terms``,
+    ``weighted_loss_grads``), where the class that defines it is the one that defines
+    ``weighted_grads`` or a subclass of it; else None, so that a subclass overriding only
+    ``weighted_grads`` (a plugin extending a built-in model) is not bypassed by a form it inherits."""
+
+    def owner(attr: str) -> type | None:
+        return next((c for c in type(model).__mro__ if attr in vars(c)), None)
+
+    if name in getattr(model, "__dict__", {}):  # set on the instance: the model's own
+        return getattr(model, name)
+    mine, grads = owner(name), owner("weighted_grads")
+    if mine is None or grads is None or not issubclass(mine, grads):
+        return None
+    return getattr(model, name)
+
+
 class PartitionGradients:
     """G = [g_j(θ_r)] of one θ, formed on demand: whole, into the objective's reused blocks
     (:meth:`blocks`), or, where the model offers :class:`~cocoef_cli.nets.PartitionTerms`
@@ -356,7 +373,7 @@ class Objective:
         # and MLP) runs its first product once on the shared rows (one larger product: the same values
         # up to rounding); one replicate keeps its own
         R = idx.shape[0]
-        fns = [model.weighted_grads, getattr(model, "weighted_loss_grads", model.weighted_grads)]
+        fns = [model.weighted_grads, _alongside(model, "weighted_loss_grads") or model.weighted_grads]
         takes = all("rows" in inspect.signature(fn).parameters for fn in fns)
         self.rows = Rows(Xpad, idx.reshape(R, -1)) if R > 1 and takes else None
         self.valid = valid
@@ -388,7 +405,7 @@ class Objective:
         a minibatch is drawn here."""
         X, Y, W = (self.Xp, self.Yp, self.Wp) if self.batch_size is None else self._minibatch()
         rows = self._rows() if self.batch_size is None else {}
-        terms = getattr(self.model, "weighted_terms", None)
+        terms = _alongside(self.model, "weighted_terms")
         if terms is not None:
             return PartitionGradients(self, theta, terms(theta, X, Y, W, **rows))
         return PartitionGradients(
@@ -400,7 +417,7 @@ class Objective:
         it and F = Σ_{j,b} ℓ(θ; x_{jb})/n + ½ l2 ‖θ‖² from the same forward pass where the model
         offers ``weighted_loss_grads`` (the partitions cover the training set once), else
         :meth:`train_loss` (a second forward pass)."""
-        both = getattr(self.model, "weighted_loss_grads", None)
+        both = _alongside(self.model, "weighted_loss_grads")
         if both is None:
             return self.partition_grad_blocks(theta), self.train_loss(theta)
         blocks, F = both(theta, self.Xp, self.Yp, self.Wp, out=self._buffers(theta), **self._rows())

@@ -60,8 +60,19 @@ class PartitionTerms:
         self.rows, self.terms = rows, list(terms)
 
     def write(self, first: int, stop: int, out: Sequence[torch.Tensor]) -> None:
-        """The blocks of G's rows [first, stop) into ``out`` (contiguous, stop − first rows each)."""
+        """The blocks of G's rows [first, stop) into ``out`` (contiguous, stop − first rows each).
+        A range of fewer rows than torch's threads is formed within a range of that many (or of all
+        rows) and copied out: a batched product of fewer matrices than threads shares a matrix
+        between threads and can round otherwise than the same matrix in a larger batch."""
         n = stop - first
+        wide = min(self.rows, max(2, torch.get_num_threads()))
+        if n < wide:
+            lo = max(0, min(first, self.rows - wide))
+            rows = [torch.empty((wide, *o.shape[1:]), dtype=o.dtype, device=o.device) for o in out]
+            self.write(lo, lo + wide, rows)
+            for o, r in zip(out, rows):
+                o.copy_(r[first - lo : stop - lo])
+            return
         for (L, X), o in zip(self.terms, out):
             if X is None:
                 torch.sum(L[first:stop], 1, out=o.view(n, L.shape[2]))

@@ -314,8 +314,8 @@ def test_the_kernel_run_by_parts_of_g_is_the_whole_run(code_name, d, threads, mo
     """COCO-EF's fused update with G formed a part of rows at a time (each part's partition
     gradients written just before its rows, the parts wrapping around sgc's cyclic allocation)
     leaves the same bits in e and selects the same entries with the same values as with G whole;
-    a code whose rows share few partitions with their neighbours (rgc's random regular graph) is
-    not run by parts."""
+    a code whose rows share few partitions with their neighbours (rgc's random regular graph) has
+    no row parts (so it is not run by parts); G of the wrong number of rows is refused."""
     from cocoef_cli.sim import codes as codes_mod
 
     if "kernel" not in THRESHOLD_PATHS:
@@ -346,6 +346,9 @@ def test_the_kernel_run_by_parts_of_g_is_the_whole_run(code_name, d, threads, mo
     rcfg = {"name": "rgc", "d": 3}
     rgc = build_code(rcfg, allocate(rcfg, M, rng_), torch.full((R, M), 0.2, dtype=F64), rng_, torch.float32)
     assert rgc.row_parts(10) is None and code.row_parts(10) is not None
+    short = _Rows([b[:1] for b in blocks])  # one replicate's rows of two
+    with pytest.raises(ValueError, match="rows"):
+        topk.sparse(e.clone(), active=z, add=CodedSum(code, short, z), subtract=True)
 
 
 def test_a_coded_sum_of_the_wrong_shape_is_refused(threshold_path):

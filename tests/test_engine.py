@@ -270,3 +270,40 @@ def test_evaluation_shares_the_next_updates_gradients(setup, monkeypatch):
     simulate(build_experiment(cfg))
     # evaluations at t = 0, 2, 4, 6 compute G with F; the updates at t = 1, 3, 5 compute G alone
     assert calls == {"partition": 3, "partition+loss": 4, "full": 0, "train_loss": 0}
+
+
+@pytest.mark.parametrize("extra", [["code.d=2"], ["code.d=3", "model.l2=0.01", "batch_size=8"], ["code=uncoded"]])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_updates_with_g_by_parts_are_the_bits_of_g_whole(extra, threads, monkeypatch):
+    """A run whose COCO-EF updates form G by parts (parts of 41 of the 42 rows, the real partition
+    gradients: the last part is one row, reading one partition, or, with sgc d = 2, two runs of
+    one) leaves the same bits in θ and the error memory as with G whole, at 1 and 2 threads."""
+    from cocoef_cli.sim import codes, compressors
+    from cocoef_cli.sim.engine import Simulation, build_experiment
+
+    if compressors._kernels() is None:
+        pytest.skip("no compiled kernel: G is formed whole")
+    base = ["dataset=digits", "model=mlp", "model.hidden=[32]", "devices=21", "seeds=2", "compressor.ratio=0.05"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sims = [Simulation(build_experiment(config.load(base + extra + [f"threads={threads}"]))) for _ in range(2)]
+        parts = 0
+        kernel_parts = codes.CodedSum.kernel_parts
+
+        def counting(self, v):
+            nonlocal parts
+            for i0, i1, args in kernel_parts(self, v):
+                parts += (i1 - i0) < self.code.R * self.code.M
+                yield i0, i1, args
+
+        monkeypatch.setattr(codes.CodedSum, "kernel_parts", counting)
+        for _ in range(4):
+            for sim, part_bytes in zip(sims, [1 << 62, 4 * 2410 * 41]):
+                monkeypatch.setattr(codes, "PART_BYTES", part_bytes)
+                sim.step()
+    finally:
+        torch.set_num_threads(before)
+    assert parts == 4 * 2  # every update of the second run in two parts (41 rows, then 1)
+    assert torch.equal(sims[0].theta, sims[1].theta)
+    assert torch.equal(sims[0].exp.method.e, sims[1].exp.method.e)

@@ -190,6 +190,35 @@ def test_partition_gradients_by_rows_are_the_bits_of_the_whole(name, batch):
     assert not torch.equal(whole[0], objective().partition_grad_blocks(theta + 0.1)[0])  # G depends on θ
 
 
+@pytest.mark.parametrize("name", ["softmax", "mlp"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_single_row_of_g_is_the_bits_of_the_whole_at_any_thread_count(name, threads):
+    """Ranges shorter than the thread count (a batched product of one matrix can round otherwise
+    than the same matrix in a larger batch when several threads share it: sgc's wrap-around reads
+    one partition, uncoded's last part can hold one row) are the bits of G whole, at shapes
+    large enough for the products to run on several threads."""
+    n, g = 300, np.random.default_rng(5)
+    data = Dataset(
+        "flat", g.normal(size=(n, 64)), np.arange(n) % 10, np.zeros((0, 64)), np.zeros(0), "classification", 10
+    )
+    mcfg = {"name": "mlp", "hidden": [32], "activation": "relu", "init": "torch"} if name == "mlp" else {"name": name}
+    model = build_model(mcfg, data)
+    parts = partition_indices(data.y_train, 5, {"partition": "iid"}, SEEDS)
+    theta = 0.5 * torch.randn(len(SEEDS), model.D, dtype=torch.float32, generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        obj = Objective(model, data, parts, 0.1, torch.float32, torch.device("cpu"))
+        whole = [b.clone().reshape(-1, b.shape[-1]) for b in obj.partition_grad_blocks(theta)]
+        src = obj.partition_gradients(theta)
+        for a in range(src.rows):
+            out = [torch.full((1, w), float("nan")) for w in src.widths]
+            src.write(a, a + 1, out)
+            assert all(torch.equal(o, w[a : a + 1]) for o, w in zip(out, whole)), a
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", ["linear", "logistic", "softmax", "mlp", "mlp0"])
 def test_replicates_share_the_first_product_and_equal_each_seed_alone(name):
     """With R > 1 replicates the first product runs once on the shared rows (``Objective.rows``);
@@ -245,6 +274,42 @@ def test_a_subclass_whose_partition_gradients_take_no_rows_keeps_the_per_replica
     assert own.rows is None
     theta = own.model.init(SeedRNG(SEEDS, "init"), torch.float64)
     assert own.partition_grads(theta).shape == (len(SEEDS), 3, own.model.D)
+
+
+@pytest.mark.parametrize("name", ["softmax", "mlp"])
+def test_a_subclass_overriding_only_weighted_grads_is_used_in_every_path(name):
+    """A plugin that extends a built-in model and overrides only ``weighted_grads`` (here: twice
+    the built-in's) gets its override in G formed whole, in G by parts and in the evaluation's
+    (G, F): the built-in's ``weighted_terms`` and ``weighted_loss_grads``, which it inherits, do
+    not bypass it."""
+    from cocoef_cli.models import Softmax
+    from cocoef_cli.nets import MLP
+
+    base = MLP if name == "mlp" else Softmax
+
+    class Twice(base):  # type: ignore[valid-type, misc]
+        def weighted_grads(self, theta, Xp, Yp, Wp, out=None, rows=None):
+            return [2 * b for b in super().weighted_grads(theta, Xp, Yp, Wp, rows=rows)]
+
+    data = image_data(12, (1, 3, 3))
+    parts = partition_indices(data.y_train, 3, {"partition": "iid"}, SEEDS)
+    mcfg = {"name": name, "hidden": [3], "activation": "tanh", "init": "torch"} if name == "mlp" else {"name": name}
+
+    def objective(model):
+        return Objective(model, data, parts, 0.0, torch.float64, torch.device("cpu"))
+
+    plain, twice = objective(build_model(mcfg, data)), objective(Twice(mcfg, data))
+    theta = plain.model.init(SeedRNG(SEEDS, "init"), torch.float64)
+    want = [2 * b for b in plain.partition_grad_blocks(theta)]
+    got = twice.partition_gradients(theta)
+    assert not got.by_rows
+    for g_, w in zip(got.blocks(), want):
+        torch.testing.assert_close(g_, w)
+    blocks, F = twice.partition_loss_grad_blocks(theta)
+    for g_, w in zip(blocks, want):
+        torch.testing.assert_close(g_, w)
+    torch.testing.assert_close(F, plain.train_loss(theta))
+    assert plain.partition_gradients(theta).by_rows  # the built-in itself keeps G by parts
 
 
 @pytest.mark.parametrize(

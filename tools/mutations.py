@@ -456,9 +456,19 @@ MODELS = [
         K("init"),
     ),
     M(C, "return (Z.argmax(-1) == Y).to(Z.dtype)", "return (Z.argmin(-1) == Y).to(Z.dtype)", REF, K("classification")),
+    # a plugin's override of weighted_grads is not bypassed by the forms it inherits
+    M(
+        C,
+        "if mine is None or grads is None or not issubclass(mine, grads):",
+        "if mine is None:",
+        MOD,
+        K("overriding_only"),
+    ),
 ]
 N = "cocoef_cli/nets.py"
 NETS = [
+    # a range of G's rows shorter than the threads is formed within a wider one (same bits as G whole)
+    M(N, "wide = min(self.rows, max(2, torch.get_num_threads()))", "wide = 1", MOD, K("every_single_row")),
     M(N, '"tanh": lambda a: 1 - a * a', '"tanh": lambda a: 1 - a', MOD, NOCNN),
     M(N, '"sigmoid": lambda a: a * (1 - a)', '"sigmoid": lambda a: 1 - a', MOD, NOCNN),
     M(N, '"relu": lambda a: torch.gt(a, 0,', '"relu": lambda a: torch.ge(a, 0,', MOD, NOCNN),

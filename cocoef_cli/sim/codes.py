@@ -444,13 +444,17 @@ class CodedSum:
             yield 0, self.code.R * self.code.M, self.kernel_args(v)
             return
         assert src is not None
-        widths = src.widths
+        widths, code = src.widths, self.code
+        if src.rows != code.R * code.N:
+            raise ValueError(f"G must have R·N = {code.R * code.N} rows ({code.R} × {code.N}); got {src.rows}")
         self._check_v(v, sum(widths))
         crow, _, val, _ = self.code.csr(v.dtype, v.device)
         crow_np, val_np = crow.numpy(), val.numpy()
         adds = self.z.reshape(-1).to(torch.bool).numpy()
         width_np = np.array(widths, dtype=np.int64)
         buf = src.buffer(max(p.n for p in plan) * sum(widths))
+        if buf.dtype != v.dtype:
+            raise ValueError(f"G's rows must be in v's dtype {v.dtype}; got {buf.dtype}")
         for p in plan:
             sizes = [p.n * w for w in widths]
             out = [b.view(p.n, w) for b, w in zip(buf[: sum(sizes)].split(sizes), widths)]
