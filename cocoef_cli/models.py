@@ -436,11 +436,17 @@ class Objective:
         ``blocks`` (stop − first, D_l)."""
         if not self.l2:
             return
-        N = self.N
+        N, widths = self.N, list(self.model.blocks)
+        if first % N == 0 and stop % N == 0:  # whole replicates: one product per block (G whole)
+            r0, r1 = first // N, stop // N
+            scale = (self.l2 / self.n) * self.sizes[r0:r1].unsqueeze(-1)
+            for block, th in zip(blocks, theta[r0:r1].split(widths, -1)):
+                block.view(r1 - r0, N, -1).add_(scale * th.unsqueeze(1))
+            return
         for r in range(first // N, (stop - 1) // N + 1):
             a, b = max(first, r * N), min(stop, (r + 1) * N)
             scale = (self.l2 / self.n) * self.sizes[r, a - r * N : b - r * N].unsqueeze(-1)
-            for block, th in zip(blocks, theta[r].split(list(self.model.blocks), -1)):
+            for block, th in zip(blocks, theta[r].split(widths, -1)):
                 block[a - first : b - first].add_(scale * th)
 
     def _buffers(self, theta: torch.Tensor) -> list[torch.Tensor]:
