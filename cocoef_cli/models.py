@@ -437,13 +437,7 @@ class Objective:
         if not self.l2:
             return
         N, widths = self.N, list(self.model.blocks)
-        if first % N == 0 and stop % N == 0:  # whole replicates: one product per block (G whole)
-            r0, r1 = first // N, stop // N
-            scale = (self.l2 / self.n) * self.sizes[r0:r1].unsqueeze(-1)
-            for block, th in zip(blocks, theta[r0:r1].split(widths, -1)):
-                block.view(r1 - r0, N, -1).add_(scale * th.unsqueeze(1))
-            return
-        for r in range(first // N, (stop - 1) // N + 1):
+        for r in range(first // N, (stop - 1) // N + 1):  # per replicate: a temporary of one replicate's rows
             a, b = max(first, r * N), min(stop, (r + 1) * N)
             scale = (self.l2 / self.n) * self.sizes[r, a - r * N : b - r * N].unsqueeze(-1)
             for block, th in zip(blocks, theta[r].split(widths, -1)):

@@ -494,8 +494,7 @@ NETS = [
         MOD,
         K("by_rows"),
     ),
-    M(C, "theta[r0:r1].split(widths, -1)", "theta[r0 : r0 + 1].split(widths, -1)", MOD, K("autograd_per_partition")),
-    M(C, "theta[r].split(widths, -1)", "theta[0].split(widths, -1)", MOD, K("by_rows_are_the_bits")),
+    M(C, "theta[r].split(widths, -1)", "theta[0].split(widths, -1)", MOD, K("autograd_per_partition")),
     M(N, "w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0],", "w = torch.full((Xf.shape[0],), 1.0,", MOD, NOCNN),
     M(
         N,
