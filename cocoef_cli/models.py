@@ -280,8 +280,6 @@ def _alongside(model: Model, name: str) -> Callable | None:
     def owner(attr: str) -> type | None:
         return next((c for c in type(model).__mro__ if attr in vars(c)), None)
 
-    if name in getattr(model, "__dict__", {}):  # set on the instance: the model's own
-        return getattr(model, name)
     mine, grads = owner(name), owner("weighted_grads")
     if mine is None or grads is None or not issubclass(mine, grads):
         return None
@@ -436,11 +434,11 @@ class Objective:
         ``blocks`` (stop − first, D_l)."""
         if not self.l2:
             return
-        N, widths = self.N, list(self.model.blocks)
-        for r in range(first // N, (stop - 1) // N + 1):  # per replicate: a temporary of one replicate's rows
+        N = self.N
+        for r in range(first // N, (stop - 1) // N + 1):
             a, b = max(first, r * N), min(stop, (r + 1) * N)
             scale = (self.l2 / self.n) * self.sizes[r, a - r * N : b - r * N].unsqueeze(-1)
-            for block, th in zip(blocks, theta[r].split(widths, -1)):
+            for block, th in zip(blocks, theta[r].split(list(self.model.blocks), -1)):
                 block[a - first : b - first].add_(scale * th)
 
     def _buffers(self, theta: torch.Tensor) -> list[torch.Tensor]:

@@ -68,10 +68,10 @@ class PartitionTerms:
         wide = min(self.rows, max(2, torch.get_num_threads()))
         if n < wide:
             lo = max(0, min(first, self.rows - wide))
-            rows = [torch.empty((wide, *o.shape[1:]), dtype=o.dtype, device=o.device) for o in out]
-            self.write(lo, lo + wide, rows)
-            for o, r in zip(out, rows):
-                o.copy_(r[first - lo : stop - lo])
+            wider = [torch.empty((wide, *o.shape[1:]), dtype=o.dtype, device=o.device) for o in out]
+            self.write(lo, lo + wide, wider)
+            for o, w in zip(out, wider):
+                o.copy_(w[first - lo : stop - lo])
             return
         for (L, X), o in zip(self.terms, out):
             if X is None:

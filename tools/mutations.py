@@ -494,7 +494,13 @@ NETS = [
         MOD,
         K("by_rows"),
     ),
-    M(C, "theta[r].split(widths, -1)", "theta[0].split(widths, -1)", MOD, K("autograd_per_partition")),
+    M(
+        C,
+        "theta[r].split(list(self.model.blocks), -1)",
+        "theta[0].split(list(self.model.blocks), -1)",
+        MOD,
+        K("autograd_per_partition"),
+    ),
     M(N, "w = torch.full((Xf.shape[0],), 1.0 / Xf.shape[0],", "w = torch.full((Xf.shape[0],), 1.0,", MOD, NOCNN),
     M(
         N,
