@@ -30,12 +30,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     print(f"Machine: {machine()}")
-    default = codes.PART_BYTES
+    default, form = codes.PART_BYTES, codes.G_FORM
     sizes = [int(m * 2**20) for m in args.mib] + [1 << 62]  # the last: one part, G whole
 
     def update(sim: Simulation, part_bytes: int):
         def step() -> None:
-            codes.PART_BYTES = part_bytes
+            codes.PART_BYTES, codes.G_FORM = part_bytes, "parts"  # not the timed choice: this form
             sim.step()
 
         return step
@@ -51,7 +51,7 @@ def main() -> None:
                         fns = [update(sim, b) for b in sizes] + [central_step(sim), fused_pass(sim)]
                         times = paired_times(fns, [3] * len(fns), rounds=args.rounds)
                     finally:
-                        codes.PART_BYTES = default
+                        codes.PART_BYTES, codes.G_FORM = default, form
                 limit = times[-2] + times[-1]
                 whole = times[len(sizes) - 1]
                 cells = [

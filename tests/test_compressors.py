@@ -286,10 +286,11 @@ def _coded_sum_case(dtype, layout, d=3):
 
 
 class _Rows:
-    """A RowSource over given blocks (what PartitionGradients is to the kernel), counting writes."""
+    """A RowSource over given blocks (what PartitionGradients is to the kernel), counting writes
+    and the times all of G was asked for."""
 
     def __init__(self, blocks):
-        self._b, self.writes = blocks, 0
+        self._b, self.writes, self.wholes = blocks, 0, 0
         self.rows, self.widths, self.by_rows = (
             blocks[0].shape[0] * blocks[0].shape[1],
             tuple(b.shape[2] for b in blocks),
@@ -297,6 +298,7 @@ class _Rows:
         )
 
     def blocks(self):
+        self.wholes += 1
         return self._b
 
     def write(self, first, stop, out):
@@ -330,6 +332,7 @@ def test_the_kernel_run_by_parts_of_g_is_the_whole_run(code_name, d, threads, mo
     z = torch.rand(R, M, generator=g) < 0.7
     e = torch.randn(R, M, sum(widths), generator=g)
     monkeypatch.setattr(codes_mod, "PART_BYTES", 10 * 4 * sum(widths))  # parts of 10 rows (of R·M = 80)
+    monkeypatch.setattr(codes_mod, "G_FORM", "parts")
     topk = make("topk", e.shape[-1], k=90)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -349,6 +352,58 @@ def test_the_kernel_run_by_parts_of_g_is_the_whole_run(code_name, d, threads, mo
     short = _Rows([b[:1] for b in blocks])  # one replicate's rows of two
     with pytest.raises(ValueError, match="rows"):
         topk.sparse(e.clone(), active=z, add=CodedSum(code, short, z), subtract=True)
+
+
+def test_the_faster_form_alternates_then_keeps_the_lower_minimum():
+    """FasterForm: parts first, then whole, alternating; the first time of each form is a warm-up,
+    not counted; after TRIALS timed updates of each, the form with the lower minimum is kept."""
+    from cocoef_cli.sim.codes import FasterForm
+
+    for parts_s, whole_s, kept in [(1.0, 2.0, True), (2.0, 1.0, False)]:
+        form, seen = FasterForm(), []
+        for t in range(2 * (1 + FasterForm.TRIALS) + 4):
+            by_parts = form.next()
+            seen.append(by_parts)
+            # a warm-up that would decide wrongly if it counted: the slower form's is the fastest
+            seconds = (parts_s if by_parts else whole_s) + 0.01 * t
+            form.record(by_parts, 1e-3 if t < 2 and seconds > 1.5 else seconds)
+        trial = 2 * (1 + FasterForm.TRIALS)
+        assert seen[:trial] == [True, False] * (1 + FasterForm.TRIALS)
+        assert form.by_parts is kept and seen[trial:] == [kept] * 4
+
+
+def test_the_timed_choice_of_g_s_form_leaves_the_bits_of_g_whole(monkeypatch):
+    """With G_FORM = "faster" (the default) the updates alternate G by parts and G whole until
+    the choice is made, then run in the kept form; every update leaves the bits of G whole."""
+    from cocoef_cli.sim import codes as codes_mod
+    from cocoef_cli.sim.codes import FasterForm
+
+    if "kernel" not in THRESHOLD_PATHS:
+        pytest.skip("no compiled kernel: G is formed whole")
+    assert codes_mod.G_FORM == "faster"
+    g = torch.Generator().manual_seed(5)
+    R, M, widths = 2, 40, [500, 30, 1000, 7]
+    rng_ = SeedRNG([0, 1], "code")
+    ccfg = {"name": "sgc", "d": 3}
+    code = build_code(ccfg, allocate(ccfg, M, rng_), torch.full((R, M), 0.2, dtype=F64), rng_, torch.float32)
+    blocks = [torch.randn(R, code.N, w, generator=g) for w in widths]
+    monkeypatch.setattr(codes_mod, "PART_BYTES", 10 * 4 * sum(widths))  # parts of 10 rows
+    topk = make("topk", sum(widths), k=90)
+    e_whole = torch.randn(R, M, sum(widths), generator=g)
+    e_timed, src, forms = e_whole.clone(), _Rows(blocks), []
+    for _ in range(2 * (1 + FasterForm.TRIALS) + 3):
+        z = torch.rand(R, M, generator=g) < 0.7
+        writes, wholes = src.writes, src.wholes
+        ref = topk.sparse(e_whole, active=z, add=CodedSum(code, blocks, z), subtract=True)
+        got = topk.sparse(e_timed, active=z, add=CodedSum(code, src, z), subtract=True)
+        assert torch.equal(e_timed, e_whole) and torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        by_parts, whole = src.writes > writes, src.wholes > wholes
+        assert by_parts != whole
+        forms.append(by_parts)
+    trial = 2 * (1 + FasterForm.TRIALS)
+    assert forms[:trial] == [True, False] * (1 + FasterForm.TRIALS)
+    kept = code.form_choice(10).by_parts
+    assert kept is not None and forms[trial:] == [kept] * 3
 
 
 def test_a_coded_sum_of_the_wrong_shape_is_refused(threshold_path):

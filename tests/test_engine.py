@@ -298,6 +298,7 @@ def test_updates_with_g_by_parts_are_the_bits_of_g_whole(extra, threads, monkeyp
                 yield i0, i1, args
 
         monkeypatch.setattr(codes.CodedSum, "kernel_parts", counting)
+        monkeypatch.setattr(codes, "G_FORM", "parts")  # not the timed choice: by parts every update
         for _ in range(4):
             for sim, part_bytes in zip(sims, [1 << 62, 4 * 2410 * 41]):
                 monkeypatch.setattr(codes, "PART_BYTES", part_bytes)

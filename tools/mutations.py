@@ -173,6 +173,21 @@ CODES = [
     M(S + "codes.py", "runs = [(int(r[0]), int(r[-1]) + 1)", "runs = [(int(r[0]), int(r[-1]))", CMP, K("by_parts")),
     M(S + "codes.py", "crow_np[p.i0 : p.i1 + 1] - lo", "crow_np[p.i0 : p.i1 + 1]", CMP, K("by_parts")),
     M(S + "codes.py", "at += j1 - j0", "at += 0", CMP, K("by_parts")),
+    # the timed choice of G's form (FasterForm): the order of the trials, the form kept
+    M(
+        S + "codes.py",
+        "return len(self.seconds[True]) <= len(self.seconds[False])",
+        "return len(self.seconds[True]) < len(self.seconds[False])",
+        CMP,
+        K("form"),
+    ),
+    M(
+        S + "codes.py",
+        "min(self.seconds[True][1:]) <= min(self.seconds[False][1:])",
+        "min(self.seconds[True]) <= min(self.seconds[False])",
+        CMP,
+        K("form"),
+    ),
     M(
         S + "codes.py",
         "rng.rand(M, N, dtype=torch.float64) < d / N",

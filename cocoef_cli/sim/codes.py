@@ -26,6 +26,7 @@ otherwise); for ``frc`` it puts weight 1 on the lowest-index survivor of each gr
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol
@@ -186,6 +187,7 @@ class Code:
             self._dense[torch.float64] = B.to(torch.float64)
         self._csr: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
         self._row_parts: dict[int, list[RowPart] | None] = {}
+        self._forms: dict[int, FasterForm] = {}
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense encoding matrix B (R, M, N) in ``dtype`` (default: the code's), cached."""
@@ -298,6 +300,10 @@ class Code:
             self._row_parts[m] = parts if sum(p.n for p in parts) <= 1.25 * self.R * self.N else None
         return self._row_parts[m]
 
+    def form_choice(self, m: int) -> FasterForm:
+        """This run's choice between G whole and G by parts of m rows (:class:`FasterForm`)."""
+        return self._forms.setdefault(m, FasterForm())
+
     def full_weights(self) -> torch.Tensor:
         """ā (R, M) in the code's dtype with āᵀB = 1ᵀ when every device answers: the min-norm
         least squares pinv(Bᵀ)1 in float64 (for sgc ā_i = 1 − p_i is one solution)."""
@@ -347,6 +353,41 @@ class RowSource(Protocol):
     def write(self, first: int, stop: int, out: Sequence[torch.Tensor]) -> None: ...
 
     def buffer(self, numel: int) -> torch.Tensor: ...
+
+
+#: How :meth:`CodedSum.kernel_parts` forms G where it can form it by parts: ``"faster"`` times
+#: both forms on a run's first updates and keeps the faster (:class:`FasterForm`); ``"parts"`` or
+#: ``"whole"`` always that one (tests, benchmarks). Both give the same bits.
+G_FORM = "faster"
+
+
+class FasterForm:
+    """The faster of G's two forms for one run's kernel, chosen by wall time: the first
+    2·(1 + TRIALS) updates that can run by parts alternate parts and whole (the first of each a
+    warm-up: its buffers' first touch), then the form with the lower minimum over its TRIALS
+    timed updates is kept. Both forms give the same sums in the same order, so the choice
+    changes the time, never the bits; it is a property of the machine and the workload (G by
+    parts gains where G does not stay in the caches, docs/performance.md)."""
+
+    TRIALS = 3
+
+    def __init__(self) -> None:
+        self.seconds: dict[bool, list[float]] = {True: [], False: []}
+        self.by_parts: bool | None = None  # the kept form, once chosen
+
+    def next(self) -> bool:
+        """Whether the next update forms G by parts."""
+        if self.by_parts is not None:
+            return self.by_parts
+        return len(self.seconds[True]) <= len(self.seconds[False])
+
+    def record(self, by_parts: bool, seconds: float) -> None:
+        """The wall time of an update's kernel pass (forming G included) in the given form."""
+        if self.by_parts is not None:
+            return
+        self.seconds[by_parts].append(seconds)
+        if all(len(t) > self.TRIALS for t in self.seconds.values()):
+            self.by_parts = min(self.seconds[True][1:]) <= min(self.seconds[False][1:])
 
 
 #: Bytes of G a part of the kernel's rows forms at a time (:meth:`CodedSum.kernel_parts`): the
@@ -435,13 +476,23 @@ class CodedSum:
         consecutive rows of B share their partitions (sgc, frc, uncoded: a part of ``m`` devices
         needs about m partitions; :meth:`Code.row_parts`), each part forms the partition gradients
         it needs (about PART_BYTES) just before it is yielded, into one reused buffer, and the
-        kernel reads them from the caches; else one part adds from all of G. Same sums, same order."""
+        kernel reads them from the caches; else one part adds from all of G. Same sums, same order.
+        Which of the two forms runs where both can is :data:`G_FORM`'s (by default the faster on
+        this run's first updates: :class:`FasterForm`)."""
         src = self.source
-        plan = None
+        plan, m = None, 0
         if src is not None and src.by_rows and self._blocks is None:
-            plan = self.code.row_parts(max(1, PART_BYTES // max(1, v.element_size() * sum(src.widths))))
+            m = max(1, PART_BYTES // max(1, v.element_size() * sum(src.widths)))
+            plan = self.code.row_parts(m)
         if plan is None or len(plan) == 1:
             yield 0, self.code.R * self.code.M, self.kernel_args(v)
+            return
+        choice = self.code.form_choice(m) if G_FORM == "faster" else None
+        start = time.perf_counter()
+        if G_FORM == "whole" or (choice is not None and not choice.next()):
+            yield 0, self.code.R * self.code.M, self.kernel_args(v)
+            if choice is not None:
+                choice.record(False, time.perf_counter() - start)
             return
         assert src is not None
         widths, code = src.widths, self.code
@@ -469,6 +520,8 @@ class CodedSum:
                 p.i1,
                 (adds[p.i0 : p.i1], crow_np[p.i0 : p.i1 + 1] - lo, p.col, val_np[lo:hi], buf.numpy(), starts, width_np),
             )
+        if choice is not None:
+            choice.record(True, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------- allocations
