@@ -406,6 +406,15 @@ def test_the_timed_choice_of_g_s_form_leaves_the_bits_of_g_whole(monkeypatch):
     assert kept is not None and forms[trial:] == [kept] * 3
 
 
+def test_an_unknown_form_of_g_is_refused(monkeypatch):
+    from cocoef_cli.sim import codes as codes_mod
+
+    code, blocks, z, e = _coded_sum_case(torch.float32, "one storage")
+    monkeypatch.setattr(codes_mod, "G_FORM", "part")
+    with pytest.raises(ValueError, match="G_FORM must be one of faster, parts, whole; got 'part'"):
+        list(CodedSum(code, _Rows(blocks), z).kernel_parts(e.clone()))
+
+
 def test_a_coded_sum_of_the_wrong_shape_is_refused(threshold_path):
     """Both paths refuse G blocks of the wrong number of partitions and a v of the wrong width
     (the kernel reads without bounds checks)."""

@@ -304,6 +304,10 @@ class Code:
         """This run's choice between G whole and G by parts of m rows (:class:`FasterForm`)."""
         return self._forms.setdefault(m, FasterForm())
 
+    def choosing(self) -> bool:
+        """Whether a timed choice of G's form is still being made (its updates alternate forms)."""
+        return any(f.by_parts is None for f in self._forms.values())
+
     def full_weights(self) -> torch.Tensor:
         """ā (R, M) in the code's dtype with āᵀB = 1ᵀ when every device answers: the min-norm
         least squares pinv(Bᵀ)1 in float64 (for sgc ā_i = 1 − p_i is one solution)."""
@@ -359,6 +363,7 @@ class RowSource(Protocol):
 #: both forms on a run's first updates and keeps the faster (:class:`FasterForm`); ``"parts"`` or
 #: ``"whole"`` always that one (tests, benchmarks). Both give the same bits.
 G_FORM = "faster"
+G_FORMS = ("faster", "parts", "whole")
 
 
 class FasterForm:
@@ -479,6 +484,8 @@ class CodedSum:
         kernel reads them from the caches; else one part adds from all of G. Same sums, same order.
         Which of the two forms runs where both can is :data:`G_FORM`'s (by default the faster on
         this run's first updates: :class:`FasterForm`)."""
+        if G_FORM not in G_FORMS:
+            raise ValueError(f"codes.G_FORM must be one of {', '.join(G_FORMS)}; got {G_FORM!r}")
         src = self.source
         plan, m = None, 0
         if src is not None and src.by_rows and self._blocks is None:
