@@ -80,15 +80,17 @@ def paired_times(
 
 
 def simulation(overrides: Sequence[str]) -> Simulation:
-    """A fresh simulation of the run ``overrides`` describes (its ``step`` is one iteration), past
-    the first updates where it times G's two forms (:class:`~cocoef_cli.sim.codes.FasterForm`):
-    what is timed is the form it keeps."""
+    """A fresh simulation of the run ``overrides`` describes (its ``step`` is one iteration),
+    started as a run starts (the evaluation at t = 0, which forms all of G) and past the first
+    updates, where it times G's two forms (:class:`~cocoef_cli.sim.codes.FasterForm`): what is
+    timed is the form it keeps."""
     sim = Simulation(build_experiment(config.load(list(overrides))))
     code = sim.exp.code
     if code is not None:
-        for _ in range(2 * (1 + FasterForm.TRIALS)):
+        sim.row()
+        for t in range(1 + 2 * (1 + FasterForm.TRIALS)):  # the first update uses the evaluation's G
             sim.step()
-            if not code.choosing():
+            if t and not code.choosing():
                 break
     return sim
 

@@ -330,6 +330,12 @@ class PartitionGradients:
         objective's: a fresh one per θ would cost page faults)."""
         return self.objective._scratch(numel, self.theta)
 
+    def holds_whole(self) -> bool:
+        """Whether the objective's reused blocks of all of G exist for this θ's shape (an
+        evaluation formed them): forming G whole then allocates nothing."""
+        G = self.objective._G
+        return G is not None and G[0].shape[0] == self.theta.shape[0] and G[0].dtype == self.theta.dtype
+
 
 class Objective:
     """F and its partition gradients for one model, dataset and per-replicate partitioning.

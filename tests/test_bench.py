@@ -91,8 +91,9 @@ def test_quick_and_smoke_benches_never_replace_the_measured_report(tmp_path, mon
 
 
 def test_a_bench_simulation_is_past_the_timing_of_g_s_forms(monkeypatch):
-    """bench.simulation steps a run past the updates that time G's two forms (codes.FasterForm),
-    so that the bench times the form the run keeps; a run with no choice to make takes one step."""
+    """bench.simulation starts a run as a run starts (the evaluation at t = 0) and steps it past
+    the updates that time G's two forms (codes.FasterForm), so that the bench times the form the
+    run keeps; a run with no choice to make takes two steps."""
     from cocoef_cli.sim import codes, compressors
     from cocoef_cli.sim.codes import FasterForm
 
@@ -101,7 +102,7 @@ def test_a_bench_simulation_is_past_the_timing_of_g_s_forms(monkeypatch):
     monkeypatch.setattr(codes, "PART_BYTES", 4 * 2410 * 21)  # a part per replicate
     digits = ["dataset=digits", "model=mlp", "model.hidden=[32]", "devices=21", "seeds=2"]
     sim = bench.simulation(digits + ["compressor.ratio=0.05"])
-    assert sim.t == 2 * (1 + FasterForm.TRIALS) and not sim.exp.code.choosing()
+    assert sim.t == 1 + 2 * (1 + FasterForm.TRIALS) and not sim.exp.code.choosing()
     assert sim.exp.code.form_choice(21).by_parts is not None
     sign = bench.simulation(digits + ["compressor=scaled_sign"])  # no Top-k kernel: G whole, no choice
-    assert sign.t == 1 and not sign.exp.code.choosing()
+    assert sign.t == 2 and not sign.exp.code.choosing()

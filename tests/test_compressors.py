@@ -309,6 +309,11 @@ class _Rows:
     def buffer(self, numel):
         return torch.full((numel,), float("nan"), dtype=self._b[0].dtype)
 
+    def holds_whole(self):
+        return self.whole_held
+
+    whole_held = True
+
 
 @pytest.mark.parametrize("code_name, d", [("sgc", 1), ("sgc", 2), ("sgc", 3), ("frc", 2), ("frc", 5), ("uncoded", 1)])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -374,7 +379,8 @@ def test_the_faster_form_alternates_then_keeps_the_lower_minimum():
 
 def test_the_timed_choice_of_g_s_form_leaves_the_bits_of_g_whole(monkeypatch):
     """With G_FORM = "faster" (the default) the updates alternate G by parts and G whole until
-    the choice is made, then run in the kept form; every update leaves the bits of G whole."""
+    the choice is made, then run in the kept form; every update leaves the bits of G whole. A
+    source that does not hold all of G already is never timed: it runs by parts."""
     from cocoef_cli.sim import codes as codes_mod
     from cocoef_cli.sim.codes import FasterForm
 
@@ -404,6 +410,15 @@ def test_the_timed_choice_of_g_s_form_leaves_the_bits_of_g_whole(monkeypatch):
     assert forms[:trial] == [True, False] * (1 + FasterForm.TRIALS)
     kept = code.form_choice(10).by_parts
     assert kept is not None and forms[trial:] == [kept] * 3
+    # where all of G is not held already (no evaluation formed it) nothing is timed: by parts
+    src.whole_held, unheld = False, build_code(ccfg, code.S, torch.full((R, M), 0.2, dtype=F64), rng_, torch.float32)
+    for _ in range(3):
+        z = torch.rand(R, M, generator=g) < 0.7
+        writes, wholes = src.writes, src.wholes
+        ref = topk.sparse(e_whole, active=z, add=CodedSum(unheld, blocks, z), subtract=True)
+        got = topk.sparse(e_timed, active=z, add=CodedSum(unheld, src, z), subtract=True)
+        assert torch.equal(e_timed, e_whole) and src.writes > writes and src.wholes == wholes
+    assert not unheld.choosing()
 
 
 def test_an_unknown_form_of_g_is_refused(monkeypatch):

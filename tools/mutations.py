@@ -183,6 +183,13 @@ CODES = [
     ),
     M(
         S + "codes.py",
+        'G_FORM == "faster" and src.holds_whole() else None',
+        'G_FORM == "faster" else None',
+        CMP,
+        K("form"),
+    ),
+    M(
+        S + "codes.py",
         "min(self.seconds[True][1:]) <= min(self.seconds[False][1:])",
         "min(self.seconds[True]) <= min(self.seconds[False])",
         CMP,

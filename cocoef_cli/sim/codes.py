@@ -346,7 +346,8 @@ class RowSource(Protocol):
     all of it as column blocks (R, N, D_l); where ``by_rows``, ``write(first, stop, out)`` its
     rows [first, stop) of R·N (row r·N + j is g_j(θ_r)) into ``out``, one contiguous
     (stop − first, D_l) tensor per block of ``widths``; ``buffer(numel)`` a flat tensor of G's dtype
-    to write them in, reused from one θ to the next."""
+    to write them in, reused from one θ to the next; ``holds_whole()`` whether the reused blocks of
+    all of G exist already (an evaluation formed them), so that forming G whole costs no memory."""
 
     rows: int
     widths: tuple[int, ...]
@@ -358,6 +359,8 @@ class RowSource(Protocol):
 
     def buffer(self, numel: int) -> torch.Tensor: ...
 
+    def holds_whole(self) -> bool: ...
+
 
 #: How :meth:`CodedSum.kernel_parts` forms G where it can form it by parts: ``"faster"`` times
 #: both forms on a run's first updates and keeps the faster (:class:`FasterForm`); ``"parts"`` or
@@ -368,9 +371,9 @@ G_FORMS = ("faster", "parts", "whole")
 
 class FasterForm:
     """The faster of G's two forms for one run's kernel, chosen by wall time: the first
-    2·(1 + TRIALS) updates that can run by parts alternate parts and whole (the first of each a
-    warm-up: its buffers' first touch), then the form with the lower minimum over its TRIALS
-    timed updates is kept. Both forms give the same sums in the same order, so the choice
+    2·(1 + TRIALS) updates that can run by parts, where all of G is held anyway (so that the whole
+    form costs no memory), alternate parts and whole (the first of each a warm-up: its buffers'
+    first touch), then the form with the lower minimum over its TRIALS timed updates is kept. Both forms give the same sums in the same order, so the choice
     changes the time, never the bits; it is a property of the machine and the workload (G by
     parts gains where G does not stay in the caches, docs/performance.md)."""
 
@@ -494,14 +497,15 @@ class CodedSum:
         if plan is None or len(plan) == 1:
             yield 0, self.code.R * self.code.M, self.kernel_args(v)
             return
-        choice = self.code.form_choice(m) if G_FORM == "faster" else None
+        assert src is not None
+        # timed only where all of G is held anyway (a full-batch run's evaluations form it): else parts
+        choice = self.code.form_choice(m) if G_FORM == "faster" and src.holds_whole() else None
         start = time.perf_counter()
         if G_FORM == "whole" or (choice is not None and not choice.next()):
             yield 0, self.code.R * self.code.M, self.kernel_args(v)
             if choice is not None:
                 choice.record(False, time.perf_counter() - start)
             return
-        assert src is not None
         widths, code = src.widths, self.code
         if src.rows != code.R * code.N:
             raise ValueError(f"G must have R·N = {code.R * code.N} rows ({code.R} × {code.N}); got {src.rows}")
