@@ -206,11 +206,14 @@ def worker_deaths(processes: dict, wait: float = 5.0) -> str:
     A process without an exit code yet is waited for up to ``wait`` seconds (the pool reports a
     death when the worker's pipe closes, which can be before its exit status can be read)."""
     import signal
+    import time
 
     why = []
     for proc in processes.values():
-        if proc.exitcode is None and hasattr(proc, "join"):
-            proc.join(wait)
+        # the pool's own thread may be reaping the same child: its status can show a moment later
+        deadline = time.monotonic() + wait
+        while proc.exitcode is None and hasattr(proc, "join") and time.monotonic() < deadline:
+            proc.join(0.05)
         code = proc.exitcode
         if code is None or code == 0:
             continue
