@@ -159,7 +159,16 @@ def _threshold_cases() -> list[tuple[str, torch.Tensor]]:
     periodic[..., :: 200 // SAMPLE_HITS] += 1.0
     skewed = torch.rand(R, M, D, generator=g)
     skewed[..., D // 2 :] += 10.0  # every large entry in one half of the row
-    return [("gauss", gauss), ("ties", ties), ("zeros", zeros), ("periodic", periodic), ("skewed", skewed)]
+    sparse = gauss * (torch.rand(R, M, D, generator=g) < 0.5)  # half ±0, as pixels no image lights give
+    sparse[1, :4] *= torch.rand(4, D, generator=g) < 0.02  # about as many non-zero samples as the threshold's rank
+    return [
+        ("gauss", gauss),
+        ("ties", ties),
+        ("zeros", zeros),
+        ("periodic", periodic),
+        ("skewed", skewed),
+        ("sparse", sparse),
+    ]
 
 
 THRESHOLD_PATHS = ["torch", "kernel"] if compressors.USE_KERNELS and compressors._kernels() else ["torch"]
@@ -279,9 +288,12 @@ def _coded_sum_case(dtype, layout, d=3):
         blocks = [b.view(R, code.N, w) for b, w in zip(flat.split([R * code.N * w for w in widths]), widths)]
     else:
         blocks = [torch.randn(R, code.N, w, generator=g).to(dtype) for w in widths]
+    for b in blocks:  # columns where G and e are 0 (pixels no image lights): zeros in the sample
+        b[..., : b.shape[-1] // 2] = 0.0
     z = torch.rand(R, M, generator=g) < 0.7
     e = torch.randn(R, M, sum(widths), generator=g).to(dtype) * 0.5
     e[0, 1, 100:140] = 3.0  # ties at the top
+    e[..., widths[0] + widths[1] : widths[0] + widths[1] + widths[2] // 2] = 0.0
     return code, blocks, z, e
 
 
@@ -842,19 +854,32 @@ def test_onebit_says_it_is_not_seide_1bit_sgd():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_kernels_threshold_is_the_rth_largest_sampled_magnitude(dtype):
     """The Top-k kernel's threshold: the r-th largest of |x[::h]| (NaN as the largest, as numpy's
-    partition sorts it), and −1 when the sample holds fewer than r entries (full selection)."""
+    partition sorts it), and −1 when fewer than r of the sample are non-zero (the r-th largest is
+    then 0: full selection either way)."""
     from cocoef_cli.sim import kernels
 
     if kernels.library() is None:
         pytest.skip("no C compiler builds the kernel here")
     _rth_largest_strided = kernels.rth_largest_strided
     rng = np.random.default_rng(3)
-    for D, h, r in [(1000, 7, 5), (997, 1, 40), (64, 9, 8), (50, 3, 17), (30, 4, 9)]:
+    for D, h, r, zeros in [
+        (1000, 7, 5, 0),
+        (997, 1, 40, 0),
+        (64, 9, 8, 0),
+        (50, 3, 17, 0),
+        (30, 4, 9, 0),
+        (1000, 7, 5, 500),
+        (997, 1, 40, 950),
+        (997, 1, 40, 957),
+        (997, 1, 40, 958),
+    ]:
         x = rng.standard_normal(D).astype(dtype)
         x[rng.integers(0, D, 3)] = 2.5  # ties
+        x[rng.permutation(D)[:zeros]] = rng.choice([0.0, -0.0], zeros)  # ±0 left out of the copy
         sample = np.abs(x[::h])
-        want = np.partition(sample, len(sample) - r)[len(sample) - r] if r <= len(sample) else -1.0
-        assert _rth_largest_strided(x, h, r) == want, (D, h, r)
+        nonzero = np.count_nonzero(sample)
+        want = np.partition(sample, len(sample) - r)[len(sample) - r] if r <= nonzero else -1.0
+        assert _rth_largest_strided(x, h, r) == want, (D, h, r, zeros)
     x = np.ones(100, dtype)
     x[::10][:3] = np.nan
     assert _rth_largest_strided(x, 10, 3) == np.inf and _rth_largest_strided(x, 10, 4) == 1.0

@@ -128,13 +128,13 @@ static REAL NAME(kth_largest)(REAL *a, int64_t n, int64_t k) {
         KEY bin_lo = lo + ((KEY)b << shift); /* keep the bin [bin_lo, bin_lo + 2^shift) */
         lo = (KEY)-1;
         hi = 0;
-        for (int64_t c = 0; c < n; c++) {
+        for (int64_t c = 0; c < n; c++) { /* key - bin_lo wraps to >= 2^shift below the bin */
             memcpy(&key, a + c, sizeof key);
-            int in = ((key - bin_lo) >> shift) == 0 && key >= bin_lo;
+            KEY in = ((key - bin_lo) >> shift) == 0, mask = (KEY)0 - in;
             a[m] = a[c];
-            m += in;
-            lo = in && key < lo ? key : lo;
-            hi = in && key > hi ? key : hi;
+            m += (int64_t)in;
+            lo = (key | ~mask) < lo ? key | ~mask : lo;
+            hi = (key & mask) > hi ? key & mask : hi;
         }
         n = m;
         k -= above;
@@ -176,23 +176,38 @@ static void NAME(select_into)(const REAL *vals, const int64_t *idx, int64_t m, i
     NAME(take_from)(vals, idx, m, NAME(kth_largest)(scratch, c, k - nan), k, out);
 }
 
-/* |a|, NaN as +inf: a sampled magnitude. */
+/* |a|, NaN as +inf: a sampled magnitude. On the bits, without a branch: the sign cleared, then
+ * the lesser of that and +inf's bits (every NaN's bits, sign cleared, are above +inf's). */
 static inline REAL NAME(sampled)(REAL a) {
-    a = ABS(a);
-    return a != a ? (REAL)INFINITY : a;
+    KEY key, inf;
+    REAL infinity = (REAL)INFINITY;
+    memcpy(&key, &a, sizeof key);
+    memcpy(&inf, &infinity, sizeof inf);
+    key &= ~((KEY)1 << (8 * sizeof(KEY) - 1));
+    key = key < inf ? key : inf;
+    memcpy(&a, &key, sizeof a);
+    return a;
 }
 
-/* The r-th largest of the m sampled magnitudes in sample[0..m) (reordered), -1 when m < r. */
+/* The r-th largest of the m non-zero sampled magnitudes in sample[0..m) (reordered), -1 when m < r
+ * (the r-th largest of the whole sample, zeros included, is then 0: t <= 0 either way). */
 static REAL NAME(threshold)(REAL *sample, int64_t m, int64_t r) {
     return m < r ? (REAL)-1 : NAME(kth_largest)(sample, m, r);
 }
 
 /* The r-th largest of |row[0]|, |row[h]|, |row[2h]|, ... (NaN as +inf; -1 when fewer than r are
- * sampled), by radix selection over a copy in sample[0..ceil(D/h)). Only a threshold: the
- * selection using it is exact. */
+ * non-zero), by radix selection over a copy of the non-zero ones in sample[0..ceil(D/h)). The
+ * zeros (often half of an error-feedback row: pixels no image lights give zero gradients) are
+ * left out of the copy: when r are non-zero the r-th largest is the same, and a radix round
+ * over them would count one bin again and again. Only a threshold: the selection using it is
+ * exact. */
 REAL NAME(rth_largest_strided)(const REAL *row, int64_t D, int64_t h, int64_t r, REAL *sample) {
     int64_t m = 0;
-    for (int64_t j = 0; j < D; j += h) sample[m++] = NAME(sampled)(row[j]);
+    for (int64_t j = 0; j < D; j += h) {
+        REAL s = NAME(sampled)(row[j]);
+        sample[m] = s;
+        m += s != 0;
+    }
     return NAME(threshold)(sample, m, r);
 }
 
@@ -328,8 +343,12 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
                             NAME(add_scaled)(u, g + gstart[b] + col[nz] * w + c, val[nz], n);
                         NAME(add)(row + off + c, u, n);
                     }
-                    if (sampled)
-                        for (; next < off + c + n; next += h) sample[taken++] = NAME(sampled)(row[next]);
+                    if (sampled) /* the non-zero ones (see NAME(rth_largest_strided)) */
+                        for (; next < off + c + n; next += h) {
+                            REAL s = NAME(sampled)(row[next]);
+                            sample[taken] = s;
+                            taken += s != 0;
+                        }
                 }
                 off += w;
             }
