@@ -128,7 +128,10 @@ static REAL NAME(kth_largest)(REAL *a, int64_t n, int64_t k) {
         KEY bin_lo = lo + ((KEY)b << shift); /* keep the bin [bin_lo, bin_lo + 2^shift) */
         lo = (KEY)-1;
         hi = 0;
-        for (int64_t c = 0; c < n; c++) { /* key - bin_lo wraps to >= 2^shift below the bin */
+        /* the keys of non-negative floats are below 2^(bits - 1), and 2^shift <= hi - lo (most >=
+         * 64), so bin_lo + 2^shift < 2^bits: below the bin, key - bin_lo wraps to at least 2^shift,
+         * and one shift tells whether key is in */
+        for (int64_t c = 0; c < n; c++) {
             memcpy(&key, a + c, sizeof key);
             KEY in = ((key - bin_lo) >> shift) == 0, mask = (KEY)0 - in;
             a[m] = a[c];
