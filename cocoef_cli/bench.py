@@ -140,20 +140,41 @@ def breakdown(sim: Simulation, repeat: int = 9, compare: tuple[float, float] | N
     them (after ``sim`` has run some updates): partition gradients, stragglers + decoding, encoding
     with the method's step (fused for COCO-EF with Top-k); one evaluation; and, for comparison, the
     two terms of the limit (the central step and the pass over G and e; ``compare``: those two
-    as already timed, in seconds, e.g. paired with the iteration in (b))."""
+    as already timed, in seconds, e.g. paired with the iteration in (b)). Where an update forms
+    G's rows in the kernel (:meth:`CodedSum.kernel_terms`), the partition gradients are the
+    forward and backward pass that give their terms, and the method step includes forming the
+    rows (``FUSED_KEY``: 1.0)."""
     exp = sim.exp
     obj, code, method = exp.objective, exp.code, exp.method
     z = exp.straggler.draw()
     a, _ = code.decode(z)
-    U = CodedSum(code, obj.partition_grad_blocks(sim.theta), z)
+    source = obj.partition_gradients(sim.theta)
+    U = CodedSum(code, source, z)
+    method.coded_step(U, z, a)  # as an update runs it: does the kernel form G's rows from their terms?
+    fused = U.in_kernel
+    if fused:  # then the partition gradients are the forward and backward pass that give the terms
+        grads = median_time(lambda: obj.partition_gradients(sim.theta), repeat)
+    else:
+        U = CodedSum(code, obj.partition_grad_blocks(sim.theta), z)
+        grads = median_time(lambda: obj.partition_grad_blocks(sim.theta), repeat)
     return {
-        "partition gradients": median_time(lambda: obj.partition_grad_blocks(sim.theta), repeat),
+        "partition gradients": grads,
         "stragglers + decode": median_time(lambda: code.decode(exp.straggler.draw()), repeat),
         "encode + method step (top-k, EF update, aggregate)": median_time(lambda: method.coded_step(U, z, a), repeat),
         "evaluation (every eval_every updates)": evaluation_time(sim),
         "for comparison: central autograd step": compare[0] if compare else median_time(central_step(sim), repeat),
         "for comparison: one pass e ← e + G": compare[1] if compare else median_time(fused_pass(sim), repeat),
+        FUSED_KEY: float(fused),
     }
+
+
+#: The key of :func:`breakdown`'s result that says (1.0) that an update forms G's rows in the kernel.
+FUSED_KEY = "G's rows formed in the kernel"
+
+
+def fused_columns(parts: dict[str, dict[str, float]]) -> list[str]:
+    """The breakdown columns whose updates form G's rows in the kernel (see :func:`breakdown`)."""
+    return [name for name, p in parts.items() if p.get(FUSED_KEY)]
 
 
 def evaluation_time(sim: Simulation, repeat: int = 5) -> float:
@@ -483,7 +504,15 @@ def run_bench(
     md += [
         f"| {part} | " + " | ".join(f"{parts[n][part] * 1e3:.2f}" for n in parts) + " |"
         for part in next(iter(parts.values()))
+        if part != FUSED_KEY
     ]
+    if fused_columns(parts):
+        md += [
+            "",
+            f"Columns whose updates form G's rows in the Top-k kernel from their terms (G is never written): "
+            f"{', '.join(fused_columns(parts))}; there the partition gradients are the forward and backward pass "
+            "that give the terms, and the method step includes forming the rows.",
+        ]
     central = {n: b for n, m, _, th, _, b, _ in rows_b if th == thread_counts[-1] and m == M_bc}
     md += [
         "",

@@ -330,6 +330,12 @@ class PartitionGradients:
         objective's: a fresh one per θ would cost page faults)."""
         return self.objective._scratch(numel, self.theta)
 
+    def kernel_terms(self) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """The terms of :meth:`write` (the model's :class:`~cocoef_cli.nets.PartitionTerms`, by
+        block), for a consumer that forms G's rows itself; None where :meth:`write` adds more
+        than they give (the l2 term) or the model forms G whole."""
+        return None if self.terms is None or self.objective.l2 else self.terms.terms
+
     def holds_whole(self) -> bool:
         """Whether the objective's reused blocks of all of G exist for this θ's shape (an
         evaluation formed them): forming G whole then allocates nothing."""

@@ -32,10 +32,29 @@ def test_breakdown_times_every_part_of_an_update(method):
         "evaluation (every eval_every updates)",
         "for comparison: central autograd step",
         "for comparison: one pass e ← e + G",
+        bench.FUSED_KEY,
     }
+    assert parts.pop(bench.FUSED_KEY) == 0.0  # 12 devices: too many samples a partition to fuse
     assert all(math.isfinite(s) and s > 0 for s in [t, *parts.values()])
     assert sim.t >= 3  # the timed updates really ran
     assert 0 < median_time(central_step(sim), repeat=3) < 10
+
+
+@pytest.mark.parametrize("rows_equal", [True, False])
+def test_breakdown_says_where_the_kernel_forms_g_s_rows(rows_equal, monkeypatch):
+    """With a few samples a partition (here 4; digits, 10 classes) COCO-EF's updates form G's rows in the Top-k kernel
+    where the check finds them equal to torch's (made to pass or fail here: whether MKL sums in the kernel's order
+    depends on the CPU): the breakdown says which, and the report names the column."""
+    from cocoef_cli.sim import codes, kernels
+
+    if kernels.library() is None or not kernels.fused():
+        pytest.skip("no compiled kernel with a hardware FMA")
+    monkeypatch.setattr(codes, "_same_rows", lambda *a: rows_equal)
+    setting = [o for o in SMALL if not o.startswith(("dataset=", "model=", "devices="))]
+    _, sim = sim_step_time(setting + ["dataset=digits", "model=softmax", "devices=360", "method=coco_ef"], repeat=3)
+    parts = breakdown(sim, repeat=3)
+    assert parts[bench.FUSED_KEY] == float(rows_equal)
+    assert bench.fused_columns({"a": parts, "b": {**parts, bench.FUSED_KEY: 0.0}}) == (["a"] if rows_equal else [])
 
 
 def test_paired_times_alternates_rounds_and_takes_medians(monkeypatch):

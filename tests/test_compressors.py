@@ -371,6 +371,185 @@ def test_the_kernel_run_by_parts_of_g_is_the_whole_run(code_name, d, threads, mo
         topk.sparse(e.clone(), active=z, add=CodedSum(code, short, z), subtract=True)
 
 
+class _Terms(_Rows):
+    """A RowSource whose rows are products and sums of terms (what PartitionGradients is over a
+    model's PartitionTerms), offering them to the kernel (``kernel_terms``). Its rows are
+    torch's products, or with ``kernel_rows`` the kernel's own (equal to them on any CPU, for the
+    tests of the fused update); ``shift`` is added to the last entry of the last row (a source
+    that differs from its terms in one entry: the check must fail)."""
+
+    def __init__(self, terms, widths, R, N, shift=0.0, kernel_rows=False):
+        from cocoef_cli.nets import PartitionTerms
+        from cocoef_cli.sim import kernels
+
+        self.pt, self.shift = PartitionTerms(R * N, terms), shift
+        self.kernel = kernels.Terms(terms) if kernel_rows else None
+        super().__init__([terms[0][0].new_empty(R, N, w) for w in widths])
+        self.write(0, R * N, [b.view(R * N, w) for b, w in zip(self._b, widths)])  # all of G as write() gives it
+        self.writes, self.offered = 0, 0
+
+    def kernel_terms(self):
+        self.offered += 1
+        return self.pt.terms
+
+    def write(self, first, stop, out):
+        self.writes += 1
+        if self.kernel is None:
+            self.pt.write(first, stop, out)
+        else:
+            rows, at = torch.from_numpy(self.kernel.rows_of(first, stop)), 0
+            for o in out:
+                o.copy_(rows[:, at : at + o.shape[1]])
+                at += o.shape[1]
+        if stop == self.rows:
+            out[-1][-1, -1] += self.shift
+
+
+def _terms_case(kind, R, N, B, dtype, g):
+    """Terms as a GLM (one product) or the MLP (products and sums) makes them: ((L, X) by block,
+    widths); a quarter of the inputs are 0 (pixels no image lights: products exactly ±0)."""
+    if kind == "glm":
+        X = torch.randn(R * N, B, 97, generator=g).to(dtype)
+        X[..., :25] = 0.0
+        return [(torch.randn(R * N, 10, B, generator=g).to(dtype), X)], [970]
+    d1, d2 = torch.randn(R * N, B, 16, generator=g).to(dtype), torch.randn(R * N, B, 10, generator=g).to(dtype)
+    A0, A1 = torch.randn(R * N, B, 200, generator=g).to(dtype), torch.randn(R * N, B, 16, generator=g).to(dtype)
+    A0[..., :50] = 0.0
+    d1[:, 0, :3] = -0.0  # sums of −0 terms (a ReLU's zero derivative times a negative error)
+    d1[:, 1:, :3] = -0.0
+    return [(d1.transpose(1, 2), A0), (d1, None), (d2.transpose(1, 2), A1), (d2, None)], [3200, 16, 160, 10]
+
+
+def _bits(t):
+    """t's bits as integers: equal bits, not equal values (−0 is not +0)."""
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int64)
+
+
+def _same_bits(a, b):
+    return a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("kind", ["glm", "mlp"])
+def test_the_kernel_forms_g_s_rows_as_torch_s_products_and_sums(dtype, kind):
+    """The kernel's rows of G from their terms are the products l·x and the sums Σ_k l_k (close
+    to torch's in value on any CPU; equal in bits where torch sums in the same order), and its
+    exact zeros are torch's: +0, never −0 (both start from a +0 accumulator), whatever the order."""
+    from cocoef_cli.nets import PartitionTerms
+    from cocoef_cli.sim import kernels
+
+    if not kernels.fused():
+        pytest.skip("no compiled kernel with a hardware FMA: G's rows are formed by torch")
+    g = torch.Generator().manual_seed(5)
+    terms, widths = _terms_case(kind, 1, 50, 4, dtype, g)
+    ref = [torch.empty(50, w, dtype=dtype) for w in widths]
+    PartitionTerms(50, terms).write(0, 50, ref)
+    want = torch.cat(ref, dim=1)
+    got = torch.from_numpy(kernels.Terms(terms).rows_of(0, 50))
+    torch.testing.assert_close(got, want)
+    zero = want == 0
+    assert zero.sum() > 1000 and _same_bits(got[zero], want[zero])
+    assert not torch.signbit(got[zero]).any()
+    with pytest.raises(ValueError, match="not within"):
+        kernels.Terms(terms).rows_of(40, 51)
+
+
+@pytest.mark.parametrize(
+    "code_name, d", [("sgc", 1), ("sgc", 3), ("frc", 2), ("frc", 5), ("uncoded", 1), ("rgc", 3), ("bgc", 4)]
+)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("kind", ["glm", "mlp"])
+def test_the_kernel_forming_g_s_rows_itself_is_the_whole_run(code_name, d, threads, dtype, kind, monkeypatch):
+    """With G's rows formed in the kernel from their terms (G never written; ``G_FORM = "fused"``)
+    COCO-EF's fused update leaves the same bits in e and picks the same entries with the same
+    values as with G whole, for one product block (a GLM) or products and sums (the MLP), d = 1
+    to 5 terms a row, neighbouring partitions (sgc, frc, uncoded) or scattered ones (rgc, bgc:
+    the ring of formed rows evicts while a row still holds its slots); the rows are checked
+    against the source's once (a key per shapes, samples, dtype and threads)."""
+    from cocoef_cli.sim import codes as codes_mod
+    from cocoef_cli.sim import kernels
+
+    if "kernel" not in THRESHOLD_PATHS or not kernels.fused():
+        pytest.skip("no compiled kernel with a hardware FMA: G's rows are formed by torch")
+    g = torch.Generator().manual_seed(6)
+    R, M, B = 2, 30, 4
+    ccfg = {"name": code_name, "d": d}
+    rng_ = SeedRNG([0, 1], "code")
+    code = build_code(ccfg, allocate(ccfg, M, rng_), torch.full((R, M), 0.2, dtype=F64), rng_, dtype)
+    terms, widths = _terms_case(kind, R, code.N, B, dtype, g)
+    calls, fused = [], kernels._topk_rows_fused
+    monkeypatch.setattr(kernels, "_topk_rows_fused", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(codes_mod, "G_FORM", "fused")
+    monkeypatch.setattr(codes_mod, "PART_BYTES", 8 * 2**10 * 8)  # the check in ranges of a few rows
+    topk = make("topk", sum(widths), k=90)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        src = _Terms(terms, widths, R, code.N, kernel_rows=True)
+        e_whole = torch.randn(R, M, sum(widths), generator=g).to(dtype)
+        e_fused = e_whole.clone()
+        for _ in range(3):
+            z = torch.rand(R, M, generator=g) < 0.7
+            ref = topk.sparse(e_whole, active=z, add=CodedSum(code, src._b, z), subtract=True)
+            got = topk.sparse(e_fused, active=z, add=CodedSum(code, src, z), subtract=True)
+            assert _same_bits(e_fused, e_whole) and torch.equal(got[0], ref[0]) and _same_bits(got[1], ref[1])
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 3 and src.wholes == 0  # fused every time; G whole never asked of the source
+    assert list(code._fused_checked.values()) == [True] and src.writes > 1  # checked once, in ranges
+
+
+def test_the_kernel_forms_g_s_rows_only_where_they_equal_torch_s(monkeypatch):
+    """A source whose last entry differs from its terms' (checked in ranges of a few rows) fails
+    the check: the run forms G by torch (by parts) and stays right; so does one of more than
+    FUSED_MAX_SAMPLES samples a partition (not offered to the kernel), G_FORM = "whole", a code
+    whose rows share few partitions with their neighbours (rgc) at G_FORM = "faster", and terms
+    the kernel does not take; an l2 term is never fused."""
+    from cocoef_cli.sim import codes as codes_mod
+    from cocoef_cli.sim import kernels
+
+    if "kernel" not in THRESHOLD_PATHS or not kernels.fused():
+        pytest.skip("no compiled kernel with a hardware FMA: G's rows are formed by torch")
+    g = torch.Generator().manual_seed(7)
+    R, M = 2, 30
+    rng_ = SeedRNG([0, 1], "code")
+    calls, fused = [], kernels._topk_rows_fused
+    monkeypatch.setattr(kernels, "_topk_rows_fused", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(codes_mod, "PART_BYTES", 8 * 2**10 * 8)
+    cases = [
+        ("sgc", 4, 1e-3, "faster", "mlp"),
+        ("sgc", codes_mod.FUSED_MAX_SAMPLES + 1, 0.0, "faster", "mlp"),
+        ("sgc", 4, 0.0, "whole", "mlp"),
+        ("rgc", 4, 0.0, "faster", "mlp"),
+        ("sgc", 4, 0.0, "faster", "bad"),
+    ]
+    for name, B, shift, form, kind in cases:
+        ccfg = {"name": name, "d": 3}
+        code = build_code(ccfg, allocate(ccfg, M, rng_), torch.full((R, M), 0.2, dtype=F64), rng_, torch.float32)
+        terms, widths = _terms_case("mlp", R, code.N, B, torch.float32, g)
+        src = _Terms(terms, widths, R, code.N, shift=shift, kernel_rows=True)
+        if kind == "bad":  # a plugin's terms of another contraction size in one block
+            src.pt.terms = [terms[0], (terms[1][0][:, :-1], None), *terms[2:]]
+        G = [b.clone() for b in src._b]  # G as the source writes it
+        monkeypatch.setattr(codes_mod, "G_FORM", form)
+        e_ref = torch.randn(R, M, sum(widths), generator=g)
+        e_got, z = e_ref.clone(), torch.rand(R, M, generator=g) < 0.7
+        topk = make("topk", sum(widths), k=90)
+        ref = topk.sparse(e_ref, active=z, add=CodedSum(code, G, z), subtract=True)
+        got = topk.sparse(e_got, active=z, add=CodedSum(code, src, z), subtract=True)
+        assert _same_bits(e_got, e_ref) and torch.equal(got[0], ref[0]) and _same_bits(got[1], ref[1])
+        assert not calls, (name, B, shift, form, kind)
+        assert list(code._fused_checked.values()) == ([False] if shift else [])
+    from cocoef_cli import config
+    from cocoef_cli.sim.engine import Simulation, build_experiment
+
+    for l2, offered in [(0.0, True), (0.01, False)]:
+        cfg = config.load(["dataset=mnist5k", "model=softmax", "devices=100", f"model.l2={l2}", "iters=1"])
+        sim = Simulation(build_experiment(cfg))
+        assert (sim.exp.objective.partition_gradients(sim.theta).kernel_terms() is not None) == offered
+
+
 def test_the_faster_form_alternates_then_keeps_the_lower_minimum():
     """FasterForm: parts first, then whole, alternating; the first time of each form is a warm-up,
     not counted; after TRIALS timed updates of each, the form with the lower minimum is kept."""
@@ -438,7 +617,7 @@ def test_an_unknown_form_of_g_is_refused(monkeypatch):
 
     code, blocks, z, e = _coded_sum_case(torch.float32, "one storage")
     monkeypatch.setattr(codes_mod, "G_FORM", "part")
-    with pytest.raises(ValueError, match="G_FORM must be one of faster, parts, whole; got 'part'"):
+    with pytest.raises(ValueError, match="G_FORM must be one of faster, fused, parts, whole; got 'part'"):
         list(CodedSum(code, _Rows(blocks), z).kernel_parts(e.clone()))
 
 

@@ -338,6 +338,43 @@ KERNELS = [
         K("subtract or fused"),
     ),
 ]
+KERNELS += [
+    M(
+        S + "topk_rows.c",
+        "for (int64_t q = 0; q < F; q++) d[q] += l[k * F + q];",
+        "for (int64_t q = 0; q < F; q++) d[q] = l[k * F + q];",
+        CMP,
+        K("g_s_rows"),
+    ),  # a bias sum that keeps its last term: not torch's sum
+    M(
+        S + "topk_rows.c",
+        "#define G_AT(nz) (tm ? grow[(nz) - lo] + off + c : g + gstart[b] + col[nz] * w + c)",
+        "#define G_AT(nz) (tm ? grow[(nz) - lo] + c : g + gstart[b] + col[nz] * w + c)",
+        CMP,
+        K("g_s_rows"),
+    ),  # every block of a ring row read from its start
+    M(
+        S + "topk_rows.c",
+        "a[v] = _mm256_fmadd_ps(p, xv, zero);",
+        "a[v] = _mm256_mul_ps(p, xv);",
+        CMP,
+        K("g_s_rows"),
+    ),  # products started without torch's +0: an exact zero product keeps -0
+    M(
+        S + "topk_rows.c",
+        "while (user[turn] == i) turn = (turn + 1) % slots;",
+        "(void)0;",
+        CMP,
+        K("g_s_rows"),
+    ),  # the ring evicts a slot the current row still holds
+    M(
+        S + "codes.py",
+        "if not np.array_equal(o.numpy().view(ints), np.ascontiguousarray(rows[:, a:b]).view(ints)):",
+        "if False:",
+        CMP,
+        K("forms_g_s_rows_only"),
+    ),  # the check that never fails
+]
 STRAGGLERS = [
     M(
         S + "stragglers.py",

@@ -188,6 +188,8 @@ class Code:
         self._csr: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
         self._row_parts: dict[int, list[RowPart] | None] = {}
         self._forms: dict[int, FasterForm] = {}
+        self._fused_checked: dict[tuple, bool] = {}  # CodedSum.kernel_terms: the kernel's rows of G checked
+        self._local: bool | None = None  # rows_share_partitions
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense encoding matrix B (R, M, N) in ``dtype`` (default: the code's), cached."""
@@ -300,6 +302,19 @@ class Code:
             self._row_parts[m] = parts if sum(p.n for p in parts) <= 1.25 * self.R * self.N else None
         return self._row_parts[m]
 
+    def rows_share_partitions(self) -> bool:
+        """Whether B's rows read mostly the partitions of the row before (sgc, frc, uncoded; not
+        rgc, bgc or a random allocation): the CSR entries whose column the previous row does not
+        read, the partitions the kernel forms when it forms G's rows itself (its ring of recent
+        rows), are at most 1.25 × R·N. Cached."""
+        if self._local is None:
+            crow, col = self._crow.cpu().numpy(), self.csr(torch.float64, torch.device("cpu"))[1].numpy()
+            row = np.repeat(np.arange(crow.shape[0] - 1), np.diff(crow))
+            keys = row * (self.R * self.N) + col
+            new = ~np.isin(keys - self.R * self.N, keys)  # not read by row − 1 (row 0: all new)
+            self._local = int(new.sum()) <= 1.25 * self.R * self.N
+        return self._local
+
     def form_choice(self, m: int) -> FasterForm:
         """This run's choice between G whole and G by parts of m rows (:class:`FasterForm`)."""
         return self._forms.setdefault(m, FasterForm())
@@ -362,11 +377,17 @@ class RowSource(Protocol):
     def holds_whole(self) -> bool: ...
 
 
-#: How :meth:`CodedSum.kernel_parts` forms G where it can form it by parts: ``"faster"`` times
-#: both forms on a run's first updates and keeps the faster (:class:`FasterForm`); ``"parts"`` or
-#: ``"whole"`` always that one (tests, benchmarks). Both give the same bits.
+#: How :meth:`CodedSum.kernel_parts` forms G: ``"faster"``, G's rows formed in the kernel where
+#: they are added (:meth:`CodedSum.kernel_terms`) where it can, else by parts or whole, the faster
+#: on a run's first updates (:class:`FasterForm`); ``"fused"``, ``"parts"`` or ``"whole"`` that
+#: one where it can (tests, benchmarks). Every form gives the same bits.
 G_FORM = "faster"
-G_FORMS = ("faster", "parts", "whole")
+G_FORMS = ("faster", "fused", "parts", "whole")
+
+#: The most samples a partition for which the kernel forms G's rows itself: its products were
+#: faster than torch's (MKL's) batched product plus the pass over G at 4 samples and slower at 40
+#: (``benchmarks/fused_products.py``), and torch sums 20 or more terms in another order.
+FUSED_MAX_SAMPLES = 8
 
 
 class FasterForm:
@@ -414,6 +435,7 @@ class CodedSum:
 
     def __init__(self, code: Code, G: Sequence[torch.Tensor] | RowSource, z: torch.Tensor):
         self.code, self.z = code, z
+        self.in_kernel = False  # whether the kernel formed G's rows itself (kernel_terms)
         self.source: RowSource | None = None
         self._blocks: list[torch.Tensor] | None = None
         if isinstance(G, Sequence):
@@ -478,6 +500,49 @@ class CodedSum:
         if v.shape != (code.R, code.M, D) or not v.is_contiguous() or v.device.type != "cpu":
             raise ValueError(f"v must be a contiguous CPU (R={code.R}, M={code.M}, D={D}) tensor; got {tuple(v.shape)}")
 
+    def kernel_terms(self, v: torch.Tensor) -> Any:
+        """G's terms for the kernel to form each row of G where it adds it (a
+        :class:`cocoef_cli.sim.kernels.Terms`; G is then never written), or None: where G is
+        formed already or its source offers no such terms (``RowSource.kernel_terms``: none with
+        an l2 term), the kernel cannot form them at speed (no hardware FMA), a partition has more
+        than FUSED_MAX_SAMPLES samples, the terms do not have the shapes the kernel takes, B's
+        rows share few partitions with the row before (:meth:`Code.rows_share_partitions`: the
+        kernel would form most partitions once per row that reads them; ``G_FORM = "fused"``
+        forms them anyway), or the kernel's rows differ from the source's in a bit. That last
+        check runs once per run (per shapes, samples, dtype and thread count): every row of G at
+        the first θ, formed both ways in ranges of about 1 MiB, compared as integers (MKL sums a
+        product of 1 to 3 rows, or of float64, in another order on the CPUs measured: those fail
+        it)."""
+        src, code = self.source, self.code
+        get = getattr(src, "kernel_terms", None)
+        blocks = get() if src is not None and self._blocks is None and get is not None else None
+        if src is None or not blocks or v.device.type != "cpu" or src.rows != code.R * code.N:
+            return None
+        from cocoef_cli.sim import kernels
+
+        if not kernels.fused():
+            return None
+        try:
+            terms = kernels.Terms(blocks)
+        except ValueError:  # a model's terms the kernel does not take (its products are torch's)
+            return None
+        D = sum(src.widths)
+        if (
+            terms.B > FUSED_MAX_SAMPLES
+            or terms.dtype != v.dtype
+            or terms.rows != src.rows
+            or tuple(terms.widths) != tuple(src.widths)
+            or (G_FORM == "faster" and not code.rows_share_partitions())
+        ):
+            return None
+        self._check_v(v, D)
+        strides = tuple((tuple(L.stride()), None if X is None else tuple(X.stride())) for L, X in blocks)
+        shapes = (tuple(terms.kinds), tuple(terms.cs), tuple(terms.fs), terms.B, terms.rows, strides)
+        key = (*shapes, terms.dtype, torch.get_num_threads())
+        if key not in code._fused_checked:
+            code._fused_checked[key] = _same_rows(src, terms, v.element_size())
+        return terms if code._fused_checked[key] else None
+
     def kernel_parts(self, v: torch.Tensor) -> Iterator[tuple[int, int, tuple]]:
         """The kernel's rows of v (R·M, flattened) in parts: (i0, i1, the :meth:`kernel_args` of
         rows [i0, i1)), to be run in order. Where G is a :class:`RowSource` that writes by rows and
@@ -490,6 +555,16 @@ class CodedSum:
         if G_FORM not in G_FORMS:
             raise ValueError(f"codes.G_FORM must be one of {', '.join(G_FORMS)}; got {G_FORM!r}")
         src = self.source
+        terms = self.kernel_terms(v) if G_FORM in ("faster", "fused") else None
+        if terms is not None:
+            self.in_kernel = True
+            crow, col, val, _ = self.code.csr(v.dtype, v.device)
+            yield (
+                0,
+                self.code.R * self.code.M,
+                (self.z.reshape(-1).to(torch.bool).numpy(), crow.numpy(), col.numpy(), val.numpy(), terms),
+            )
+            return
         plan, m = None, 0
         if src is not None and src.by_rows and self._blocks is None:
             m = max(1, PART_BYTES // max(1, v.element_size() * sum(src.widths)))
@@ -533,6 +608,24 @@ class CodedSum:
             )
         if choice is not None:
             choice.record(True, time.perf_counter() - start)
+
+
+def _same_rows(src: RowSource, terms: Any, element_size: int) -> bool:
+    """Whether every row of G that ``terms`` form in the kernel equals, bit for bit, the row
+    ``src`` writes (torch's products), block by block, in ranges of about PART_BYTES / 8 rows' bytes."""
+    D = sum(src.widths)
+    m = max(1, (PART_BYTES // 8) // max(1, element_size * D))  # about 1 MiB of rows each way
+    offsets = np.cumsum([0, *src.widths])
+    for first in range(0, src.rows, m):
+        stop = min(src.rows, first + m)
+        out = [torch.empty(stop - first, w, dtype=terms.dtype) for w in src.widths]
+        src.write(first, stop, out)
+        rows = terms.rows_of(first, stop)
+        ints = np.int32 if element_size == 4 else np.int64  # bits, not values: -0 is not +0, NaN is NaN
+        for o, a, b in zip(out, offsets[:-1], offsets[1:]):
+            if not np.array_equal(o.numpy().view(ints), np.ascontiguousarray(rows[:, a:b]).view(ints)):
+                return False
+    return True
 
 
 # ----------------------------------------------------------------------------- allocations

@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch  # noqa: F401  # loaded first: the kernel's libgomp.so.1 is then torch's own (one OpenMP pool)
+import torch  # loaded first: the kernel's libgomp.so.1 is then torch's own (one OpenMP pool)
 
 from cocoef_cli.data import cache_dir
 
@@ -44,7 +44,10 @@ OPENMP = "-fopenmp"
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [_PTR, *[_I64] * 6, *[_PTR] * 8, _I64, _I64, _I64, _PTR, _PTR]
+_FUSED_ARGTYPES = [_PTR, *[_I64] * 6, *[_PTR] * 6, _I64, *[_PTR] * 5, _I64, _I64, _I64, _PTR, _PTR]
+_ROWS_ARGTYPES = [_I64, _I64, _I64, _I64, *[_PTR] * 5, _I64, _PTR]
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+_NUMPY: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 _LIBRARY: ctypes.CDLL | None = None
 _BUILD = ""  # how the loaded library was built (flags and compiler), for describe()
@@ -112,6 +115,12 @@ def _load(path: Path) -> ctypes.CDLL:
         rth = getattr(lib, f"rth_largest_strided_{suffix}")
         rth.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
         rth.restype = ctypes.c_float if suffix == "f32" else ctypes.c_double
+        if hasattr(lib, f"topk_rows_fused_{suffix}"):  # older sources (benchmarks compare them) lack these
+            fused = getattr(lib, f"topk_rows_fused_{suffix}")
+            fused.argtypes, fused.restype = _FUSED_ARGTYPES, ctypes.c_int
+            rows = getattr(lib, f"partition_rows_{suffix}")
+            rows.argtypes, rows.restype = _ROWS_ARGTYPES, None
+            getattr(lib, f"fused_form_{suffix}").restype = ctypes.c_int
     return lib
 
 
@@ -228,6 +237,61 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
+class Terms:
+    """G's rows as the products and sums that form them, for :func:`topk_rows` to form each
+    where it is added (``add=(adds, crow, col, val, Terms)``; G is then never stored): block b of
+    partition j's row is L_b[j] (C_b, B) @ X_b[j] (B, F_b), flattened, for a product, or
+    Σ_k L_b[j, k] (F_b entries) for a sum (X_b None), each entry summed as
+    fma(l_0, x_0, +0), then fma(l_k, x_k, ·) for k ≥ 1 (a sum: +0 + l_0, then left to right). ``blocks``: (L_b, X_b) as
+    :class:`~cocoef_cli.nets.PartitionTerms` holds them ((rows, C_b, B) with X_b (rows, B, F_b), or
+    (rows, B, F_b) with None); they are made contiguous here and kept alive while this lives."""
+
+    def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor | None]]):
+        self._keep = [(L.contiguous(), None if X is None else X.contiguous()) for L, X in blocks]
+        first = self._keep[0][0]
+        self.dtype, self.rows = first.dtype, first.shape[0]
+        self.B = first.shape[2] if self._keep[0][1] is not None and first.dim() == 3 else first.shape[-1]
+        shapes = []  # (kind, C_b, F_b): 0 a product, 1 a sum
+        for L, X in self._keep:
+            if L.dim() != 3 or L.shape[0] != self.rows or L.dtype != self.dtype or L.device.type != "cpu":
+                raise ValueError(f"terms must be CPU (rows={self.rows}, ·, ·) tensors in {self.dtype}")
+            if X is None:
+                shapes.append((1, 1, L.shape[2]))
+                ok = L.shape[1] == self.B
+            else:
+                ok = X.dim() == 3 and X.shape[:2] == (self.rows, self.B) and L.shape[2] == self.B
+                ok = ok and X.dtype == self.dtype and X.device.type == "cpu"
+                shapes.append((0, L.shape[1], X.shape[-1]))
+            if not ok or self.B < 1:
+                raise ValueError(f"terms of {self.B} samples a partition do not match: {tuple(L.shape)}")
+        self.kinds, self.cs, self.fs = (np.array(a, dtype=np.int64) for a in zip(*shapes))
+        self.widths = self.cs * self.fs
+        self.lptr = np.array([L.data_ptr() for L, _ in self._keep], dtype=np.int64)
+        self.xptr = np.array([0 if X is None else X.data_ptr() for _, X in self._keep], dtype=np.int64)
+
+    def _args(self) -> tuple:
+        return (self.kinds.shape[0], _ptr(self.kinds), _ptr(self.cs), _ptr(self.fs), _ptr(self.lptr), _ptr(self.xptr))
+
+    def rows_of(self, first: int, stop: int) -> np.ndarray:
+        """G's rows [first, stop) as the kernel forms them, (stop − first, D), blocks side by side."""
+        lib = library()
+        assert lib is not None and fused(), "the compiled kernel cannot form G's rows here"
+        if not 0 <= first <= stop <= self.rows:
+            raise ValueError(f"rows [{first}, {stop}) are not within the terms' {self.rows} rows")
+        out = np.empty((stop - first, int(self.widths.sum())), dtype=_NUMPY[self.dtype])
+        fn = getattr(lib, f"partition_rows_{_SUFFIX[out.dtype]}")
+        n, *ptrs = self._args()
+        fn(first, stop, out.shape[1], n, *ptrs, self.B, _ptr(out))
+        return out
+
+
+def fused() -> bool:
+    """Whether the loaded kernel can form G's rows itself at speed (:class:`Terms`): it has the
+    function and a hardware FMA (else every fma is a library call)."""
+    lib = library()
+    return lib is not None and hasattr(lib, "topk_rows_fused_f32") and bool(lib.fused_form_f32())
+
+
 def rth_largest_strided(row: np.ndarray, h: int, r: int) -> float:
     """The r-th largest of |row[::h]| (NaN as the largest; −1 when the sample has fewer than r
     entries): the threshold of :func:`topk_rows`, by radix selection over a copy of the sample."""
@@ -281,6 +345,8 @@ def topk_rows(
         raise ValueError(f"out must be writable C-contiguous ({n}, {k}) int64 and {x.dtype} arrays")
     positions, picked = out
     act = np.ones(n, dtype=np.bool_) if active is None else np.ascontiguousarray(active, dtype=np.bool_)
+    if add is not None and isinstance(add[-1], Terms):
+        return _topk_rows_fused(x, k, h, r, cap, threads, act, add, subtract, positions, picked)
     if add is None:
         adds, crow = np.zeros(n, np.bool_), np.zeros(n + 1, np.int64)
         col, gstart, gwidth = (np.zeros(0, np.int64),) * 3
@@ -295,5 +361,35 @@ def topk_rows(
     head = (_ptr(x), n, D, k, h, r, cap, _ptr(act), _ptr(adds), _ptr(crow), _ptr(col), _ptr(val), _ptr(g))
     tail = (gstart.shape[0], int(subtract), max(1, min(threads, n)), _ptr(positions), _ptr(picked))
     if fn(*head, _ptr(gstart), _ptr(gwidth), *tail):
+        raise MemoryError("the Top-k kernel could not allocate its scratch memory")
+    return positions, picked
+
+
+def _topk_rows_fused(x, k, h, r, cap, threads, act, add, subtract, positions, picked):
+    """:func:`topk_rows` with ``add=(adds, crow, col, val, Terms)``: G's rows formed in the kernel."""
+    lib = library()
+    assert lib is not None
+    n, D = x.shape
+    terms: Terms = add[4]
+    adds = np.ascontiguousarray(add[0], np.bool_)
+    crow, col = (np.ascontiguousarray(a, np.int64) for a in (add[1], add[2]))
+    val = np.ascontiguousarray(add[3], x.dtype)
+    if (
+        act.shape != (n,)
+        or adds.shape != (n,)
+        or crow.shape != (n + 1,)
+        or val.shape != col.shape
+        or (n > 0 and (crow[0] != 0 or crow[-1] != col.size))
+        or int(terms.widths.sum()) != D
+        or (col.size > 0 and (col.min() < 0 or col.max() >= terms.rows))
+    ):
+        raise ValueError("active, adds, crow, col, val or the terms do not match x's rows")
+    if _NUMPY.get(terms.dtype) != x.dtype:
+        raise ValueError(f"the terms must be in x's dtype {x.dtype}; got {terms.dtype}")
+    fn = getattr(lib, f"topk_rows_fused_{_SUFFIX[x.dtype]}")
+    head = (_ptr(x), n, D, k, h, r, cap, _ptr(act), _ptr(adds), _ptr(crow), _ptr(col), _ptr(val))
+    nb, *ptrs = terms._args()
+    tail = (terms.B, int(subtract), max(1, min(threads, n)), _ptr(positions), _ptr(picked))
+    if fn(*head, _ptr(terms.widths), nb, *ptrs, *tail):
         raise MemoryError("the Top-k kernel could not allocate its scratch memory")
     return positions, picked

@@ -60,6 +60,13 @@ static inline uint64_t mask64_simd_f64(const double *p, double t) {
 }
 #endif
 
+/* The products of NAME(product) hold two rows of 32 floats in registers where the build has AVX2
+ * and FMA; elsewhere they run one entry at a time (the same operations). */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PRODUCT_SIMD 1
+#endif
+
 /* A hint to fetch the 64 entries at p into the caches (L2) for reading; nothing where the compiler
  * has no prefetch builtin. The candidates pass of a row (in cache, compute-bound) fetches the next
  * row meanwhile, so that reading it from memory overlaps this row's selection. */
@@ -82,21 +89,29 @@ static inline uint64_t mask64_simd_f64(const double *p, double t) {
 #define REAL float
 #define KEY uint32_t
 #define ABS fabsf
+#define FMA fmaf
+#define IS_F32 1
 #define NAME(f) f##_f32
 #include "topk_rows.c"
 #undef REAL
 #undef KEY
 #undef ABS
+#undef FMA
+#undef IS_F32
 #undef NAME
 
 #define REAL double
 #define KEY uint64_t
 #define ABS fabs
+#define FMA fma
+#define IS_F32 0
 #define NAME(f) f##_f64
 #include "topk_rows.c"
 #undef REAL
 #undef KEY
 #undef ABS
+#undef FMA
+#undef IS_F32
 #undef NAME
 
 #else
@@ -302,6 +317,113 @@ static int64_t NAME(candidates)(const REAL *row, int64_t D, REAL t, int64_t cap,
     return count;
 }
 
+/* G's rows as the products that form them (NAME(topk_rows_fused)): block b of partition j's row
+ * (width w_b) is, for kinds[b] == 0, the product L_b[j] (C_b, B) @ X_b[j] (B, F_b) flattened
+ * (w_b = C_b F_b), each entry FMA(l_0, x_0, +0) and then FMA(l_k, x_k, .) for k = 1 .. B - 1; for
+ * kinds[b] == 1, the sum over k of the rows L_b[j] (B, F_b), (((+0 + l_0) + l_1) + l_2) + ...
+ * (w_b = F_b). The +0 start is the accumulator torch's products and sums start from: a product
+ * that is exactly zero is then +0 (l_0 x_0 alone would keep -0 for l_0 < 0, x_0 = 0), and a sum of
+ * -0 terms is +0.
+ * L_b and X_b are C-contiguous (rows, ., .) arrays at the addresses lptr[b] and xptr[b]. The same
+ * operations, in the same order, as torch's batched product and sum of a few terms on the CPUs
+ * measured; kernels.py checks it on the run's own rows before it uses them. */
+typedef struct {
+    int64_t nblocks, B;
+    const int64_t *kinds, *cs, *fs, *lptr, *xptr;
+} NAME(terms_t);
+
+/* o (C, F) = e (C, B) @ x (B, F) as above. */
+static void NAME(product)(const REAL *restrict e, const REAL *restrict x, REAL *restrict o, int64_t C, int64_t B,
+                          int64_t F) {
+    int64_t c = 0;
+#if defined(PRODUCT_SIMD) && IS_F32
+    for (; c + 2 <= C; c += 2) { /* two rows of 32 columns in 8 registers */
+        const float *e1 = (const float *)e + c * B, *e2 = e1 + B;
+        float *o1 = (float *)o + c * F, *o2 = o1 + F;
+        int64_t f0 = 0;
+        for (; f0 + 32 <= F; f0 += 32) {
+            __m256 p = _mm256_set1_ps(e1[0]), q = _mm256_set1_ps(e2[0]), zero = _mm256_setzero_ps(), a[4], b[4];
+            for (int v = 0; v < 4; v++) {
+                __m256 xv = _mm256_loadu_ps((const float *)x + f0 + 8 * v);
+                a[v] = _mm256_fmadd_ps(p, xv, zero);
+                b[v] = _mm256_fmadd_ps(q, xv, zero);
+            }
+            for (int64_t k = 1; k < B; k++) {
+                p = _mm256_set1_ps(e1[k]);
+                q = _mm256_set1_ps(e2[k]);
+                for (int v = 0; v < 4; v++) {
+                    __m256 xv = _mm256_loadu_ps((const float *)x + k * F + f0 + 8 * v);
+                    a[v] = _mm256_fmadd_ps(p, xv, a[v]);
+                    b[v] = _mm256_fmadd_ps(q, xv, b[v]);
+                }
+            }
+            for (int v = 0; v < 4; v++) {
+                _mm256_storeu_ps(o1 + f0 + 8 * v, a[v]);
+                _mm256_storeu_ps(o2 + f0 + 8 * v, b[v]);
+            }
+        }
+        for (int r = 0; r < 2; r++) { /* the last columns, one at a time */
+            const float *er = r ? e2 : e1;
+            float *orow = r ? o2 : o1;
+            for (int64_t f = f0; f < F; f++) {
+                float acc = fmaf(er[0], x[f], 0.0f);
+                for (int64_t k = 1; k < B; k++) acc = fmaf(er[k], x[k * F + f], acc);
+                orow[f] = acc;
+            }
+        }
+    }
+#endif
+    for (; c < C; c++) { /* row by row: o_c = FMA(l_0, x_0, +0), then o_c = FMA(l_k, x_k, o_c) */
+        const REAL *ec = e + c * B;
+        REAL *restrict oc = o + c * F;
+        for (int64_t f = 0; f < F; f++) oc[f] = FMA(ec[0], x[f], (REAL)0);
+        for (int64_t k = 1; k < B; k++) {
+            const REAL *restrict xk = x + k * F;
+            REAL ek = ec[k];
+            for (int64_t f = 0; f < F; f++) oc[f] = FMA(ek, xk[f], oc[f]);
+        }
+    }
+}
+
+/* dst[0..D) = partition j's row of G (all blocks, one after the other). */
+static void NAME(partition_row)(const NAME(terms_t) *tm, int64_t j, REAL *dst) {
+    int64_t off = 0, B = tm->B;
+    for (int64_t b = 0; b < tm->nblocks; b++) {
+        const REAL *L = (const REAL *)(intptr_t)tm->lptr[b];
+        int64_t C = tm->cs[b], F = tm->fs[b];
+        if (tm->kinds[b] == 0) {
+            NAME(product)(L + j * C * B, (const REAL *)(intptr_t)tm->xptr[b] + j * B * F, dst + off, C, B, F);
+            off += C * F;
+        } else {
+            const REAL *l = L + j * B * F;
+            REAL *restrict d = dst + off;
+            for (int64_t q = 0; q < F; q++) d[q] = (REAL)0 + l[q];
+            for (int64_t k = 1; k < B; k++)
+                for (int64_t q = 0; q < F; q++) d[q] += l[k * F + q];
+            off += F;
+        }
+    }
+}
+
+/* Rows [first, stop) of G from its terms into out (stop - first, D): what NAME(topk_rows_fused)
+ * adds, for kernels.py to check against torch's. */
+void NAME(partition_rows)(int64_t first, int64_t stop, int64_t D, int64_t nblocks, const int64_t *kinds,
+                          const int64_t *cs, const int64_t *fs, const int64_t *lptr, const int64_t *xptr, int64_t B,
+                          REAL *out) {
+    NAME(terms_t) tm = {nblocks, B, kinds, cs, fs, lptr, xptr};
+    for (int64_t j = first; j < stop; j++) NAME(partition_row)(&tm, j, out + (j - first) * D);
+}
+
+/* Whether this build has the products at the speed that makes them worth fusing: a hardware FMA
+ * (else fmaf is a library call per entry). */
+int NAME(fused_form)(void) {
+#if defined(__FMA__) || defined(FP_FAST_FMA)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Rows i0..i1 of x (n, D), C-contiguous (see NAME(topk_rows) below). First, a row with adds[i] gets x_i += u_i,
  * u_i = sum_{e = crow[i]}^{crow[i+1]-1} val[e] * G[col[e]] (summed in entry order, then added), G
  * stored as nblocks column blocks: block b is the C-contiguous (rows, gwidth[b]) array at
@@ -313,17 +435,28 @@ static int64_t NAME(candidates)(const REAL *row, int64_t D, REAL t, int64_t cap,
  * candidates is selected over the full row. Returns 0, or -1 when scratch memory is short. */
 static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap, const uint8_t *active,
                       const uint8_t *adds, const int64_t *crow, const int64_t *col, const REAL *val, const REAL *g,
-                      const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, int64_t subtract, int64_t i0,
-                      int64_t i1, int64_t *out, REAL *picked) {
+                      const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, const NAME(terms_t) *tm,
+                      int64_t subtract, int64_t i0, int64_t i1, int64_t *out, REAL *picked) {
     REAL *u = malloc(sizeof(REAL) * (size_t)(CHUNK + 1));
     int64_t *cand_idx = malloc(sizeof(int64_t) * (size_t)(cap + 4));
     REAL *cand_val = malloc(sizeof(REAL) * (size_t)(cap + 4)), *scratch = malloc(sizeof(REAL) * (size_t)(cap + 1));
     REAL *sample = malloc(sizeof(REAL) * (size_t)(D / h + 1)), *full = NULL, *full_scratch = NULL;
+    /* with tm: G's rows formed here from their terms, into a ring of `slots` rows (tag: the
+     * partition a slot holds, or -1; user: the last row that read it, so that a row's own
+     * partitions are never overwritten while it adds them); rows of sgc, frc and uncoded share
+     * their partitions with their neighbours, so each is formed about once per range of rows */
+    int64_t terms = 1, slots = 0, turn = 0;
+    for (int64_t i = i0; i < i1; i++) terms = crow[i + 1] - crow[i] > terms ? crow[i + 1] - crow[i] : terms;
+    if (tm) slots = 2 * terms > 8 ? 2 * terms : 8;
+    REAL *ring = tm ? malloc(sizeof(REAL) * (size_t)(slots * D)) : NULL;
+    int64_t *tag = tm ? malloc(sizeof(int64_t) * (size_t)(2 * slots)) : NULL, *user = tag ? tag + slots : NULL;
+    const REAL **grow = malloc(sizeof(REAL *) * (size_t)terms); /* the rows of G row i adds, by term */
     int status = 0;
-    if (!u || !cand_idx || !cand_val || !scratch || !sample) {
+    if (!u || !cand_idx || !cand_val || !scratch || !sample || !grow || (tm && (!ring || !tag))) {
         status = -1;
         goto done;
     }
+    for (int64_t s = 0; s < slots; s++) tag[s] = user[s] = -1;
     for (int64_t i = i0; i < i1; i++) {
         REAL *row = x + i * D;
         int64_t *o_i = out + i * k, lo = crow[i], hi = crow[i + 1];
@@ -332,20 +465,38 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
         if (adds[i] && hi > lo) { /* x_i += u_i, block by block of columns, CHUNK columns at a time */
             int64_t off = 0, next = 0; /* next: the next sampled position */
             sampled = active[i];
+            for (int64_t nz = lo; nz < hi; nz++) {
+                if (!tm) {
+                    grow[nz - lo] = NULL;
+                    continue;
+                }
+                int64_t s = 0;
+                while (s < slots && tag[s] != col[nz]) s++;
+                if (s == slots) { /* not formed: into the next slot that this row does not read */
+                    while (user[turn] == i) turn = (turn + 1) % slots;
+                    s = turn;
+                    turn = (turn + 1) % slots;
+                    tag[s] = col[nz];
+                    NAME(partition_row)(tm, col[nz], ring + s * D);
+                }
+                user[s] = i;
+                grow[nz - lo] = ring + s * D;
+            }
             for (int64_t b = 0; b < nblocks; b++) {
                 int64_t w = gwidth[b];
                 for (int64_t c = 0; c < w; c += CHUNK) {
                     int64_t n = w - c < CHUNK ? w - c : CHUNK;
+#define G_AT(nz) (tm ? grow[(nz) - lo] + off + c : g + gstart[b] + col[nz] * w + c)
                     if (hi - lo >= 2 && hi - lo <= 4) { /* the usual d: one loop, no accumulator */
                         const REAL *src[4];
-                        for (int64_t nz = lo; nz < hi; nz++) src[nz - lo] = g + gstart[b] + col[nz] * w + c;
+                        for (int64_t nz = lo; nz < hi; nz++) src[nz - lo] = G_AT(nz);
                         NAME(add_combination)(row + off + c, src, val + lo, hi - lo, n);
                     } else {
-                        NAME(scaled)(u, g + gstart[b] + col[lo] * w + c, val[lo], n);
-                        for (int64_t nz = lo + 1; nz < hi; nz++)
-                            NAME(add_scaled)(u, g + gstart[b] + col[nz] * w + c, val[nz], n);
+                        NAME(scaled)(u, G_AT(lo), val[lo], n);
+                        for (int64_t nz = lo + 1; nz < hi; nz++) NAME(add_scaled)(u, G_AT(nz), val[nz], n);
                         NAME(add)(row + off + c, u, n);
                     }
+#undef G_AT
                     if (sampled) /* the non-zero ones (see NAME(rth_largest_strided)) */
                         for (; next < off + c + n; next += h) {
                             REAL s = NAME(sampled)(row[next]);
@@ -400,6 +551,9 @@ static int NAME(rows)(REAL *x, int64_t D, int64_t k, int64_t h, int64_t r, int64
             for (int64_t o = 0; o < k; o++) row[o_i[o]] += -picked[i * k + o];
     }
 done:
+    free(ring);
+    free(tag);
+    free(grow);
     free(u);
     free(cand_idx);
     free(cand_val);
@@ -412,10 +566,10 @@ done:
 
 /* All n rows (see NAME(rows) above), split into `threads` ranges run in parallel (OpenMP; one
  * range, on the calling thread, without it). Returns 0, or -1 when scratch memory is short. */
-int NAME(topk_rows)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap,
-                    const uint8_t *active, const uint8_t *adds, const int64_t *crow, const int64_t *col,
-                    const REAL *val, const REAL *g, const int64_t *gstart, const int64_t *gwidth, int64_t nblocks,
-                    int64_t subtract, int64_t threads, int64_t *out, REAL *picked) {
+static int NAME(run)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap, const uint8_t *active,
+                     const uint8_t *adds, const int64_t *crow, const int64_t *col, const REAL *val, const REAL *g,
+                     const int64_t *gstart, const int64_t *gwidth, int64_t nblocks, const NAME(terms_t) *tm,
+                     int64_t subtract, int64_t threads, int64_t *out, REAL *picked) {
     int status = 0;
 #ifdef _OPENMP
     /* ranges of equal work: a row costs 1, plus 1 for its selection (active), plus 1 for its
@@ -432,16 +586,37 @@ int NAME(topk_rows)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t
         i1 = i0;
         while (i1 < n && work[i1] * parts < work[n] * (t + 1)) i1++;
         if (t == parts - 1) i1 = n;
-        status |= NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, subtract,
-                             i0, i1, out, picked);
+        status |= NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, tm,
+                             subtract, i0, i1, out, picked);
     }
     free(work);
 #else
     (void)threads;
-    status = NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, subtract, 0, n,
-                        out, picked);
+    status = NAME(rows)(x, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, tm, subtract, 0,
+                        n, out, picked);
 #endif
     return status;
+}
+
+/* NAME(rows) over all n rows, G given as its column blocks (g, gstart, gwidth). */
+int NAME(topk_rows)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap,
+                    const uint8_t *active, const uint8_t *adds, const int64_t *crow, const int64_t *col,
+                    const REAL *val, const REAL *g, const int64_t *gstart, const int64_t *gwidth, int64_t nblocks,
+                    int64_t subtract, int64_t threads, int64_t *out, REAL *picked) {
+    return NAME(run)(x, n, D, k, h, r, cap, active, adds, crow, col, val, g, gstart, gwidth, nblocks, NULL, subtract,
+                     threads, out, picked);
+}
+
+/* NAME(rows) over all n rows, G's rows formed from their terms where they are added
+ * (NAME(terms_t)), never stored whole: blocks of widths gwidth[0..nblocks). */
+int NAME(topk_rows_fused)(REAL *x, int64_t n, int64_t D, int64_t k, int64_t h, int64_t r, int64_t cap,
+                          const uint8_t *active, const uint8_t *adds, const int64_t *crow, const int64_t *col,
+                          const REAL *val, const int64_t *gwidth, int64_t nblocks, const int64_t *kinds,
+                          const int64_t *cs, const int64_t *fs, const int64_t *lptr, const int64_t *xptr, int64_t B,
+                          int64_t subtract, int64_t threads, int64_t *out, REAL *picked) {
+    NAME(terms_t) tm = {nblocks, B, kinds, cs, fs, lptr, xptr};
+    return NAME(run)(x, n, D, k, h, r, cap, active, adds, crow, col, val, NULL, NULL, gwidth, nblocks, &tm, subtract,
+                     threads, out, picked);
 }
 
 /* The candidate mask this build compiled (NAME(mask64)): 512 (AVX-512), 256 (AVX), 0 (portable). */
