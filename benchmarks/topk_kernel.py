@@ -1,6 +1,8 @@
 """The compiled Top-k kernel alone, on the error-feedback rows of the bench setting (mnist5k, sgc
 d=3, Bernoulli p=0.2, COCO-EF + Top-k 1%, after a few updates): its selection over e (M, D), and
-its whole pass with the encoding fused (e + B G, then the selection), per call.
+its whole pass with the encoding fused (e + B G, then the selection), and where the run forms
+G's rows in the kernel (``CodedSum.kernel_terms``: M = 1,000 here) that pass with G's rows formed
+from their terms (builds whose source has ``topk_rows_fused``), per call.
 
 Each ``--source`` (default: this tree's ``cocoef_cli/sim/topk_rows.c``) is built with the flags
 the package uses (:func:`cocoef_cli.sim.kernels.builds`, the best that builds) into a temporary
@@ -43,8 +45,10 @@ def build(source: Path, folder: Path) -> object:
     raise SystemExit(f"{source} does not build: {failure}")
 
 
-def rows(model: str, devices: int) -> tuple[np.ndarray, tuple, int]:
-    """(e after 5 updates, the fused encoding's kernel arguments at θ^5, k) of the bench setting."""
+def rows(model: str, devices: int, lib: object | None) -> tuple[np.ndarray, tuple, tuple | None, int]:
+    """(e after 5 updates, the fused encoding's kernel arguments at θ^5 with G stored, the same
+    with G's rows formed in the kernel (None where the run does not form them, or no build
+    ``lib`` can), k) of the bench setting."""
     cfg = config.load(SETTING + WORKLOADS[model] + [f"devices={devices}", "device=cpu", "iters=5"])
     sim = Simulation(build_experiment(cfg))
     for _ in range(5):
@@ -53,7 +57,12 @@ def rows(model: str, devices: int) -> tuple[np.ndarray, tuple, int]:
     e = exp.method.e.detach().contiguous()
     z = exp.straggler.draw()
     add = CodedSum(exp.code, exp.objective.partition_grad_blocks(sim.theta), z).kernel_args(e)
-    return e.reshape(-1, e.shape[-1]).numpy().copy(), add, exp.method.C.k
+    formed = None
+    if lib is not None:
+        kernels._LIBRARY, kernels._TRIED = lib, True  # the check of the rows runs on this build
+        terms = CodedSum(exp.code, exp.objective.partition_gradients(sim.theta), z).kernel_terms(e)
+        formed = None if terms is None else (*add[:4], terms)
+    return e.reshape(-1, e.shape[-1]).numpy().copy(), add, formed, exp.method.C.k
 
 
 def main() -> None:
@@ -73,7 +82,10 @@ def main() -> None:
             libs.append(build(source, Path(tmp)))
         for model in args.models:
             for devices in args.devices:
-                e0, add, k = rows(model, devices)
+                forming = [lib for lib in libs if hasattr(lib, "topk_rows_fused_f32")]
+                e0, add, formed, k = rows(model, devices, forming[-1] if forming else None)
+                modes = [("selection", None), ("add + selection", add)]
+                modes += [("G's rows formed + add + selection", formed)] if formed is not None else []
                 h = k // compressors.SAMPLE_HITS
                 r = int(k / h + 3.0 * math.sqrt(k / h)) + 2
                 for threads in args.threads:
@@ -82,7 +94,9 @@ def main() -> None:
                     for _ in range(args.rounds):
                         for i, lib in enumerate(libs):
                             kernels._LIBRARY, kernels._TRIED = lib, True
-                            for what, fused in (("selection", None), ("add + selection", add)):
+                            for what, fused in modes:
+                                if fused is not None and len(fused) == 5 and lib not in forming:
+                                    continue
                                 x = e0.copy()
                                 t = time.perf_counter()
                                 idx, _ = kernels.topk_rows(x, k, h, r, 8 * r * h, threads, None, fused)
@@ -91,10 +105,11 @@ def main() -> None:
                     same = all(
                         np.array_equal(a[2], b[2]) for a in results for b in results if a[1] == b[1] and a[0] != b[0]
                     )
-                    for what in ("selection", "add + selection"):
+                    for what, _ in modes:
                         cells = " | ".join(
                             f"{source}: {statistics.median(times[(i, what)]) * 1e3:.2f} ms"
                             for i, source in enumerate(sources)
+                            if (i, what) in times
                         )
                         print(f"{model} M={devices} threads={threads} {what}: {cells}", flush=True)
                     if len(libs) > 1:

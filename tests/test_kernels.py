@@ -276,3 +276,38 @@ def test_every_vector_form_of_the_kernel_selects_exactly(path, dtype, tmp_path, 
     want["avx, no avx-512"] = 256 if "avx" in flags else 0
     suffix = "f32" if dtype == np.float32 else "f64"
     assert getattr(kernels._LIBRARY, f"vector_form_{suffix}")() == want[path]
+
+
+@pytest.mark.parametrize("path", list(VECTOR_PATHS))
+def test_every_vector_form_of_the_kernel_forms_g_s_rows_with_the_same_bits(path, tmp_path):
+    """G's rows formed in the kernel (products fma(l_0, x_0, +0) then fma, sums from +0) are the
+    same bits in every build (AVX-512's 64 columns at a time, AVX2's 32, one at a time with fmaf),
+    for even and odd class counts and widths that leave a tail of columns."""
+    import torch
+
+    cc, native = kernels.compiler(), kernels.library()
+    if cc is None or native is None or not kernels.fused():
+        pytest.skip("no compiled kernel with a hardware FMA")
+    flags, probe = (*kernels.FLAGS, *VECTOR_PATHS[path]), tmp_path / "probe.c"
+    probe.write_text("int probe(void) { return 0; }\n")
+    if subprocess.run([*cc, *flags, "-o", str(tmp_path / "probe.so"), str(probe)], capture_output=True).returncode:
+        pytest.skip(f"this compiler does not take {' '.join(VECTOR_PATHS[path]) or 'the plain flags'}")
+    built = tmp_path / "variant.so"
+    assert not kernels._compile(cc, flags, built)[0]
+    variant = kernels._load(built)
+    g = torch.Generator().manual_seed(3)
+    for dtype, suffix, ints in [(torch.float32, "f32", np.int32), (torch.float64, "f64", np.int64)]:
+        for C, F, B in [(10, 785, 4), (64, 131, 3), (3, 100, 1), (7, 64, 8)]:
+            L, X = torch.randn(40, C, B, generator=g).to(dtype), torch.randn(40, B, F, generator=g).to(dtype)
+            X[..., : F // 4] = 0.0  # exact zero products: +0 in every form
+            S = torch.randn(40, B, 33, generator=g).to(dtype)
+            terms = kernels.Terms([(L, X), (S, None)])
+            n, *ptrs = terms._args()
+            rows = []
+            for lib in (native, variant):
+                out = np.empty((40, C * F + 33), np.float32 if suffix == "f32" else np.float64)
+                getattr(lib, f"partition_rows_{suffix}")(0, 40, out.shape[1], n, *ptrs, terms.B, kernels._ptr(out))
+                rows.append(out.view(ints))
+            assert np.array_equal(rows[0], rows[1]), (path, dtype, C, F, B)
+            values = rows[0].view(out.dtype)
+            assert not np.signbit(values[values == 0]).any()

@@ -368,6 +368,13 @@ KERNELS += [
         K("g_s_rows"),
     ),  # the ring evicts a slot the current row still holds
     M(
+        S + "topk_rows.c",
+        "_mm512_storeu_ps(o2 + f0 + 16 * v, b[v]);",
+        "_mm512_storeu_ps(o2 + f0 + 16 * v, a[v]);",
+        CMP,
+        K("g_s_rows"),
+    ),  # AVX-512's second row of products stored from the first
+    M(
         S + "codes.py",
         "if not np.array_equal(o.numpy().view(ints), np.ascontiguousarray(rows[:, a:b]).view(ints)):",
         "if False:",
