@@ -88,7 +88,7 @@ def simulation(overrides: Sequence[str]) -> Simulation:
     code = sim.exp.code
     if code is not None:
         sim.row()
-        for t in range(1 + 2 * (1 + FasterForm.TRIALS)):  # the first update uses the evaluation's G
+        for t in range(1 + 4 * (1 + FasterForm.TRIALS)):  # the first update uses the evaluation's G; two choices
             sim.step()
             if t and not code.choosing():
                 break

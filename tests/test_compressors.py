@@ -503,7 +503,7 @@ def test_the_kernel_forming_g_s_rows_itself_is_the_whole_run(code_name, d, threa
 def test_the_kernel_forms_g_s_rows_only_where_they_equal_torch_s(monkeypatch):
     """A source whose last entry differs from its terms' (checked in ranges of a few rows) fails
     the check: the run forms G by torch (by parts) and stays right; so does one of more than
-    FUSED_MAX_SAMPLES samples a partition (not offered to the kernel), G_FORM = "whole", a code
+    FUSED_TIMED_SAMPLES samples a partition (not offered to the kernel), G_FORM = "whole", a code
     whose rows share few partitions with their neighbours (rgc) at G_FORM = "faster", and terms
     the kernel does not take; an l2 term is never fused."""
     from cocoef_cli.sim import codes as codes_mod
@@ -519,7 +519,7 @@ def test_the_kernel_forms_g_s_rows_only_where_they_equal_torch_s(monkeypatch):
     monkeypatch.setattr(codes_mod, "PART_BYTES", 8 * 2**10 * 8)
     cases = [
         ("sgc", 4, 1e-3, "faster", "mlp"),
-        ("sgc", codes_mod.FUSED_MAX_SAMPLES + 1, 0.0, "faster", "mlp"),
+        ("sgc", codes_mod.FUSED_TIMED_SAMPLES + 1, 0.0, "faster", "mlp"),
         ("sgc", 4, 0.0, "whole", "mlp"),
         ("rgc", 4, 0.0, "faster", "mlp"),
         ("sgc", 4, 0.0, "faster", "bad"),
@@ -548,6 +548,40 @@ def test_the_kernel_forms_g_s_rows_only_where_they_equal_torch_s(monkeypatch):
         cfg = config.load(["dataset=mnist5k", "model=softmax", "devices=100", f"model.l2={l2}", "iters=1"])
         sim = Simulation(build_experiment(cfg))
         assert (sim.exp.objective.partition_gradients(sim.theta).kernel_terms() is not None) == offered
+
+
+def test_the_kernel_forms_g_s_rows_of_many_samples_where_it_was_the_faster(monkeypatch):
+    """With more than FUSED_MAX_SAMPLES samples a partition (here 20) G_FORM = "faster" times G's
+    rows formed in the kernel against torch's stored G on the run's first updates, alternating
+    (the first of each a warm-up), then keeps the faster for every later update; e and the
+    selections stay those of G whole throughout."""
+    from cocoef_cli.sim import codes as codes_mod
+    from cocoef_cli.sim import kernels
+
+    if "kernel" not in THRESHOLD_PATHS or not kernels.fused():
+        pytest.skip("no compiled kernel with a hardware FMA: G's rows are formed by torch")
+    g = torch.Generator().manual_seed(8)
+    R, M, B = 2, 30, 20
+    ccfg = {"name": "sgc", "d": 3}
+    rng_ = SeedRNG([0, 1], "code")
+    code = build_code(ccfg, allocate(ccfg, M, rng_), torch.full((R, M), 0.2, dtype=F64), rng_, torch.float32)
+    terms, widths = _terms_case("glm", R, code.N, B, torch.float32, g)
+    calls, fused = [], kernels._topk_rows_fused
+    monkeypatch.setattr(kernels, "_topk_rows_fused", lambda *a: calls.append(1) or fused(*a))
+    src = _Terms(terms, widths, R, code.N, kernel_rows=True)
+    topk = make("topk", sum(widths), k=90)
+    e_whole = torch.randn(R, M, sum(widths), generator=g)
+    e_fused, pattern = e_whole.clone(), []
+    for _ in range(2 * (1 + codes_mod.FasterForm.TRIALS) + 3):
+        z = torch.rand(R, M, generator=g) < 0.7
+        before = len(calls)
+        ref = topk.sparse(e_whole, active=z, add=CodedSum(code, src._b, z), subtract=True)
+        got = topk.sparse(e_fused, active=z, add=CodedSum(code, src, z), subtract=True)
+        assert _same_bits(e_fused, e_whole) and torch.equal(got[0], ref[0]) and _same_bits(got[1], ref[1])
+        pattern.append(len(calls) > before)
+    choice = code.fused_choice()
+    assert pattern[: 2 * (1 + codes_mod.FasterForm.TRIALS)] == [True, False] * (1 + codes_mod.FasterForm.TRIALS)
+    assert choice.by_parts is not None and pattern[-3:] == [choice.by_parts] * 3 and not code.choosing()
 
 
 def test_the_faster_form_alternates_then_keeps_the_lower_minimum():

@@ -381,6 +381,13 @@ KERNELS += [
         CMP,
         K("forms_g_s_rows_only"),
     ),  # the check that never fails
+    M(
+        S + "codes.py",
+        "if terms is not None and (choice is None or choice.next()):",
+        "if terms is not None:",
+        CMP,
+        K("many_samples"),
+    ),  # the timed choice never tries torch's stored G
 ]
 STRAGGLERS = [
     M(

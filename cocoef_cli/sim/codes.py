@@ -190,6 +190,7 @@ class Code:
         self._forms: dict[int, FasterForm] = {}
         self._fused_checked: dict[tuple, bool] = {}  # CodedSum.kernel_terms: the kernel's rows of G checked
         self._local: bool | None = None  # rows_share_partitions
+        self._fused_form = FasterForm()  # fused_choice
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense encoding matrix B (R, M, N) in ``dtype`` (default: the code's), cached."""
@@ -315,13 +316,21 @@ class Code:
             self._local = int(new.sum()) <= 1.25 * self.R * self.N
         return self._local
 
+    def fused_choice(self) -> FasterForm:
+        """This run's choice between G's rows formed in the kernel (``by_parts`` True: the first
+        form) and torch's stored forms, where it is timed (:meth:`CodedSum.kernel_parts`)."""
+        return self._fused_form
+
     def form_choice(self, m: int) -> FasterForm:
         """This run's choice between G whole and G by parts of m rows (:class:`FasterForm`)."""
         return self._forms.setdefault(m, FasterForm())
 
     def choosing(self) -> bool:
         """Whether a timed choice of G's form is still being made (its updates alternate forms)."""
-        return any(f.by_parts is None for f in self._forms.values())
+        fused = self._fused_form
+        return any(f.by_parts is None for f in self._forms.values()) or (
+            fused.by_parts is None and any(fused.seconds.values())
+        )
 
     def full_weights(self) -> torch.Tensor:
         """ā (R, M) in the code's dtype with āᵀB = 1ᵀ when every device answers: the min-norm
@@ -384,10 +393,15 @@ class RowSource(Protocol):
 G_FORM = "faster"
 G_FORMS = ("faster", "fused", "parts", "whole")
 
-#: The most samples a partition for which the kernel forms G's rows itself: its products were
-#: faster than torch's (MKL's) batched product plus the pass over G at 4 samples and slower at 40
-#: (``benchmarks/fused_products.py``), and torch sums 20 or more terms in another order.
+#: The most samples a partition for which the kernel forms G's rows itself whenever it can: then
+#: torch's (MKL's) batched product is mostly the writing of G, and the kernel's own products were
+#: faster on every CPU measured (docs/performance.md).
 FUSED_MAX_SAMPLES = 8
+#: Up to this many, G_FORM = "faster" times G's rows in the kernel against torch's products on a
+#: run's first updates and keeps the faster (a :class:`FasterForm`): at 40 samples the kernel's
+#: were faster for softmax's 10 classes and slower for the MLP's 64 rows on the Zen 5; MKL sums
+#: 400 samples in another order (the check would refuse them).
+FUSED_TIMED_SAMPLES = 64
 
 
 class FasterForm:
@@ -396,7 +410,9 @@ class FasterForm:
     form costs no memory), alternate parts and whole (the first of each a warm-up: its buffers'
     first touch), then the form with the lower minimum over its TRIALS timed updates is kept. Both forms give the same sums in the same order, so the choice
     changes the time, never the bits; it is a property of the machine and the workload (G by
-    parts gains where G does not stay in the caches, docs/performance.md)."""
+    parts gains where G does not stay in the caches, docs/performance.md). The same choice between
+    G's rows formed in the kernel (the first form) and stored (:meth:`Code.fused_choice`), on
+    every update that can form them."""
 
     TRIALS = 3
 
@@ -505,7 +521,7 @@ class CodedSum:
         :class:`cocoef_cli.sim.kernels.Terms`; G is then never written), or None: where G is
         formed already or its source offers no such terms (``RowSource.kernel_terms``: none with
         an l2 term), the kernel cannot form them at speed (no hardware FMA), a partition has more
-        than FUSED_MAX_SAMPLES samples, the terms do not have the shapes the kernel takes, B's
+        than FUSED_TIMED_SAMPLES samples, the terms do not have the shapes the kernel takes, B's
         rows share few partitions with the row before (:meth:`Code.rows_share_partitions`: the
         kernel would form most partitions once per row that reads them; ``G_FORM = "fused"``
         forms them anyway), or the kernel's rows differ from the source's in a bit. That last
@@ -528,7 +544,7 @@ class CodedSum:
             return None
         D = sum(src.widths)
         if (
-            terms.B > FUSED_MAX_SAMPLES
+            terms.B > FUSED_TIMED_SAMPLES
             or terms.dtype != v.dtype
             or terms.rows != src.rows
             or tuple(terms.widths) != tuple(src.widths)
@@ -551,12 +567,17 @@ class CodedSum:
         it needs (about PART_BYTES) just before it is yielded, into one reused buffer, and the
         kernel reads them from the caches; else one part adds from all of G. Same sums, same order.
         Which of the two forms runs where both can is :data:`G_FORM`'s (by default the faster on
-        this run's first updates: :class:`FasterForm`)."""
+        this run's first updates: :class:`FasterForm`). Before either, G's rows formed in the
+        kernel where it can (:meth:`kernel_terms`; G never stored): always at most
+        FUSED_MAX_SAMPLES samples a partition, else (at most FUSED_TIMED_SAMPLES) where it was the
+        faster on the run's first updates (a second :class:`FasterForm`, against the stored forms)."""
         if G_FORM not in G_FORMS:
             raise ValueError(f"codes.G_FORM must be one of {', '.join(G_FORMS)}; got {G_FORM!r}")
-        src = self.source
         terms = self.kernel_terms(v) if G_FORM in ("faster", "fused") else None
-        if terms is not None:
+        timed = terms is not None and G_FORM == "faster" and terms.B > FUSED_MAX_SAMPLES
+        choice = self.code.fused_choice() if timed else None
+        start = time.perf_counter()
+        if terms is not None and (choice is None or choice.next()):
             self.in_kernel = True
             crow, col, val, _ = self.code.csr(v.dtype, v.device)
             yield (
@@ -564,7 +585,14 @@ class CodedSum:
                 self.code.R * self.code.M,
                 (self.z.reshape(-1).to(torch.bool).numpy(), crow.numpy(), col.numpy(), val.numpy(), terms),
             )
-            return
+        else:
+            yield from self._stored_parts(v)
+        if choice is not None:
+            choice.record(self.in_kernel, time.perf_counter() - start)
+
+    def _stored_parts(self, v: torch.Tensor) -> Iterator[tuple[int, int, tuple]]:
+        """:meth:`kernel_parts` with G's rows stored: by parts or whole."""
+        src = self.source
         plan, m = None, 0
         if src is not None and src.by_rows and self._blocks is None:
             m = max(1, PART_BYTES // max(1, v.element_size() * sum(src.widths)))
