@@ -238,11 +238,9 @@ def _selection_cases(dtype: type) -> list[np.ndarray]:
         return [np.ascontiguousarray(c.astype(dtype)) for c in (gauss, ties, wide, zeros)]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("path", list(VECTOR_PATHS))
-def test_every_vector_form_of_the_kernel_selects_exactly(path, dtype, tmp_path, monkeypatch):
-    """Each build (AVX-512, AVX, portable) gives the k largest |x_j| of every row, ties to the
-    lower index, as a stable full sort does; and NaN counts as the largest."""
+def _vector_build(path: str, tmp_path) -> object:
+    """The kernel built with VECTOR_PATHS[path]'s flags and loaded (skips where the compiler does
+    not take them)."""
     cc = kernels.compiler()
     if cc is None:
         pytest.skip("no C compiler")
@@ -253,7 +251,15 @@ def test_every_vector_form_of_the_kernel_selects_exactly(path, dtype, tmp_path, 
     built = tmp_path / "variant.so"
     failure, _ = kernels._compile(cc, flags, built)
     assert not failure, failure  # the flags build: so must the kernel
-    monkeypatch.setattr(kernels, "_LIBRARY", kernels._load(built))
+    return kernels._load(built)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path", list(VECTOR_PATHS))
+def test_every_vector_form_of_the_kernel_selects_exactly(path, dtype, tmp_path, monkeypatch):
+    """Each build (AVX-512, AVX, portable) gives the k largest |x_j| of every row, ties to the
+    lower index, as a stable full sort does; and NaN counts as the largest."""
+    monkeypatch.setattr(kernels, "_LIBRARY", _vector_build(path, tmp_path))
     monkeypatch.setattr(kernels, "_TRIED", True)
     k = 90
     h = k // 8
@@ -285,16 +291,10 @@ def test_every_vector_form_of_the_kernel_forms_g_s_rows_with_the_same_bits(path,
     for even and odd class counts and widths that leave a tail of columns."""
     import torch
 
-    cc, native = kernels.compiler(), kernels.library()
-    if cc is None or native is None or not kernels.fused():
+    native = kernels.library()
+    if native is None or not kernels.fused():
         pytest.skip("no compiled kernel with a hardware FMA")
-    flags, probe = (*kernels.FLAGS, *VECTOR_PATHS[path]), tmp_path / "probe.c"
-    probe.write_text("int probe(void) { return 0; }\n")
-    if subprocess.run([*cc, *flags, "-o", str(tmp_path / "probe.so"), str(probe)], capture_output=True).returncode:
-        pytest.skip(f"this compiler does not take {' '.join(VECTOR_PATHS[path]) or 'the plain flags'}")
-    built = tmp_path / "variant.so"
-    assert not kernels._compile(cc, flags, built)[0]
-    variant = kernels._load(built)
+    variant = _vector_build(path, tmp_path)
     g = torch.Generator().manual_seed(3)
     for dtype, suffix, ints in [(torch.float32, "f32", np.int32), (torch.float64, "f64", np.int64)]:
         for C, F, B in [(10, 785, 4), (64, 131, 3), (3, 100, 1), (7, 64, 8)]:
