@@ -562,6 +562,7 @@ def test_the_kernel_forms_g_s_rows_of_many_samples_where_it_was_the_faster(monke
         pytest.skip("no compiled kernel with a hardware FMA: G's rows are formed by torch")
     g = torch.Generator().manual_seed(8)
     R, M, B = 2, 30, 20
+    monkeypatch.setattr(codes_mod, "PART_BYTES", 8 * 970 * 4)  # stored G by parts too: a second choice
     ccfg = {"name": "sgc", "d": 3}
     rng_ = SeedRNG([0, 1], "code")
     code = build_code(ccfg, allocate(ccfg, M, rng_), torch.full((R, M), 0.2, dtype=F64), rng_, torch.float32)
@@ -569,6 +570,7 @@ def test_the_kernel_forms_g_s_rows_of_many_samples_where_it_was_the_faster(monke
     calls, fused = [], kernels._topk_rows_fused
     monkeypatch.setattr(kernels, "_topk_rows_fused", lambda *a: calls.append(1) or fused(*a))
     src = _Terms(terms, widths, R, code.N, kernel_rows=True)
+    src.whole_held = True  # (the parts-or-whole choice is timed where G is held anyway)
     topk = make("topk", sum(widths), k=90)
     e_whole = torch.randn(R, M, sum(widths), generator=g)
     e_fused, pattern = e_whole.clone(), []
@@ -581,7 +583,18 @@ def test_the_kernel_forms_g_s_rows_of_many_samples_where_it_was_the_faster(monke
         pattern.append(len(calls) > before)
     choice = code.fused_choice()
     assert pattern[: 2 * (1 + codes_mod.FasterForm.TRIALS)] == [True, False] * (1 + codes_mod.FasterForm.TRIALS)
-    assert choice.by_parts is not None and pattern[-3:] == [choice.by_parts] * 3 and not code.choosing()
+    assert choice.by_parts is not None and pattern[-3:] == [choice.by_parts] * 3
+    if choice.by_parts:  # the stored forms' own choice may be unfinished: no stored form runs again
+        assert not code.choosing()
+    # at FUSED_MAX_SAMPLES samples the kernel forms G's rows every time, untimed; one more: timed
+    for B, every_time in [(codes_mod.FUSED_MAX_SAMPLES, True), (codes_mod.FUSED_MAX_SAMPLES + 1, False)]:
+        code = build_code(ccfg, allocate(ccfg, M, rng_), torch.full((R, M), 0.2, dtype=F64), rng_, torch.float32)
+        terms, widths = _terms_case("glm", R, code.N, B, torch.float32, g)
+        src, calls[:] = _Terms(terms, widths, R, code.N, kernel_rows=True), []
+        for _ in range(4):
+            z = torch.rand(R, M, generator=g) < 0.7
+            topk.sparse(torch.randn(R, M, sum(widths), generator=g), active=z, add=CodedSum(code, src, z))
+        assert (len(calls) == 4) == every_time and (len(calls) == 2) != every_time
 
 
 def test_the_faster_form_alternates_then_keeps_the_lower_minimum():

@@ -383,11 +383,18 @@ KERNELS += [
     ),  # the check that never fails
     M(
         S + "codes.py",
-        "if terms is not None and (choice is None or choice.next()):",
-        "if terms is not None:",
+        "self.in_kernel = terms is not None and (choice is None or choice.next())",
+        "self.in_kernel = terms is not None",
         CMP,
         K("many_samples"),
     ),  # the timed choice never tries torch's stored G
+    M(
+        S + "codes.py",
+        "timed = terms is not None and G_FORM == \"faster\" and terms.B > FUSED_MAX_SAMPLES",
+        "timed = terms is not None and G_FORM == \"faster\" and terms.B >= FUSED_MAX_SAMPLES",
+        CMP,
+        K("many_samples"),
+    ),  # FUSED_MAX_SAMPLES samples timed too
 ]
 STRAGGLERS = [
     M(

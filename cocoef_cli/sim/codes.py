@@ -328,6 +328,8 @@ class Code:
     def choosing(self) -> bool:
         """Whether a timed choice of G's form is still being made (its updates alternate forms)."""
         fused = self._fused_form
+        if fused.by_parts:  # G's rows formed in the kernel for good: no stored form runs again
+            return False
         return any(f.by_parts is None for f in self._forms.values()) or (
             fused.by_parts is None and any(fused.seconds.values())
         )
@@ -534,6 +536,10 @@ class CodedSum:
         blocks = get() if src is not None and self._blocks is None and get is not None else None
         if src is None or not blocks or v.device.type != "cpu" or src.rows != code.R * code.N:
             return None
+        L0, X0 = blocks[0]
+        samples = L0.shape[-1] if X0 is not None else L0.shape[1] if L0.dim() == 3 else 0
+        if G_FORM == "faster" and samples > FUSED_MAX_SAMPLES and code.fused_choice().by_parts is False:
+            return None  # timed, and torch's stored G was the faster: no terms to build
         from cocoef_cli.sim import kernels
 
         if not kernels.fused():
@@ -577,8 +583,8 @@ class CodedSum:
         timed = terms is not None and G_FORM == "faster" and terms.B > FUSED_MAX_SAMPLES
         choice = self.code.fused_choice() if timed else None
         start = time.perf_counter()
-        if terms is not None and (choice is None or choice.next()):
-            self.in_kernel = True
+        self.in_kernel = terms is not None and (choice is None or choice.next())
+        if self.in_kernel:
             crow, col, val, _ = self.code.csr(v.dtype, v.device)
             yield (
                 0,
