@@ -390,8 +390,8 @@ KERNELS += [
     ),  # the timed choice never tries torch's stored G
     M(
         S + "codes.py",
-        "timed = terms is not None and G_FORM == \"faster\" and terms.B > FUSED_MAX_SAMPLES",
-        "timed = terms is not None and G_FORM == \"faster\" and terms.B >= FUSED_MAX_SAMPLES",
+        'timed = terms is not None and G_FORM == "faster" and terms.B > FUSED_MAX_SAMPLES',
+        'timed = terms is not None and G_FORM == "faster" and terms.B >= FUSED_MAX_SAMPLES',
         CMP,
         K("many_samples"),
     ),  # FUSED_MAX_SAMPLES samples timed too
