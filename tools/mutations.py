@@ -355,8 +355,8 @@ KERNELS += [
     ),  # every block of a ring row read from its start
     M(
         S + "topk_rows.c",
-        "a[v] = _mm256_fmadd_ps(p, xv, zero);",
-        "a[v] = _mm256_mul_ps(p, xv);",
+        "a[v] = P##_fmadd_ps(p, xv, zero);",
+        "a[v] = P##_mul_ps(p, xv);",
         CMP,
         K("g_s_rows"),
     ),  # products started without torch's +0: an exact zero product keeps -0
@@ -369,11 +369,11 @@ KERNELS += [
     ),  # the ring evicts a slot the current row still holds
     M(
         S + "topk_rows.c",
-        "_mm512_storeu_ps(o2 + f0 + 16 * v, b[v]);",
-        "_mm512_storeu_ps(o2 + f0 + 16 * v, a[v]);",
+        "P##_storeu_ps(o2 + f0 + (W) * v, b[v]);",
+        "P##_storeu_ps(o2 + f0 + (W) * v, a[v]);",
         CMP,
         K("g_s_rows"),
-    ),  # AVX-512's second row of products stored from the first
+    ),  # the second row of products stored from the first
     M(
         S + "codes.py",
         "if not np.array_equal(o.numpy().view(ints), np.ascontiguousarray(rows[:, a:b]).view(ints)):",

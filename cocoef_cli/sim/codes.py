@@ -491,7 +491,6 @@ class CodedSum:
                 f"{[(tuple(b.shape), b.dtype) for b in self.blocks]}"
             )
         self._check_v(v, D)
-        crow, col, val, _ = self.code.csr(first.dtype, first.device)
         sizes = [b.numel() for b in self.blocks]
         starts = np.cumsum([0] + sizes[:-1])
         base = first.untyped_storage().data_ptr()
@@ -502,16 +501,12 @@ class CodedSum:
             for b, s in zip(self.blocks, starts)
         )
         g = first.as_strided((sum(sizes),), (1,)) if consecutive else torch.cat([b.reshape(-1) for b in self.blocks])
-        adds = self.z.reshape(-1).to(torch.bool).numpy()
-        return (
-            adds,
-            crow.numpy(),
-            col.numpy(),
-            val.numpy(),
-            g.numpy(),
-            starts,
-            np.array([b.shape[2] for b in self.blocks]),
-        )
+        return (*self._rows_args(first.dtype), g.numpy(), starts, np.array([b.shape[2] for b in self.blocks]))
+
+    def _rows_args(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(adds, crow, col, val) as numpy arrays: the rows that add (z) and B's CSR rows in ``dtype``."""
+        crow, col, val, _ = self.code.csr(dtype, torch.device("cpu"))
+        return self.z.reshape(-1).to(torch.bool).numpy(), crow.numpy(), col.numpy(), val.numpy()
 
     def _check_v(self, v: torch.Tensor, D: int) -> None:
         code = self.code
@@ -536,11 +531,11 @@ class CodedSum:
         blocks = get() if src is not None and self._blocks is None and get is not None else None
         if src is None or not blocks or v.device.type != "cpu" or src.rows != code.R * code.N:
             return None
-        L0, X0 = blocks[0]
-        samples = L0.shape[-1] if X0 is not None else L0.shape[1] if L0.dim() == 3 else 0
-        if G_FORM == "faster" and samples > FUSED_MAX_SAMPLES and code.fused_choice().by_parts is False:
-            return None  # timed, and torch's stored G was the faster: no terms to build
         from cocoef_cli.sim import kernels
+
+        timed_out = G_FORM == "faster" and code.fused_choice().by_parts is False
+        if timed_out and kernels.Terms.samples(blocks) > FUSED_MAX_SAMPLES:
+            return None  # timed, and torch's stored G was the faster: no terms to build
 
         if not kernels.fused():
             return None
@@ -562,7 +557,7 @@ class CodedSum:
         shapes = (tuple(terms.kinds), tuple(terms.cs), tuple(terms.fs), terms.B, terms.rows, strides)
         key = (*shapes, terms.dtype, torch.get_num_threads())
         if key not in code._fused_checked:
-            code._fused_checked[key] = _same_rows(src, terms, v.element_size())
+            code._fused_checked[key] = _same_rows(src, terms)
         return terms if code._fused_checked[key] else None
 
     def kernel_parts(self, v: torch.Tensor) -> Iterator[tuple[int, int, tuple]]:
@@ -585,12 +580,7 @@ class CodedSum:
         start = time.perf_counter()
         self.in_kernel = terms is not None and (choice is None or choice.next())
         if self.in_kernel:
-            crow, col, val, _ = self.code.csr(v.dtype, v.device)
-            yield (
-                0,
-                self.code.R * self.code.M,
-                (self.z.reshape(-1).to(torch.bool).numpy(), crow.numpy(), col.numpy(), val.numpy(), terms),
-            )
+            yield 0, self.code.R * self.code.M, (*self._rows_args(v.dtype), terms)
         else:
             yield from self._stored_parts(v)
         if choice is not None:
@@ -619,9 +609,7 @@ class CodedSum:
         if src.rows != code.R * code.N:
             raise ValueError(f"G must have R·N = {code.R * code.N} rows ({code.R} × {code.N}); got {src.rows}")
         self._check_v(v, sum(widths))
-        crow, _, val, _ = self.code.csr(v.dtype, v.device)
-        crow_np, val_np = crow.numpy(), val.numpy()
-        adds = self.z.reshape(-1).to(torch.bool).numpy()
+        adds, crow_np, _, val_np = self._rows_args(v.dtype)
         width_np = np.array(widths, dtype=np.int64)
         buf = src.buffer(max(p.n for p in plan) * sum(widths))
         if buf.dtype != v.dtype:
@@ -644,18 +632,18 @@ class CodedSum:
             choice.record(True, time.perf_counter() - start)
 
 
-def _same_rows(src: RowSource, terms: Any, element_size: int) -> bool:
+def _same_rows(src: RowSource, terms: Any) -> bool:
     """Whether every row of G that ``terms`` form in the kernel equals, bit for bit, the row
     ``src`` writes (torch's products), block by block, in ranges of about PART_BYTES / 8 rows' bytes."""
-    D = sum(src.widths)
-    m = max(1, (PART_BYTES // 8) // max(1, element_size * D))  # about 1 MiB of rows each way
+    size = terms.dtype.itemsize
+    m = max(1, (PART_BYTES // 8) // max(1, size * sum(src.widths)))  # about 1 MiB of rows each way
     offsets = np.cumsum([0, *src.widths])
+    ints = np.int32 if size == 4 else np.int64  # bits, not values: -0 is not +0, NaN is NaN
     for first in range(0, src.rows, m):
         stop = min(src.rows, first + m)
         out = [torch.empty(stop - first, w, dtype=terms.dtype) for w in src.widths]
         src.write(first, stop, out)
         rows = terms.rows_of(first, stop)
-        ints = np.int32 if element_size == 4 else np.int64  # bits, not values: -0 is not +0, NaN is NaN
         for o, a, b in zip(out, offsets[:-1], offsets[1:]):
             if not np.array_equal(o.numpy().view(ints), np.ascontiguousarray(rows[:, a:b]).view(ints)):
                 return False

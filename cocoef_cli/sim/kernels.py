@@ -246,11 +246,17 @@ class Terms:
     :class:`~cocoef_cli.nets.PartitionTerms` holds them ((rows, C_b, B) with X_b (rows, B, F_b), or
     (rows, B, F_b) with None); they are made contiguous here and kept alive while this lives."""
 
+    @staticmethod
+    def samples(blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> int:
+        """B, the samples a partition, as the first block says (L's last axis for a product, its
+        second for a sum)."""
+        L, X = blocks[0]
+        return L.shape[-1] if X is not None or L.dim() != 3 else L.shape[1]
+
     def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor | None]]):
         self._keep = [(L.contiguous(), None if X is None else X.contiguous()) for L, X in blocks]
         first = self._keep[0][0]
-        self.dtype, self.rows = first.dtype, first.shape[0]
-        self.B = first.shape[2] if self._keep[0][1] is not None and first.dim() == 3 else first.shape[-1]
+        self.dtype, self.rows, self.B = first.dtype, first.shape[0], self.samples(blocks)
         shapes = []  # (kind, C_b, F_b): 0 a product, 1 a sum
         for L, X in self._keep:
             if L.dim() != 3 or L.shape[0] != self.rows or L.dtype != self.dtype or L.device.type != "cpu":

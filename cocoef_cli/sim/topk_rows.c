@@ -60,12 +60,38 @@ static inline uint64_t mask64_simd_f64(const double *p, double t) {
 }
 #endif
 
-/* The products of NAME(product) hold two rows of 32 floats in registers where the build has AVX2
- * and FMA; elsewhere they run one entry at a time (the same operations). */
+/* The products of NAME(product) hold two rows of 32 floats (64 with AVX-512) in registers where
+ * the build has AVX2 and FMA; elsewhere they run one entry at a time (the same operations). */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PRODUCT_SIMD 1
 #endif
+
+/* Columns [f0, f0 + 4 W) of two rows o1, o2 of NAME(product), while they fit, in 8 registers
+ * of W floats (V the vector type, P the intrinsics' prefix): FMA(l_0, x_0, +0), then
+ * FMA(l_k, x_k, .) for k = 1 .. B - 1, the same operations at every width. */
+#define PRODUCT_TWO_ROWS(V, P, W)                                                                   \
+    for (; f0 + 4 * (W) <= F; f0 += 4 * (W)) {                                                      \
+        V p = P##_set1_ps(e1[0]), q = P##_set1_ps(e2[0]), zero = P##_setzero_ps(), a[4], b[4];      \
+        for (int v = 0; v < 4; v++) {                                                               \
+            V xv = P##_loadu_ps((const float *)x + f0 + (W) * v);                                   \
+            a[v] = P##_fmadd_ps(p, xv, zero);                                                       \
+            b[v] = P##_fmadd_ps(q, xv, zero);                                                       \
+        }                                                                                           \
+        for (int64_t k = 1; k < B; k++) {                                                           \
+            p = P##_set1_ps(e1[k]);                                                                 \
+            q = P##_set1_ps(e2[k]);                                                                 \
+            for (int v = 0; v < 4; v++) {                                                           \
+                V xv = P##_loadu_ps((const float *)x + k * F + f0 + (W) * v);                       \
+                a[v] = P##_fmadd_ps(p, xv, a[v]);                                                   \
+                b[v] = P##_fmadd_ps(q, xv, b[v]);                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int v = 0; v < 4; v++) {                                                               \
+            P##_storeu_ps(o1 + f0 + (W) * v, a[v]);                                                 \
+            P##_storeu_ps(o2 + f0 + (W) * v, b[v]);                                                 \
+        }                                                                                           \
+    }
 
 /* A hint to fetch the 64 entries at p into the caches (L2) for reading; nothing where the compiler
  * has no prefetch builtin. The candidates pass of a row (in cache, compute-bound) fetches the next
@@ -337,54 +363,14 @@ static void NAME(product)(const REAL *restrict e, const REAL *restrict x, REAL *
                           int64_t F) {
     int64_t c = 0;
 #if defined(PRODUCT_SIMD) && IS_F32
-    for (; c + 2 <= C; c += 2) { /* two rows of 32 columns in 8 registers */
+    for (; c + 2 <= C; c += 2) { /* two rows at a time */
         const float *e1 = (const float *)e + c * B, *e2 = e1 + B;
         float *o1 = (float *)o + c * F, *o2 = o1 + F;
         int64_t f0 = 0;
 #ifdef __AVX512F__
-        for (; f0 + 64 <= F; f0 += 64) { /* the same with 64 columns in 512-bit registers */
-            __m512 p = _mm512_set1_ps(e1[0]), q = _mm512_set1_ps(e2[0]), zero = _mm512_setzero_ps(), a[4], b[4];
-            for (int v = 0; v < 4; v++) {
-                __m512 xv = _mm512_loadu_ps((const float *)x + f0 + 16 * v);
-                a[v] = _mm512_fmadd_ps(p, xv, zero);
-                b[v] = _mm512_fmadd_ps(q, xv, zero);
-            }
-            for (int64_t k = 1; k < B; k++) {
-                p = _mm512_set1_ps(e1[k]);
-                q = _mm512_set1_ps(e2[k]);
-                for (int v = 0; v < 4; v++) {
-                    __m512 xv = _mm512_loadu_ps((const float *)x + k * F + f0 + 16 * v);
-                    a[v] = _mm512_fmadd_ps(p, xv, a[v]);
-                    b[v] = _mm512_fmadd_ps(q, xv, b[v]);
-                }
-            }
-            for (int v = 0; v < 4; v++) {
-                _mm512_storeu_ps(o1 + f0 + 16 * v, a[v]);
-                _mm512_storeu_ps(o2 + f0 + 16 * v, b[v]);
-            }
-        }
+        PRODUCT_TWO_ROWS(__m512, _mm512, 16) /* 64 columns at a time */
 #endif
-        for (; f0 + 32 <= F; f0 += 32) {
-            __m256 p = _mm256_set1_ps(e1[0]), q = _mm256_set1_ps(e2[0]), zero = _mm256_setzero_ps(), a[4], b[4];
-            for (int v = 0; v < 4; v++) {
-                __m256 xv = _mm256_loadu_ps((const float *)x + f0 + 8 * v);
-                a[v] = _mm256_fmadd_ps(p, xv, zero);
-                b[v] = _mm256_fmadd_ps(q, xv, zero);
-            }
-            for (int64_t k = 1; k < B; k++) {
-                p = _mm256_set1_ps(e1[k]);
-                q = _mm256_set1_ps(e2[k]);
-                for (int v = 0; v < 4; v++) {
-                    __m256 xv = _mm256_loadu_ps((const float *)x + k * F + f0 + 8 * v);
-                    a[v] = _mm256_fmadd_ps(p, xv, a[v]);
-                    b[v] = _mm256_fmadd_ps(q, xv, b[v]);
-                }
-            }
-            for (int v = 0; v < 4; v++) {
-                _mm256_storeu_ps(o1 + f0 + 8 * v, a[v]);
-                _mm256_storeu_ps(o2 + f0 + 8 * v, b[v]);
-            }
-        }
+        PRODUCT_TWO_ROWS(__m256, _mm256, 8) /* then 32 */
         for (int r = 0; r < 2; r++) { /* the last columns, one at a time */
             const float *er = r ? e2 : e1;
             float *orow = r ? o2 : o1;
